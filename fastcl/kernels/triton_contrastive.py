@@ -1,0 +1,264 @@
+"""Triton kernels for normalized similarity + log-softmax (NT-Xent / InfoNCE), and launchers.
+
+Import this module only after ``TRITON_INTERPRET`` has its final value: Triton reads it when
+the ``@triton.jit`` functions below are defined. ``fastcl.ops`` imports it lazily.
+
+Both kernels tile like FlashAttention: a program owns BLOCK_M rows and walks over BLOCK_N-column
+tiles, reducing over the feature dimension in BLOCK_D chunks, so D can be anything. Rows are
+L2-normalized on the fly: the kernels take raw rows plus one float32 inverse norm per row and
+scale each tile, s_ij = (q_i . k_j) * rq_i * rk_j / tau, which keeps bf16 inputs as accurate as
+the float32 accumulator allows. Logits are kept in base 2 (exp2/log2) internally.
+
+See ``fastcl.kernels`` for the contract the launchers fulfil.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+_LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _dot(a, b, acc, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """acc + a @ b. UPCAST: the Triton interpreter (3.9) computes bf16 tl.dot wrongly, so under
+    it bf16 operands are widened to float32 first (exact: the products of bf16 values fit)."""
+    if UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    return tl.dot(a, b, acc, input_precision=PRECISION)
+
+
+@triton.jit
+def _lse_fwd_kernel(
+    Q, K, RQ, RK, EXTRA, LSE,
+    n_q, n_k, d,
+    stride_qm, stride_qd, stride_km, stride_kd,
+    scale2,  # inv_temp * log2(e)
+    HAS_EXTRA: tl.constexpr,
+    EXCLUDE_DIAG: tl.constexpr,
+    ONE_D_CHUNK: tl.constexpr,
+    PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < n_q
+    rows64 = rows.to(tl.int64)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_n = tl.arange(0, BLOCK_N)
+
+    row_scale = tl.load(RQ + rows, mask=row_ok, other=0.0) * scale2
+    if HAS_EXTRA:
+        m = tl.load(EXTRA + rows, mask=row_ok, other=0.0).to(tl.float32) * 1.4426950408889634
+        l = tl.full([BLOCK_M], 1.0, tl.float32)
+    else:
+        m = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l = tl.zeros([BLOCK_M], tl.float32)
+
+    if ONE_D_CHUNK:
+        q_tile = tl.load(
+            Q + rows64[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+            mask=row_ok[:, None] & (offs_d[None, :] < d), other=0.0,
+        )
+
+    for start_n in range(0, n_k, BLOCK_N):
+        cols = start_n + offs_n
+        col_ok = cols < n_k
+        cols64 = cols.to(tl.int64)
+        acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        if ONE_D_CHUNK:
+            k_tile = tl.load(
+                K + cols64[:, None] * stride_km + offs_d[None, :] * stride_kd,
+                mask=col_ok[:, None] & (offs_d[None, :] < d), other=0.0,
+            )
+            acc = _dot(q_tile, tl.trans(k_tile), acc, PRECISION, UPCAST)
+        else:
+            for start_d in range(0, d, BLOCK_D):
+                dd = start_d + offs_d
+                d_ok = dd < d
+                q_tile = tl.load(
+                    Q + rows64[:, None] * stride_qm + dd[None, :] * stride_qd,
+                    mask=row_ok[:, None] & d_ok[None, :], other=0.0,
+                )
+                k_tile = tl.load(
+                    K + cols64[:, None] * stride_km + dd[None, :] * stride_kd,
+                    mask=col_ok[:, None] & d_ok[None, :], other=0.0,
+                )
+                acc = _dot(q_tile, tl.trans(k_tile), acc, PRECISION, UPCAST)
+        rk = tl.load(RK + cols, mask=col_ok, other=0.0)
+        s = acc * row_scale[:, None] * rk[None, :]
+        valid = col_ok[None, :]
+        if EXCLUDE_DIAG:
+            valid = valid & (rows[:, None] != cols[None, :])
+        s = tl.where(valid, s, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, 1))
+        # A row whose every logit so far is excluded keeps m = -inf; shift by 0 there.
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        l = l * tl.exp2(m - m_safe) + tl.sum(tl.exp2(s - m_safe[:, None]), 1)
+        m = m_new
+
+    lse = (m + tl.log2(l)) * 0.6931471805599453
+    tl.store(LSE + rows, lse, mask=row_ok)
+
+
+@triton.jit
+def _grad_kernel(
+    A, B, RA, RB, LSE_A, G_A, LSE_B, G_B, OUT,
+    n_a, n_b, d,
+    stride_am, stride_ad, stride_bm, stride_bd, stride_om,
+    inv_temp,
+    USE_A: tl.constexpr,
+    USE_B: tl.constexpr,
+    EXCLUDE_DIAG: tl.constexpr,
+    CAST_W: tl.constexpr,
+    PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_DO: tl.constexpr,
+):
+    """OUT[a, dchunk] = inv_temp * sum_b W_ab * rb_b * B[b, dchunk]; grid (row blocks, D chunks)."""
+    pid_m = tl.program_id(0)
+    pid_d = tl.program_id(1)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < n_a
+    rows64 = rows.to(tl.int64)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_n = tl.arange(0, BLOCK_N)
+    d_out = pid_d * BLOCK_DO + tl.arange(0, BLOCK_DO)
+    d_out_ok = d_out < d
+
+    scale2 = inv_temp * 1.4426950408889634
+    row_scale = tl.load(RA + rows, mask=row_ok, other=0.0) * scale2
+    if USE_A:
+        lse_a = tl.load(LSE_A + rows, mask=row_ok, other=0.0) * 1.4426950408889634
+        g_a = tl.load(G_A + rows, mask=row_ok, other=0.0)
+
+    out = tl.zeros([BLOCK_M, BLOCK_DO], tl.float32)
+    for start_n in range(0, n_b, BLOCK_N):
+        cols = start_n + offs_n
+        col_ok = cols < n_b
+        cols64 = cols.to(tl.int64)
+        acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        for start_d in range(0, d, BLOCK_D):
+            dd = start_d + offs_d
+            d_ok = dd < d
+            a_tile = tl.load(
+                A + rows64[:, None] * stride_am + dd[None, :] * stride_ad,
+                mask=row_ok[:, None] & d_ok[None, :], other=0.0,
+            )
+            b_tile = tl.load(
+                B + cols64[:, None] * stride_bm + dd[None, :] * stride_bd,
+                mask=col_ok[:, None] & d_ok[None, :], other=0.0,
+            )
+            acc = _dot(a_tile, tl.trans(b_tile), acc, PRECISION, UPCAST)
+        rb = tl.load(RB + cols, mask=col_ok, other=0.0)
+        s2 = acc * row_scale[:, None] * rb[None, :]
+        w = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        if USE_A:
+            w += g_a[:, None] * tl.exp2(s2 - lse_a[:, None])
+        if USE_B:
+            lse_b = tl.load(LSE_B + cols, mask=col_ok, other=0.0) * 1.4426950408889634
+            g_b = tl.load(G_B + cols, mask=col_ok, other=0.0)
+            w += g_b[None, :] * tl.exp2(s2 - lse_b[None, :])
+        valid = row_ok[:, None] & col_ok[None, :]
+        if EXCLUDE_DIAG:
+            valid = valid & (rows[:, None] != cols[None, :])
+        w = tl.where(valid, w * rb[None, :], 0.0)
+        b_out = tl.load(
+            B + cols64[:, None] * stride_bm + d_out[None, :] * stride_bd,
+            mask=col_ok[:, None] & d_out_ok[None, :], other=0.0,
+        )
+        if CAST_W:
+            out = _dot(w.to(b_out.dtype), b_out, out, PRECISION, UPCAST)
+        else:
+            out = tl.dot(w, b_out.to(tl.float32), out, input_precision=PRECISION)
+
+    out = out * inv_temp
+    tl.store(
+        OUT + rows64[:, None] * stride_om + d_out[None, :],
+        out,
+        mask=row_ok[:, None] & d_out_ok[None, :],
+    )
+
+
+def _pow2(x: int, lo: int, hi: int) -> int:
+    return max(lo, min(hi, triton.next_power_of_2(max(int(x), 1))))
+
+
+def _config(d: int, device: torch.device) -> dict:
+    """Tile sizes. The interpreter gets small tiles so tests cross many tile boundaries."""
+    if device.type != "cuda":
+        return dict(BLOCK_M=32, BLOCK_N=32, BLOCK_D=_pow2(d, 16, 32), BLOCK_DO=_pow2(d, 16, 32))
+    return dict(
+        BLOCK_M=64, BLOCK_N=64, BLOCK_D=_pow2(d, 16, 64), BLOCK_DO=_pow2(d, 16, 128),
+        num_warps=4, num_stages=2,
+    )
+
+
+def _dot_precision(dtype: torch.dtype, precision: str) -> str:
+    # bf16/fp16 dots ignore the setting; fp32 follows torch.get_float32_matmul_precision().
+    return precision if dtype == torch.float32 else "tf32"
+
+
+def _upcast(t: torch.Tensor) -> bool:
+    return t.device.type == "cpu" and t.dtype == torch.bfloat16
+
+
+def lse_forward(q, k, rq, rk, extra: Optional[torch.Tensor], inv_temp: float,
+                exclude_diag: bool, precision: str = "ieee") -> torch.Tensor:
+    n_q, d = q.shape
+    n_k = k.shape[0]
+    cfg = _config(d, q.device)
+    block_d = cfg.pop("BLOCK_D")
+    cfg.pop("BLOCK_DO")
+    lse = torch.empty(n_q, dtype=torch.float32, device=q.device)
+    grid = (triton.cdiv(n_q, cfg["BLOCK_M"]),)
+    _lse_fwd_kernel[grid](
+        q, k, rq, rk, extra if extra is not None else lse, lse,
+        n_q, n_k, d,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1),
+        float(inv_temp) * _LOG2E,
+        HAS_EXTRA=extra is not None,
+        EXCLUDE_DIAG=bool(exclude_diag),
+        ONE_D_CHUNK=d <= block_d,
+        PRECISION=_dot_precision(q.dtype, precision),
+        UPCAST=_upcast(q),
+        BLOCK_D=block_d,
+        **cfg,
+    )
+    return lse
+
+
+def grad_accumulate(a, b, ra, rb, lse_a, g_a, lse_b, g_b, inv_temp: float,
+                    exclude_diag: bool, precision: str = "ieee") -> torch.Tensor:
+    n_a, d = a.shape
+    n_b = b.shape[0]
+    cfg = _config(d, a.device)
+    out = torch.empty(n_a, d, dtype=torch.float32, device=a.device)
+    grid = (triton.cdiv(n_a, cfg["BLOCK_M"]), triton.cdiv(d, cfg["BLOCK_DO"]))
+    dummy = ra
+    _grad_kernel[grid](
+        a, b, ra, rb,
+        lse_a if lse_a is not None else dummy, g_a if g_a is not None else dummy,
+        lse_b if lse_b is not None else dummy, g_b if g_b is not None else dummy,
+        out,
+        n_a, n_b, d,
+        a.stride(0), a.stride(1), b.stride(0), b.stride(1), out.stride(0),
+        float(inv_temp),
+        USE_A=lse_a is not None,
+        USE_B=lse_b is not None,
+        EXCLUDE_DIAG=bool(exclude_diag),
+        CAST_W=a.dtype == torch.bfloat16,
+        PRECISION=_dot_precision(a.dtype, precision),
+        UPCAST=_upcast(a),
+        **cfg,
+    )
+    return out

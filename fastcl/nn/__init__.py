@@ -1,0 +1,2 @@
+"""Thin nn.Module wrappers over fastcl.functional."""
+from fastcl.nn.losses import InfoNCELoss, NTXentLoss  # noqa: F401

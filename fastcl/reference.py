@@ -1,0 +1,75 @@
+"""Pure-PyTorch references: the oracle every fastcl op is tested against.
+
+Readable, eager, O(N^2) memory. Computed in float32 for float32/bfloat16/float16 inputs and in
+float64 for float64 inputs; the result is cast back to the input dtype. No input checking here
+(``fastcl.functional`` does it), and nothing from fastcl's fast paths is imported.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+
+def _compute_dtype(t: torch.Tensor) -> torch.dtype:
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def _reduce(loss: torch.Tensor, reduction: str) -> torch.Tensor:
+    if reduction == "mean":
+        return loss.mean()
+    if reduction == "sum":
+        return loss.sum()
+    return loss
+
+
+def nt_xent(
+    z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.5, reduction: str = "mean"
+) -> torch.Tensor:
+    """SimCLR NT-Xent over the 2N rows of ``cat([z1, z2])``: positive i <-> i+N, self excluded.
+
+    Row order for ``reduction="none"``: [z1 rows; z2 rows]. Equal to lightly's
+    ``NTXentLoss(temperature)`` (mean over the 2N rows).
+    """
+    n = z1.shape[0]
+    z = F.normalize(torch.cat([z1, z2]).to(_compute_dtype(z1)), dim=1)
+    logits = z @ z.T / temperature
+    logits.fill_diagonal_(float("-inf"))
+    labels = torch.cat([torch.arange(n, 2 * n), torch.arange(0, n)]).to(z.device)
+    loss = F.cross_entropy(logits, labels, reduction="none")
+    return _reduce(loss, reduction).to(z1.dtype)
+
+
+def info_nce(
+    query: torch.Tensor,
+    positive_key: torch.Tensor,
+    negative_keys: Optional[torch.Tensor] = None,
+    temperature: float = 0.1,
+    reduction: str = "mean",
+    negative_mode: str = "unpaired",
+) -> torch.Tensor:
+    """InfoNCE with the semantics of info-nce-pytorch.
+
+    - ``negative_keys=None``: logits = q @ k^T, label i (in-batch, one-directional N-way).
+    - ``(M, D)`` unpaired: logits = [q_i . k_i, q_i . neg_j for all j], label 0.
+    - ``(N, M, D)`` paired: logits = [q_i . k_i, q_i . neg_ij for all j], label 0.
+    All vectors are L2-normalized first.
+    """
+    dtype = _compute_dtype(query)
+    q = F.normalize(query.to(dtype), dim=-1)
+    k = F.normalize(positive_key.to(dtype), dim=-1)
+    if negative_keys is None:
+        logits = q @ k.T
+        labels = torch.arange(q.shape[0], device=q.device)
+    else:
+        neg = F.normalize(negative_keys.to(dtype), dim=-1)
+        positive_logit = (q * k).sum(dim=1, keepdim=True)
+        if negative_mode == "unpaired":
+            negative_logits = q @ neg.T
+        else:
+            negative_logits = (q.unsqueeze(1) @ neg.transpose(-2, -1)).squeeze(1)
+        logits = torch.cat([positive_logit, negative_logits], dim=1)
+        labels = torch.zeros(q.shape[0], dtype=torch.long, device=q.device)
+    loss = F.cross_entropy(logits / temperature, labels, reduction="none")
+    return _reduce(loss, reduction).to(query.dtype)
