@@ -49,13 +49,16 @@ def _check_same(x: Tensor, name: str, ref: Tensor, ref_name: str) -> None:
 
 
 def _check_temperature(temperature) -> float:
+    """A positive, finite Python number (symbolic floats under torch.compile pass through)."""
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
         raise TypeError(
             f"temperature must be a Python float, got {type(temperature).__name__}"
         )
-    if not math.isfinite(temperature) or temperature <= 0:
+    # One chained comparison (False for NaN) rather than math.isfinite, which torch.compile
+    # cannot trace for a symbolic float.
+    if not 0.0 < temperature < math.inf:
         raise ValueError(f"temperature must be finite and > 0, got {temperature}")
-    return float(temperature)
+    return float(temperature) if isinstance(temperature, int) else temperature
 
 
 def _check_choice(value, name: str, choices) -> None:
