@@ -1,0 +1,60 @@
+"""Tolerance rule (after flash-attention's tests) and eager same-dtype baselines.
+
+A fastcl result is compared with the float64 reference. Its error may be at most twice the
+error that plain eager PyTorch makes in the input dtype (the "baseline"), plus a small atol:
+fastcl must be as accurate as what users run today, whatever the dtype.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+# Floors for the comparison: float32 errors of eager PyTorch can be exactly 0 on tiny inputs.
+# Relative to max(1, max |oracle|).
+ATOL = {torch.float64: 1e-10, torch.float32: 2e-6, torch.bfloat16: 2e-2, torch.float16: 5e-3}
+
+
+def eager_nt_xent(z1, z2, temperature, reduction="mean"):
+    """NT-Xent as lightly computes it, entirely in the input dtype."""
+    n = z1.shape[0]
+    z = F.normalize(torch.cat([z1, z2]), dim=1)
+    logits = z @ z.T / temperature
+    logits = logits.masked_fill(torch.eye(2 * n, dtype=torch.bool, device=z.device), float("-inf"))
+    labels = torch.cat([torch.arange(n, 2 * n), torch.arange(n)]).to(z.device)
+    return F.cross_entropy(logits, labels, reduction=reduction)
+
+
+def eager_info_nce(query, positive_key, negative_keys, temperature, reduction="mean",
+                   negative_mode="unpaired"):
+    """info-nce-pytorch's formulation, entirely in the input dtype."""
+    q = F.normalize(query, dim=-1)
+    k = F.normalize(positive_key, dim=-1)
+    if negative_keys is None:
+        logits = q @ k.T
+        labels = torch.arange(q.shape[0], device=q.device)
+    else:
+        neg = F.normalize(negative_keys, dim=-1)
+        pos = (q * k).sum(dim=1, keepdim=True)
+        if negative_mode == "unpaired":
+            negl = q @ neg.T
+        else:
+            negl = (q.unsqueeze(1) @ neg.transpose(-2, -1)).squeeze(1)
+        logits = torch.cat([pos, negl], dim=1)
+        labels = torch.zeros(q.shape[0], dtype=torch.long, device=q.device)
+    return F.cross_entropy(logits / temperature, labels, reduction=reduction)
+
+
+def max_err(a: torch.Tensor, oracle: torch.Tensor) -> float:
+    return (a.detach().double() - oracle.detach().double()).abs().max().item()
+
+
+def assert_within_rule(actual, oracle, baseline, dtype, what="value"):
+    """|actual - oracle| <= 2 * |baseline - oracle| + atol(dtype) * max(1, |oracle|) (maxima)."""
+    err = max_err(actual, oracle)
+    base = max_err(baseline, oracle)
+    scale = max(1.0, oracle.detach().double().abs().max().item()) if oracle.numel() else 1.0
+    bound = 2.0 * base + ATOL[dtype] * scale
+    assert err <= bound, (
+        f"{what}: fastcl error {err:.3g} exceeds 2 x eager {dtype} error {base:.3g} "
+        f"+ atol {ATOL[dtype]:.1g}"
+    )
