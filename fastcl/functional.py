@@ -110,7 +110,7 @@ def nt_xent(z1: Tensor, z2: Tensor, temperature: float = 0.5, reduction: str = "
 
     n = z1.shape[0]
     z = torch.cat([z1, z2])
-    lse = ops.nt_xent_lse(z, tau)
+    lse = ops.nt_xent_lse(z, ops.temperature_tensor(tau))
     z_hat = _normalized(z)
     positive = (z_hat * z_hat.roll(n, dims=0)).sum(dim=1) / tau
     return _reduce(lse - positive, reduction, z1.dtype)
@@ -174,9 +174,9 @@ def info_nce(
     k_hat = _normalized(positive_key)
     positive = (q_hat * k_hat).sum(dim=1) / tau
     if negative_keys is None:
-        lse = ops.info_nce_lse(query, positive_key, None, tau)
+        lse = ops.info_nce_lse(query, positive_key, None, ops.temperature_tensor(tau))
     elif negative_mode == "unpaired":
-        lse = ops.info_nce_lse(query, negative_keys, positive, tau)
+        lse = ops.info_nce_lse(query, negative_keys, positive, ops.temperature_tensor(tau))
     else:
         neg_hat = _normalized(negative_keys)
         negative = (neg_hat @ q_hat.unsqueeze(-1)).squeeze(-1) / tau  # (N, M)

@@ -4,4 +4,5 @@ from fastcl.ops.contrastive import (  # noqa: F401
     info_nce_lse_backward,
     nt_xent_lse,
     nt_xent_lse_backward,
+    temperature_tensor,
 )
