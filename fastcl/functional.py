@@ -74,11 +74,6 @@ def _reduce(loss: Tensor, reduction: str, dtype: torch.dtype) -> Tensor:
     return loss.to(dtype)
 
 
-def _normalized(x: Tensor, dim: int = -1) -> Tensor:
-    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-    return F.normalize(x.to(acc), dim=dim)
-
-
 # ------------------------------------------------------------------------- losses ---------
 
 
@@ -108,12 +103,8 @@ def nt_xent(z1: Tensor, z2: Tensor, temperature: float = 0.5, reduction: str = "
     if _config.get_backend() == "reference":
         return reference.nt_xent(z1, z2, tau, reduction)
 
-    n = z1.shape[0]
-    z = torch.cat([z1, z2])
-    lse = ops.nt_xent_lse(z, ops.temperature_tensor(tau))
-    z_hat = _normalized(z)
-    positive = (z_hat * z_hat.roll(n, dims=0)).sum(dim=1) / tau
-    return _reduce(lse - positive, reduction, z1.dtype)
+    loss, _ = ops.nt_xent(torch.cat([z1, z2]), ops.temperature_tensor(tau))
+    return _reduce(loss, reduction, z1.dtype)
 
 
 def info_nce(
@@ -170,15 +161,24 @@ def info_nce(
     if _config.get_backend() == "reference":
         return reference.info_nce(query, positive_key, negative_keys, tau, reduction, negative_mode)
 
-    q_hat = _normalized(query)
-    k_hat = _normalized(positive_key)
-    positive = (q_hat * k_hat).sum(dim=1) / tau
-    if negative_keys is None:
-        lse = ops.info_nce_lse(query, positive_key, None, ops.temperature_tensor(tau))
-    elif negative_mode == "unpaired":
-        lse = ops.info_nce_lse(query, negative_keys, positive, ops.temperature_tensor(tau))
-    else:
-        neg_hat = _normalized(negative_keys)
-        negative = (neg_hat @ q_hat.unsqueeze(-1)).squeeze(-1) / tau  # (N, M)
-        lse = torch.logsumexp(torch.cat([positive.unsqueeze(1), negative], dim=1), dim=1)
-    return _reduce(lse - positive, reduction, query.dtype)
+    if negative_keys is not None and negative_mode == "paired":
+        return _reduce(_paired_info_nce(query, positive_key, negative_keys, tau), reduction,
+                       query.dtype)
+    loss, _ = ops.info_nce(query, positive_key, negative_keys, ops.temperature_tensor(tau))
+    return _reduce(loss, reduction, query.dtype)
+
+
+def _paired_info_nce(query: Tensor, positive_key: Tensor, negative_keys: Tensor, tau) -> Tensor:
+    """Per-row InfoNCE with per-row negatives (N, M, D): batched products in PyTorch.
+
+    Its (N, M) logits are D times smaller than the input, so a fused kernel would save little.
+    """
+    acc = torch.float64 if query.dtype == torch.float64 else torch.float32
+    q_hat = F.normalize(query.to(acc), dim=-1)
+    k_hat = F.normalize(positive_key.to(acc), dim=-1)
+    neg_hat = F.normalize(negative_keys.to(acc), dim=-1)
+    positive = (q_hat * k_hat).sum(dim=1, keepdim=True)
+    negative = (neg_hat @ q_hat.unsqueeze(-1)).squeeze(-1)
+    logits = torch.cat([positive, negative], dim=1) / tau
+    labels = torch.zeros(query.shape[0], dtype=torch.long, device=query.device)
+    return F.cross_entropy(logits, labels, reduction="none")

@@ -75,46 +75,49 @@ def _vec(layout, n, seed, device, requires_grad=False):
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
-def test_opcheck_nt_xent_lse(backend, layout):
+def test_opcheck_nt_xent(backend, layout):
     z = _make(layout, 20, 12, 0, backend.device, requires_grad=True)
-    torch.library.opcheck(torch.ops.fastcl.nt_xent_lse.default, (z, T(0.5)))
+    torch.library.opcheck(torch.ops.fastcl.nt_xent.default, (z, T(0.5)))
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
-def test_opcheck_nt_xent_lse_backward(backend, layout):
+def test_opcheck_nt_xent_backward(backend, layout):
     z = _make(layout, 20, 12, 0, backend.device)
-    lse = ops.nt_xent_lse(z, T(0.5))
+    loss, lse = ops.nt_xent(z, T(0.5))
     if layout == "permuted":
         lse = torch.stack([lse, lse], dim=1)[:, 0]  # same values, stride 2
         assert not lse.is_contiguous()
-    grad_lse = _vec(layout, 20, 1, backend.device)
-    torch.library.opcheck(torch.ops.fastcl.nt_xent_lse_backward.default, (grad_lse, z, lse, T(0.5)))
+    grad = _vec(layout, 20, 1, backend.device)
+    torch.library.opcheck(torch.ops.fastcl.nt_xent_backward.default, (grad, z, loss, lse, T(0.5)))
 
 
-@pytest.mark.parametrize("with_extra", [False, True], ids=["no_extra", "extra"])
+@pytest.mark.parametrize("with_negatives", [False, True], ids=["in_batch", "negatives"])
 @pytest.mark.parametrize("layout", LAYOUTS)
-def test_opcheck_info_nce_lse(backend, layout, with_extra):
+def test_opcheck_info_nce(backend, layout, with_negatives):
     q = _make(layout, 10, 12, 0, backend.device, requires_grad=True)
-    k = _make(layout, 14, 12, 1, backend.device, requires_grad=True)
-    extra = _vec(layout, 10, 2, backend.device, requires_grad=True) if with_extra else None
-    torch.library.opcheck(torch.ops.fastcl.info_nce_lse.default, (q, k, extra, T(0.3)))
+    k = _make(layout, 10, 12, 1, backend.device, requires_grad=True)
+    neg = _make(layout, 14, 12, 2, backend.device, requires_grad=True) if with_negatives else None
+    torch.library.opcheck(torch.ops.fastcl.info_nce.default, (q, k, neg, T(0.3)))
 
 
 @pytest.mark.parametrize(
-    "need_q,need_k", [(True, True), (True, False), (False, True)], ids=["qk", "q", "k"]
+    "need", [(True, True, True), (True, False, False), (False, True, False), (False, False, True)],
+    ids=["all", "q", "k", "neg"],
 )
+@pytest.mark.parametrize("with_negatives", [False, True], ids=["in_batch", "negatives"])
 @pytest.mark.parametrize("layout", LAYOUTS)
-def test_opcheck_info_nce_lse_backward(backend, layout, need_q, need_k):
+def test_opcheck_info_nce_backward(backend, layout, with_negatives, need):
     q = _make(layout, 10, 12, 0, backend.device)
-    k = _make(layout, 14, 12, 1, backend.device)
-    extra = _randn(10, seed=2, device=backend.device)
-    lse = ops.info_nce_lse(q, k, extra, T(0.3))
+    k = _make(layout, 10, 12, 1, backend.device)
+    neg = _make(layout, 14, 12, 2, backend.device) if with_negatives else None
+    loss, lse = ops.info_nce(q, k, neg, T(0.3))
     if layout == "permuted":
         lse = torch.stack([lse, lse], dim=1)[:, 0]
-    grad_lse = _vec(layout, 10, 3, backend.device)
+    grad = _vec(layout, 10, 3, backend.device)
+    need_q, need_k, need_neg = need
     torch.library.opcheck(
-        torch.ops.fastcl.info_nce_lse_backward.default,
-        (grad_lse, q, k, lse, T(0.3), need_q, need_k),
+        torch.ops.fastcl.info_nce_backward.default,
+        (grad, q, k, neg, loss, lse, T(0.3), need_q, need_k, need_neg and with_negatives),
     )
 
 
@@ -128,28 +131,30 @@ def chunked_backend():
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
-def test_gradcheck_nt_xent_lse(chunked_backend, layout):
+def test_gradcheck_nt_xent_op(chunked_backend, layout):
     maker = _randn if layout == "contiguous" else _permuted
     z = maker(10, 6, dtype=F64, requires_grad=True)
-    assert gradcheck(lambda z: ops.nt_xent_lse(z, T(0.3)), (z,))
+    assert gradcheck(lambda z: ops.nt_xent(z, T(0.3))[0], (z,))
 
 
 @pytest.mark.parametrize(
-    "k_grad,with_extra", [(True, True), (False, True), (True, False)],
-    ids=["k_grad-extra", "k_nograd-extra", "k_grad-no_extra"],
+    "k_grad,with_negatives,neg_grad",
+    [(True, True, True), (False, True, True), (True, True, False), (True, False, False),
+     (False, False, False)],
+    ids=["k-neg", "neg", "k-detached_neg", "k-in_batch", "q_only-in_batch"],
 )
-def test_gradcheck_info_nce_lse(chunked_backend, k_grad, with_extra):
+def test_gradcheck_info_nce_op(chunked_backend, k_grad, with_negatives, neg_grad):
     q = _randn(6, 5, seed=0, dtype=F64, requires_grad=True)
-    k = _permuted(7, 5, seed=1, dtype=F64, requires_grad=k_grad)
-    extra = _randn(6, seed=2, dtype=F64, requires_grad=True) if with_extra else None
-    inputs = [t for t in (q, k, extra) if t is not None and t.requires_grad]
+    k = _permuted(6, 5, seed=1, dtype=F64, requires_grad=k_grad)
+    neg = _permuted(7, 5, seed=2, dtype=F64, requires_grad=neg_grad) if with_negatives else None
+    inputs = [t for t in (q, k, neg) if t is not None and t.requires_grad]
 
     def f(*args):
         it = iter(args)
         q_ = next(it)
         k_ = next(it) if k_grad else k
-        e_ = next(it) if with_extra else None
-        return ops.info_nce_lse(q_, k_, e_, T(0.3))
+        n_ = next(it) if neg_grad else neg
+        return ops.info_nce(q_, k_, n_, T(0.3))[0]
 
     assert gradcheck(f, tuple(inputs))
 
@@ -375,17 +380,19 @@ def test_bitwise_deterministic(backend, case):
 
 def test_info_nce_backward_op_skips_unneeded_gradient(backend):
     q = _randn(10, 12, seed=0, device=backend.device)
+    k = _randn(10, 12, seed=3, device=backend.device)
     queue = _randn(30, 12, seed=1, device=backend.device)
-    lse = ops.info_nce_lse(q, queue, None, T(0.2))
-    grad = torch.ones_like(lse)
-    dq, dk = ops.info_nce_lse_backward(grad, q, queue, lse, T(0.2), True, False)
-    assert dq.shape == q.shape and torch.isfinite(dq).all()
-    assert dk.numel() == 0
-    dq0, dk0 = ops.info_nce_lse_backward(grad, q, queue, lse, T(0.2), False, True)
-    assert dq0.numel() == 0 and dk0.shape == queue.shape
-    dq2, dk2 = ops.info_nce_lse_backward(grad, q, queue, lse, T(0.2), True, True)
+    loss, lse = ops.info_nce(q, k, queue, T(0.2))
+    grad = torch.ones_like(loss)
+    dq, dk, dn = ops.info_nce_backward(grad, q, k, queue, loss, lse, T(0.2), True, True, False)
+    assert dq.shape == q.shape and dk.shape == k.shape and torch.isfinite(dq).all()
+    assert dn.numel() == 0
+    dq0, dk0, dn0 = ops.info_nce_backward(grad, q, k, queue, loss, lse, T(0.2), False, False, True)
+    assert dq0.numel() == 0 and dk0.numel() == 0 and dn0.shape == queue.shape
+    dq2, dk2, dn2 = ops.info_nce_backward(grad, q, k, queue, loss, lse, T(0.2), True, True, True)
     torch.testing.assert_close(dq, dq2, rtol=0, atol=0)
-    torch.testing.assert_close(dk0, dk2, rtol=0, atol=0)
+    torch.testing.assert_close(dk, dk2, rtol=0, atol=0)
+    torch.testing.assert_close(dn0, dn2, rtol=0, atol=0)
 
 
 def test_moco_queue_gets_no_gradient(backend, monkeypatch):

@@ -6,20 +6,22 @@ the ``@triton.jit`` functions below are defined. ``fastcl.ops`` imports it lazil
 Both kernels tile like FlashAttention: a program owns BLOCK_M rows and walks over BLOCK_N-column
 tiles, reducing over the feature dimension in BLOCK_D chunks, so D can be anything. Rows are
 L2-normalized on the fly: the kernels take raw rows plus one float32 inverse norm per row and
-scale each tile, s_ij = (q_i . k_j) * rq_i * rk_j / tau, which keeps bf16 inputs as accurate as
-the float32 accumulator allows. Logits are kept in base 2 (exp2/log2) internally.
+scale each tile, s_ij = (q_i . k_j) * rq_i * rk_j / tau: for bf16/fp16 inputs this is as accurate as
+the float32 accumulator allows. float32 rows are instead normalized as each tile is loaded
+(NORM_TILES), which rounds like eager PyTorch's normalize-then-matmul. Logits stay in natural
+units (exp/log, not exp2 with a folded log2(e)): one rounding fewer per logit, which matters at
+low temperature where one ulp of a logit is the size of a confident row's loss.
 
 See ``fastcl.kernels`` for the contract the launchers fulfil.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 import triton
 import triton.language as tl
 
-_LOG2E = 1.4426950408889634
 
 
 @triton.jit
@@ -33,15 +35,17 @@ def _dot(a, b, acc, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
 
 @triton.jit
 def _lse_fwd_kernel(
-    Q, K, RQ, RK, EXTRA, LSE,
-    n_q, n_k, d,
-    stride_qm, stride_qd, stride_km, stride_kd,
-    scale2,  # inv_temp * log2(e)
-    HAS_EXTRA: tl.constexpr,
+    Q, K, RQ, RK, KP, RP, LOSS, LSE,
+    n_q, n_k, d, pos_offset,
+    stride_qm, stride_qd, stride_km, stride_kd, stride_pm, stride_pd,
+    inv_temp,
+    POS_ROWS: tl.constexpr,
     EXCLUDE_DIAG: tl.constexpr,
+    POS_IN_COLUMNS: tl.constexpr,
     ONE_D_CHUNK: tl.constexpr,
     PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,
+    NORM_TILES: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -53,30 +57,59 @@ def _lse_fwd_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     offs_n = tl.arange(0, BLOCK_N)
 
-    row_scale = tl.load(RQ + rows, mask=row_ok, other=0.0) * scale2
-    if HAS_EXTRA:
-        m = tl.load(EXTRA + rows, mask=row_ok, other=0.0).to(tl.float32) * 1.4426950408889634
+    rq = tl.load(RQ + rows, mask=row_ok, other=0.0)
+    q_scale = rq * inv_temp  # NORM_TILES: rows are scaled on load, before the products
+    # Running max m and sum l of exp(s - m); s_pos is the positive logit.
+    if POS_ROWS:
+        # Row i's positive is KP[i]: its logit joins the logsumexp first, scaled exactly as
+        # the tiles are, so a positive equal to a column gives the same float.
+        dot_pos = tl.zeros([BLOCK_M], tl.float32)
+        for start_d in range(0, d, BLOCK_D):
+            dd = start_d + offs_d
+            mask_qd = row_ok[:, None] & (dd[None, :] < d)
+            q_part = tl.load(Q + rows64[:, None] * stride_qm + dd[None, :] * stride_qd,
+                             mask=mask_qd, other=0.0)
+            p_part = tl.load(KP + rows64[:, None] * stride_pm + dd[None, :] * stride_pd,
+                             mask=mask_qd, other=0.0)
+            rp = tl.load(RP + rows, mask=row_ok, other=0.0)
+            if NORM_TILES:
+                dot_pos += tl.sum((q_part * q_scale[:, None]) * (p_part * rp[:, None]), 1)
+            else:
+                dot_pos += tl.sum(q_part.to(tl.float32) * p_part.to(tl.float32), 1)
+        if NORM_TILES:
+            m = dot_pos
+        else:
+            m = dot_pos * ((rq * rp) * inv_temp)
+        s_pos = m
         l = tl.full([BLOCK_M], 1.0, tl.float32)
     else:
         m = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l = tl.zeros([BLOCK_M], tl.float32)
+    if POS_IN_COLUMNS:
+        pos_col = (rows + pos_offset) % n_k
+        s_pos = tl.zeros([BLOCK_M], tl.float32)
 
     if ONE_D_CHUNK:
         q_tile = tl.load(
             Q + rows64[:, None] * stride_qm + offs_d[None, :] * stride_qd,
             mask=row_ok[:, None] & (offs_d[None, :] < d), other=0.0,
         )
+        if NORM_TILES:
+            q_tile = q_tile * q_scale[:, None]
 
     for start_n in range(0, n_k, BLOCK_N):
         cols = start_n + offs_n
         col_ok = cols < n_k
         cols64 = cols.to(tl.int64)
         acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        rk = tl.load(RK + cols, mask=col_ok, other=0.0)
         if ONE_D_CHUNK:
             k_tile = tl.load(
                 K + cols64[:, None] * stride_km + offs_d[None, :] * stride_kd,
                 mask=col_ok[:, None] & (offs_d[None, :] < d), other=0.0,
             )
+            if NORM_TILES:
+                k_tile = k_tile * rk[:, None]
             acc = _dot(q_tile, tl.trans(k_tile), acc, PRECISION, UPCAST)
         else:
             for start_d in range(0, d, BLOCK_D):
@@ -90,9 +123,17 @@ def _lse_fwd_kernel(
                     K + cols64[:, None] * stride_km + dd[None, :] * stride_kd,
                     mask=col_ok[:, None] & d_ok[None, :], other=0.0,
                 )
+                if NORM_TILES:
+                    q_tile = q_tile * q_scale[:, None]
+                    k_tile = k_tile * rk[:, None]
                 acc = _dot(q_tile, tl.trans(k_tile), acc, PRECISION, UPCAST)
-        rk = tl.load(RK + cols, mask=col_ok, other=0.0)
-        s = acc * row_scale[:, None] * rk[None, :]
+        if NORM_TILES:
+            s = acc
+        else:
+            # (rq_i * rk_j) first: the same product for (i, j) and (j, i).
+            s = acc * ((rq[:, None] * rk[None, :]) * inv_temp)
+        if POS_IN_COLUMNS:
+            s_pos += tl.sum(tl.where(cols[None, :] == pos_col[:, None], s, 0.0), 1)
         valid = col_ok[None, :]
         if EXCLUDE_DIAG:
             valid = valid & (rows[:, None] != cols[None, :])
@@ -100,25 +141,28 @@ def _lse_fwd_kernel(
         m_new = tl.maximum(m, tl.max(s, 1))
         # A row whose every logit so far is excluded keeps m = -inf; shift by 0 there.
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        l = l * tl.exp2(m - m_safe) + tl.sum(tl.exp2(s - m_safe[:, None]), 1)
+        l = l * tl.exp(m - m_safe) + tl.sum(tl.exp(s - m_safe[:, None]), 1)
         m = m_new
 
-    lse = (m + tl.log2(l)) * 0.6931471805599453
-    tl.store(LSE + rows, lse, mask=row_ok)
+    log_l = tl.log(l)
+    tl.store(LOSS + rows, (m - s_pos) + log_l, mask=row_ok)
+    tl.store(LSE + rows, m + log_l, mask=row_ok)
 
 
 @triton.jit
 def _grad_kernel(
     A, B, RA, RB, LSE_A, G_A, LSE_B, G_B, OUT,
-    n_a, n_b, d,
+    n_a, n_b, d, pos_offset,
     stride_am, stride_ad, stride_bm, stride_bd, stride_om,
     inv_temp,
     USE_A: tl.constexpr,
     USE_B: tl.constexpr,
     EXCLUDE_DIAG: tl.constexpr,
+    POS_IN_COLUMNS: tl.constexpr,
     CAST_W: tl.constexpr,
     PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,
+    NORM_TILES: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -135,10 +179,12 @@ def _grad_kernel(
     d_out = pid_d * BLOCK_DO + tl.arange(0, BLOCK_DO)
     d_out_ok = d_out < d
 
-    scale2 = inv_temp * 1.4426950408889634
-    row_scale = tl.load(RA + rows, mask=row_ok, other=0.0) * scale2
+    ra = tl.load(RA + rows, mask=row_ok, other=0.0)
+    a_scale = ra * inv_temp
+    if POS_IN_COLUMNS:
+        pos_col = (rows + pos_offset) % n_b
     if USE_A:
-        lse_a = tl.load(LSE_A + rows, mask=row_ok, other=0.0) * 1.4426950408889634
+        lse_a = tl.load(LSE_A + rows, mask=row_ok, other=0.0)
         g_a = tl.load(G_A + rows, mask=row_ok, other=0.0)
 
     out = tl.zeros([BLOCK_M, BLOCK_DO], tl.float32)
@@ -147,6 +193,7 @@ def _grad_kernel(
         col_ok = cols < n_b
         cols64 = cols.to(tl.int64)
         acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        rb = tl.load(RB + cols, mask=col_ok, other=0.0)
         for start_d in range(0, d, BLOCK_D):
             dd = start_d + offs_d
             d_ok = dd < d
@@ -158,19 +205,26 @@ def _grad_kernel(
                 B + cols64[:, None] * stride_bm + dd[None, :] * stride_bd,
                 mask=col_ok[:, None] & d_ok[None, :], other=0.0,
             )
+            if NORM_TILES:
+                a_tile = a_tile * a_scale[:, None]
+                b_tile = b_tile * rb[:, None]
             acc = _dot(a_tile, tl.trans(b_tile), acc, PRECISION, UPCAST)
-        rb = tl.load(RB + cols, mask=col_ok, other=0.0)
-        s2 = acc * row_scale[:, None] * rb[None, :]
+        if NORM_TILES:
+            s = acc
+        else:
+            s = acc * ((ra[:, None] * rb[None, :]) * inv_temp)
         w = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
         if USE_A:
-            w += g_a[:, None] * tl.exp2(s2 - lse_a[:, None])
+            w += g_a[:, None] * tl.exp(s - lse_a[:, None])
         if USE_B:
-            lse_b = tl.load(LSE_B + cols, mask=col_ok, other=0.0) * 1.4426950408889634
+            lse_b = tl.load(LSE_B + cols, mask=col_ok, other=0.0)
             g_b = tl.load(G_B + cols, mask=col_ok, other=0.0)
-            w += g_b[None, :] * tl.exp2(s2 - lse_b[None, :])
+            w += g_b[None, :] * tl.exp(s - lse_b[None, :])
         valid = row_ok[:, None] & col_ok[None, :]
         if EXCLUDE_DIAG:
             valid = valid & (rows[:, None] != cols[None, :])
+        if POS_IN_COLUMNS:
+            valid = valid & (cols[None, :] != pos_col[:, None])
         w = tl.where(valid, w * rb[None, :], 0.0)
         b_out = tl.load(
             B + cols64[:, None] * stride_bm + d_out[None, :] * stride_bd,
@@ -212,33 +266,39 @@ def _upcast(t: torch.Tensor) -> bool:
     return t.device.type == "cpu" and t.dtype == torch.bfloat16
 
 
-def lse_forward(q, k, rq, rk, extra: Optional[torch.Tensor], inv_temp: float,
-                exclude_diag: bool, precision: str = "ieee") -> torch.Tensor:
+def lse_forward(q, k, rq, rk, positive: Optional[Tuple[torch.Tensor, torch.Tensor]],
+                inv_temp: float, exclude_diag: bool, pos_offset: Optional[int],
+                precision: str = "ieee") -> Tuple[torch.Tensor, torch.Tensor]:
     n_q, d = q.shape
     n_k = k.shape[0]
     cfg = _config(d, q.device)
     block_d = cfg.pop("BLOCK_D")
     cfg.pop("BLOCK_DO")
+    loss = torch.empty(n_q, dtype=torch.float32, device=q.device)
     lse = torch.empty(n_q, dtype=torch.float32, device=q.device)
     grid = (triton.cdiv(n_q, cfg["BLOCK_M"]),)
+    kp, rp = positive if positive is not None else (q, rq)
     _lse_fwd_kernel[grid](
-        q, k, rq, rk, extra if extra is not None else lse, lse,
-        n_q, n_k, d,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1),
-        float(inv_temp) * _LOG2E,
-        HAS_EXTRA=extra is not None,
+        q, k, rq, rk, kp, rp, loss, lse,
+        n_q, n_k, d, pos_offset or 0,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), kp.stride(0), kp.stride(1),
+        float(inv_temp),
+        POS_ROWS=positive is not None,
         EXCLUDE_DIAG=bool(exclude_diag),
+        POS_IN_COLUMNS=pos_offset is not None,
         ONE_D_CHUNK=d <= block_d,
         PRECISION=_dot_precision(q.dtype, precision),
         UPCAST=_upcast(q),
+        NORM_TILES=q.dtype == torch.float32,
         BLOCK_D=block_d,
         **cfg,
     )
-    return lse
+    return loss, lse
 
 
 def grad_accumulate(a, b, ra, rb, lse_a, g_a, lse_b, g_b, inv_temp: float,
-                    exclude_diag: bool, precision: str = "ieee") -> torch.Tensor:
+                    exclude_diag: bool, pos_offset: Optional[int],
+                    precision: str = "ieee") -> torch.Tensor:
     n_a, d = a.shape
     n_b = b.shape[0]
     cfg = _config(d, a.device)
@@ -250,15 +310,17 @@ def grad_accumulate(a, b, ra, rb, lse_a, g_a, lse_b, g_b, inv_temp: float,
         lse_a if lse_a is not None else dummy, g_a if g_a is not None else dummy,
         lse_b if lse_b is not None else dummy, g_b if g_b is not None else dummy,
         out,
-        n_a, n_b, d,
+        n_a, n_b, d, pos_offset or 0,
         a.stride(0), a.stride(1), b.stride(0), b.stride(1), out.stride(0),
         float(inv_temp),
         USE_A=lse_a is not None,
         USE_B=lse_b is not None,
         EXCLUDE_DIAG=bool(exclude_diag),
+        POS_IN_COLUMNS=pos_offset is not None,
         CAST_W=a.dtype == torch.bfloat16,
         PRECISION=_dot_precision(a.dtype, precision),
         UPCAST=_upcast(a),
+        NORM_TILES=a.dtype == torch.float32,
         **cfg,
     )
     return out

@@ -1,21 +1,24 @@
-"""Custom ops for the similarity + log-softmax family.
+"""Custom ops for the similarity + log-softmax family ("fastcl::...").
 
-Four ops, one kernel boundary each:
+Each op returns the per-row loss and the per-row logsumexp (saved for backward; it carries no
+gradient). Row i's loss is -log softmax of its positive logit:
 
-``fastcl::nt_xent_lse(z, temperature) -> lse``
-    z (2N, D) raw rows; lse_i = logsumexp_{j != i} (zhat_i . zhat_j) / tau, float32
-    (float64 for float64 z). The (2N)^2 matrix is never stored.
-``fastcl::nt_xent_lse_backward(grad_lse, z, lse, temperature) -> dz``
-    The symmetric form: one pass over tiles gives (G + G^T) zhat / tau, followed by the
-    normalization backward.
-``fastcl::info_nce_lse(q, k, extra, temperature) -> lse``
-    lse_i = logsumexp([extra_i] + [(qhat_i . khat_j) / tau for all j]); extra optional.
-``fastcl::info_nce_lse_backward(grad_lse, q, k, extra, lse, temperature, need_q, need_k) -> (dq, dk)``
-    dq over row tiles and dk over column tiles, each without atomics (deterministic). A gradient
-    that is not needed (e.g. a detached MoCo queue) is not computed and comes back empty.
+``fastcl::nt_xent(z, temperature) -> (loss, lse)``
+    z (2N, D) raw rows = cat([z1, z2]); logits (zhat_i . zhat_j) / tau over j != i; the positive
+    of row i is row (i + N) mod 2N. The (2N)^2 matrix is never stored.
+``fastcl::nt_xent_backward(grad_loss, z, loss, lse, temperature) -> dz``
+    The symmetric form: one pass over tiles gives (G + G^T) zhat / tau.
+``fastcl::info_nce(q, k, negatives, temperature) -> (loss, lse)``
+    negatives None: logits qhat_i . khat_j over all j, positive j = i (in-batch, one-directional).
+    negatives (M, D): logits [qhat_i . khat_i, qhat_i . neghat_j], positive first (shared
+    negatives, e.g. a MoCo queue); no (N, M) matrix is stored.
+``fastcl::info_nce_backward(grad_loss, q, k, negatives, loss, lse, temperature, need_q, need_k, need_neg) -> (dq, dk, dneg)``
+    Row tiles give dq, column tiles dk (or dneg), each without atomics (deterministic). A
+    gradient that is not needed (e.g. a detached queue) is not computed and comes back empty.
 
-The positive-pair logits are O(N*D) and are left to ``fastcl.functional``, where autograd sees
-them; gradients of ``extra`` are formed in the autograd formula below.
+The weight of the positive logit in the gradient, exp(-loss) - 1, is formed here with
+``expm1`` from the exact per-row loss rather than in the tiles: eager cross-entropy's precision,
+with no cancellation when the positive dominates (small loss, low temperature).
 
 ``temperature`` is a 0-dim float64 CPU tensor (see :func:`temperature_tensor`), not a float:
 torch.compile specializes float arguments of custom ops, which would recompile per value.
@@ -33,22 +36,6 @@ from fastcl.ops._backend import dot_precision, implementation
 _EPS = 1e-12  # as F.normalize
 
 
-def _inv_norm(x: Tensor) -> Tensor:
-    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-    return torch.linalg.vector_norm(x, dim=1, dtype=acc).clamp_min(_EPS).reciprocal()
-
-
-def _normalize_backward(x: Tensor, r: Tensor, grad_hat: Tensor) -> Tensor:
-    """Gradient through xhat = x / max(|x|, eps), given d/d xhat; returned in x's dtype."""
-    acc = grad_hat.dtype
-    r = r.to(acc)[:, None]
-    x_hat = x.to(acc) * r
-    radial = (x_hat * grad_hat).sum(dim=1, keepdim=True)
-    # Where the norm was clamped to eps, xhat = x / eps is linear in x: no projection.
-    radial = torch.where(r < 1.0 / _EPS, radial, torch.zeros_like(radial))
-    return ((grad_hat - x_hat * radial) * r).to(x.dtype).contiguous()
-
-
 def temperature_tensor(temperature) -> Tensor:
     """The 0-dim float64 CPU tensor form of a temperature that the ops take."""
     # Multiplying keeps a symbolic float symbolic under torch.compile; torch.as_tensor,
@@ -60,127 +47,200 @@ def _inv_temp(temperature: Tensor) -> float:
     return 1.0 / float(temperature)
 
 
+def _acc_dtype(x: Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _inv_norm(x: Tensor) -> Tensor:
+    return torch.linalg.vector_norm(x, dim=1, dtype=_acc_dtype(x)).clamp_min(_EPS).reciprocal()
+
+
+def _normalized(x: Tensor, r: Tensor) -> Tensor:
+    return x.to(r.dtype) * r[:, None]
+
+
+def _normalize_backward(x: Tensor, r: Tensor, grad_hat: Tensor) -> Tensor:
+    """Gradient through xhat = x / max(|x|, eps), given d/d xhat; returned in x's dtype."""
+    x_hat = _normalized(x, r)
+    radial = (x_hat * grad_hat).sum(dim=1, keepdim=True)
+    # Where the norm was clamped to eps, xhat = x / eps is linear in x: no projection.
+    radial = torch.where(r[:, None] < 1.0 / _EPS, radial, torch.zeros_like(radial))
+    return ((grad_hat - x_hat * radial) * r[:, None]).to(x.dtype).contiguous()
+
+
+def _rows_like(x: Tensor, dtype: Optional[torch.dtype] = None) -> Tensor:
+    return x.new_empty(x.shape[0], dtype=dtype or _acc_dtype(x))
+
+
 def _empty_rows(x: Tensor) -> Tensor:
     """Fake output: a contiguous tensor shaped like x (the real gradients are row-major)."""
     return x.new_empty(x.shape)
 
 
-def _lse_dtype(x: Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
+def _positive_weight(grad_loss: Tensor, loss: Tensor) -> Tensor:
+    """d(sum g * loss) / d s_pos = g (exp(-loss) - 1), without cancellation."""
+    return grad_loss * torch.expm1(-loss)
+
+
+def _grad_or_zeros(grad_loss: Optional[Tensor], like: Tensor) -> Tensor:
+    if grad_loss is None:
+        return torch.zeros_like(like)
+    return grad_loss.to(like.dtype).contiguous()
 
 
 # ---------------------------------------------------------------- NT-Xent (symmetric) ----
 
 
-@torch.library.custom_op("fastcl::nt_xent_lse", mutates_args=())
-def nt_xent_lse(z: Tensor, temperature: Tensor) -> Tensor:
-    impl = implementation(z)
+@torch.library.custom_op("fastcl::nt_xent", mutates_args=())
+def nt_xent(z: Tensor, temperature: Tensor) -> Tuple[Tensor, Tensor]:
     r = _inv_norm(z)
-    lse = impl.lse_forward(z, z, r, r, None, _inv_temp(temperature), True, dot_precision())
-    return lse.to(_lse_dtype(z))
+    loss, lse = implementation(z).lse_forward(
+        z, z, r, r, None, _inv_temp(temperature), True, z.shape[0] // 2, dot_precision()
+    )
+    return loss.to(r.dtype), lse.to(r.dtype)
 
 
-@nt_xent_lse.register_fake
-def _(z: Tensor, temperature: Tensor) -> Tensor:
-    return z.new_empty(z.shape[0], dtype=_lse_dtype(z))
+@nt_xent.register_fake
+def _(z: Tensor, temperature: Tensor) -> Tuple[Tensor, Tensor]:
+    return _rows_like(z), _rows_like(z)
 
 
-@torch.library.custom_op("fastcl::nt_xent_lse_backward", mutates_args=())
-def nt_xent_lse_backward(grad_lse: Tensor, z: Tensor, lse: Tensor, temperature: Tensor) -> Tensor:
-    impl = implementation(z)
+@torch.library.custom_op("fastcl::nt_xent_backward", mutates_args=())
+def nt_xent_backward(
+    grad_loss: Tensor, z: Tensor, loss: Tensor, lse: Tensor, temperature: Tensor
+) -> Tensor:
     r = _inv_norm(z)
-    g = grad_lse.to(lse.dtype).contiguous()
-    lse = lse.contiguous()
-    d_hat = impl.grad_accumulate(z, z, r, r, lse, g, lse, g, _inv_temp(temperature), True, dot_precision())
+    inv_temp = _inv_temp(temperature)
+    n = z.shape[0] // 2
+    g = grad_loss.to(r.dtype).contiguous()
+    lse = lse.to(r.dtype).contiguous()
+    d_hat = implementation(z).grad_accumulate(
+        z, z, r, r, lse, g, lse, g, inv_temp, True, n, dot_precision()
+    )
+    # The positive pairs (i, i + N) are symmetric: both rows' weights land on each of them.
+    c = _positive_weight(g, loss.to(r.dtype))
+    d_hat += ((c + c.roll(n)) * inv_temp)[:, None] * _normalized(z, r).roll(n, dims=0)
     return _normalize_backward(z, r, d_hat)
 
 
-@nt_xent_lse_backward.register_fake
-def _(grad_lse: Tensor, z: Tensor, lse: Tensor, temperature: Tensor) -> Tensor:
+@nt_xent_backward.register_fake
+def _(grad_loss, z, loss, lse, temperature):
     return _empty_rows(z)
 
 
 def _nt_xent_setup(ctx, inputs, output):
     z, temperature = inputs
-    ctx.save_for_backward(z, output, temperature)
+    loss, lse = output
+    ctx.mark_non_differentiable(lse)
+    ctx.save_for_backward(z, loss, lse, temperature)
 
 
-def _nt_xent_backward(ctx, grad_lse):
-    z, lse, temperature = ctx.saved_tensors
-    return nt_xent_lse_backward(grad_lse, z, lse, temperature), None
+def _nt_xent_backward(ctx, grad_loss, _grad_lse):
+    z, loss, lse, temperature = ctx.saved_tensors
+    return nt_xent_backward(_grad_or_zeros(grad_loss, loss), z, loss, lse, temperature), None
 
 
-nt_xent_lse.register_autograd(_nt_xent_backward, setup_context=_nt_xent_setup)
+nt_xent.register_autograd(_nt_xent_backward, setup_context=_nt_xent_setup)
 
 
 # ------------------------------------------------------------------------- InfoNCE -------
 
 
-@torch.library.custom_op("fastcl::info_nce_lse", mutates_args=())
-def info_nce_lse(q: Tensor, k: Tensor, extra: Optional[Tensor], temperature: Tensor) -> Tensor:
+@torch.library.custom_op("fastcl::info_nce", mutates_args=())
+def info_nce(
+    q: Tensor, k: Tensor, negatives: Optional[Tensor], temperature: Tensor
+) -> Tuple[Tensor, Tensor]:
     impl = implementation(q)
-    if extra is not None:
-        extra = extra.to(_lse_dtype(q)).contiguous()
-    lse = impl.lse_forward(
-        q, k, _inv_norm(q), _inv_norm(k), extra, _inv_temp(temperature), False, dot_precision()
-    )
-    return lse.to(_lse_dtype(q))
+    inv_temp = _inv_temp(temperature)
+    rq, rk = _inv_norm(q), _inv_norm(k)
+    if negatives is None:
+        loss, lse = impl.lse_forward(q, k, rq, rk, None, inv_temp, False, 0, dot_precision())
+    else:
+        loss, lse = impl.lse_forward(
+            q, negatives, rq, _inv_norm(negatives), (k, rk), inv_temp, False, None,
+            dot_precision(),
+        )
+    return loss.to(rq.dtype), lse.to(rq.dtype)
 
 
-@info_nce_lse.register_fake
-def _(q: Tensor, k: Tensor, extra: Optional[Tensor], temperature: Tensor) -> Tensor:
-    return q.new_empty(q.shape[0], dtype=_lse_dtype(q))
+@info_nce.register_fake
+def _(q, k, negatives, temperature):
+    return _rows_like(q), _rows_like(q)
 
 
-@torch.library.custom_op("fastcl::info_nce_lse_backward", mutates_args=())
-def info_nce_lse_backward(
-    grad_lse: Tensor,
+@torch.library.custom_op("fastcl::info_nce_backward", mutates_args=())
+def info_nce_backward(
+    grad_loss: Tensor,
     q: Tensor,
     k: Tensor,
+    negatives: Optional[Tensor],
+    loss: Tensor,
     lse: Tensor,
     temperature: Tensor,
     need_q: bool,
     need_k: bool,
-) -> Tuple[Tensor, Tensor]:
+    need_neg: bool,
+) -> Tuple[Tensor, Tensor, Tensor]:
     impl = implementation(q)
-    rq, rk = _inv_norm(q), _inv_norm(k)
-    g = grad_lse.to(lse.dtype).contiguous()
-    lse = lse.contiguous()
     inv_temp = _inv_temp(temperature)
     precision = dot_precision()
-    dq = q.new_empty(0)
-    dk = k.new_empty(0)
+    rq, rk = _inv_norm(q), _inv_norm(k)
+    g = grad_loss.to(rq.dtype).contiguous()
+    lse = lse.to(rq.dtype).contiguous()
+    c = (_positive_weight(g, loss.to(rq.dtype)) * inv_temp)[:, None]
+    # Distinct empty tensors: a custom op's outputs may not alias each other.
+    dq, dk, dneg = q.new_empty(0), q.new_empty(0), q.new_empty(0)
+    if negatives is None:
+        # Columns are the keys; the positive of row i is column i.
+        if need_q:
+            dq_hat = impl.grad_accumulate(q, k, rq, rk, lse, g, None, None, inv_temp, False, 0,
+                                          precision)
+            dq = _normalize_backward(q, rq, dq_hat.add_(c * _normalized(k, rk)))
+        if need_k:
+            dk_hat = impl.grad_accumulate(k, q, rk, rq, None, None, lse, g, inv_temp, False, 0,
+                                          precision)
+            dk = _normalize_backward(k, rk, dk_hat.add_(c * _normalized(q, rq)))
+        return dq, dk, dneg
+    rn = _inv_norm(negatives)
     if need_q:
-        dq_hat = impl.grad_accumulate(q, k, rq, rk, lse, g, None, None, inv_temp, False, precision)
-        dq = _normalize_backward(q, rq, dq_hat)
+        dq_hat = impl.grad_accumulate(q, negatives, rq, rn, lse, g, None, None, inv_temp, False,
+                                      None, precision)
+        dq = _normalize_backward(q, rq, dq_hat.add_(c * _normalized(k, rk)))
     if need_k:
-        dk_hat = impl.grad_accumulate(k, q, rk, rq, None, None, lse, g, inv_temp, False, precision)
-        dk = _normalize_backward(k, rk, dk_hat)
-    return dq, dk
+        dk = _normalize_backward(k, rk, c * _normalized(q, rq))
+    if need_neg:
+        dn_hat = impl.grad_accumulate(negatives, q, rn, rq, None, None, lse, g, inv_temp, False,
+                                      None, precision)
+        dneg = _normalize_backward(negatives, rn, dn_hat)
+    return dq, dk, dneg
 
 
-@info_nce_lse_backward.register_fake
-def _(grad_lse, q, k, lse, temperature, need_q, need_k):
+@info_nce_backward.register_fake
+def _(grad_loss, q, k, negatives, loss, lse, temperature, need_q, need_k, need_neg):
     return (
         _empty_rows(q) if need_q else q.new_empty(0),
-        _empty_rows(k) if need_k else k.new_empty(0),
+        _empty_rows(k) if need_k else q.new_empty(0),
+        _empty_rows(negatives) if (need_neg and negatives is not None) else q.new_empty(0),
     )
 
 
 def _info_nce_setup(ctx, inputs, output):
-    q, k, extra, temperature = inputs
-    ctx.save_for_backward(q, k, extra, output, temperature)
+    q, k, negatives, temperature = inputs
+    loss, lse = output
+    ctx.mark_non_differentiable(lse)
+    ctx.has_negatives = negatives is not None
+    ctx.save_for_backward(q, k, negatives, loss, lse, temperature)
 
 
-def _info_nce_backward(ctx, grad_lse):
-    q, k, extra, lse, temperature = ctx.saved_tensors
-    need_q, need_k, need_extra = ctx.needs_input_grad[:3]
-    dq, dk = info_nce_lse_backward(grad_lse, q, k, lse, temperature, need_q, need_k)
-    d_extra = None
-    if extra is not None and need_extra:
-        # d lse_i / d extra_i = softmax weight of the extra logit.
-        d_extra = (grad_lse * torch.exp(extra.to(lse.dtype) - lse)).to(extra.dtype)
-    return (dq if need_q else None), (dk if need_k else None), d_extra, None
+def _info_nce_backward(ctx, grad_loss, _grad_lse):
+    q, k, negatives, loss, lse, temperature = ctx.saved_tensors
+    need_q, need_k, need_neg = ctx.needs_input_grad[:3]
+    need_neg = bool(need_neg and ctx.has_negatives)
+    dq, dk, dneg = info_nce_backward(
+        _grad_or_zeros(grad_loss, loss), q, k, negatives, loss, lse, temperature,
+        need_q, need_k, need_neg,
+    )
+    return (dq if need_q else None), (dk if need_k else None), (dneg if need_neg else None), None
 
 
-info_nce_lse.register_autograd(_info_nce_backward, setup_context=_info_nce_setup)
+info_nce.register_autograd(_info_nce_backward, setup_context=_info_nce_setup)
