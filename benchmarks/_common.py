@@ -1,0 +1,233 @@
+"""Shared pieces of fastcl's benchmarks: providers, rotating inputs, timed steps, memory probes.
+
+Imported by ``bench_nt_xent.py`` (pytest-benchmark cases and ``--ratios``), ``conftest.py`` and
+``memory_probe.py``; ``benchmarks/`` is on ``sys.path`` in all three (pytest's rootdir-relative
+import for the first two, the script's own directory for the others).
+
+Cases
+    ``nt_xent``: ``z1, z2`` (N, D), both requiring grad, temperature 0.1.
+    ``info_nce``: MoCo-style, ``query, key`` (N, D) requiring grad and a detached (M, D) queue
+    as unpaired negatives, temperature 0.07.
+
+Providers
+    ``fastcl``: ``fastcl.nt_xent`` / ``fastcl.info_nce`` with the default backend (``auto``:
+    the chunked PyTorch path on CPU). On CUDA the Triton backend is forced, so a missing or
+    broken Triton fails the case instead of silently timing the chunked fallback.
+    ``reference``: ``fastcl.reference`` in eager mode (stores the full similarity matrix).
+    ``compile``: ``torch.compile(fastcl.reference.<loss>)`` with default options (one compiled
+    object per loss, shared by every size, as in a training script: it recompiles once with
+    dynamic shapes when a second size shows up).
+
+Modes
+    ``full``: forward, then ``torch.autograd.grad`` of the loss w.r.t. every input that
+    requires grad (no ``.grad`` accumulation). ``forward``: the forward alone, with grad-enabled
+    inputs (what a training step pays; the graph is dropped right after).
+
+Each step takes the next of ``N_BUFFERS`` input sets, so consecutive calls never reuse the
+same (cache-warm) tensors. On CUDA each step ends with ``torch.cuda.synchronize()``.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import os
+import platform
+import subprocess
+import sys
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+import fastcl
+from fastcl import reference
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+D = 128
+SIZES = (256, 1024, 4096)
+LARGE_SIZES = (16384,)  # fastcl only: eager would hold several (2N)^2 float32 matrices > 4 GiB
+MOCO_N, MOCO_M = 256, 16384
+NT_XENT_TAU = 0.1
+MOCO_TAU = 0.07
+N_BUFFERS = 3
+PROVIDERS = ("fastcl", "reference", "compile")
+MODES = ("full", "forward")
+CASES = ("nt_xent", "info_nce")
+
+
+def devices() -> List[str]:
+    return ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+# ------------------------------------------------------------------------ providers -------
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled(case: str) -> Callable:
+    return torch.compile(reference.nt_xent if case == "nt_xent" else reference.info_nce)
+
+
+def loss_fn(case: str, provider: str, device: str) -> Callable:
+    """A callable taking the case's inputs (see ``make_inputs``) and returning the loss."""
+    if provider == "fastcl":
+        return fastcl.nt_xent if case == "nt_xent" else fastcl.info_nce
+    if provider == "reference":
+        return reference.nt_xent if case == "nt_xent" else reference.info_nce
+    if provider == "compile":
+        return _compiled(case)
+    raise ValueError(f"unknown provider {provider!r}")
+
+
+def backend_context(provider: str, device: str):
+    """Held around a whole step (forward and backward): forces Triton for fastcl on CUDA."""
+    if provider == "fastcl" and device == "cuda":
+        return fastcl.use_backend("triton")
+    return contextlib.nullcontext()
+
+
+def backend_name(case: str, provider: str, device: str) -> str:
+    """Which implementation actually runs (recorded in extra_info)."""
+    if provider != "fastcl":
+        return provider
+    if device == "cuda":
+        return "triton"
+    from fastcl.ops._backend import implementation
+
+    module = implementation(torch.empty(1, device=device))
+    return module.__name__.rsplit(".", 1)[-1]
+
+
+# -------------------------------------------------------------------------- inputs --------
+
+
+def make_inputs(
+    case: str, n: int, d: int = D, m: int = MOCO_M, device: str = "cpu", seed: int = 0
+) -> Tuple[Tuple[torch.Tensor, ...], Tuple[torch.Tensor, ...]]:
+    """One input set: (arguments for the loss, the tensors gradients are taken for)."""
+    g = torch.Generator().manual_seed(seed)
+
+    def leaf(*shape):
+        return torch.randn(*shape, generator=g).to(device).requires_grad_(True)
+
+    if case == "nt_xent":
+        z1, z2 = leaf(n, d), leaf(n, d)
+        return (z1, z2, NT_XENT_TAU), (z1, z2)
+    if case == "info_nce":
+        q, k = leaf(n, d), leaf(n, d)
+        queue = torch.nn.functional.normalize(torch.randn(m, d, generator=g), dim=1).to(device)
+        return (q, k, queue, MOCO_TAU), (q, k)
+    raise ValueError(f"unknown case {case!r}")
+
+
+def step_once(fn: Callable, args, wrt, mode: str, ctx=contextlib.nullcontext):
+    with ctx():
+        loss = fn(*args)
+        if mode == "full":
+            return torch.autograd.grad(loss, wrt)
+        if mode == "forward":
+            return loss
+    raise ValueError(f"unknown mode {mode!r}")
+
+
+class Step:
+    """One timed step: calls the loss (and its backward) on the next of ``N_BUFFERS`` inputs."""
+
+    def __init__(self, case: str, provider: str, n: int, mode: str, device: str = "cpu",
+                 d: int = D, m: int = MOCO_M, n_buffers: int = N_BUFFERS):
+        self.case, self.provider, self.n, self.mode, self.device = case, provider, n, mode, device
+        self.fn = loss_fn(case, provider, device)
+        self.ctx = functools.partial(backend_context, provider, device)
+        self.buffers = [make_inputs(case, n, d, m, device, seed=s) for s in range(n_buffers)]
+        self.i = 0
+        self.sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+
+    def __call__(self):
+        args, wrt = self.buffers[self.i]
+        self.i = (self.i + 1) % len(self.buffers)
+        out = step_once(self.fn, args, wrt, self.mode, self.ctx)
+        self.sync()
+        return out
+
+
+# ---------------------------------------------------------------------------- memory ------
+
+
+def cuda_peak_mib(fn: Callable[[], object]) -> float:
+    """max_memory_allocated growth over one call of ``fn`` (inputs already allocated)."""
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    out = fn()
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated()
+    del out
+    return (peak - base) / 2**20
+
+
+# The probe's malloc settings: every block above 128 KiB is its own mmap (no dynamic threshold)
+# and freed heap tops are trimmed, so memory freed before a step goes back to the OS instead
+# of being reused silently by the step (which would hide part of its peak).
+PROBE_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "131072"}
+
+
+def probe_memory(case: str, provider: str, n: int, d: int = D, m: int = MOCO_M,
+                 device: str = "cpu", timeout: float = 600.0) -> Dict[str, object]:
+    """Run ``memory_probe.py`` in a fresh interpreter; returns its JSON (peaks in MiB)."""
+    cmd = [sys.executable, os.path.join(HERE, "memory_probe.py"), "--case", case,
+           "--provider", provider, "--n", str(n), "--d", str(d), "--m", str(m),
+           "--device", device]
+    env = dict(os.environ, **PROBE_ENV)
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout:.0f} s"}
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
+        return {"error": f"probe exited {proc.returncode}: {tail[0]}"}
+    return json.loads(lines[-1])
+
+
+# ---------------------------------------------------------------------------- machine -----
+
+
+def machine_info() -> Dict[str, object]:
+    cpu = platform.processor() or platform.machine()
+    try:  # platform.processor() is often empty or just the architecture on Linux
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = f"{cpu} / {line.split(':', 1)[1].strip()}"
+                    break
+    except OSError:
+        pass
+    info = {
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "cpu": cpu,
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "fastcl_backend": fastcl.get_backend(),
+    }
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
+
+
+def fmt_time(seconds: Optional[float]) -> str:
+    if seconds is None:
+        return "-"
+    if seconds >= 1.0:
+        return f"{seconds:,.2f} s"
+    return f"{seconds * 1e3:,.1f} ms"
+
+
+def fmt_mib(mib) -> str:
+    return "-" if mib is None else f"{mib:,.0f} MiB"
+
+
+def median(xs: Sequence[float]) -> float:
+    s = sorted(xs)
+    k = len(s) // 2
+    return s[k] if len(s) % 2 else 0.5 * (s[k - 1] + s[k])

@@ -1,0 +1,232 @@
+"""NT-Xent and MoCo-style InfoNCE: fastcl against the eager reference and torch.compile.
+
+pytest-benchmark (``cd <repo> && python -m pytest benchmarks --benchmark-only``)
+    ``test_nt_xent``: fp32, D=128, N in {256, 1024, 4096} rows per view (plus 16384 for fastcl
+    alone with ``--fastcl-size=large``), modes ``full`` (forward + backward) and ``forward``,
+    providers ``fastcl`` (default backend: chunked on CPU, Triton forced on CUDA),
+    ``reference`` (``fastcl.reference``, eager) and ``compile``
+    (``torch.compile(fastcl.reference.nt_xent)``); on CUDA the same grid runs again there.
+    ``test_info_nce_moco``: query/key (256, 128) requiring grad against a detached
+    (16384, 128) queue, same providers and modes.
+    Cases are grouped per (case, mode, device, N), so each pytest-benchmark table compares the
+    providers on the same work. ``extra_info`` holds ``peak_mem_mib`` (for the case's mode),
+    both peaks, the backend that ran, and the probe's method; see ``memory_probe.py``
+    (CPU: RSS growth over one step in a fresh subprocess; CUDA: max_memory_allocated growth).
+    Rounds are few at large N (``benchmark.pedantic``, one warm-up round that also absorbs
+    torch.compile's compilation); inputs rotate among 3 buffers (``_common.Step``).
+
+Ratios (``python benchmarks/bench_nt_xent.py --ratios``)
+    One process; for each case and size, the providers run interleaved, round-robin, with the
+    starting provider rotated every round, after two warm-up calls each; the table gives each
+    provider's median over the rounds (7, or 5 at N >= 4096), the ratios reference/fastcl and
+    compile/fastcl (> 1: fastcl faster), and the peak memory from the subprocess probe. This
+    is the figure to quote: on a shared, noisy machine only ratios from interleaved runs in
+    one process mean much, and absolute times only with the machine and date.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import _common  # noqa: E402
+
+# --------------------------------------------------------------------- pytest cases -------
+
+ROUNDS = {256: 20, 1024: 8, 4096: 3, 16384: 2}
+
+
+def _rounds(n: int) -> int:
+    return ROUNDS.get(n, 3 if n < 16384 else 2)
+
+
+def _nt_xent_params(config):
+    params = []
+    sizes = list(_common.SIZES)
+    large = config.getoption("--fastcl-size", "default") == "large"
+    for device in _common.devices():
+        for mode in _common.MODES:
+            for n in sizes + (list(_common.LARGE_SIZES) if large else []):
+                providers = _common.PROVIDERS if n in sizes else ("fastcl",)
+                for provider in providers:
+                    params.append((device, mode, n, provider))
+    return params
+
+
+def pytest_generate_tests(metafunc):
+    if metafunc.function.__name__ == "test_nt_xent":
+        params = _nt_xent_params(metafunc.config)
+        metafunc.parametrize(
+            "device,mode,n,provider", params,
+            ids=[f"{dev}-{mode}-N{n}-{prov}" for dev, mode, n, prov in params],
+        )
+    elif metafunc.function.__name__ == "test_info_nce_moco":
+        params = [(dev, mode, prov) for dev in _common.devices() for mode in _common.MODES
+                  for prov in _common.PROVIDERS]
+        metafunc.parametrize(
+            "device,mode,provider", params,
+            ids=[f"{dev}-{mode}-{prov}" for dev, mode, prov in params],
+        )
+
+
+def _run(benchmark, memory_probe, case, provider, n, mode, device, group, extra):
+    step = _common.Step(case, provider, n, mode, device)
+    benchmark.group = group
+    benchmark.extra_info.update(
+        case=case, provider=provider, n=n, d=_common.D, mode=mode, device=device,
+        backend=_common.backend_name(case, provider, device), n_buffers=_common.N_BUFFERS,
+        **extra,
+    )
+    if not benchmark.disabled:
+        mem = memory_probe(case, provider, n, device, step=step, mode=mode)
+        if mem is not None:
+            benchmark.extra_info["peak_mem_mib"] = mem.get(f"{mode}_mib")
+            benchmark.extra_info["memory"] = mem
+    benchmark.pedantic(step, rounds=_rounds(n), iterations=1, warmup_rounds=1)
+
+
+def test_nt_xent(benchmark, memory_probe, device, mode, n, provider):
+    _run(benchmark, memory_probe, "nt_xent", provider, n, mode, device,
+         group=f"nt_xent {mode} {device} N={n} D={_common.D}",
+         extra={"temperature": _common.NT_XENT_TAU})
+
+
+def test_info_nce_moco(benchmark, memory_probe, device, mode, provider):
+    n, m = _common.MOCO_N, _common.MOCO_M
+    _run(benchmark, memory_probe, "info_nce", provider, n, mode, device,
+         group=f"info_nce moco {mode} {device} N={n} M={m} D={_common.D}",
+         extra={"m": m, "temperature": _common.MOCO_TAU, "queue_requires_grad": False})
+
+
+# ---------------------------------------------------------------------- --ratios ----------
+
+
+def _interleaved(steps, rounds):
+    """Median seconds per provider, the providers run round-robin, start rotated per round."""
+    import time
+
+    names = list(steps)
+    times = {name: [] for name in names}
+    for name in names:  # warm-up: compilation, first-call costs
+        steps[name]()
+        steps[name]()
+    for r in range(rounds):
+        for j in range(len(names)):
+            name = names[(r + j) % len(names)]
+            t0 = time.perf_counter()
+            steps[name]()
+            times[name].append(time.perf_counter() - t0)
+    return {name: _common.median(ts) for name, ts in times.items()}, times
+
+
+def _loadavg() -> str:
+    try:
+        return " ".join(f"{x:.2f}" for x in os.getloadavg()) + f" (on {os.cpu_count()} CPUs)"
+    except OSError:
+        return "n/a"
+
+
+def ratios(argv=None) -> int:
+    import argparse
+    import datetime
+
+    p = argparse.ArgumentParser(description="interleaved medians and ratios (see module doc)")
+    p.add_argument("--ratios", action="store_true", required=True)
+    p.add_argument("--sizes", default=",".join(map(str, _common.SIZES)))
+    p.add_argument("--modes", default="full,forward")
+    p.add_argument("--rounds", type=int, default=None, help="default: 7, or 5 at N >= 4096")
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch.set_num_threads for the timed process (default: torch's)")
+    p.add_argument("--no-memory", action="store_true")
+    p.add_argument("--no-moco", action="store_true", help="skip the info_nce MoCo case")
+    a = p.parse_args(argv)
+    if a.threads:
+        import torch
+
+        torch.set_num_threads(a.threads)
+    sizes = [int(s) for s in a.sizes.split(",") if s]
+    modes = [m for m in a.modes.split(",") if m]
+    device = a.device
+    providers = _common.PROVIDERS
+
+    work = [("nt_xent", n) for n in sizes]
+    if not a.no_moco:
+        work.append(("info_nce", _common.MOCO_N))
+
+    info = _common.machine_info()
+    started = datetime.datetime.now().astimezone()
+    print(f"# fastcl ratios, {started:%Y-%m-%d %H:%M %Z}, device {device}")
+    print("# " + ", ".join(f"{k}={v}" for k, v in info.items()))
+    print(f"# load average at start: {_loadavg()}")
+    print("# command: python benchmarks/bench_nt_xent.py " + " ".join(sys.argv[1:] if argv is None else argv))
+    sys.stdout.flush()
+
+    mem = {}
+    if not a.no_memory:
+        for case, n in work:
+            for prov in providers:
+                if device == "cpu":
+                    mem[(case, n, prov)] = _common.probe_memory(case, prov, n, device=device)
+                # CUDA: measured in-process below, after the warm-up
+
+    rows = []
+    for case, n in work:
+        for mode in modes:
+            steps = {prov: _common.Step(case, prov, n, mode, device) for prov in providers}
+            rounds = a.rounds or (5 if n >= 4096 else 7)
+            med, _ = _interleaved(steps, rounds)
+            if device == "cuda" and not a.no_memory:
+                for prov, st in steps.items():
+                    mem.setdefault((case, n, prov), {})[f"{mode}_mib"] = _common.cuda_peak_mib(st)
+            label = "nt_xent" if case == "nt_xent" else f"info_nce M={_common.MOCO_M}"
+            rows.append((label, n, mode, rounds, med,
+                         {prov: (mem.get((case, n, prov)) or {}).get(f"{mode}_mib")
+                          for prov in providers}))
+            print(f"  done {label} N={n} {mode}", file=sys.stderr, flush=True)
+            del steps
+
+    header = ("case", "N", "mode", "rounds", "fastcl", "reference", "compile",
+              "ref/fastcl", "compile/fastcl", "mem fastcl", "mem ref", "mem compile")
+    table = [header]
+    slower = []
+    for label, n, mode, rounds, med, mm in rows:
+        r_ref = med["reference"] / med["fastcl"]
+        r_cmp = med["compile"] / med["fastcl"]
+        table.append((label, str(n), mode, str(rounds),
+                      *(_common.fmt_time(med[p]) for p in providers),
+                      f"{r_ref:.2f}x", f"{r_cmp:.2f}x",
+                      *(_common.fmt_mib(mm[p]) for p in providers)))
+        for other, r in (("reference", r_ref), ("compile", r_cmp)):
+            if r < 1.0:
+                slower.append(f"{label} N={n} {mode}: fastcl {_common.fmt_time(med['fastcl'])} "
+                              f"vs {other} {_common.fmt_time(med[other])} ({r:.2f}x)")
+    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
+    for k, row in enumerate(table):
+        print("  ".join(c.rjust(w) if i >= 1 else c.ljust(w)
+                        for i, (c, w) in enumerate(zip(row, widths))))
+        if k == 0:
+            print("  ".join("-" * w for w in widths))
+    print("# times: median seconds per step; ratios > 1 mean fastcl is faster; "
+          "mem: peak RSS growth over one step (memory_probe.py)")
+    if not a.no_memory and device == "cpu":
+        methods = {v.get("method") or v.get("error") for v in mem.values()}
+        print("# memory method: " + "; ".join(sorted(map(str, methods))))
+    if slower:
+        print("# fastcl slower than:")
+        for line in slower:
+            print("#   " + line)
+    print(f"# load average at end: {_loadavg()}")
+    elapsed = datetime.datetime.now().astimezone() - started
+    print(f"# total {elapsed.total_seconds():.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    if "--ratios" in sys.argv[1:]:
+        sys.exit(ratios())
+    print("usage: python benchmarks/bench_nt_xent.py --ratios [--sizes 256,1024,4096] "
+          "[--modes full,forward] [--rounds R] [--threads T] [--no-memory] [--no-moco]\n"
+          "pytest cases: python -m pytest benchmarks --benchmark-only", file=sys.stderr)
+    sys.exit(2)
