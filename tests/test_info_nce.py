@@ -113,12 +113,12 @@ def test_float64_chunked_matches_info_nce_pytorch(data, seed, mode, temperature,
     n = data.draw(st.integers(1, 100), label="n")
     d = data.draw(st.integers(1, 100), label="d")
     m = data.draw(st.integers(1, 30 if mode == "paired" else 150), label="m")
-    elems = data.draw(st.sampled_from([chunked._CHUNK_ELEMS, 1, 100]), label="chunk_elems")
+    tile = data.draw(st.sampled_from([chunked._TILE, 3, 50]), label="tile")
     gen = torch.Generator().manual_seed(seed)
     tensors = [t.requires_grad_() for t in
                _make_inputs(gen, mode, n, m, d, torch.float64, "cpu")]
     fast, oracle, eager = _fns(mode, temperature, reduction)
-    with fastcl.use_backend("chunked"), mock.patch.object(chunked, "_CHUNK_ELEMS", elems):
+    with fastcl.use_backend("chunked"), mock.patch.object(chunked, "_TILE", tile):
         out = fast(*tensors)
         cot = torch.randn(out.shape, generator=gen, dtype=torch.float64)
         g = torch.autograd.grad(out, tensors, cot)

@@ -63,11 +63,11 @@ def _dims(backend, data, label="d"):
 
 
 def _chunking(backend, data):
-    """On the chunked backend, also draw the block size so row chunks get split."""
+    """On the chunked backend, also draw the tile size so inputs span many tiles."""
     if backend.name != "chunked":
         return contextlib.nullcontext()
-    elems = data.draw(st.sampled_from([chunked._CHUNK_ELEMS, 1, 64, 333]), label="chunk_elems")
-    return mock.patch.object(chunked, "_CHUNK_ELEMS", elems)
+    tile = data.draw(st.sampled_from([chunked._TILE, 7, 32]), label="tile")
+    return mock.patch.object(chunked, "_TILE", tile)
 
 
 def _randn(gen, shape, dtype, device, spread=True):
@@ -146,11 +146,11 @@ def test_float64_chunked_matches_reference_tightly(data, seed, temperature, redu
     max(1, |value|)), values and gradients, and returns float64."""
     n = data.draw(st.integers(1, 130), label="n")
     d = data.draw(st.integers(1, 130), label="d")
-    elems = data.draw(st.sampled_from([chunked._CHUNK_ELEMS, 1, 100]), label="chunk_elems")
+    tile = data.draw(st.sampled_from([chunked._TILE, 3, 50]), label="tile")
     gen = torch.Generator().manual_seed(seed)
     z1 = _randn(gen, (n, d), torch.float64, "cpu").requires_grad_()
     z2 = _randn(gen, (n, d), torch.float64, "cpu").requires_grad_()
-    with fastcl.use_backend("chunked"), mock.patch.object(chunked, "_CHUNK_ELEMS", elems):
+    with fastcl.use_backend("chunked"), mock.patch.object(chunked, "_TILE", tile):
         out = fastcl.nt_xent(z1, z2, temperature, reduction)
         cot = torch.randn(out.shape, generator=gen, dtype=torch.float64)
         g = torch.autograd.grad(out, [z1, z2], cot)

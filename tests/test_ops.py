@@ -548,8 +548,7 @@ def test_many_small_chunks_match_default(chunked_backend, monkeypatch):
     ]
     default = [_run(fn, xs, reduction="none" if fn is fastcl.nt_xent else "mean", **kw)
                for fn, xs, kw in cases]
-    monkeypatch.setattr(chunked, "_CHUNK_ELEMS", 64)
-    assert chunked._rows_per_chunk(2 * n) == 1
+    monkeypatch.setattr(chunked, "_TILE", 5)  # 15 x 15 tiles for NT-Xent's 74 rows
     small = [_run(fn, xs, reduction="none" if fn is fastcl.nt_xent else "mean", **kw)
              for fn, xs, kw in cases]
     for (la, ga), (lb, gb) in zip(default, small):

@@ -1,9 +1,14 @@
-"""Row-chunked PyTorch implementation of the similarity + log-softmax kernels.
+"""Tiled PyTorch implementation of the similarity + log-softmax kernels.
 
 This is fastcl's CPU path until the C++ kernels land, and the fallback where Triton is missing.
-It is *not* the reference: it never forms the full similarity matrix, only a bounded block of
-``chunk_rows x n_cols`` at a time (``_CHUNK_ELEMS`` elements), so memory stays O(N*D) plus a
-constant. Each block costs the same matrix products as the Triton kernels.
+It is *not* the reference: it never forms the full similarity matrix, only one tile of at most
+``_TILE x _TILE`` similarities at a time (1 MiB in float32, so the elementwise passes over a
+tile stay in a core's L2 cache), merging per-row maxima and sums online as FlashAttention does.
+Memory stays O(N*D) plus a constant.
+
+NT-Xent uses the symmetry of its similarity matrix: only tiles on and above the diagonal are
+computed, and each gives both its rows' and its columns' contributions. Forward + backward then
+cost 2 matrix products instead of 3, and half the exponentials.
 
 Computation is in float32 (float64 for float64 inputs). See ``fastcl.kernels`` for the contract.
 """
@@ -13,31 +18,105 @@ from typing import Optional, Tuple
 
 import torch
 
-# Upper bound on the elements of one similarity block (8 MiB in float32).
-_CHUNK_ELEMS = 1 << 21
+_TILE = 512
+_NEG_INF = float("-inf")
 
 
 def _acc_dtype(t: torch.Tensor) -> torch.dtype:
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
-def _rows_per_chunk(n_cols: int) -> int:
-    return max(1, _CHUNK_ELEMS // max(n_cols, 1))
+def _scaled(x: torch.Tensor, r: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+    acc = _acc_dtype(x)
+    r = r.to(acc)
+    return x.to(acc) * (r * scale if scale != 1.0 else r)[:, None]
 
 
-def _pos_columns(start: int, stop: int, pos_offset: int, n_cols: int, device) -> torch.Tensor:
-    return (torch.arange(start, stop, device=device) + pos_offset) % n_cols
+class _OnlineLSE:
+    """Running row maxima m and sums l of exp(s - m), merged tile by tile."""
+
+    def __init__(self, n: int, dtype, device):
+        self.m = torch.full((n,), _NEG_INF, dtype=dtype, device=device)
+        self.l = torch.zeros(n, dtype=dtype, device=device)
+
+    def add(self, sl: slice, s: torch.Tensor, dim: int) -> None:
+        """Merge tile s (logits, -inf where excluded; consumed) into rows sl, reducing ``dim``."""
+        m_old = self.m[sl]
+        m_new = torch.maximum(m_old, s.amax(dim=dim))
+        shift = torch.where(m_new == _NEG_INF, torch.zeros_like(m_new), m_new)
+        s.sub_(shift.unsqueeze(dim)).exp_()
+        self.l[sl] = self.l[sl] * torch.exp(m_old - shift) + s.sum(dim=dim)
+        self.m[sl] = m_new
+
+    def result(self, s_pos: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(loss, lse) with loss = (m - s_pos) + log l: exact when the positive is the max."""
+        log_l = torch.log(self.l)
+        return (self.m - s_pos) + log_l, self.m + log_l
 
 
-def _mask_(block, start, exclude_diag, pos_offset, value) -> None:
-    """Set the excluded entries of rows start.. of a (rows x n_cols) block to ``value``."""
-    n_rows, n_cols = block.shape
-    rows = torch.arange(n_rows, device=block.device)
-    if exclude_diag:
-        keep = rows < n_cols - start
-        block[rows[keep], start + rows[keep]] = value
-    if pos_offset is not None:
-        block[rows, _pos_columns(start, start + n_rows, pos_offset, n_cols, block.device)] = value
+def _pos_in_tile(rows: range, cols: range, pos_offset: int, n: int):
+    """(row indices, col indices) within a tile of the pairs (i, (i + pos_offset) mod n)."""
+    r = torch.arange(rows.start, rows.stop)
+    c = (r + pos_offset) % n
+    keep = (c >= cols.start) & (c < cols.stop)
+    return r[keep] - rows.start, c[keep] - cols.start
+
+
+# ------------------------------------------------------------------ NT-Xent (symmetric) ----
+
+
+def nt_xent_forward(z, r, inv_temp: float, precision: str = "ieee"):
+    n = z.shape[0]
+    zh = _scaled(z, r)
+    a = zh * inv_temp
+    state = _OnlineLSE(n, zh.dtype, z.device)
+    s_pos = torch.empty(n, dtype=zh.dtype, device=z.device)
+    for i in range(0, n, _TILE):
+        rows = range(i, min(i + _TILE, n))
+        for j in range(i, n, _TILE):
+            cols = range(j, min(j + _TILE, n))
+            s = a[i:rows.stop] @ zh[j:cols.stop].T
+            # Each row takes its positive from the very float its max and sum see: row-wise
+            # from this tile, or column-wise for the rows this tile covers as columns.
+            ri, ci = _pos_in_tile(rows, cols, n // 2, n)
+            s_pos[ri + i] = s[ri, ci]
+            if i == j:
+                s.fill_diagonal_(_NEG_INF)
+                state.add(slice(i, rows.stop), s, dim=1)
+                continue
+            ci, ri = _pos_in_tile(cols, rows, n // 2, n)
+            s_pos[ci + j] = s[ri, ci]
+            state.add(slice(i, rows.stop), s.clone(), dim=1)
+            state.add(slice(j, cols.stop), s, dim=0)
+    return state.result(s_pos)
+
+
+def nt_xent_grad(z, r, lse, g, inv_temp: float, precision: str = "ieee"):
+    n = z.shape[0]
+    zh = _scaled(z, r)
+    a = zh * inv_temp
+    lse, g = lse.to(zh.dtype), g.to(zh.dtype)
+    out = torch.zeros_like(zh)
+    for i in range(0, n, _TILE):
+        rows = range(i, min(i + _TILE, n))
+        lse_i, g_i = lse[i:rows.stop, None], g[i:rows.stop, None]
+        for j in range(i, n, _TILE):
+            cols = range(j, min(j + _TILE, n))
+            s = a[i:rows.stop] @ zh[j:cols.stop].T
+            # W_ij = g_i P_ij + g_j P_ji; S is symmetric, so both come from this tile.
+            w = torch.sub(s, lse_i).exp_().mul_(g_i)
+            w.add_(s.sub_(lse[None, j:cols.stop]).exp_().mul_(g[None, j:cols.stop]))
+            w[_pos_in_tile(rows, cols, n // 2, n)] = 0.0  # positive pairs: added by the caller
+            if i == j:
+                w.fill_diagonal_(0.0)
+                out[i:rows.stop].addmm_(w, zh[j:cols.stop])
+                continue
+            out[i:rows.stop].addmm_(w, zh[j:cols.stop])
+            out[j:cols.stop].addmm_(w.T, zh[i:rows.stop])
+    return out.mul_(inv_temp)
+
+
+# ---------------------------------------------------------------------------- general ----
 
 
 def lse_forward(
@@ -47,43 +126,31 @@ def lse_forward(
     rk: torch.Tensor,
     positive: Optional[Tuple[torch.Tensor, torch.Tensor]],
     inv_temp: float,
-    exclude_diag: bool,
     pos_offset: Optional[int],
     precision: str = "ieee",
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    acc = _acc_dtype(q)
-    qn = q.to(acc) * (rq.to(acc) * inv_temp)[:, None]
-    kn_t = (k.to(acc) * rk.to(acc)[:, None]).T
+    qn = _scaled(q, rq, inv_temp)
+    kn = _scaled(k, rk)
     n_q, n_k = q.shape[0], k.shape[0]
-    loss = torch.empty(n_q, dtype=acc, device=q.device)
-    lse = torch.empty(n_q, dtype=acc, device=q.device)
-    extra = None
+    state = _OnlineLSE(n_q, qn.dtype, q.device)
     if positive is not None:
         # Row i's positive is positive[0][i], scaled exactly as the columns are.
         k_pos, r_pos = positive
-        extra = (qn * (k_pos.to(acc) * r_pos.to(acc)[:, None])).sum(dim=1)
-    step = _rows_per_chunk(n_k)
-    for start in range(0, n_q, step):
-        stop = min(start + step, n_q)
-        s = qn[start:stop] @ kn_t
-        if exclude_diag:
-            _mask_(s, start, True, None, float("-inf"))
-        if pos_offset is not None:
-            cols = _pos_columns(start, stop, pos_offset, n_k, s.device)
-            s_pos = s.gather(1, cols[:, None]).squeeze(1)
-        else:
-            s_pos = extra[start:stop]
-        m = s.amax(dim=1)
-        if extra is not None:
-            m = torch.maximum(m, extra[start:stop])
-        m_safe = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-        l = s.sub_(m_safe[:, None]).exp_().sum(dim=1)
-        if extra is not None:
-            l += torch.exp(extra[start:stop] - m_safe)
-        log_l = torch.log(l)
-        loss[start:stop] = (m_safe - s_pos) + log_l
-        lse[start:stop] = m_safe + log_l
-    return loss, lse
+        s_pos = (qn * _scaled(k_pos, r_pos)).sum(dim=1)
+        state.m.copy_(s_pos)
+        state.l.fill_(1.0)
+    else:
+        s_pos = torch.empty(n_q, dtype=qn.dtype, device=q.device)
+    for i in range(0, n_q, _TILE):
+        rows = range(i, min(i + _TILE, n_q))
+        for j in range(0, n_k, _TILE):
+            cols = range(j, min(j + _TILE, n_k))
+            s = qn[i:rows.stop] @ kn[j:cols.stop].T
+            if pos_offset is not None:
+                ri, ci = _pos_in_tile(rows, cols, pos_offset, n_k)
+                s_pos[ri + i] = s[ri, ci]
+            state.add(slice(i, rows.stop), s, dim=1)
+    return state.result(s_pos)
 
 
 def grad_accumulate(
@@ -96,30 +163,26 @@ def grad_accumulate(
     lse_b: Optional[torch.Tensor],
     g_b: Optional[torch.Tensor],
     inv_temp: float,
-    exclude_diag: bool,
     pos_offset: Optional[int],
     precision: str = "ieee",
 ) -> torch.Tensor:
-    acc = _acc_dtype(a)
-    an = a.to(acc) * (ra.to(acc) * inv_temp)[:, None]
-    bn = b.to(acc) * rb.to(acc)[:, None]
-    bn_t = bn.T
+    an = _scaled(a, ra, inv_temp)
+    bn = _scaled(b, rb)
+    acc = an.dtype
     n_a, n_b = a.shape[0], b.shape[0]
-    out = torch.empty(n_a, a.shape[1], dtype=acc, device=a.device)
-    if lse_b is not None:
-        lse_b_row = lse_b.to(acc)[None, :]
-        g_b_row = g_b.to(acc)[None, :]
-    step = _rows_per_chunk(n_b)
-    for start in range(0, n_a, step):
-        stop = min(start + step, n_a)
-        s = an[start:stop] @ bn_t
-        w = None
-        if lse_a is not None:
-            w = torch.sub(s, lse_a[start:stop].to(acc)[:, None]).exp_()
-            w.mul_(g_a[start:stop].to(acc)[:, None])
-        if lse_b is not None:
-            wb = s.sub_(lse_b_row).exp_().mul_(g_b_row)
-            w = wb if w is None else w.add_(wb)
-        _mask_(w, start, exclude_diag, pos_offset, 0.0)
-        torch.mm(w, bn, out=out[start:stop])
+    out = torch.zeros_like(an)
+    for i in range(0, n_a, _TILE):
+        rows = range(i, min(i + _TILE, n_a))
+        for j in range(0, n_b, _TILE):
+            cols = range(j, min(j + _TILE, n_b))
+            s = an[i:rows.stop] @ bn[j:cols.stop].T
+            if lse_a is not None:
+                w = s.sub_(lse_a[i:rows.stop, None].to(acc)).exp_()
+                w.mul_(g_a[i:rows.stop, None].to(acc))
+            else:
+                w = s.sub_(lse_b[None, j:cols.stop].to(acc)).exp_()
+                w.mul_(g_b[None, j:cols.stop].to(acc))
+            if pos_offset is not None:
+                w[_pos_in_tile(rows, cols, pos_offset, n_b)] = 0.0
+            out[i:rows.stop].addmm_(w, bn[j:cols.stop])
     return out.mul_(inv_temp)

@@ -266,9 +266,7 @@ def _upcast(t: torch.Tensor) -> bool:
     return t.device.type == "cpu" and t.dtype == torch.bfloat16
 
 
-def lse_forward(q, k, rq, rk, positive: Optional[Tuple[torch.Tensor, torch.Tensor]],
-                inv_temp: float, exclude_diag: bool, pos_offset: Optional[int],
-                precision: str = "ieee") -> Tuple[torch.Tensor, torch.Tensor]:
+def _lse(q, k, rq, rk, positive, inv_temp, exclude_diag, pos_offset, precision):
     n_q, d = q.shape
     n_k = k.shape[0]
     cfg = _config(d, q.device)
@@ -296,9 +294,7 @@ def lse_forward(q, k, rq, rk, positive: Optional[Tuple[torch.Tensor, torch.Tenso
     return loss, lse
 
 
-def grad_accumulate(a, b, ra, rb, lse_a, g_a, lse_b, g_b, inv_temp: float,
-                    exclude_diag: bool, pos_offset: Optional[int],
-                    precision: str = "ieee") -> torch.Tensor:
+def _grad(a, b, ra, rb, lse_a, g_a, lse_b, g_b, inv_temp, exclude_diag, pos_offset, precision):
     n_a, d = a.shape
     n_b = b.shape[0]
     cfg = _config(d, a.device)
@@ -324,3 +320,26 @@ def grad_accumulate(a, b, ra, rb, lse_a, g_a, lse_b, g_b, inv_temp: float,
         **cfg,
     )
     return out
+
+
+# ------------------------------------------------------------ the fastcl.kernels contract ----
+
+
+def nt_xent_forward(z, r, inv_temp: float, precision: str = "ieee"):
+    return _lse(z, z, r, r, None, inv_temp, True, z.shape[0] // 2, precision)
+
+
+def nt_xent_grad(z, r, lse, g, inv_temp: float, precision: str = "ieee"):
+    # The symmetric form: W_ij = g_i P_ij + g_j P_ji from one tile, dz = W z / tau, no atomics.
+    return _grad(z, z, r, r, lse, g, lse, g, inv_temp, True, z.shape[0] // 2, precision)
+
+
+def lse_forward(q, k, rq, rk, positive: Optional[Tuple[torch.Tensor, torch.Tensor]],
+                inv_temp: float, pos_offset: Optional[int],
+                precision: str = "ieee") -> Tuple[torch.Tensor, torch.Tensor]:
+    return _lse(q, k, rq, rk, positive, inv_temp, False, pos_offset, precision)
+
+
+def grad_accumulate(a, b, ra, rb, lse_a, g_a, lse_b, g_b, inv_temp: float,
+                    pos_offset: Optional[int], precision: str = "ieee") -> torch.Tensor:
+    return _grad(a, b, ra, rb, lse_a, g_a, lse_b, g_b, inv_temp, False, pos_offset, precision)

@@ -26,6 +26,7 @@ Reading it costs no device sync. Gradients are always returned row-major (contig
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional, Tuple
 
 import torch
@@ -77,6 +78,18 @@ def _empty_rows(x: Tensor) -> Tensor:
     return x.new_empty(x.shape)
 
 
+def _no_autocast(fn):
+    """Run an op's implementation with autocast off: it picks its own precisions (float32
+    accumulation), and an autocast region around the call must not turn its products bf16."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with torch.autocast("cpu", enabled=False), torch.autocast("cuda", enabled=False):
+            return fn(*args, **kwargs)
+
+    return wrapper
+
+
 def _positive_weight(grad_loss: Tensor, loss: Tensor) -> Tensor:
     """d(sum g * loss) / d s_pos = g (exp(-loss) - 1), without cancellation."""
     return grad_loss * torch.expm1(-loss)
@@ -92,11 +105,10 @@ def _grad_or_zeros(grad_loss: Optional[Tensor], like: Tensor) -> Tensor:
 
 
 @torch.library.custom_op("fastcl::nt_xent", mutates_args=())
+@_no_autocast
 def nt_xent(z: Tensor, temperature: Tensor) -> Tuple[Tensor, Tensor]:
     r = _inv_norm(z)
-    loss, lse = implementation(z).lse_forward(
-        z, z, r, r, None, _inv_temp(temperature), True, z.shape[0] // 2, dot_precision()
-    )
+    loss, lse = implementation(z).nt_xent_forward(z, r, _inv_temp(temperature), dot_precision())
     return loss.to(r.dtype), lse.to(r.dtype)
 
 
@@ -106,6 +118,7 @@ def _(z: Tensor, temperature: Tensor) -> Tuple[Tensor, Tensor]:
 
 
 @torch.library.custom_op("fastcl::nt_xent_backward", mutates_args=())
+@_no_autocast
 def nt_xent_backward(
     grad_loss: Tensor, z: Tensor, loss: Tensor, lse: Tensor, temperature: Tensor
 ) -> Tensor:
@@ -114,9 +127,7 @@ def nt_xent_backward(
     n = z.shape[0] // 2
     g = grad_loss.to(r.dtype).contiguous()
     lse = lse.to(r.dtype).contiguous()
-    d_hat = implementation(z).grad_accumulate(
-        z, z, r, r, lse, g, lse, g, inv_temp, True, n, dot_precision()
-    )
+    d_hat = implementation(z).nt_xent_grad(z, r, lse, g, inv_temp, dot_precision())
     # The positive pairs (i, i + N) are symmetric: both rows' weights land on each of them.
     c = _positive_weight(g, loss.to(r.dtype))
     d_hat += ((c + c.roll(n)) * inv_temp)[:, None] * _normalized(z, r).roll(n, dims=0)
@@ -147,6 +158,7 @@ nt_xent.register_autograd(_nt_xent_backward, setup_context=_nt_xent_setup)
 
 
 @torch.library.custom_op("fastcl::info_nce", mutates_args=())
+@_no_autocast
 def info_nce(
     q: Tensor, k: Tensor, negatives: Optional[Tensor], temperature: Tensor
 ) -> Tuple[Tensor, Tensor]:
@@ -154,10 +166,10 @@ def info_nce(
     inv_temp = _inv_temp(temperature)
     rq, rk = _inv_norm(q), _inv_norm(k)
     if negatives is None:
-        loss, lse = impl.lse_forward(q, k, rq, rk, None, inv_temp, False, 0, dot_precision())
+        loss, lse = impl.lse_forward(q, k, rq, rk, None, inv_temp, 0, dot_precision())
     else:
         loss, lse = impl.lse_forward(
-            q, negatives, rq, _inv_norm(negatives), (k, rk), inv_temp, False, None,
+            q, negatives, rq, _inv_norm(negatives), (k, rk), inv_temp, None,
             dot_precision(),
         )
     return loss.to(rq.dtype), lse.to(rq.dtype)
@@ -169,6 +181,7 @@ def _(q, k, negatives, temperature):
 
 
 @torch.library.custom_op("fastcl::info_nce_backward", mutates_args=())
+@_no_autocast
 def info_nce_backward(
     grad_loss: Tensor,
     q: Tensor,
@@ -193,24 +206,24 @@ def info_nce_backward(
     if negatives is None:
         # Columns are the keys; the positive of row i is column i.
         if need_q:
-            dq_hat = impl.grad_accumulate(q, k, rq, rk, lse, g, None, None, inv_temp, False, 0,
+            dq_hat = impl.grad_accumulate(q, k, rq, rk, lse, g, None, None, inv_temp, 0,
                                           precision)
             dq = _normalize_backward(q, rq, dq_hat.add_(c * _normalized(k, rk)))
         if need_k:
-            dk_hat = impl.grad_accumulate(k, q, rk, rq, None, None, lse, g, inv_temp, False, 0,
+            dk_hat = impl.grad_accumulate(k, q, rk, rq, None, None, lse, g, inv_temp, 0,
                                           precision)
             dk = _normalize_backward(k, rk, dk_hat.add_(c * _normalized(q, rq)))
         return dq, dk, dneg
     rn = _inv_norm(negatives)
     if need_q:
-        dq_hat = impl.grad_accumulate(q, negatives, rq, rn, lse, g, None, None, inv_temp, False,
-                                      None, precision)
+        dq_hat = impl.grad_accumulate(q, negatives, rq, rn, lse, g, None, None, inv_temp, None,
+                                      precision)
         dq = _normalize_backward(q, rq, dq_hat.add_(c * _normalized(k, rk)))
     if need_k:
         dk = _normalize_backward(k, rk, c * _normalized(q, rq))
     if need_neg:
-        dn_hat = impl.grad_accumulate(negatives, q, rn, rq, None, None, lse, g, inv_temp, False,
-                                      None, precision)
+        dn_hat = impl.grad_accumulate(negatives, q, rn, rq, None, None, lse, g, inv_temp, None,
+                                      precision)
         dneg = _normalize_backward(negatives, rn, dn_hat)
     return dq, dk, dneg
 
