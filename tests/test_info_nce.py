@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from unittest import mock
 
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -308,3 +309,16 @@ def test_module_matches_functional(backend, data, seed, mode, temperature, reduc
     if mode != "paired":
         assert torch.equal(fastcl.nn.InfoNCELoss()(*tensors), fastcl.info_nce(*tensors))
     assert list(module.parameters()) == []
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_one_feature_at_low_temperature(backend, mode, seed):
+    """D = 1 (every unit vector is +-1) at tau = 0.01: logits are exactly +-100 and the true
+    gradient is exactly 0. fastcl must round as eager does (F.normalize divides, giving exactly
+    +-1), not leave an ulp of a logit in the loss or a residue in the gradient. Found by
+    hypothesis in the dev profile; kept here so the CI profile always checks it."""
+    gen = torch.Generator().manual_seed(seed)
+    tensors = _make_inputs(gen, mode, 2, 3, 1, torch.float32, backend.device)
+    fast, oracle, eager = _fns(mode, 0.01, "none")
+    check_against_oracle(fast, oracle, eager, tensors, (True,) * len(tensors), torch.float32, gen)

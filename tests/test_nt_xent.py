@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 from unittest import mock
 
+import pytest
 import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
@@ -390,3 +391,20 @@ def test_module_matches_functional(backend, data, seed, temperature, reduction):
     assert torch.equal(module(z1, z2), fastcl.nt_xent(z1, z2, temperature, reduction))
     assert torch.equal(fastcl.nn.NTXentLoss()(z1, z2), fastcl.nt_xent(z1, z2))
     assert list(module.parameters()) == []
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_one_feature_at_low_temperature(backend, seed):
+    """D = 1 (every unit vector is +-1) at tau = 0.01: logits are exactly +-100 and the true
+    gradient is exactly 0. fastcl must round as eager does (F.normalize divides, giving exactly
+    +-1), not leave an ulp of a logit in the loss or a residue in the gradient. Found by
+    hypothesis in the dev profile; kept here so the CI profile always checks it."""
+    gen = torch.Generator().manual_seed(seed)
+    z1 = _randn(gen, (2, 1), torch.float32, backend.device)
+    z2 = _randn(gen, (2, 1), torch.float32, backend.device)
+    check_against_oracle(
+        lambda a, b: fastcl.nt_xent(a, b, 0.01, "none"),
+        lambda a, b: reference.nt_xent(a, b, 0.01, "none"),
+        lambda a, b: eager_nt_xent(a, b, 0.01, "none"),
+        [z1, z2], (True, True), torch.float32, gen,
+    )

@@ -26,10 +26,15 @@ def _acc_dtype(t: torch.Tensor) -> torch.dtype:
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
-def _scaled(x: torch.Tensor, r: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
-    acc = _acc_dtype(x)
-    r = r.to(acc)
-    return x.to(acc) * (r * scale if scale != 1.0 else r)[:, None]
+def _normalized(x: torch.Tensor, norm: torch.Tensor) -> torch.Tensor:
+    # Divide, as F.normalize does: eager's rounding, and exactly +-1 when D = 1.
+    return x.to(_acc_dtype(x)) / norm.to(_acc_dtype(x))[:, None]
+
+
+def _logits(a: torch.Tensor, b: torch.Tensor, inv_temp: float) -> torch.Tensor:
+    """inv_temp * a @ b.T, the scale applied by the matrix product itself (BLAS alpha)."""
+    out = a.new_empty(a.shape[0], b.shape[0])
+    return torch.addmm(out, a, b.T, beta=0, alpha=inv_temp, out=out)
 
 
 class _OnlineLSE:
@@ -65,17 +70,16 @@ def _pos_in_tile(rows: range, cols: range, pos_offset: int, n: int):
 # ------------------------------------------------------------------ NT-Xent (symmetric) ----
 
 
-def nt_xent_forward(z, r, inv_temp: float, precision: str = "ieee"):
+def nt_xent_forward(z, nz, inv_temp: float, precision: str = "ieee"):
     n = z.shape[0]
-    zh = _scaled(z, r)
-    a = zh * inv_temp
+    zh = _normalized(z, nz)
     state = _OnlineLSE(n, zh.dtype, z.device)
     s_pos = torch.empty(n, dtype=zh.dtype, device=z.device)
     for i in range(0, n, _TILE):
         rows = range(i, min(i + _TILE, n))
         for j in range(i, n, _TILE):
             cols = range(j, min(j + _TILE, n))
-            s = a[i:rows.stop] @ zh[j:cols.stop].T
+            s = _logits(zh[i:rows.stop], zh[j:cols.stop], inv_temp)
             # Each row takes its positive from the very float its max and sum see: row-wise
             # from this tile, or column-wise for the rows this tile covers as columns.
             ri, ci = _pos_in_tile(rows, cols, n // 2, n)
@@ -91,10 +95,9 @@ def nt_xent_forward(z, r, inv_temp: float, precision: str = "ieee"):
     return state.result(s_pos)
 
 
-def nt_xent_grad(z, r, lse, g, inv_temp: float, precision: str = "ieee"):
+def nt_xent_grad(z, nz, lse, g, inv_temp: float, precision: str = "ieee"):
     n = z.shape[0]
-    zh = _scaled(z, r)
-    a = zh * inv_temp
+    zh = _normalized(z, nz)
     lse, g = lse.to(zh.dtype), g.to(zh.dtype)
     out = torch.zeros_like(zh)
     for i in range(0, n, _TILE):
@@ -102,7 +105,7 @@ def nt_xent_grad(z, r, lse, g, inv_temp: float, precision: str = "ieee"):
         lse_i, g_i = lse[i:rows.stop, None], g[i:rows.stop, None]
         for j in range(i, n, _TILE):
             cols = range(j, min(j + _TILE, n))
-            s = a[i:rows.stop] @ zh[j:cols.stop].T
+            s = _logits(zh[i:rows.stop], zh[j:cols.stop], inv_temp)
             # W_ij = g_i P_ij + g_j P_ji; S is symmetric, so both come from this tile.
             w = torch.sub(s, lse_i).exp_().mul_(g_i)
             w.add_(s.sub_(lse[None, j:cols.stop]).exp_().mul_(g[None, j:cols.stop]))
@@ -122,21 +125,21 @@ def nt_xent_grad(z, r, lse, g, inv_temp: float, precision: str = "ieee"):
 def lse_forward(
     q: torch.Tensor,
     k: torch.Tensor,
-    rq: torch.Tensor,
-    rk: torch.Tensor,
+    nq: torch.Tensor,
+    nk: torch.Tensor,
     positive: Optional[Tuple[torch.Tensor, torch.Tensor]],
     inv_temp: float,
     pos_offset: Optional[int],
     precision: str = "ieee",
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    qn = _scaled(q, rq, inv_temp)
-    kn = _scaled(k, rk)
+    qn = _normalized(q, nq)
+    kn = _normalized(k, nk)
     n_q, n_k = q.shape[0], k.shape[0]
     state = _OnlineLSE(n_q, qn.dtype, q.device)
     if positive is not None:
         # Row i's positive is positive[0][i], scaled exactly as the columns are.
-        k_pos, r_pos = positive
-        s_pos = (qn * _scaled(k_pos, r_pos)).sum(dim=1)
+        k_pos, n_pos = positive
+        s_pos = (qn * _normalized(k_pos, n_pos)).sum(dim=1).mul_(inv_temp)
         state.m.copy_(s_pos)
         state.l.fill_(1.0)
     else:
@@ -145,7 +148,7 @@ def lse_forward(
         rows = range(i, min(i + _TILE, n_q))
         for j in range(0, n_k, _TILE):
             cols = range(j, min(j + _TILE, n_k))
-            s = qn[i:rows.stop] @ kn[j:cols.stop].T
+            s = _logits(qn[i:rows.stop], kn[j:cols.stop], inv_temp)
             if pos_offset is not None:
                 ri, ci = _pos_in_tile(rows, cols, pos_offset, n_k)
                 s_pos[ri + i] = s[ri, ci]
@@ -156,8 +159,8 @@ def lse_forward(
 def grad_accumulate(
     a: torch.Tensor,
     b: torch.Tensor,
-    ra: torch.Tensor,
-    rb: torch.Tensor,
+    na: torch.Tensor,
+    nb: torch.Tensor,
     lse_a: Optional[torch.Tensor],
     g_a: Optional[torch.Tensor],
     lse_b: Optional[torch.Tensor],
@@ -166,8 +169,8 @@ def grad_accumulate(
     pos_offset: Optional[int],
     precision: str = "ieee",
 ) -> torch.Tensor:
-    an = _scaled(a, ra, inv_temp)
-    bn = _scaled(b, rb)
+    an = _normalized(a, na)
+    bn = _normalized(b, nb)
     acc = an.dtype
     n_a, n_b = a.shape[0], b.shape[0]
     out = torch.zeros_like(an)
@@ -175,7 +178,7 @@ def grad_accumulate(
         rows = range(i, min(i + _TILE, n_a))
         for j in range(0, n_b, _TILE):
             cols = range(j, min(j + _TILE, n_b))
-            s = an[i:rows.stop] @ bn[j:cols.stop].T
+            s = _logits(an[i:rows.stop], bn[j:cols.stop], inv_temp)
             if lse_a is not None:
                 w = s.sub_(lse_a[i:rows.stop, None].to(acc)).exp_()
                 w.mul_(g_a[i:rows.stop, None].to(acc))

@@ -5,10 +5,11 @@ the ``@triton.jit`` functions below are defined. ``fastcl.ops`` imports it lazil
 
 Both kernels tile like FlashAttention: a program owns BLOCK_M rows and walks over BLOCK_N-column
 tiles, reducing over the feature dimension in BLOCK_D chunks, so D can be anything. Rows are
-L2-normalized on the fly: the kernels take raw rows plus one float32 inverse norm per row and
-scale each tile, s_ij = (q_i . k_j) * rq_i * rk_j / tau: for bf16/fp16 inputs this is as accurate as
-the float32 accumulator allows. float32 rows are instead normalized as each tile is loaded
-(NORM_TILES), which rounds like eager PyTorch's normalize-then-matmul. Logits stay in natural
+L2-normalized on the fly: the kernels take raw rows plus one float32 norm per row. float32 rows
+are divided by their norms as each tile is loaded (NORM_TILES), which rounds like eager
+PyTorch's F.normalize-then-matmul; bf16/fp16 tiles go to the matrix units raw and the float32
+products are scaled, s_ij = (q_i . k_j) / (|q_i| |k_j|) / tau, which keeps them as accurate as the
+float32 accumulator allows. Logits stay in natural
 units (exp/log, not exp2 with a folded log2(e)): one rounding fewer per logit, which matters at
 low temperature where one ulp of a logit is the size of a confident row's loss.
 
@@ -35,7 +36,7 @@ def _dot(a, b, acc, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
 
 @triton.jit
 def _lse_fwd_kernel(
-    Q, K, RQ, RK, KP, RP, LOSS, LSE,
+    Q, K, NQ, NK, KP, NP, LOSS, LSE,
     n_q, n_k, d, pos_offset,
     stride_qm, stride_qd, stride_km, stride_kd, stride_pm, stride_pd,
     inv_temp,
@@ -57,13 +58,15 @@ def _lse_fwd_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     offs_n = tl.arange(0, BLOCK_N)
 
-    rq = tl.load(RQ + rows, mask=row_ok, other=0.0)
-    q_scale = rq * inv_temp  # NORM_TILES: rows are scaled on load, before the products
+    # Row norms (clamped at eps, so never 0; 1.0 in padding rows).
+    nq = tl.load(NQ + rows, mask=row_ok, other=1.0)
+    rq = 1.0 / nq
     # Running max m and sum l of exp(s - m); s_pos is the positive logit.
     if POS_ROWS:
         # Row i's positive is KP[i]: its logit joins the logsumexp first, scaled exactly as
         # the tiles are, so a positive equal to a column gives the same float.
         dot_pos = tl.zeros([BLOCK_M], tl.float32)
+        n_p = tl.load(NP + rows, mask=row_ok, other=1.0)
         for start_d in range(0, d, BLOCK_D):
             dd = start_d + offs_d
             mask_qd = row_ok[:, None] & (dd[None, :] < d)
@@ -71,15 +74,14 @@ def _lse_fwd_kernel(
                              mask=mask_qd, other=0.0)
             p_part = tl.load(KP + rows64[:, None] * stride_pm + dd[None, :] * stride_pd,
                              mask=mask_qd, other=0.0)
-            rp = tl.load(RP + rows, mask=row_ok, other=0.0)
             if NORM_TILES:
-                dot_pos += tl.sum((q_part * q_scale[:, None]) * (p_part * rp[:, None]), 1)
+                dot_pos += tl.sum((q_part / nq[:, None]) * (p_part / n_p[:, None]), 1)
             else:
                 dot_pos += tl.sum(q_part.to(tl.float32) * p_part.to(tl.float32), 1)
         if NORM_TILES:
-            m = dot_pos
+            m = dot_pos * inv_temp
         else:
-            m = dot_pos * ((rq * rp) * inv_temp)
+            m = dot_pos * ((rq * (1.0 / n_p)) * inv_temp)
         s_pos = m
         l = tl.full([BLOCK_M], 1.0, tl.float32)
     else:
@@ -95,21 +97,21 @@ def _lse_fwd_kernel(
             mask=row_ok[:, None] & (offs_d[None, :] < d), other=0.0,
         )
         if NORM_TILES:
-            q_tile = q_tile * q_scale[:, None]
+            q_tile = q_tile / nq[:, None]
 
     for start_n in range(0, n_k, BLOCK_N):
         cols = start_n + offs_n
         col_ok = cols < n_k
         cols64 = cols.to(tl.int64)
         acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-        rk = tl.load(RK + cols, mask=col_ok, other=0.0)
+        nk = tl.load(NK + cols, mask=col_ok, other=1.0)
         if ONE_D_CHUNK:
             k_tile = tl.load(
                 K + cols64[:, None] * stride_km + offs_d[None, :] * stride_kd,
                 mask=col_ok[:, None] & (offs_d[None, :] < d), other=0.0,
             )
             if NORM_TILES:
-                k_tile = k_tile * rk[:, None]
+                k_tile = k_tile / nk[:, None]
             acc = _dot(q_tile, tl.trans(k_tile), acc, PRECISION, UPCAST)
         else:
             for start_d in range(0, d, BLOCK_D):
@@ -124,14 +126,14 @@ def _lse_fwd_kernel(
                     mask=col_ok[:, None] & d_ok[None, :], other=0.0,
                 )
                 if NORM_TILES:
-                    q_tile = q_tile * q_scale[:, None]
-                    k_tile = k_tile * rk[:, None]
+                    q_tile = q_tile / nq[:, None]
+                    k_tile = k_tile / nk[:, None]
                 acc = _dot(q_tile, tl.trans(k_tile), acc, PRECISION, UPCAST)
         if NORM_TILES:
-            s = acc
+            s = acc * inv_temp
         else:
             # (rq_i * rk_j) first: the same product for (i, j) and (j, i).
-            s = acc * ((rq[:, None] * rk[None, :]) * inv_temp)
+            s = acc * ((rq[:, None] * (1.0 / nk)[None, :]) * inv_temp)
         if POS_IN_COLUMNS:
             s_pos += tl.sum(tl.where(cols[None, :] == pos_col[:, None], s, 0.0), 1)
         valid = col_ok[None, :]
@@ -151,7 +153,7 @@ def _lse_fwd_kernel(
 
 @triton.jit
 def _grad_kernel(
-    A, B, RA, RB, LSE_A, G_A, LSE_B, G_B, OUT,
+    A, B, NA, NB, LSE_A, G_A, LSE_B, G_B, OUT,
     n_a, n_b, d, pos_offset,
     stride_am, stride_ad, stride_bm, stride_bd, stride_om,
     inv_temp,
@@ -179,8 +181,8 @@ def _grad_kernel(
     d_out = pid_d * BLOCK_DO + tl.arange(0, BLOCK_DO)
     d_out_ok = d_out < d
 
-    ra = tl.load(RA + rows, mask=row_ok, other=0.0)
-    a_scale = ra * inv_temp
+    na = tl.load(NA + rows, mask=row_ok, other=1.0)
+    ra = 1.0 / na
     if POS_IN_COLUMNS:
         pos_col = (rows + pos_offset) % n_b
     if USE_A:
@@ -193,7 +195,8 @@ def _grad_kernel(
         col_ok = cols < n_b
         cols64 = cols.to(tl.int64)
         acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-        rb = tl.load(RB + cols, mask=col_ok, other=0.0)
+        nb = tl.load(NB + cols, mask=col_ok, other=1.0)
+        rb = 1.0 / nb
         for start_d in range(0, d, BLOCK_D):
             dd = start_d + offs_d
             d_ok = dd < d
@@ -206,11 +209,11 @@ def _grad_kernel(
                 mask=col_ok[:, None] & d_ok[None, :], other=0.0,
             )
             if NORM_TILES:
-                a_tile = a_tile * a_scale[:, None]
-                b_tile = b_tile * rb[:, None]
+                a_tile = a_tile / na[:, None]
+                b_tile = b_tile / nb[:, None]
             acc = _dot(a_tile, tl.trans(b_tile), acc, PRECISION, UPCAST)
         if NORM_TILES:
-            s = acc
+            s = acc * inv_temp
         else:
             s = acc * ((ra[:, None] * rb[None, :]) * inv_temp)
         w = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
@@ -266,7 +269,7 @@ def _upcast(t: torch.Tensor) -> bool:
     return t.device.type == "cpu" and t.dtype == torch.bfloat16
 
 
-def _lse(q, k, rq, rk, positive, inv_temp, exclude_diag, pos_offset, precision):
+def _lse(q, k, nq, nk, positive, inv_temp, exclude_diag, pos_offset, precision):
     n_q, d = q.shape
     n_k = k.shape[0]
     cfg = _config(d, q.device)
@@ -275,9 +278,9 @@ def _lse(q, k, rq, rk, positive, inv_temp, exclude_diag, pos_offset, precision):
     loss = torch.empty(n_q, dtype=torch.float32, device=q.device)
     lse = torch.empty(n_q, dtype=torch.float32, device=q.device)
     grid = (triton.cdiv(n_q, cfg["BLOCK_M"]),)
-    kp, rp = positive if positive is not None else (q, rq)
+    kp, n_p = positive if positive is not None else (q, nq)
     _lse_fwd_kernel[grid](
-        q, k, rq, rk, kp, rp, loss, lse,
+        q, k, nq, nk, kp, n_p, loss, lse,
         n_q, n_k, d, pos_offset or 0,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), kp.stride(0), kp.stride(1),
         float(inv_temp),
@@ -294,15 +297,15 @@ def _lse(q, k, rq, rk, positive, inv_temp, exclude_diag, pos_offset, precision):
     return loss, lse
 
 
-def _grad(a, b, ra, rb, lse_a, g_a, lse_b, g_b, inv_temp, exclude_diag, pos_offset, precision):
+def _grad(a, b, na, nb, lse_a, g_a, lse_b, g_b, inv_temp, exclude_diag, pos_offset, precision):
     n_a, d = a.shape
     n_b = b.shape[0]
     cfg = _config(d, a.device)
     out = torch.empty(n_a, d, dtype=torch.float32, device=a.device)
     grid = (triton.cdiv(n_a, cfg["BLOCK_M"]), triton.cdiv(d, cfg["BLOCK_DO"]))
-    dummy = ra
+    dummy = na
     _grad_kernel[grid](
-        a, b, ra, rb,
+        a, b, na, nb,
         lse_a if lse_a is not None else dummy, g_a if g_a is not None else dummy,
         lse_b if lse_b is not None else dummy, g_b if g_b is not None else dummy,
         out,
@@ -325,21 +328,21 @@ def _grad(a, b, ra, rb, lse_a, g_a, lse_b, g_b, inv_temp, exclude_diag, pos_offs
 # ------------------------------------------------------------ the fastcl.kernels contract ----
 
 
-def nt_xent_forward(z, r, inv_temp: float, precision: str = "ieee"):
-    return _lse(z, z, r, r, None, inv_temp, True, z.shape[0] // 2, precision)
+def nt_xent_forward(z, nz, inv_temp: float, precision: str = "ieee"):
+    return _lse(z, z, nz, nz, None, inv_temp, True, z.shape[0] // 2, precision)
 
 
-def nt_xent_grad(z, r, lse, g, inv_temp: float, precision: str = "ieee"):
+def nt_xent_grad(z, nz, lse, g, inv_temp: float, precision: str = "ieee"):
     # The symmetric form: W_ij = g_i P_ij + g_j P_ji from one tile, dz = W z / tau, no atomics.
-    return _grad(z, z, r, r, lse, g, lse, g, inv_temp, True, z.shape[0] // 2, precision)
+    return _grad(z, z, nz, nz, lse, g, lse, g, inv_temp, True, z.shape[0] // 2, precision)
 
 
-def lse_forward(q, k, rq, rk, positive: Optional[Tuple[torch.Tensor, torch.Tensor]],
+def lse_forward(q, k, nq, nk, positive: Optional[Tuple[torch.Tensor, torch.Tensor]],
                 inv_temp: float, pos_offset: Optional[int],
                 precision: str = "ieee") -> Tuple[torch.Tensor, torch.Tensor]:
-    return _lse(q, k, rq, rk, positive, inv_temp, False, pos_offset, precision)
+    return _lse(q, k, nq, nk, positive, inv_temp, False, pos_offset, precision)
 
 
-def grad_accumulate(a, b, ra, rb, lse_a, g_a, lse_b, g_b, inv_temp: float,
+def grad_accumulate(a, b, na, nb, lse_a, g_a, lse_b, g_b, inv_temp: float,
                     pos_offset: Optional[int], precision: str = "ieee") -> torch.Tensor:
-    return _grad(a, b, ra, rb, lse_a, g_a, lse_b, g_b, inv_temp, False, pos_offset, precision)
+    return _grad(a, b, na, nb, lse_a, g_a, lse_b, g_b, inv_temp, False, pos_offset, precision)

@@ -52,21 +52,23 @@ def _acc_dtype(x: Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
-def _inv_norm(x: Tensor) -> Tensor:
-    return torch.linalg.vector_norm(x, dim=1, dtype=_acc_dtype(x)).clamp_min(_EPS).reciprocal()
+def _norm(x: Tensor) -> Tensor:
+    """Row norms clamped at eps, as F.normalize: float32 (float64 for float64 rows)."""
+    return torch.linalg.vector_norm(x, dim=1, dtype=_acc_dtype(x)).clamp_min(_EPS)
 
 
-def _normalized(x: Tensor, r: Tensor) -> Tensor:
-    return x.to(r.dtype) * r[:, None]
+def _normalized(x: Tensor, norm: Tensor) -> Tensor:
+    # A division, as F.normalize: rounds like eager (and exactly to +-1 when D = 1).
+    return x.to(norm.dtype) / norm[:, None]
 
 
-def _normalize_backward(x: Tensor, r: Tensor, grad_hat: Tensor) -> Tensor:
+def _normalize_backward(x: Tensor, norm: Tensor, grad_hat: Tensor) -> Tensor:
     """Gradient through xhat = x / max(|x|, eps), given d/d xhat; returned in x's dtype."""
-    x_hat = _normalized(x, r)
+    x_hat = _normalized(x, norm)
     radial = (x_hat * grad_hat).sum(dim=1, keepdim=True)
     # Where the norm was clamped to eps, xhat = x / eps is linear in x: no projection.
-    radial = torch.where(r[:, None] < 1.0 / _EPS, radial, torch.zeros_like(radial))
-    return ((grad_hat - x_hat * radial) * r[:, None]).to(x.dtype).contiguous()
+    radial = torch.where(norm[:, None] > _EPS, radial, torch.zeros_like(radial))
+    return ((grad_hat - x_hat * radial) / norm[:, None]).to(x.dtype).contiguous()
 
 
 def _rows_like(x: Tensor, dtype: Optional[torch.dtype] = None) -> Tensor:
@@ -107,7 +109,7 @@ def _grad_or_zeros(grad_loss: Optional[Tensor], like: Tensor) -> Tensor:
 @torch.library.custom_op("fastcl::nt_xent", mutates_args=())
 @_no_autocast
 def nt_xent(z: Tensor, temperature: Tensor) -> Tuple[Tensor, Tensor]:
-    r = _inv_norm(z)
+    r = _norm(z)
     loss, lse = implementation(z).nt_xent_forward(z, r, _inv_temp(temperature), dot_precision())
     return loss.to(r.dtype), lse.to(r.dtype)
 
@@ -122,7 +124,7 @@ def _(z: Tensor, temperature: Tensor) -> Tuple[Tensor, Tensor]:
 def nt_xent_backward(
     grad_loss: Tensor, z: Tensor, loss: Tensor, lse: Tensor, temperature: Tensor
 ) -> Tensor:
-    r = _inv_norm(z)
+    r = _norm(z)
     inv_temp = _inv_temp(temperature)
     n = z.shape[0] // 2
     g = grad_loss.to(r.dtype).contiguous()
@@ -164,12 +166,12 @@ def info_nce(
 ) -> Tuple[Tensor, Tensor]:
     impl = implementation(q)
     inv_temp = _inv_temp(temperature)
-    rq, rk = _inv_norm(q), _inv_norm(k)
+    rq, rk = _norm(q), _norm(k)
     if negatives is None:
         loss, lse = impl.lse_forward(q, k, rq, rk, None, inv_temp, 0, dot_precision())
     else:
         loss, lse = impl.lse_forward(
-            q, negatives, rq, _inv_norm(negatives), (k, rk), inv_temp, None,
+            q, negatives, rq, _norm(negatives), (k, rk), inv_temp, None,
             dot_precision(),
         )
     return loss.to(rq.dtype), lse.to(rq.dtype)
@@ -197,7 +199,7 @@ def info_nce_backward(
     impl = implementation(q)
     inv_temp = _inv_temp(temperature)
     precision = dot_precision()
-    rq, rk = _inv_norm(q), _inv_norm(k)
+    rq, rk = _norm(q), _norm(k)
     g = grad_loss.to(rq.dtype).contiguous()
     lse = lse.to(rq.dtype).contiguous()
     c = (_positive_weight(g, loss.to(rq.dtype)) * inv_temp)[:, None]
@@ -214,7 +216,7 @@ def info_nce_backward(
                                           precision)
             dk = _normalize_backward(k, rk, dk_hat.add_(c * _normalized(q, rq)))
         return dq, dk, dneg
-    rn = _inv_norm(negatives)
+    rn = _norm(negatives)
     if need_q:
         dq_hat = impl.grad_accumulate(q, negatives, rq, rn, lse, g, None, None, inv_temp, None,
                                       precision)
