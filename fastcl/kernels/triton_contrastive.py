@@ -35,6 +35,44 @@ def _dot(a, b, acc, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
+def _logit_tile(
+    A, B, rows64, cols64, row_ok, col_ok, na, nb, d,
+    stride_am, stride_ad, stride_bm, stride_bd, inv_temp,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr, NORM_TILES: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Logits s_ab = (A_a / na_a) . (B_b / nb_b) * inv_temp of one tile, D reduced in chunks."""
+    offs_d = tl.arange(0, BLOCK_D)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    for start_d in range(0, d, BLOCK_D):
+        dd = start_d + offs_d
+        d_ok = dd < d
+        a_tile = tl.load(
+            A + rows64[:, None] * stride_am + dd[None, :] * stride_ad,
+            mask=row_ok[:, None] & d_ok[None, :], other=0.0,
+        )
+        b_tile = tl.load(
+            B + cols64[:, None] * stride_bm + dd[None, :] * stride_bd,
+            mask=col_ok[:, None] & d_ok[None, :], other=0.0,
+        )
+        if NORM_TILES:
+            a_tile = a_tile / na[:, None]
+            b_tile = b_tile / nb[:, None]
+        acc = _dot(a_tile, tl.trans(b_tile), acc, PRECISION, UPCAST)
+    return _scale_logits(acc, na, nb, inv_temp, NORM_TILES)
+
+
+@triton.jit
+def _scale_logits(acc, na, nb, inv_temp, NORM_TILES: tl.constexpr):
+    if NORM_TILES:  # the rows were normalized before the product
+        s = acc * inv_temp
+    else:
+        # (1/na_a * 1/nb_b) first: the same product for (a, b) and (b, a).
+        s = acc * (((1.0 / na)[:, None] * (1.0 / nb)[None, :]) * inv_temp)
+    return s
+
+
+@triton.jit
 def _lse_fwd_kernel(
     Q, K, NQ, NK, KP, NP, LOSS, LSE,
     n_q, n_k, d, pos_offset,
@@ -60,7 +98,6 @@ def _lse_fwd_kernel(
 
     # Row norms (clamped at eps, so never 0; 1.0 in padding rows).
     nq = tl.load(NQ + rows, mask=row_ok, other=1.0)
-    rq = 1.0 / nq
     # Running max m and sum l of exp(s - m); s_pos is the positive logit.
     if POS_ROWS:
         # Row i's positive is KP[i]: its logit joins the logsumexp first, scaled exactly as
@@ -81,7 +118,7 @@ def _lse_fwd_kernel(
         if NORM_TILES:
             m = dot_pos * inv_temp
         else:
-            m = dot_pos * ((rq * (1.0 / n_p)) * inv_temp)
+            m = dot_pos * (((1.0 / nq) * (1.0 / n_p)) * inv_temp)
         s_pos = m
         l = tl.full([BLOCK_M], 1.0, tl.float32)
     else:
@@ -103,37 +140,21 @@ def _lse_fwd_kernel(
         cols = start_n + offs_n
         col_ok = cols < n_k
         cols64 = cols.to(tl.int64)
-        acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
         nk = tl.load(NK + cols, mask=col_ok, other=1.0)
-        if ONE_D_CHUNK:
+        if ONE_D_CHUNK:  # the row tile was loaded (and normalized) once, before the loop
             k_tile = tl.load(
                 K + cols64[:, None] * stride_km + offs_d[None, :] * stride_kd,
                 mask=col_ok[:, None] & (offs_d[None, :] < d), other=0.0,
             )
             if NORM_TILES:
                 k_tile = k_tile / nk[:, None]
-            acc = _dot(q_tile, tl.trans(k_tile), acc, PRECISION, UPCAST)
+            acc = _dot(q_tile, tl.trans(k_tile), tl.zeros([BLOCK_M, BLOCK_N], tl.float32),
+                       PRECISION, UPCAST)
+            s = _scale_logits(acc, nq, nk, inv_temp, NORM_TILES)
         else:
-            for start_d in range(0, d, BLOCK_D):
-                dd = start_d + offs_d
-                d_ok = dd < d
-                q_tile = tl.load(
-                    Q + rows64[:, None] * stride_qm + dd[None, :] * stride_qd,
-                    mask=row_ok[:, None] & d_ok[None, :], other=0.0,
-                )
-                k_tile = tl.load(
-                    K + cols64[:, None] * stride_km + dd[None, :] * stride_kd,
-                    mask=col_ok[:, None] & d_ok[None, :], other=0.0,
-                )
-                if NORM_TILES:
-                    q_tile = q_tile / nq[:, None]
-                    k_tile = k_tile / nk[:, None]
-                acc = _dot(q_tile, tl.trans(k_tile), acc, PRECISION, UPCAST)
-        if NORM_TILES:
-            s = acc * inv_temp
-        else:
-            # (rq_i * rk_j) first: the same product for (i, j) and (j, i).
-            s = acc * ((rq[:, None] * (1.0 / nk)[None, :]) * inv_temp)
+            s = _logit_tile(Q, K, rows64, cols64, row_ok, col_ok, nq, nk, d,
+                            stride_qm, stride_qd, stride_km, stride_kd, inv_temp,
+                            PRECISION, UPCAST, NORM_TILES, BLOCK_M, BLOCK_N, BLOCK_D)
         if POS_IN_COLUMNS:
             s_pos += tl.sum(tl.where(cols[None, :] == pos_col[:, None], s, 0.0), 1)
         valid = col_ok[None, :]
@@ -176,13 +197,11 @@ def _grad_kernel(
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < n_a
     rows64 = rows.to(tl.int64)
-    offs_d = tl.arange(0, BLOCK_D)
     offs_n = tl.arange(0, BLOCK_N)
     d_out = pid_d * BLOCK_DO + tl.arange(0, BLOCK_DO)
     d_out_ok = d_out < d
 
     na = tl.load(NA + rows, mask=row_ok, other=1.0)
-    ra = 1.0 / na
     if POS_IN_COLUMNS:
         pos_col = (rows + pos_offset) % n_b
     if USE_A:
@@ -194,28 +213,10 @@ def _grad_kernel(
         cols = start_n + offs_n
         col_ok = cols < n_b
         cols64 = cols.to(tl.int64)
-        acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
         nb = tl.load(NB + cols, mask=col_ok, other=1.0)
-        rb = 1.0 / nb
-        for start_d in range(0, d, BLOCK_D):
-            dd = start_d + offs_d
-            d_ok = dd < d
-            a_tile = tl.load(
-                A + rows64[:, None] * stride_am + dd[None, :] * stride_ad,
-                mask=row_ok[:, None] & d_ok[None, :], other=0.0,
-            )
-            b_tile = tl.load(
-                B + cols64[:, None] * stride_bm + dd[None, :] * stride_bd,
-                mask=col_ok[:, None] & d_ok[None, :], other=0.0,
-            )
-            if NORM_TILES:
-                a_tile = a_tile / na[:, None]
-                b_tile = b_tile / nb[:, None]
-            acc = _dot(a_tile, tl.trans(b_tile), acc, PRECISION, UPCAST)
-        if NORM_TILES:
-            s = acc * inv_temp
-        else:
-            s = acc * ((ra[:, None] * rb[None, :]) * inv_temp)
+        s = _logit_tile(A, B, rows64, cols64, row_ok, col_ok, na, nb, d,
+                        stride_am, stride_ad, stride_bm, stride_bd, inv_temp,
+                        PRECISION, UPCAST, NORM_TILES, BLOCK_M, BLOCK_N, BLOCK_D)
         w = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
         if USE_A:
             w += g_a[:, None] * tl.exp(s - lse_a[:, None])
@@ -228,7 +229,7 @@ def _grad_kernel(
             valid = valid & (rows[:, None] != cols[None, :])
         if POS_IN_COLUMNS:
             valid = valid & (cols[None, :] != pos_col[:, None])
-        w = tl.where(valid, w * rb[None, :], 0.0)
+        w = tl.where(valid, w / nb[None, :], 0.0)
         b_out = tl.load(
             B + cols64[:, None] * stride_bm + d_out[None, :] * stride_bd,
             mask=col_ok[:, None] & d_out_ok[None, :], other=0.0,
