@@ -21,6 +21,8 @@ from fastcl import ops, reference
 from fastcl.kernels import chunked
 from fastcl.ops import _backend
 
+from conftest import TRITON_DEVICE
+
 F64 = torch.float64
 
 T = ops.temperature_tensor  # the ops take temperature as a 0-dim CPU tensor
@@ -609,3 +611,45 @@ def test_triton_rejects_float64_via_env():
                           timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "raised"
+
+
+# ------------------------------------------------------- float32 matmul precision ----------
+
+
+class _LaunchSpy:
+    """Stands in for a @triton.jit kernel: records each launch's keyword arguments."""
+
+    def __init__(self, kernel):
+        self.kernel, self.launches = kernel, []
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.launches.append(kwargs)
+            return self.kernel[grid](*args, **kwargs)
+
+        return launch
+
+
+@pytest.mark.parametrize(
+    "setting,expected", [("highest", "ieee"), ("high", "tf32"), ("medium", "tf32")]
+)
+def test_float32_products_follow_matmul_precision(setting, expected, monkeypatch):
+    """fp32 tile products use IEEE at torch's "highest" and TF32 otherwise, so that CUDA results
+    match eager PyTorch under the user's own setting (the interpreter itself does not emulate
+    TF32, so the flag is checked where it reaches the kernels)."""
+    tc = _backend._load_triton()
+    spies = {name: _LaunchSpy(getattr(tc, name)) for name in ("_lse_fwd_kernel", "_grad_kernel")}
+    for name, spy in spies.items():
+        monkeypatch.setattr(tc, name, spy)
+    before = torch.get_float32_matmul_precision()
+    z1 = _randn(6, 20, seed=0, device=TRITON_DEVICE, requires_grad=True)
+    z2 = _randn(6, 20, seed=1, device=TRITON_DEVICE, requires_grad=True)
+    try:
+        torch.set_float32_matmul_precision(setting)
+        with fastcl.use_backend("triton"):
+            fastcl.nt_xent(z1, z2).backward()
+    finally:
+        torch.set_float32_matmul_precision(before)
+    launches = spies["_lse_fwd_kernel"].launches + spies["_grad_kernel"].launches
+    assert len(launches) == 2
+    assert {kw["PRECISION"] for kw in launches} == {expected}
