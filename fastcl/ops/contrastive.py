@@ -109,9 +109,9 @@ def _grad_or_zeros(grad_loss: Optional[Tensor], like: Tensor) -> Tensor:
 @torch.library.custom_op("fastcl::nt_xent", mutates_args=())
 @_no_autocast
 def nt_xent(z: Tensor, temperature: Tensor) -> Tuple[Tensor, Tensor]:
-    r = _norm(z)
-    loss, lse = implementation(z).nt_xent_forward(z, r, _inv_temp(temperature), dot_precision())
-    return loss.to(r.dtype), lse.to(r.dtype)
+    nz = _norm(z)
+    loss, lse = implementation(z).nt_xent_forward(z, nz, _inv_temp(temperature), dot_precision())
+    return loss.to(nz.dtype), lse.to(nz.dtype)
 
 
 @nt_xent.register_fake
@@ -124,16 +124,16 @@ def _(z: Tensor, temperature: Tensor) -> Tuple[Tensor, Tensor]:
 def nt_xent_backward(
     grad_loss: Tensor, z: Tensor, loss: Tensor, lse: Tensor, temperature: Tensor
 ) -> Tensor:
-    r = _norm(z)
+    nz = _norm(z)
     inv_temp = _inv_temp(temperature)
     n = z.shape[0] // 2
-    g = grad_loss.to(r.dtype).contiguous()
-    lse = lse.to(r.dtype).contiguous()
-    d_hat = implementation(z).nt_xent_grad(z, r, lse, g, inv_temp, dot_precision())
+    g = grad_loss.to(nz.dtype).contiguous()
+    lse = lse.to(nz.dtype).contiguous()
+    d_hat = implementation(z).nt_xent_grad(z, nz, lse, g, inv_temp, dot_precision())
     # The positive pairs (i, i + N) are symmetric: both rows' weights land on each of them.
-    c = _positive_weight(g, loss.to(r.dtype))
-    d_hat += ((c + c.roll(n)) * inv_temp)[:, None] * _normalized(z, r).roll(n, dims=0)
-    return _normalize_backward(z, r, d_hat)
+    c = _positive_weight(g, loss.to(nz.dtype))
+    d_hat += ((c + c.roll(n)) * inv_temp)[:, None] * _normalized(z, nz).roll(n, dims=0)
+    return _normalize_backward(z, nz, d_hat)
 
 
 @nt_xent_backward.register_fake
@@ -166,15 +166,15 @@ def info_nce(
 ) -> Tuple[Tensor, Tensor]:
     impl = implementation(q)
     inv_temp = _inv_temp(temperature)
-    rq, rk = _norm(q), _norm(k)
+    nq, nk = _norm(q), _norm(k)
     if negatives is None:
-        loss, lse = impl.lse_forward(q, k, rq, rk, None, inv_temp, 0, dot_precision())
+        loss, lse = impl.lse_forward(q, k, nq, nk, None, inv_temp, 0, dot_precision())
     else:
         loss, lse = impl.lse_forward(
-            q, negatives, rq, _norm(negatives), (k, rk), inv_temp, None,
+            q, negatives, nq, _norm(negatives), (k, nk), inv_temp, None,
             dot_precision(),
         )
-    return loss.to(rq.dtype), lse.to(rq.dtype)
+    return loss.to(nq.dtype), lse.to(nq.dtype)
 
 
 @info_nce.register_fake
@@ -199,34 +199,34 @@ def info_nce_backward(
     impl = implementation(q)
     inv_temp = _inv_temp(temperature)
     precision = dot_precision()
-    rq, rk = _norm(q), _norm(k)
-    g = grad_loss.to(rq.dtype).contiguous()
-    lse = lse.to(rq.dtype).contiguous()
-    c = (_positive_weight(g, loss.to(rq.dtype)) * inv_temp)[:, None]
+    nq, nk = _norm(q), _norm(k)
+    g = grad_loss.to(nq.dtype).contiguous()
+    lse = lse.to(nq.dtype).contiguous()
+    c = (_positive_weight(g, loss.to(nq.dtype)) * inv_temp)[:, None]
     # Distinct empty tensors: a custom op's outputs may not alias each other.
     dq, dk, dneg = q.new_empty(0), q.new_empty(0), q.new_empty(0)
     if negatives is None:
         # Columns are the keys; the positive of row i is column i.
         if need_q:
-            dq_hat = impl.grad_accumulate(q, k, rq, rk, lse, g, None, None, inv_temp, 0,
+            dq_hat = impl.grad_accumulate(q, k, nq, nk, lse, g, None, None, inv_temp, 0,
                                           precision)
-            dq = _normalize_backward(q, rq, dq_hat.add_(c * _normalized(k, rk)))
+            dq = _normalize_backward(q, nq, dq_hat.add_(c * _normalized(k, nk)))
         if need_k:
-            dk_hat = impl.grad_accumulate(k, q, rk, rq, None, None, lse, g, inv_temp, 0,
+            dk_hat = impl.grad_accumulate(k, q, nk, nq, None, None, lse, g, inv_temp, 0,
                                           precision)
-            dk = _normalize_backward(k, rk, dk_hat.add_(c * _normalized(q, rq)))
+            dk = _normalize_backward(k, nk, dk_hat.add_(c * _normalized(q, nq)))
         return dq, dk, dneg
-    rn = _norm(negatives)
+    n_neg = _norm(negatives)
     if need_q:
-        dq_hat = impl.grad_accumulate(q, negatives, rq, rn, lse, g, None, None, inv_temp, None,
+        dq_hat = impl.grad_accumulate(q, negatives, nq, n_neg, lse, g, None, None, inv_temp, None,
                                       precision)
-        dq = _normalize_backward(q, rq, dq_hat.add_(c * _normalized(k, rk)))
+        dq = _normalize_backward(q, nq, dq_hat.add_(c * _normalized(k, nk)))
     if need_k:
-        dk = _normalize_backward(k, rk, c * _normalized(q, rq))
+        dk = _normalize_backward(k, nk, c * _normalized(q, nq))
     if need_neg:
-        dn_hat = impl.grad_accumulate(negatives, q, rn, rq, None, None, lse, g, inv_temp, None,
+        dn_hat = impl.grad_accumulate(negatives, q, n_neg, nq, None, None, lse, g, inv_temp, None,
                                       precision)
-        dneg = _normalize_backward(negatives, rn, dn_hat)
+        dneg = _normalize_backward(negatives, n_neg, dn_hat)
     return dq, dk, dneg
 
 
