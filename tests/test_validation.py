@@ -5,12 +5,15 @@ import math
 import os
 import subprocess
 import sys
+import types
+import warnings
 
 import pytest
 import torch
 
 import fastcl
 from fastcl import reference
+from fastcl.ops import _backend
 
 
 def _randn(*shape, seed=0, dtype=torch.float32, device="cpu", requires_grad=False):
@@ -414,3 +417,49 @@ def test_info_nce_one_query(backend, mode):
         fastcl.info_nce(q, k, neg, 0.1, "none", negative_mode),
         reference.info_nce(q, k, neg, 0.1, "none", negative_mode), rtol=1e-6, atol=1e-6,
     )
+
+
+# ------------------------------------------------------- Triton missing on a CUDA machine ----
+
+
+def _cuda_like(dtype=torch.float32):
+    """What backend selection reads of a tensor (device and dtype), without needing a GPU."""
+    return types.SimpleNamespace(device=torch.device("cuda"), dtype=dtype)
+
+
+def _triton_missing(monkeypatch):
+    def fail():
+        raise RuntimeError("fastcl's Triton kernels are unavailable (no module named 'triton')")
+
+    monkeypatch.setattr(_backend, "_load_triton", fail)
+    monkeypatch.setattr(_backend, "_warned_fallback", False)
+
+
+def test_auto_without_triton_on_cuda_warns_once_and_uses_chunked(monkeypatch):
+    """The documented fallback: CUDA tensors with no importable Triton run the chunked path,
+    with one RuntimeWarning that says how to get the fast path."""
+    _triton_missing(monkeypatch)
+    from fastcl.kernels import chunked
+
+    with fastcl.use_backend("auto"):
+        with pytest.warns(RuntimeWarning, match="pip install triton"):
+            assert _backend.implementation(_cuda_like()) is chunked
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert _backend.implementation(_cuda_like()) is chunked
+
+
+def test_forced_triton_without_triton_raises(monkeypatch):
+    """FASTCL_BACKEND=triton never falls back: a missing Triton is an error."""
+    _triton_missing(monkeypatch)
+    with fastcl.use_backend("triton"):
+        with pytest.raises(RuntimeError, match="Triton"):
+            _backend.implementation(_cuda_like())
+
+
+def test_auto_routes_float64_on_cuda_to_chunked():
+    """float64 is not a Triton dtype: on CUDA it runs on the chunked path (as documented)."""
+    from fastcl.kernels import chunked
+
+    with fastcl.use_backend("auto"):
+        assert _backend.implementation(_cuda_like(torch.float64)) is chunked

@@ -87,7 +87,8 @@ def implementation(t: torch.Tensor) -> ModuleType:
             if not _warned_fallback:
                 _warned_fallback = True
                 warnings.warn(
-                    f"{exc}. Falling back to fastcl's chunked PyTorch path, which is slower.",
+                    f"{exc}. fastcl falls back to its chunked PyTorch path, which is slower; "
+                    "`pip install triton` gives the fused CUDA kernels.",
                     RuntimeWarning,
                     stacklevel=3,
                 )
