@@ -28,7 +28,7 @@ import triton.language as tl
 @triton.jit
 def _dot(a, b, acc, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     """acc + a @ b. UPCAST: the Triton interpreter (3.9) computes bf16 tl.dot wrongly, so under
-    it bf16 operands are widened to float32 first (exact: the products of bf16 values fit)."""
+    it bf16 operands are widened to float32 first (exact: bf16 values are float32 values)."""
     if UPCAST:
         return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
     return tl.dot(a, b, acc, input_precision=PRECISION)
@@ -251,49 +251,57 @@ def _pow2(x: int, lo: int, hi: int) -> int:
     return max(lo, min(hi, triton.next_power_of_2(max(int(x), 1))))
 
 
-def _config(d: int, device: torch.device) -> dict:
+def _tiles(d: int, on_cuda: bool) -> dict:
     """Tile sizes. The interpreter gets small tiles so tests cross many tile boundaries."""
-    if device.type != "cuda":
-        return dict(BLOCK_M=32, BLOCK_N=32, BLOCK_D=_pow2(d, 16, 32), BLOCK_DO=_pow2(d, 16, 32))
-    return dict(
-        BLOCK_M=64, BLOCK_N=64, BLOCK_D=_pow2(d, 16, 64), BLOCK_DO=_pow2(d, 16, 128),
-        num_warps=4, num_stages=2,
-    )
+    if not on_cuda:
+        return dict(BLOCK_M=32, BLOCK_N=32, BLOCK_D=_pow2(d, 16, 32))
+    return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_D=_pow2(d, 16, 64))
 
 
-def _dot_precision(dtype: torch.dtype, precision: str) -> str:
+def _common_meta(dtype: torch.dtype, d: int, on_cuda: bool, precision: str) -> dict:
+    meta = _tiles(d, on_cuda)
     # bf16/fp16 dots ignore the setting; fp32 follows torch.get_float32_matmul_precision().
-    return precision if dtype == torch.float32 else "tf32"
+    meta["PRECISION"] = precision if dtype == torch.float32 else "tf32"
+    # The Triton interpreter (3.9) computes bf16 tl.dot wrongly: widen operands there.
+    meta["UPCAST"] = not on_cuda and dtype == torch.bfloat16
+    meta["NORM_TILES"] = dtype == torch.float32
+    if on_cuda:
+        meta.update(num_warps=4, num_stages=2)
+    return meta
 
 
-def _upcast(t: torch.Tensor) -> bool:
-    return t.device.type == "cpu" and t.dtype == torch.bfloat16
+def lse_meta(dtype, d, on_cuda, positive_rows, exclude_diag, pos_in_columns, precision) -> dict:
+    """Compile-time arguments and launch options of ``_lse_fwd_kernel`` for one call."""
+    meta = _common_meta(dtype, d, on_cuda, precision)
+    meta.update(POS_ROWS=bool(positive_rows), EXCLUDE_DIAG=bool(exclude_diag),
+                POS_IN_COLUMNS=bool(pos_in_columns), ONE_D_CHUNK=d <= meta["BLOCK_D"])
+    return meta
+
+
+def grad_meta(dtype, d, on_cuda, use_a, use_b, exclude_diag, pos_in_columns, precision) -> dict:
+    """Compile-time arguments and launch options of ``_grad_kernel`` for one call."""
+    meta = _common_meta(dtype, d, on_cuda, precision)
+    meta.update(USE_A=bool(use_a), USE_B=bool(use_b), EXCLUDE_DIAG=bool(exclude_diag),
+                POS_IN_COLUMNS=bool(pos_in_columns), CAST_W=dtype == torch.bfloat16,
+                BLOCK_DO=_pow2(d, 16, 128 if on_cuda else 32))
+    return meta
 
 
 def _lse(q, k, nq, nk, positive, inv_temp, exclude_diag, pos_offset, precision):
     n_q, d = q.shape
     n_k = k.shape[0]
-    cfg = _config(d, q.device)
-    block_d = cfg.pop("BLOCK_D")
-    cfg.pop("BLOCK_DO")
+    meta = lse_meta(q.dtype, d, q.is_cuda, positive is not None, exclude_diag,
+                    pos_offset is not None, precision)
     loss = torch.empty(n_q, dtype=torch.float32, device=q.device)
     lse = torch.empty(n_q, dtype=torch.float32, device=q.device)
-    grid = (triton.cdiv(n_q, cfg["BLOCK_M"]),)
+    grid = (triton.cdiv(n_q, meta["BLOCK_M"]),)
     kp, n_p = positive if positive is not None else (q, nq)
     _lse_fwd_kernel[grid](
         q, k, nq, nk, kp, n_p, loss, lse,
         n_q, n_k, d, pos_offset or 0,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), kp.stride(0), kp.stride(1),
         float(inv_temp),
-        POS_ROWS=positive is not None,
-        EXCLUDE_DIAG=bool(exclude_diag),
-        POS_IN_COLUMNS=pos_offset is not None,
-        ONE_D_CHUNK=d <= block_d,
-        PRECISION=_dot_precision(q.dtype, precision),
-        UPCAST=_upcast(q),
-        NORM_TILES=q.dtype == torch.float32,
-        BLOCK_D=block_d,
-        **cfg,
+        **meta,
     )
     return loss, lse
 
@@ -301,9 +309,10 @@ def _lse(q, k, nq, nk, positive, inv_temp, exclude_diag, pos_offset, precision):
 def _grad(a, b, na, nb, lse_a, g_a, lse_b, g_b, inv_temp, exclude_diag, pos_offset, precision):
     n_a, d = a.shape
     n_b = b.shape[0]
-    cfg = _config(d, a.device)
+    meta = grad_meta(a.dtype, d, a.is_cuda, lse_a is not None, lse_b is not None, exclude_diag,
+                     pos_offset is not None, precision)
     out = torch.empty(n_a, d, dtype=torch.float32, device=a.device)
-    grid = (triton.cdiv(n_a, cfg["BLOCK_M"]), triton.cdiv(d, cfg["BLOCK_DO"]))
+    grid = (triton.cdiv(n_a, meta["BLOCK_M"]), triton.cdiv(d, meta["BLOCK_DO"]))
     dummy = na
     _grad_kernel[grid](
         a, b, na, nb,
@@ -313,15 +322,7 @@ def _grad(a, b, na, nb, lse_a, g_a, lse_b, g_b, inv_temp, exclude_diag, pos_offs
         n_a, n_b, d, pos_offset or 0,
         a.stride(0), a.stride(1), b.stride(0), b.stride(1), out.stride(0),
         float(inv_temp),
-        USE_A=lse_a is not None,
-        USE_B=lse_b is not None,
-        EXCLUDE_DIAG=bool(exclude_diag),
-        POS_IN_COLUMNS=pos_offset is not None,
-        CAST_W=a.dtype == torch.bfloat16,
-        PRECISION=_dot_precision(a.dtype, precision),
-        UPCAST=_upcast(a),
-        NORM_TILES=a.dtype == torch.float32,
-        **cfg,
+        **meta,
     )
     return out
 

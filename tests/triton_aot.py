@@ -1,0 +1,103 @@
+"""Compile every variant of fastcl's Triton kernels for NVIDIA GPUs, ahead of time, on a machine
+without one: ``python tests/triton_aot.py`` prints one line per variant and exits non-zero if
+any fails. Run by tests/test_triton_compile.py in a subprocess (TRITON_INTERPRET must be unset
+when the kernel module is imported, and the rest of the test session interprets).
+
+The interpreter that runs the kernels in CI is lenient where the compiler is not (loop-carried
+types, names bound inside loops, constexpr branches); this catches such errors without a GPU.
+The constexpr sets come from the launchers' own ``lse_meta`` / ``grad_meta``.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+os.environ.pop("TRITON_INTERPRET", None)
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+from fastcl.kernels import triton_contrastive as tc  # noqa: E402
+
+_PTR = {torch.float32: "*fp32", torch.bfloat16: "*bf16", torch.float16: "*fp16"}
+_INPUT_PTRS = {"Q", "K", "KP", "A", "B"}
+_OPTIONS = ("num_warps", "num_stages")
+
+# (positive_rows, exclude_diag, pos_in_columns): NT-Xent, in-batch InfoNCE, InfoNCE with a queue.
+LSE_CASES = {"nt_xent": (False, True, True), "in_batch": (False, False, True),
+             "queue": (True, False, False)}
+# (use_a, use_b, exclude_diag, pos_in_columns)
+GRAD_CASES = {"nt_xent": (True, True, True, True), "in_batch_dq": (True, False, False, True),
+              "in_batch_dk": (False, True, False, True), "queue_dq": (True, False, False, False),
+              "queue_dneg": (False, True, False, False)}
+
+
+F32, BF16, F16 = torch.float32, torch.bfloat16, torch.float16
+
+# Each compile takes seconds, so the list covers each code path once rather than the full
+# product: fp32 tiles (normalized on load, IEEE or TF32 dots) vs half types (raw tiles; bf16
+# casts the weights for the second product), one- vs multi-chunk D, each positive layout.
+VARIANTS = [
+    # (arch, kernel, case, dtype, d, precision)
+    (90, "lse", "nt_xent", F32, 64, "ieee"), (90, "lse", "nt_xent", F32, 200, "tf32"),
+    (90, "lse", "nt_xent", BF16, 64, "ieee"), (90, "lse", "nt_xent", BF16, 200, "ieee"),
+    (90, "lse", "queue", F32, 64, "ieee"), (90, "lse", "queue", BF16, 200, "ieee"),
+    (90, "lse", "in_batch", F16, 200, "ieee"), (90, "lse", "in_batch", F32, 200, "ieee"),
+    (90, "grad", "nt_xent", F32, 200, "ieee"), (90, "grad", "nt_xent", BF16, 200, "ieee"),
+    (90, "grad", "nt_xent", F16, 64, "ieee"), (90, "grad", "in_batch_dk", F32, 64, "tf32"),
+    (90, "grad", "queue_dq", BF16, 200, "ieee"), (90, "grad", "queue_dneg", F32, 200, "ieee"),
+    (80, "lse", "nt_xent", BF16, 200, "ieee"), (80, "grad", "nt_xent", BF16, 200, "ieee"),
+]
+
+
+def _variants():
+    for arch, which, case, dtype, d, precision in VARIANTS:
+        if which == "lse":
+            meta = tc.lse_meta(dtype, d, True, *LSE_CASES[case], precision)
+            yield arch, tc._lse_fwd_kernel, f"lse/{case}", dtype, d, meta, precision
+        else:
+            meta = tc.grad_meta(dtype, d, True, *GRAD_CASES[case], precision)
+            yield arch, tc._grad_kernel, f"grad/{case}", dtype, d, meta, precision
+
+
+def _signature(kernel, dtype, constexprs):
+    sig = {}
+    for arg in kernel.arg_names:
+        if arg in constexprs:
+            sig[arg] = "constexpr"
+        elif arg in _INPUT_PTRS:
+            sig[arg] = _PTR[dtype]
+        elif arg.isupper():
+            sig[arg] = "*fp32"
+        elif arg == "inv_temp":
+            sig[arg] = "fp32"
+        else:
+            sig[arg] = "i32"
+    return sig
+
+
+def main() -> int:
+    failures = 0
+    count = 0
+    for arch, kernel, name, dtype, d, meta, precision in _variants():
+        constexprs = {k: v for k, v in meta.items() if k not in _OPTIONS}
+        options = {k: v for k, v in meta.items() if k in _OPTIONS}
+        label = f"sm_{arch} {name} {str(dtype)[6:]} d={d} {precision}"
+        try:
+            src = ASTSource(fn=kernel, signature=_signature(kernel, dtype, constexprs),
+                            constexprs=constexprs)
+            compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
+            assert compiled.asm.get("cubin"), "no cubin"
+            print(f"ok   {label}")
+        except Exception as exc:  # report every failing variant, then fail
+            failures += 1
+            print(f"FAIL {label}: {type(exc).__name__}: {exc}".splitlines()[0])
+        count += 1
+    print(f"compiled {count - failures} of {count} variants (triton {triton.__version__})")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
