@@ -236,12 +236,20 @@ def test_noncontiguous_inputs_match_contiguous(backend, data, seed, temperature,
         leaves.append(leaf.requires_grad_())
         views.append(view)
     with _chunking(backend, data):
-        out_nc = fastcl.nt_xent(views[0](leaves[0]), views[1](leaves[1]), temperature, reduction)
-        out_c = fastcl.nt_xent(views[0](leaves[0]).contiguous(),
-                               views[1](leaves[1]).contiguous(), temperature, reduction)
-        cot = torch.randn(out_c.shape, generator=gen, dtype=torch.float32)
-        g_nc = torch.autograd.grad(out_nc, leaves, cot)
-        g_c = torch.autograd.grad(out_c, leaves, cot)
+        assert_same_as_contiguous(
+            lambda a, b: fastcl.nt_xent(a, b, temperature, reduction), views, leaves,
+            temperature, gen,
+        )
+
+
+def assert_same_as_contiguous(fn, views, leaves, temperature, gen):
+    """fn on the strided views of ``leaves`` gives the values and gradients (wrt the leaves) of
+    fn on contiguous copies of the same views."""
+    out_nc = fn(*[v(t) for v, t in zip(views, leaves)])
+    out_c = fn(*[v(t).contiguous() for v, t in zip(views, leaves)])
+    cot = torch.randn(out_c.shape, generator=gen, dtype=torch.float32)
+    g_nc = torch.autograd.grad(out_nc, leaves, cot)
+    g_c = torch.autograd.grad(out_c, leaves, cot)
     torch.testing.assert_close(out_nc, out_c, rtol=1e-5, atol=1e-6 * max(1.0, 1.0 / temperature))
     for a, b in zip(g_nc, g_c):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5 / temperature)
