@@ -106,12 +106,13 @@ def nt_xent_grad(z, nz, lse, g, inv_temp: float, precision: str = "ieee"):
         for j in range(i, n, _TILE):
             cols = range(j, min(j + _TILE, n))
             s = _logits(zh[i:rows.stop], zh[j:cols.stop], inv_temp)
+            if i == j:  # self-similarity can exceed the lse by ~2/tau: keep exp from overflowing
+                s.fill_diagonal_(_NEG_INF)
             # W_ij = g_i P_ij + g_j P_ji; S is symmetric, so both come from this tile.
             w = torch.sub(s, lse_i).exp_().mul_(g_i)
             w.add_(s.sub_(lse[None, j:cols.stop]).exp_().mul_(g[None, j:cols.stop]))
             w[_pos_in_tile(rows, cols, n // 2, n)] = 0.0  # positive pairs: added by the caller
             if i == j:
-                w.fill_diagonal_(0.0)
                 out[i:rows.stop].addmm_(w, zh[j:cols.stop])
                 continue
             out[i:rows.stop].addmm_(w, zh[j:cols.stop])

@@ -217,6 +217,14 @@ def _grad_kernel(
         s = _logit_tile(A, B, rows64, cols64, row_ok, col_ok, na, nb, d,
                         stride_am, stride_ad, stride_bm, stride_bd, inv_temp,
                         PRECISION, UPCAST, NORM_TILES, BLOCK_M, BLOCK_N, BLOCK_D)
+        valid = row_ok[:, None] & col_ok[None, :]
+        if EXCLUDE_DIAG:
+            valid = valid & (rows[:, None] != cols[None, :])
+        if POS_IN_COLUMNS:
+            valid = valid & (cols[None, :] != pos_col[:, None])
+        # Skipped entries get exp(-inf) = 0 (an excluded diagonal logit can exceed its row's
+        # lse by ~2/tau, so exponentiating it first would overflow).
+        s = tl.where(valid, s, float("-inf"))
         w = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
         if USE_A:
             w += g_a[:, None] * tl.exp(s - lse_a[:, None])
@@ -224,12 +232,7 @@ def _grad_kernel(
             lse_b = tl.load(LSE_B + cols, mask=col_ok, other=0.0)
             g_b = tl.load(G_B + cols, mask=col_ok, other=0.0)
             w += g_b[None, :] * tl.exp(s - lse_b[None, :])
-        valid = row_ok[:, None] & col_ok[None, :]
-        if EXCLUDE_DIAG:
-            valid = valid & (rows[:, None] != cols[None, :])
-        if POS_IN_COLUMNS:
-            valid = valid & (cols[None, :] != pos_col[:, None])
-        w = tl.where(valid, w / nb[None, :], 0.0)
+        w = w / nb[None, :]
         b_out = tl.load(
             B + cols64[:, None] * stride_bm + d_out[None, :] * stride_bd,
             mask=col_ok[:, None] & d_out_ok[None, :], other=0.0,
