@@ -24,6 +24,17 @@ def _reduce(loss: torch.Tensor, reduction: str) -> torch.Tensor:
     return loss
 
 
+def nt_xent_logits(z1: torch.Tensor, z2: torch.Tensor, temperature: float):
+    """(logits, labels) of NT-Xent over the 2N rows of cat([z1, z2]), in the inputs' dtype:
+    cosine similarities / temperature, self excluded (-inf), label of row i is i + N mod 2N."""
+    n = z1.shape[0]
+    z = F.normalize(torch.cat([z1, z2]), dim=1)
+    logits = z @ z.T / temperature
+    logits.fill_diagonal_(float("-inf"))
+    labels = torch.cat([torch.arange(n, 2 * n), torch.arange(0, n)]).to(z.device)
+    return logits, labels
+
+
 def nt_xent(
     z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.5, reduction: str = "mean"
 ) -> torch.Tensor:
@@ -32,13 +43,35 @@ def nt_xent(
     Row order for ``reduction="none"``: [z1 rows; z2 rows]. Equal to lightly's
     ``NTXentLoss(temperature)`` (mean over the 2N rows).
     """
-    n = z1.shape[0]
-    z = F.normalize(torch.cat([z1, z2]).to(_compute_dtype(z1)), dim=1)
-    logits = z @ z.T / temperature
-    logits.fill_diagonal_(float("-inf"))
-    labels = torch.cat([torch.arange(n, 2 * n), torch.arange(0, n)]).to(z.device)
+    dtype = _compute_dtype(z1)
+    logits, labels = nt_xent_logits(z1.to(dtype), z2.to(dtype), temperature)
     loss = F.cross_entropy(logits, labels, reduction="none")
     return _reduce(loss, reduction).to(z1.dtype)
+
+
+def info_nce_logits(query, positive_key, negative_keys, temperature, negative_mode="unpaired"):
+    """(logits, labels) of InfoNCE with info-nce-pytorch's semantics, in the inputs' dtype.
+
+    - ``negative_keys=None``: logits = q @ k^T, label i (in-batch, one-directional N-way).
+    - ``(M, D)`` unpaired: logits = [q_i . k_i, q_i . neg_j for all j], label 0.
+    - ``(N, M, D)`` paired: logits = [q_i . k_i, q_i . neg_ij for all j], label 0.
+    All vectors are L2-normalized first; logits are divided by the temperature.
+    """
+    q = F.normalize(query, dim=-1)
+    k = F.normalize(positive_key, dim=-1)
+    if negative_keys is None:
+        logits = q @ k.T
+        labels = torch.arange(q.shape[0], device=q.device)
+    else:
+        neg = F.normalize(negative_keys, dim=-1)
+        positive_logit = (q * k).sum(dim=1, keepdim=True)
+        if negative_mode == "unpaired":
+            negative_logits = q @ neg.T
+        else:
+            negative_logits = (q.unsqueeze(1) @ neg.transpose(-2, -1)).squeeze(1)
+        logits = torch.cat([positive_logit, negative_logits], dim=1)
+        labels = torch.zeros(q.shape[0], dtype=torch.long, device=q.device)
+    return logits / temperature, labels
 
 
 def info_nce(
@@ -49,27 +82,11 @@ def info_nce(
     reduction: str = "mean",
     negative_mode: str = "unpaired",
 ) -> torch.Tensor:
-    """InfoNCE with the semantics of info-nce-pytorch.
-
-    - ``negative_keys=None``: logits = q @ k^T, label i (in-batch, one-directional N-way).
-    - ``(M, D)`` unpaired: logits = [q_i . k_i, q_i . neg_j for all j], label 0.
-    - ``(N, M, D)`` paired: logits = [q_i . k_i, q_i . neg_ij for all j], label 0.
-    All vectors are L2-normalized first.
-    """
+    """InfoNCE with the semantics of info-nce-pytorch (see :func:`info_nce_logits`)."""
     dtype = _compute_dtype(query)
-    q = F.normalize(query.to(dtype), dim=-1)
-    k = F.normalize(positive_key.to(dtype), dim=-1)
-    if negative_keys is None:
-        logits = q @ k.T
-        labels = torch.arange(q.shape[0], device=q.device)
-    else:
-        neg = F.normalize(negative_keys.to(dtype), dim=-1)
-        positive_logit = (q * k).sum(dim=1, keepdim=True)
-        if negative_mode == "unpaired":
-            negative_logits = q @ neg.T
-        else:
-            negative_logits = (q.unsqueeze(1) @ neg.transpose(-2, -1)).squeeze(1)
-        logits = torch.cat([positive_logit, negative_logits], dim=1)
-        labels = torch.zeros(q.shape[0], dtype=torch.long, device=q.device)
-    loss = F.cross_entropy(logits / temperature, labels, reduction="none")
+    logits, labels = info_nce_logits(
+        query.to(dtype), positive_key.to(dtype),
+        None if negative_keys is None else negative_keys.to(dtype), temperature, negative_mode,
+    )
+    loss = F.cross_entropy(logits, labels, reduction="none")
     return _reduce(loss, reduction).to(query.dtype)

@@ -9,39 +9,25 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from fastcl import reference
+
 # Floors for the comparison: float32 errors of eager PyTorch can be exactly 0 on tiny inputs.
 # Relative to max(1, max |oracle|).
 ATOL = {torch.float64: 1e-10, torch.float32: 2e-6, torch.bfloat16: 2e-2, torch.float16: 5e-3}
 
 
 def eager_nt_xent(z1, z2, temperature, reduction="mean"):
-    """NT-Xent as lightly computes it, entirely in the input dtype."""
-    n = z1.shape[0]
-    z = F.normalize(torch.cat([z1, z2]), dim=1)
-    logits = z @ z.T / temperature
-    logits = logits.masked_fill(torch.eye(2 * n, dtype=torch.bool, device=z.device), float("-inf"))
-    labels = torch.cat([torch.arange(n, 2 * n), torch.arange(n)]).to(z.device)
+    """NT-Xent as lightly computes it: the reference's formula, entirely in the input dtype."""
+    logits, labels = reference.nt_xent_logits(z1, z2, temperature)
     return F.cross_entropy(logits, labels, reduction=reduction)
 
 
 def eager_info_nce(query, positive_key, negative_keys, temperature, reduction="mean",
                    negative_mode="unpaired"):
-    """info-nce-pytorch's formulation, entirely in the input dtype."""
-    q = F.normalize(query, dim=-1)
-    k = F.normalize(positive_key, dim=-1)
-    if negative_keys is None:
-        logits = q @ k.T
-        labels = torch.arange(q.shape[0], device=q.device)
-    else:
-        neg = F.normalize(negative_keys, dim=-1)
-        pos = (q * k).sum(dim=1, keepdim=True)
-        if negative_mode == "unpaired":
-            negl = q @ neg.T
-        else:
-            negl = (q.unsqueeze(1) @ neg.transpose(-2, -1)).squeeze(1)
-        logits = torch.cat([pos, negl], dim=1)
-        labels = torch.zeros(q.shape[0], dtype=torch.long, device=q.device)
-    return F.cross_entropy(logits / temperature, labels, reduction=reduction)
+    """info-nce-pytorch's formulation (the reference's), entirely in the input dtype."""
+    logits, labels = reference.info_nce_logits(query, positive_key, negative_keys, temperature,
+                                               negative_mode)
+    return F.cross_entropy(logits, labels, reduction=reduction)
 
 
 def max_err(a: torch.Tensor, oracle: torch.Tensor) -> float:
