@@ -59,6 +59,13 @@ class _OnlineLSE:
         return (self.m - s_pos) + log_l, self.m + log_l
 
 
+def _tiles(n_rows: int, n_cols: int, upper: bool = False):
+    """(rows, cols) ranges of the _TILE x _TILE tiles; ``upper``: only those with j >= i."""
+    for i in range(0, n_rows, _TILE):
+        for j in range(i if upper else 0, n_cols, _TILE):
+            yield range(i, min(i + _TILE, n_rows)), range(j, min(j + _TILE, n_cols))
+
+
 def _pos_in_tile(rows: range, cols: range, pos_offset: int, n: int):
     """(row indices, col indices) within a tile of the pairs (i, (i + pos_offset) mod n)."""
     r = torch.arange(rows.start, rows.stop)
@@ -75,23 +82,21 @@ def nt_xent_forward(z, nz, inv_temp: float, precision: str = "ieee"):
     zh = _normalized(z, nz)
     state = _OnlineLSE(n, zh.dtype, z.device)
     s_pos = torch.empty(n, dtype=zh.dtype, device=z.device)
-    for i in range(0, n, _TILE):
-        rows = range(i, min(i + _TILE, n))
-        for j in range(i, n, _TILE):
-            cols = range(j, min(j + _TILE, n))
-            s = _logits(zh[i:rows.stop], zh[j:cols.stop], inv_temp)
-            # Each row takes its positive from the very float its max and sum see: row-wise
-            # from this tile, or column-wise for the rows this tile covers as columns.
-            ri, ci = _pos_in_tile(rows, cols, n // 2, n)
-            s_pos[ri + i] = s[ri, ci]
-            if i == j:
-                s.fill_diagonal_(_NEG_INF)
-                state.add(slice(i, rows.stop), s, dim=1)
-                continue
-            ci, ri = _pos_in_tile(cols, rows, n // 2, n)
-            s_pos[ci + j] = s[ri, ci]
-            state.add(slice(i, rows.stop), s.clone(), dim=1)
-            state.add(slice(j, cols.stop), s, dim=0)
+    for rows, cols in _tiles(n, n, upper=True):
+        i, j = rows.start, cols.start
+        s = _logits(zh[i:rows.stop], zh[j:cols.stop], inv_temp)
+        # Each row takes its positive from the very float its max and sum see: row-wise
+        # from this tile, or column-wise for the rows this tile covers as columns.
+        ri, ci = _pos_in_tile(rows, cols, n // 2, n)
+        s_pos[ri + i] = s[ri, ci]
+        if i == j:
+            s.fill_diagonal_(_NEG_INF)
+            state.add(slice(i, rows.stop), s, dim=1)
+            continue
+        ci, ri = _pos_in_tile(cols, rows, n // 2, n)
+        s_pos[ci + j] = s[ri, ci]
+        state.add(slice(i, rows.stop), s.clone(), dim=1)
+        state.add(slice(j, cols.stop), s, dim=0)
     return state.result(s_pos)
 
 
@@ -100,22 +105,17 @@ def nt_xent_grad(z, nz, lse, g, inv_temp: float, precision: str = "ieee"):
     zh = _normalized(z, nz)
     lse, g = lse.to(zh.dtype), g.to(zh.dtype)
     out = torch.zeros_like(zh)
-    for i in range(0, n, _TILE):
-        rows = range(i, min(i + _TILE, n))
-        lse_i, g_i = lse[i:rows.stop, None], g[i:rows.stop, None]
-        for j in range(i, n, _TILE):
-            cols = range(j, min(j + _TILE, n))
-            s = _logits(zh[i:rows.stop], zh[j:cols.stop], inv_temp)
-            if i == j:  # self-similarity can exceed the lse by ~2/tau: keep exp from overflowing
-                s.fill_diagonal_(_NEG_INF)
-            # W_ij = g_i P_ij + g_j P_ji; S is symmetric, so both come from this tile.
-            w = torch.sub(s, lse_i).exp_().mul_(g_i)
-            w.add_(s.sub_(lse[None, j:cols.stop]).exp_().mul_(g[None, j:cols.stop]))
-            w[_pos_in_tile(rows, cols, n // 2, n)] = 0.0  # positive pairs: added by the caller
-            if i == j:
-                out[i:rows.stop].addmm_(w, zh[j:cols.stop])
-                continue
-            out[i:rows.stop].addmm_(w, zh[j:cols.stop])
+    for rows, cols in _tiles(n, n, upper=True):
+        i, j = rows.start, cols.start
+        s = _logits(zh[i:rows.stop], zh[j:cols.stop], inv_temp)
+        if i == j:  # self-similarity can exceed the lse by ~2/tau: keep exp from overflowing
+            s.fill_diagonal_(_NEG_INF)
+        # W_ij = g_i P_ij + g_j P_ji; S is symmetric, so both come from this tile.
+        w = torch.sub(s, lse[i:rows.stop, None]).exp_().mul_(g[i:rows.stop, None])
+        w.add_(s.sub_(lse[None, j:cols.stop]).exp_().mul_(g[None, j:cols.stop]))
+        w[_pos_in_tile(rows, cols, n // 2, n)] = 0.0  # positive pairs: added by the caller
+        out[i:rows.stop].addmm_(w, zh[j:cols.stop])
+        if i != j:
             out[j:cols.stop].addmm_(w.T, zh[i:rows.stop])
     return out.mul_(inv_temp)
 
@@ -145,15 +145,13 @@ def lse_forward(
         state.l.fill_(1.0)
     else:
         s_pos = torch.empty(n_q, dtype=qn.dtype, device=q.device)
-    for i in range(0, n_q, _TILE):
-        rows = range(i, min(i + _TILE, n_q))
-        for j in range(0, n_k, _TILE):
-            cols = range(j, min(j + _TILE, n_k))
-            s = _logits(qn[i:rows.stop], kn[j:cols.stop], inv_temp)
-            if pos_offset is not None:
-                ri, ci = _pos_in_tile(rows, cols, pos_offset, n_k)
-                s_pos[ri + i] = s[ri, ci]
-            state.add(slice(i, rows.stop), s, dim=1)
+    for rows, cols in _tiles(n_q, n_k):
+        i, j = rows.start, cols.start
+        s = _logits(qn[i:rows.stop], kn[j:cols.stop], inv_temp)
+        if pos_offset is not None:
+            ri, ci = _pos_in_tile(rows, cols, pos_offset, n_k)
+            s_pos[ri + i] = s[ri, ci]
+        state.add(slice(i, rows.stop), s, dim=1)
     return state.result(s_pos)
 
 
@@ -175,18 +173,16 @@ def grad_accumulate(
     acc = an.dtype
     n_a, n_b = a.shape[0], b.shape[0]
     out = torch.zeros_like(an)
-    for i in range(0, n_a, _TILE):
-        rows = range(i, min(i + _TILE, n_a))
-        for j in range(0, n_b, _TILE):
-            cols = range(j, min(j + _TILE, n_b))
-            s = _logits(an[i:rows.stop], bn[j:cols.stop], inv_temp)
-            if lse_a is not None:
-                w = s.sub_(lse_a[i:rows.stop, None].to(acc)).exp_()
-                w.mul_(g_a[i:rows.stop, None].to(acc))
-            else:
-                w = s.sub_(lse_b[None, j:cols.stop].to(acc)).exp_()
-                w.mul_(g_b[None, j:cols.stop].to(acc))
-            if pos_offset is not None:
-                w[_pos_in_tile(rows, cols, pos_offset, n_b)] = 0.0
-            out[i:rows.stop].addmm_(w, bn[j:cols.stop])
+    for rows, cols in _tiles(n_a, n_b):
+        i, j = rows.start, cols.start
+        s = _logits(an[i:rows.stop], bn[j:cols.stop], inv_temp)
+        if lse_a is not None:
+            w = s.sub_(lse_a[i:rows.stop, None].to(acc)).exp_()
+            w.mul_(g_a[i:rows.stop, None].to(acc))
+        else:
+            w = s.sub_(lse_b[None, j:cols.stop].to(acc)).exp_()
+            w.mul_(g_b[None, j:cols.stop].to(acc))
+        if pos_offset is not None:
+            w[_pos_in_tile(rows, cols, pos_offset, n_b)] = 0.0
+        out[i:rows.stop].addmm_(w, bn[j:cols.stop])
     return out.mul_(inv_temp)
