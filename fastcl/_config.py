@@ -3,19 +3,23 @@
 ``FASTCL_BACKEND`` picks the implementation behind every op, on every device:
 
 ``auto`` (default)
-    CUDA tensors run the Triton kernels; CPU tensors run the chunked PyTorch path
-    (``fastcl/kernels/chunked.py``) until the C++ CPU path lands.
+    CUDA tensors run the Triton kernels; CPU tensors run the C++ kernels (``csrc/``, built on
+    first use). Where those cannot run (no Triton on CUDA; no compiler or ninja on CPU) fastcl
+    warns once and uses the chunked PyTorch path (``fastcl/kernels/chunked.py``).
 ``triton``
     The Triton kernels, forced. CPU tensors need ``TRITON_INTERPRET=1`` set before fastcl's
     kernels are first used (the interpreter is slow: small shapes only).
 ``chunked``
     The row-chunked PyTorch implementation: O(N*D) memory, any device.
 ``cpp``
-    The C++ CPU kernels. Not built yet: forcing it raises.
+    The C++ CPU kernels, CPU tensors only; raises if they cannot be built.
 ``reference``
     ``fastcl.reference``: the plain O(N^2) PyTorch oracle. For debugging and comparisons.
 
 A forced backend that cannot run raises; it never falls back silently.
+
+``FASTCL_CPP_BUILD_DIR`` is where the C++ kernels are built and cached (default:
+``$TORCH_EXTENSIONS_DIR/fastcl``, or ``~/.cache/torch_extensions/fastcl``).
 """
 from __future__ import annotations
 
@@ -43,6 +47,17 @@ def triton_interpret() -> bool:
     first Triton call works.
     """
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def cpp_build_root() -> str:
+    """The directory under which the C++ kernels are built and cached."""
+    root = os.environ.get("FASTCL_CPP_BUILD_DIR")
+    if root:
+        return root
+    base = os.environ.get("TORCH_EXTENSIONS_DIR") or os.path.join(
+        os.path.expanduser("~"), ".cache", "torch_extensions"
+    )
+    return os.path.join(base, "fastcl")
 
 
 def get_backend() -> str:

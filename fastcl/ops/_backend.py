@@ -2,12 +2,14 @@
 
 The choice depends on ``fastcl._config.get_backend()`` and the tensors' device and dtype:
 
-- ``auto``: CUDA float16/bfloat16/float32 -> Triton; everything else (CPU, float64) -> chunked.
-  On CUDA without an importable Triton it warns once and uses the chunked path.
+- ``auto``: CUDA float16/bfloat16/float32 -> Triton; CPU tensors -> the C++ kernels; anything
+  else (CUDA float64) -> chunked. Where the fast path cannot run (no Triton on CUDA; no compiler
+  or ninja to build the C++ kernels) it warns once, saying how to get it, and uses the chunked
+  path.
 - ``triton``: Triton, or a ``RuntimeError`` saying why it cannot run (CPU without
   ``TRITON_INTERPRET=1``, float64, Triton missing).
 - ``chunked``: the chunked PyTorch path on any device.
-- ``cpp``: the C++ CPU path is not built yet; raises.
+- ``cpp``: the C++ kernels for CPU tensors, or a ``RuntimeError`` saying why they cannot run.
 """
 from __future__ import annotations
 
@@ -22,7 +24,8 @@ from fastcl import _config
 _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _triton_module = None
 _triton_error = None
-_warned_fallback = False
+_cpp_module = None
+_warned = set()
 
 
 def _load_triton() -> ModuleType:
@@ -38,6 +41,34 @@ def _load_triton() -> ModuleType:
             "install triton (`pip install triton`)"
         )
     return _triton_module
+
+
+def _load_cpp() -> ModuleType:
+    """The C++ kernels' backend module; raises fastcl._cpp.CppUnavailable if they can't be built."""
+    global _cpp_module
+    if _cpp_module is None:
+        from fastcl import _cpp
+
+        _cpp.load()
+        from fastcl.ops import _cpp_meta
+
+        _cpp_meta.register()
+        _cpp_module = importlib.import_module("fastcl.kernels.cpp")
+    return _cpp_module
+
+
+def _cpp_for(t: torch.Tensor) -> ModuleType:
+    if t.device.type != "cpu":
+        raise RuntimeError(
+            f"FASTCL_BACKEND=cpp runs on CPU tensors, got {t.device}; use FASTCL_BACKEND=auto"
+        )
+    return _load_cpp()
+
+
+def _warn_once(key: str, message: str) -> None:
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(message, RuntimeWarning, stacklevel=4)
 
 
 def _chunked() -> ModuleType:
@@ -65,33 +96,35 @@ def _triton_for(t: torch.Tensor) -> ModuleType:
 
 def implementation(t: torch.Tensor) -> ModuleType:
     """The kernel module that runs an op whose main input is ``t``."""
-    global _warned_fallback
     backend = _config.get_backend()
     if backend == "triton":
         return _triton_for(t)
     if backend == "chunked":
         return _chunked()
     if backend == "cpp":
-        raise RuntimeError(
-            "FASTCL_BACKEND=cpp: the C++ CPU kernels are not part of this fastcl build yet; "
-            "use FASTCL_BACKEND=auto or chunked"
-        )
+        return _cpp_for(t)
     if backend == "reference":
         # fastcl.functional handles the reference before any op is called.
         raise RuntimeError("FASTCL_BACKEND=reference reached a fastcl op; call fastcl.functional")
     # auto
-    if t.device.type == "cuda" and t.dtype in _TRITON_DTYPES:
+    if t.device.type == "cpu":
+        try:
+            return _load_cpp()
+        except RuntimeError as exc:
+            _warn_once(
+                "cpp",
+                f"fastcl could not build its C++ CPU kernels ({exc}). It falls back to its "
+                "chunked PyTorch path, which is slower.",
+            )
+    elif t.device.type == "cuda" and t.dtype in _TRITON_DTYPES:
         try:
             return _load_triton()
         except RuntimeError as exc:
-            if not _warned_fallback:
-                _warned_fallback = True
-                warnings.warn(
-                    f"{exc}. fastcl falls back to its chunked PyTorch path, which is slower; "
-                    "`pip install triton` gives the fused CUDA kernels.",
-                    RuntimeWarning,
-                    stacklevel=3,
-                )
+            _warn_once(
+                "triton",
+                f"{exc}. fastcl falls back to its chunked PyTorch path, which is slower; "
+                "`pip install triton` gives the fused CUDA kernels.",
+            )
     return _chunked()
 
 

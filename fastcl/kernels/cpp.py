@@ -1,0 +1,43 @@
+"""The C++ CPU kernels (``csrc/contrastive.cpp``) behind the backend contract of
+``fastcl.kernels``: thin calls into the ``torch.ops.fastcl_cpu`` operators.
+
+``precision`` is accepted for the contract's sake: the tiles' products are ATen matmuls, which
+follow torch's own float32 matmul settings on the CPU, as eager PyTorch does.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+
+from fastcl import _cpp
+
+_cpp.load()
+_ops = torch.ops.fastcl_cpu
+
+
+def nt_xent_forward(z, nz, inv_temp: float, precision: str = "ieee"):
+    return _ops.nt_xent_forward(z, nz, inv_temp)
+
+
+def nt_xent_grad(z, nz, lse, g, inv_temp: float, precision: str = "ieee"):
+    return _ops.nt_xent_grad(z, nz, lse, g, inv_temp)
+
+
+def lse_forward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    nq: torch.Tensor,
+    nk: torch.Tensor,
+    positive: Optional[Tuple[torch.Tensor, torch.Tensor]],
+    inv_temp: float,
+    pos_offset: Optional[int],
+    precision: str = "ieee",
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    k_pos, n_pos = positive if positive is not None else (None, None)
+    return _ops.lse_forward(q, k, nq, nk, k_pos, n_pos, inv_temp, pos_offset)
+
+
+def grad_accumulate(a, b, na, nb, lse_a, g_a, lse_b, g_b, inv_temp: float,
+                    pos_offset: Optional[int], precision: str = "ieee") -> torch.Tensor:
+    return _ops.grad_accumulate(a, b, na, nb, lse_a, g_a, lse_b, g_b, inv_temp, pos_offset)
