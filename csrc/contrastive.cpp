@@ -2,7 +2,7 @@
 // backward. The contract is the one in fastcl/kernels/__init__.py; the registration is in
 // registration.cpp.
 //
-// Every kernel walks kTile x kTile tiles of the similarity matrix. A tile's logits come from one
+// Every kernel walks (tile x tile) blocks of the similarity matrix. A tile's logits come from one
 // BLAS product (ATen's matmul, single-threaded inside the parallel region) into a per-thread
 // scratch buffer that stays in the core's L2 cache; the max / exp / sum work on it runs in
 // vectorized loops (fast_exp.h); at::parallel_for spreads tiles over the cores. Nothing of size
@@ -32,10 +32,10 @@
 namespace fastcl {
 namespace {
 
-#ifndef FASTCL_TILE
-#define FASTCL_TILE 128
-#endif
-constexpr int64_t kTile = FASTCL_TILE;
+// Tiles are tile x tile logits; fastcl/kernels/cpp.py passes 128 (measured best on a 2-core
+// Zen 4 at N = 1024..4096, D = 128: 256 was 10-20% slower at N = 1024, equal at 4096), tests pass
+// small ones to cross many tile boundaries on small inputs.
+constexpr int64_t kMaxTile = 4096;
 
 template <typename T>
 constexpr T neg_inf() {
@@ -66,6 +66,11 @@ at::Tensor normalized(const at::Tensor& x, const at::Tensor& norm) {
   return (x.to(norm.scalar_type()) / norm.unsqueeze(1)).contiguous();
 }
 
+void check_tile(int64_t tile) {
+  TORCH_CHECK(tile >= 1 && tile <= kMaxTile, "fastcl_cpu: tile must be in [1, ", kMaxTile,
+              "], got ", tile);
+}
+
 void check_rows(const at::Tensor& x, const at::Tensor& norm, const char* name) {
   TORCH_CHECK(x.device().is_cpu() && norm.device().is_cpu(), "fastcl_cpu: ", name,
               " must be a CPU tensor");
@@ -86,11 +91,12 @@ at::Tensor row_vector(const at::Tensor& v, const at::Tensor& like_norm, int64_t 
 // Per-thread scratch: one tile of logits plus a few tile-length vectors.
 template <typename T>
 struct Scratch {
-  explicit Scratch(int64_t threads) : tiles(threads, std::vector<T>(kTile * kTile)),
-                                      vecs(threads, std::vector<T>(kVecs * kTile)) {}
+  Scratch(int64_t threads, int64_t tile) : len(tile), tiles(threads, std::vector<T>(tile * tile)),
+                                           vecs(threads, std::vector<T>(kVecs * tile)) {}
   static constexpr int kVecs = 4;
   T* tile() { return tiles[at::get_thread_num()].data(); }
-  T* vec(int k) { return vecs[at::get_thread_num()].data() + k * kTile; }
+  T* vec(int k) { return vecs[at::get_thread_num()].data() + k * len; }
+  int64_t len;
   std::vector<std::vector<T>> tiles, vecs;
 };
 
@@ -196,16 +202,16 @@ void run_rounds(const std::vector<std::vector<std::pair<int64_t, int64_t>>>& rou
 // Row-block height for the general kernels: enough blocks to share out over the cores even when
 // there are few rows (a MoCo batch), derived from the shape alone so that results do not depend
 // on the thread count.
-int64_t row_block(int64_t rows) {
+int64_t row_block(int64_t rows, int64_t tile) {
   const int64_t target = (rows + 7) / 8;
-  return std::min<int64_t>(kTile, std::max<int64_t>(16, (target + 15) / 16 * 16));
+  return std::min<int64_t>(tile, std::max<int64_t>(16, (target + 15) / 16 * 16));
 }
 
 // ------------------------------------------------------------------------ NT-Xent ---------
 
 template <typename T>
 std::tuple<at::Tensor, at::Tensor> nt_xent_forward_impl(const at::Tensor& z, const at::Tensor& nz,
-                                                        double inv_temp) {
+                                                        double inv_temp, int64_t tile) {
   const auto zh = normalized(z, nz);
   const int64_t n = zh.size(0), d = zh.size(1), half = n / 2;
   const auto opts = zh.options();
@@ -215,13 +221,13 @@ std::tuple<at::Tensor, at::Tensor> nt_xent_forward_impl(const at::Tensor& z, con
   const T* zp = zh.data_ptr<T>();
   OnlineLSE<T> st{m.data_ptr<T>(), l.data_ptr<double>()};
   T* sp = s_pos.data_ptr<T>();
-  const int64_t blocks = (n + kTile - 1) / kTile;
+  const int64_t blocks = (n + tile - 1) / tile;
   const bool fast = one_exp<T>(inv_temp, n);
-  Scratch<T> scratch(at::get_num_threads());
+  Scratch<T> scratch(at::get_num_threads(), tile);
 
   run_rounds(symmetric_rounds(blocks), [&](int64_t bi, int64_t bj) {
-    const int64_t i0 = bi * kTile, rows = std::min(kTile, n - i0);
-    const int64_t j0 = bj * kTile, cols = std::min(kTile, n - j0);
+    const int64_t i0 = bi * tile, rows = std::min(tile, n - i0);
+    const int64_t j0 = bj * tile, cols = std::min(tile, n - j0);
     T* s = scratch.tile();
     logits_tile(zp + i0 * d, rows, zp + j0 * d, cols, d, inv_temp, s, opts);
     // Positives: row i's is column (i + N) mod 2N, taken from the very float its max sees.
@@ -298,7 +304,7 @@ std::tuple<at::Tensor, at::Tensor> nt_xent_forward_impl(const at::Tensor& z, con
 
 template <typename T>
 at::Tensor nt_xent_grad_impl(const at::Tensor& z, const at::Tensor& nz, const at::Tensor& lse_in,
-                             const at::Tensor& g_in, double inv_temp) {
+                             const at::Tensor& g_in, double inv_temp, int64_t tile) {
   const auto zh = normalized(z, nz);
   const int64_t n = zh.size(0), d = zh.size(1), half = n / 2;
   const auto opts = zh.options();
@@ -309,13 +315,13 @@ at::Tensor nt_xent_grad_impl(const at::Tensor& z, const at::Tensor& nz, const at
   auto out = at::zeros({n, d}, opts);
   const T* zp = zh.data_ptr<T>();
   T* op = out.data_ptr<T>();
-  const int64_t blocks = (n + kTile - 1) / kTile;
+  const int64_t blocks = (n + tile - 1) / tile;
   const bool fast = one_exp<T>(inv_temp, n);
-  Scratch<T> scratch(at::get_num_threads());
+  Scratch<T> scratch(at::get_num_threads(), tile);
 
   run_rounds(symmetric_rounds(blocks), [&](int64_t bi, int64_t bj) {
-    const int64_t i0 = bi * kTile, rows = std::min(kTile, n - i0);
-    const int64_t j0 = bj * kTile, cols = std::min(kTile, n - j0);
+    const int64_t i0 = bi * tile, rows = std::min(tile, n - i0);
+    const int64_t j0 = bj * tile, cols = std::min(tile, n - j0);
     T* w = scratch.tile();
     logits_tile(zp + i0 * d, rows, zp + j0 * d, cols, d, inv_temp, w, opts);
     if (bi == bj) {
@@ -391,7 +397,7 @@ template <typename T>
 std::tuple<at::Tensor, at::Tensor> lse_forward_impl(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& nq, const at::Tensor& nk,
     const c10::optional<at::Tensor>& k_pos, const c10::optional<at::Tensor>& n_pos,
-    double inv_temp, c10::optional<int64_t> pos_offset) {
+    double inv_temp, c10::optional<int64_t> pos_offset, int64_t tile) {
   const auto qh = normalized(q, nq);
   const auto kh = normalized(k, nk);
   const int64_t nr = qh.size(0), nc = kh.size(0), d = qh.size(1);
@@ -412,15 +418,15 @@ std::tuple<at::Tensor, at::Tensor> lse_forward_impl(
   const T* kp = kh.data_ptr<T>();
   OnlineLSE<T> st{m.data_ptr<T>(), l.data_ptr<double>()};
   T* sp = s_pos.data_ptr<T>();
-  const int64_t rb = row_block(nr), blocks = (nr + rb - 1) / rb;
-  Scratch<T> scratch(at::get_num_threads());
+  const int64_t rb = row_block(nr, tile), blocks = (nr + rb - 1) / rb;
+  Scratch<T> scratch(at::get_num_threads(), tile);
 
   at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
     T* s = scratch.tile();
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t i0 = b * rb, rows = std::min(rb, nr - i0);
-      for (int64_t j0 = 0; j0 < nc; j0 += kTile) {
-        const int64_t cols = std::min(kTile, nc - j0);
+      for (int64_t j0 = 0; j0 < nc; j0 += tile) {
+        const int64_t cols = std::min(tile, nc - j0);
         logits_tile(qp + i0 * d, rows, kp + j0 * d, cols, d, inv_temp, s, opts);
         for (int64_t r = 0; r < rows; ++r) {
           const T* sr = s + r * cols;
@@ -443,7 +449,7 @@ at::Tensor grad_accumulate_impl(const at::Tensor& a, const at::Tensor& b, const 
                                 const c10::optional<at::Tensor>& g_a,
                                 const c10::optional<at::Tensor>& lse_b,
                                 const c10::optional<at::Tensor>& g_b, double inv_temp,
-                                c10::optional<int64_t> pos_offset) {
+                                c10::optional<int64_t> pos_offset, int64_t tile) {
   const auto ah = normalized(a, na);
   const auto bh = normalized(b, nb);
   const int64_t nr = ah.size(0), nc = bh.size(0), d = ah.size(1);
@@ -457,15 +463,15 @@ at::Tensor grad_accumulate_impl(const at::Tensor& a, const at::Tensor& b, const 
   const T* ap = ah.data_ptr<T>();
   const T* bp = bh.data_ptr<T>();
   T* op = out.data_ptr<T>();
-  const int64_t rb = row_block(nr), blocks = (nr + rb - 1) / rb;
-  Scratch<T> scratch(at::get_num_threads());
+  const int64_t rb = row_block(nr, tile), blocks = (nr + rb - 1) / rb;
+  Scratch<T> scratch(at::get_num_threads(), tile);
 
   at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
     T* w = scratch.tile();
     for (int64_t blk = b0; blk < b1; ++blk) {
       const int64_t i0 = blk * rb, rows = std::min(rb, nr - i0);
-      for (int64_t j0 = 0; j0 < nc; j0 += kTile) {
-        const int64_t cols = std::min(kTile, nc - j0);
+      for (int64_t j0 = 0; j0 < nc; j0 += tile) {
+        const int64_t cols = std::min(tile, nc - j0);
         logits_tile(ap + i0 * d, rows, bp + j0 * d, cols, d, inv_temp, w, opts);
         for (int64_t r = 0; r < rows; ++r) {
           T* wr = w + r * cols;
@@ -502,20 +508,22 @@ auto dispatch(const at::Tensor& norm, F&& f) {
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> nt_xent_forward(const at::Tensor& z, const at::Tensor& nz,
-                                                   double inv_temp) {
+                                                   double inv_temp, int64_t tile) {
+  check_tile(tile);
   check_rows(z, nz, "z");
   TORCH_CHECK(z.size(0) % 2 == 0, "fastcl_cpu: z must hold 2N rows");
   return dispatch(nz, [&](auto t) {
-    return nt_xent_forward_impl<decltype(t)>(z, nz, inv_temp);
+    return nt_xent_forward_impl<decltype(t)>(z, nz, inv_temp, tile);
   });
 }
 
 at::Tensor nt_xent_grad(const at::Tensor& z, const at::Tensor& nz, const at::Tensor& lse,
-                        const at::Tensor& g, double inv_temp) {
+                        const at::Tensor& g, double inv_temp, int64_t tile) {
+  check_tile(tile);
   check_rows(z, nz, "z");
   TORCH_CHECK(z.size(0) % 2 == 0, "fastcl_cpu: z must hold 2N rows");
   return dispatch(nz, [&](auto t) {
-    return nt_xent_grad_impl<decltype(t)>(z, nz, lse, g, inv_temp);
+    return nt_xent_grad_impl<decltype(t)>(z, nz, lse, g, inv_temp, tile);
   });
 }
 
@@ -524,7 +532,8 @@ std::tuple<at::Tensor, at::Tensor> lse_forward(const at::Tensor& q, const at::Te
                                                const c10::optional<at::Tensor>& k_pos,
                                                const c10::optional<at::Tensor>& n_pos,
                                                double inv_temp,
-                                               c10::optional<int64_t> pos_offset) {
+                                               c10::optional<int64_t> pos_offset, int64_t tile) {
+  check_tile(tile);
   check_rows(q, nq, "q");
   check_rows(k, nk, "k");
   TORCH_CHECK(q.size(1) == k.size(1), "fastcl_cpu: q and k must have the same width");
@@ -538,7 +547,8 @@ std::tuple<at::Tensor, at::Tensor> lse_forward(const at::Tensor& q, const at::Te
   }
   TORCH_CHECK(k.size(0) > 0 || k_pos.has_value(), "fastcl_cpu: k must not be empty");
   return dispatch(nq, [&](auto t) {
-    return lse_forward_impl<decltype(t)>(q, k, nq, nk, k_pos, n_pos, inv_temp, pos_offset);
+    return lse_forward_impl<decltype(t)>(q, k, nq, nk, k_pos, n_pos, inv_temp, pos_offset,
+                                         tile);
   });
 }
 
@@ -547,7 +557,8 @@ at::Tensor grad_accumulate(const at::Tensor& a, const at::Tensor& b, const at::T
                            const c10::optional<at::Tensor>& g_a,
                            const c10::optional<at::Tensor>& lse_b,
                            const c10::optional<at::Tensor>& g_b, double inv_temp,
-                           c10::optional<int64_t> pos_offset) {
+                           c10::optional<int64_t> pos_offset, int64_t tile) {
+  check_tile(tile);
   check_rows(a, na, "a");
   check_rows(b, nb, "b");
   TORCH_CHECK(a.size(1) == b.size(1), "fastcl_cpu: a and b must have the same width");
@@ -557,7 +568,7 @@ at::Tensor grad_accumulate(const at::Tensor& a, const at::Tensor& b, const at::T
               "fastcl_cpu: give exactly one of (lse_a, g_a) and (lse_b, g_b)");
   return dispatch(na, [&](auto t) {
     return grad_accumulate_impl<decltype(t)>(a, b, na, nb, lse_a, g_a, lse_b, g_b, inv_temp,
-                                             pos_offset);
+                                             pos_offset, tile);
   });
 }
 

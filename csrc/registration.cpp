@@ -10,33 +10,35 @@
 namespace fastcl {
 
 std::tuple<at::Tensor, at::Tensor> nt_xent_forward(const at::Tensor& z, const at::Tensor& nz,
-                                                   double inv_temp);
+                                                   double inv_temp, int64_t tile);
 at::Tensor nt_xent_grad(const at::Tensor& z, const at::Tensor& nz, const at::Tensor& lse,
-                        const at::Tensor& g, double inv_temp);
+                        const at::Tensor& g, double inv_temp, int64_t tile);
 std::tuple<at::Tensor, at::Tensor> lse_forward(const at::Tensor& q, const at::Tensor& k,
                                                const at::Tensor& nq, const at::Tensor& nk,
                                                const c10::optional<at::Tensor>& k_pos,
                                                const c10::optional<at::Tensor>& n_pos,
                                                double inv_temp,
-                                               c10::optional<int64_t> pos_offset);
+                                               c10::optional<int64_t> pos_offset, int64_t tile);
 at::Tensor grad_accumulate(const at::Tensor& a, const at::Tensor& b, const at::Tensor& na,
                            const at::Tensor& nb, const c10::optional<at::Tensor>& lse_a,
                            const c10::optional<at::Tensor>& g_a,
                            const c10::optional<at::Tensor>& lse_b,
                            const c10::optional<at::Tensor>& g_b, double inv_temp,
-                           c10::optional<int64_t> pos_offset);
+                           c10::optional<int64_t> pos_offset, int64_t tile);
 
 }  // namespace fastcl
 
 TORCH_LIBRARY(fastcl_cpu, m) {
-  m.def("nt_xent_forward(Tensor z, Tensor nz, float inv_temp) -> (Tensor, Tensor)");
-  m.def("nt_xent_grad(Tensor z, Tensor nz, Tensor lse, Tensor g, float inv_temp) -> Tensor");
+  m.def("nt_xent_forward(Tensor z, Tensor nz, float inv_temp, int tile) -> (Tensor, Tensor)");
+  m.def(
+      "nt_xent_grad(Tensor z, Tensor nz, Tensor lse, Tensor g, float inv_temp, int tile) "
+      "-> Tensor");
   m.def(
       "lse_forward(Tensor q, Tensor k, Tensor nq, Tensor nk, Tensor? k_pos, Tensor? n_pos, "
-      "float inv_temp, int? pos_offset) -> (Tensor, Tensor)");
+      "float inv_temp, int? pos_offset, int tile) -> (Tensor, Tensor)");
   m.def(
       "grad_accumulate(Tensor a, Tensor b, Tensor na, Tensor nb, Tensor? lse_a, Tensor? g_a, "
-      "Tensor? lse_b, Tensor? g_b, float inv_temp, int? pos_offset) -> Tensor");
+      "Tensor? lse_b, Tensor? g_b, float inv_temp, int? pos_offset, int tile) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(fastcl_cpu, CPU, m) {

@@ -2,8 +2,11 @@
 
 - Without CUDA, the Triton kernels run under the interpreter: TRITON_INTERPRET=1 is set here,
   before fastcl (and so Triton's kernel modules) are imported.
-- ``backend`` parametrizes a test over fastcl's backends: ``chunked`` (the CPU path) and
-  ``triton`` (interpreter on CPU, real kernels on CUDA). Each comes with the device it runs on.
+- ``backend`` parametrizes a test over fastcl's backends: ``cpp`` (the C++ CPU kernels, the
+  default on CPU), ``chunked`` (tiled PyTorch, the fallback) and ``triton`` (interpreter on CPU,
+  real kernels on CUDA). Each comes with the device it runs on.
+- ``tile_patch(name, tile)`` sets the tile edge of the chunked or C++ backend, so that small
+  inputs cross many tile boundaries.
 - Hypothesis profiles: ``ci`` (bounded, used when CI is set) and ``dev``; choose with
   HYPOTHESIS_PROFILE. Deadlines are off: first calls compile.
 """
@@ -60,7 +63,28 @@ class Backend:
         return f"{self.name}-{self.device.type}"
 
 
-BACKENDS = [Backend("chunked", "cpu"), Backend("triton", TRITON_DEVICE)]
+BACKENDS = [Backend("cpp", "cpu"), Backend("chunked", "cpu"), Backend("triton", TRITON_DEVICE)]
+CPU_BACKENDS = ("cpp", "chunked")  # the CPU paths that run at full speed
+
+
+def kernel_module(name: str):
+    """The backend module of ``cpp`` or ``chunked`` (importing cpp builds it if needed)."""
+    if name == "cpp":
+        from fastcl.kernels import cpp
+
+        return cpp
+    if name == "chunked":
+        from fastcl.kernels import chunked
+
+        return chunked
+    raise ValueError(f"no tile size to patch on backend {name!r}")
+
+
+def tile_patch(name: str, tile: int):
+    """Context manager: the ``cpp`` or ``chunked`` backend runs with tile edge ``tile``."""
+    from unittest import mock
+
+    return mock.patch.object(kernel_module(name), "_TILE", tile)
 if HAS_CUDA:
     BACKENDS.append(Backend("chunked", "cuda"))
 
@@ -69,6 +93,13 @@ if HAS_CUDA:
 def backend(request):
     """Runs the test with fastcl forced to one backend; yields the Backend (name, device)."""
     with fastcl.use_backend(request.param.name):
+        yield request.param
+
+
+@pytest.fixture(params=CPU_BACKENDS)
+def cpu_backend(request):
+    """Runs the test with fastcl forced to one of its full-speed CPU backends; yields its name."""
+    with fastcl.use_backend(request.param):
         yield request.param
 
 

@@ -12,8 +12,6 @@ formula). Helpers shared with the NT-Xent tests live in ``test_nt_xent``.
 """
 from __future__ import annotations
 
-from unittest import mock
-
 import pytest
 import torch
 from hypothesis import given, settings
@@ -21,12 +19,12 @@ from hypothesis import strategies as st
 
 import fastcl
 from fastcl import reference
-from fastcl.kernels import chunked
+from conftest import CPU_BACKENDS, kernel_module, tile_patch
 from test_nt_xent import (
     REDUCTIONS,
     SEEDS,
     TEMPERATURES,
-    _chunking,
+    _tiling,
     _dims,
     _randn,
     assert_same_as_contiguous,
@@ -102,25 +100,26 @@ def test_matches_reference_values_and_grads(backend, data, seed, mode, temperatu
     tensors = _make_inputs(gen, mode, n, m, d, dtype, backend.device)
     needs = tuple(data.draw(st.booleans(), label=f"needs_grad{i}") for i in range(len(tensors)))
     fast, oracle, eager = _fns(mode, temperature, reduction)
-    with _chunking(backend, data):
+    with _tiling(backend, data):
         check_against_oracle(fast, oracle, eager, tensors, needs, dtype, gen)
 
 
+@pytest.mark.parametrize("name", CPU_BACKENDS)
 @given(data=st.data(), seed=SEEDS, mode=st.sampled_from(MODES), temperature=TEMPERATURES,
        reduction=st.sampled_from(REDUCTIONS))
-def test_float64_chunked_matches_info_nce_pytorch(data, seed, mode, temperature, reduction):
-    """In float64 on the chunked backend, fastcl.info_nce equals info-nce-pytorch's formula
-    (``eager_info_nce`` in float64) and the reference to ~1e-10, values and gradients wrt every
-    input, in all three negative modes; the result is float64."""
+def test_float64_matches_info_nce_pytorch(name, data, seed, mode, temperature, reduction):
+    """In float64 on the C++ and chunked backends, fastcl.info_nce equals info-nce-pytorch's
+    formula (``eager_info_nce`` in float64) and the reference to ~1e-10, values and gradients
+    wrt every input, in all three negative modes; the result is float64."""
     n = data.draw(st.integers(1, 100), label="n")
     d = data.draw(st.integers(1, 100), label="d")
     m = data.draw(st.integers(1, 30 if mode == "paired" else 150), label="m")
-    tile = data.draw(st.sampled_from([chunked._TILE, 3, 50]), label="tile")
+    tile = data.draw(st.sampled_from([kernel_module(name)._TILE, 3, 50]), label="tile")
     gen = torch.Generator().manual_seed(seed)
     tensors = [t.requires_grad_() for t in
                _make_inputs(gen, mode, n, m, d, torch.float64, "cpu")]
     fast, oracle, eager = _fns(mode, temperature, reduction)
-    with fastcl.use_backend("chunked"), mock.patch.object(chunked, "_TILE", tile):
+    with fastcl.use_backend(name), tile_patch(name, tile):
         out = fast(*tensors)
         cot = torch.randn(out.shape, generator=gen, dtype=torch.float64)
         g = torch.autograd.grad(out, tensors, cot)
@@ -188,7 +187,7 @@ def test_noncontiguous_inputs_match_contiguous(backend, data, seed, mode, temper
         leaves.append(leaf.requires_grad_())
         views.append(view)
     fast = _fns(mode, temperature, reduction)[0]
-    with _chunking(backend, data):
+    with _tiling(backend, data):
         assert_same_as_contiguous(fast, views, leaves, temperature, gen)
 
 
@@ -213,7 +212,7 @@ def test_near_collapsed_embeddings_at_low_temperature(backend, data, seed, mode)
     if mode != "inbatch":
         tensors.append(near(m) if mode == "unpaired" else near(n, m))
     fast, oracle, eager = _fns(mode, 0.01, "mean")
-    with _chunking(backend, data):
+    with _tiling(backend, data):
         check_against_oracle(fast, oracle, eager, tensors, (True,) * len(tensors),
                              torch.float32, gen)
     # A plain exp of these logits is what the max shift avoids: it overflows float32.
@@ -233,7 +232,7 @@ def test_reductions_are_consistent(backend, data, seed, mode, temperature, dtype
     m = _negatives(backend, data, mode)
     gen = torch.Generator().manual_seed(seed)
     tensors = _make_inputs(gen, mode, n, m, d, dtype, backend.device)
-    with _chunking(backend, data):
+    with _tiling(backend, data):
         rows = _fns(mode, temperature, "none")[0](*tensors)
         mean = _fns(mode, temperature, "mean")[0](*tensors)
         total = _fns(mode, temperature, "sum")[0](*tensors)
@@ -263,7 +262,7 @@ def test_permutation_and_scale_invariance(backend, data, seed, mode, temperature
     scales = [torch.exp(3 * torch.rand(t.shape[:-1] + (1,), generator=gen) - 1.5) for t in tensors]
     fast = _fns(mode, temperature, "none")[0]
     tol = dict(rtol=1e-5, atol=1e-6 * max(1.0, 1.0 / temperature))
-    with _chunking(backend, data):
+    with _tiling(backend, data):
         base = fast(*tensors)
         permuted = [t[perm] for t in tensors[:2]]
         if mode == "paired":

@@ -5,13 +5,13 @@ gradients must satisfy flash-attention's rule (``tolerances.assert_within_rule``
 against the oracle is at most 2x the error of eager PyTorch in the input dtype, plus a small atol.
 
 Shapes cross the tile boundaries of each backend: the Triton interpreter uses 32-row/column tiles
-and 32-wide D chunks (NT-Xent has 2N rows, so N in 1..40 crosses 32 and 64 rows); the chunked
-path is run with its block size patched down so that it, too, splits rows into several chunks.
+and 32-wide D chunks (NT-Xent has 2N rows, so N in 1..40 crosses 32 and 64 rows); the C++ and
+chunked paths are run with their tile edge drawn small too, so that they split rows into several
+tiles (and the C++ path's NT-Xent schedule into several rounds).
 """
 from __future__ import annotations
 
 import contextlib
-from unittest import mock
 
 import pytest
 import torch
@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 
 import fastcl
 from fastcl import reference
-from fastcl.kernels import chunked
+from conftest import CPU_BACKENDS, kernel_module, tile_patch
 from tolerances import assert_within_rule, eager_nt_xent, max_err
 
 REDUCTIONS = ("mean", "sum", "none")
@@ -63,12 +63,12 @@ def _dims(backend, data, label="d"):
     )
 
 
-def _chunking(backend, data):
-    """On the chunked backend, also draw the tile size so inputs span many tiles."""
-    if backend.name != "chunked":
+def _tiling(backend, data):
+    """On the C++ and chunked backends, also draw the tile edge so inputs span many tiles."""
+    if backend.name not in CPU_BACKENDS:
         return contextlib.nullcontext()
-    tile = data.draw(st.sampled_from([chunked._TILE, 7, 32]), label="tile")
-    return mock.patch.object(chunked, "_TILE", tile)
+    tile = data.draw(st.sampled_from([kernel_module(backend.name)._TILE, 7, 32]), label="tile")
+    return tile_patch(backend.name, tile)
 
 
 def _randn(gen, shape, dtype, device, spread=True):
@@ -131,7 +131,7 @@ def test_matches_reference_values_and_grads(backend, data, seed, temperature, re
     z1 = _randn(gen, (n, d), dtype, backend.device)
     z2 = _randn(gen, (n, d), dtype, backend.device)
     needs = data.draw(st.sampled_from([(True, True), (True, False), (False, True)]), label="needs")
-    with _chunking(backend, data):
+    with _tiling(backend, data):
         check_against_oracle(
             lambda a, b: fastcl.nt_xent(a, b, temperature, reduction),
             lambda a, b: reference.nt_xent(a, b, temperature, reduction),
@@ -140,18 +140,19 @@ def test_matches_reference_values_and_grads(backend, data, seed, temperature, re
         )
 
 
+@pytest.mark.parametrize("name", CPU_BACKENDS)
 @given(data=st.data(), seed=SEEDS, temperature=TEMPERATURES,
        reduction=st.sampled_from(REDUCTIONS))
-def test_float64_chunked_matches_reference_tightly(data, seed, temperature, reduction):
-    """In float64 the chunked path agrees with the float64 reference to ~1e-10 (relative to
-    max(1, |value|)), values and gradients, and returns float64."""
+def test_float64_matches_reference_tightly(name, data, seed, temperature, reduction):
+    """In float64 the C++ and chunked paths agree with the float64 reference to ~1e-10
+    (relative to max(1, |value|)), values and gradients, and return float64."""
     n = data.draw(st.integers(1, 130), label="n")
     d = data.draw(st.integers(1, 130), label="d")
-    tile = data.draw(st.sampled_from([chunked._TILE, 3, 50]), label="tile")
+    tile = data.draw(st.sampled_from([kernel_module(name)._TILE, 3, 50]), label="tile")
     gen = torch.Generator().manual_seed(seed)
     z1 = _randn(gen, (n, d), torch.float64, "cpu").requires_grad_()
     z2 = _randn(gen, (n, d), torch.float64, "cpu").requires_grad_()
-    with fastcl.use_backend("chunked"), mock.patch.object(chunked, "_TILE", tile):
+    with fastcl.use_backend(name), tile_patch(name, tile):
         out = fastcl.nt_xent(z1, z2, temperature, reduction)
         cot = torch.randn(out.shape, generator=gen, dtype=torch.float64)
         g = torch.autograd.grad(out, [z1, z2], cot)
@@ -181,14 +182,15 @@ def _lightly_nt_xent(out0, out1, temperature):
     return F.cross_entropy(logits, labels)
 
 
+@pytest.mark.parametrize("name", CPU_BACKENDS)
 @given(n=st.integers(1, 100), d=st.integers(1, 100), seed=SEEDS, temperature=TEMPERATURES)
-def test_equals_lightly_formulation_float64(n, d, seed, temperature):
+def test_equals_lightly_formulation_float64(name, n, d, seed, temperature):
     """fastcl.nt_xent (mean) is lightly's NTXentLoss: same value and gradients in float64 on the
-    chunked backend, to 1e-10."""
+    C++ and chunked backends, to 1e-10."""
     gen = torch.Generator().manual_seed(seed)
     z1 = _randn(gen, (n, d), torch.float64, "cpu").requires_grad_()
     z2 = _randn(gen, (n, d), torch.float64, "cpu").requires_grad_()
-    with fastcl.use_backend("chunked"):
+    with fastcl.use_backend(name):
         ours = fastcl.nt_xent(z1, z2, temperature)
         g_ours = torch.autograd.grad(ours, [z1, z2])
     theirs = _lightly_nt_xent(z1, z2, temperature)
@@ -235,7 +237,7 @@ def test_noncontiguous_inputs_match_contiguous(backend, data, seed, temperature,
             leaf, view = _make_noncontiguous(kind, n, d, gen, backend.device)
         leaves.append(leaf.requires_grad_())
         views.append(view)
-    with _chunking(backend, data):
+    with _tiling(backend, data):
         assert_same_as_contiguous(
             lambda a, b: fastcl.nt_xent(a, b, temperature, reduction), views, leaves,
             temperature, gen,
@@ -271,7 +273,7 @@ def test_small_losses_as_accurate_as_eager(backend, data, seed, temperature, red
     z2 = z1 + 0.05 * z1.norm(dim=1, keepdim=True) * torch.randn(
         n, d, generator=gen, dtype=torch.float64) / max(d, 1) ** 0.5
     z1, z2 = z1.float().to(backend.device), z2.float().to(backend.device)
-    with _chunking(backend, data):
+    with _tiling(backend, data):
         check_against_oracle(
             lambda a, b: fastcl.nt_xent(a, b, temperature, reduction),
             lambda a, b: reference.nt_xent(a, b, temperature, reduction),
@@ -310,7 +312,7 @@ def test_near_collapsed_embeddings_at_low_temperature(backend, data, seed):
     z2 = (v + 1e-4 * torch.randn(n, d, generator=gen, dtype=torch.float64)).float()
     z1, z2 = z1.to(backend.device), z2.to(backend.device)
     tau = 0.01
-    with _chunking(backend, data):
+    with _tiling(backend, data):
         check_against_oracle(
             lambda a, b: fastcl.nt_xent(a, b, tau),
             lambda a, b: reference.nt_xent(a, b, tau),
@@ -333,7 +335,7 @@ def test_reductions_are_consistent(backend, data, seed, temperature, dtype):
     gen = torch.Generator().manual_seed(seed)
     z1 = _randn(gen, (n, d), dtype, backend.device)
     z2 = _randn(gen, (n, d), dtype, backend.device)
-    with _chunking(backend, data):
+    with _tiling(backend, data):
         rows = fastcl.nt_xent(z1, z2, temperature, "none")
         mean = fastcl.nt_xent(z1, z2, temperature, "mean")
         total = fastcl.nt_xent(z1, z2, temperature, "sum")
@@ -364,7 +366,7 @@ def test_swap_permutation_and_scale_invariance(backend, data, seed, temperature)
     c2 = torch.exp(3 * torch.rand(n, 1, generator=gen) - 1.5).to(backend.device)
     # Logits are O(1/tau) and rounded independently in each call: allow a few ulps of 1/tau.
     tol = dict(rtol=1e-5, atol=1e-6 * max(1.0, 1.0 / temperature))
-    with _chunking(backend, data):
+    with _tiling(backend, data):
         base = fastcl.nt_xent(z1, z2, temperature, "none")
         swapped = fastcl.nt_xent(z2, z1, temperature, "none")
         permuted = fastcl.nt_xent(z1[perm], z2[perm], temperature, "none")

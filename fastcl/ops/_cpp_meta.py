@@ -23,17 +23,17 @@ def register() -> None:
     _registered = True
 
     @torch.library.register_fake("fastcl_cpu::nt_xent_forward")
-    def _(z, nz, inv_temp):
+    def _(z, nz, inv_temp, tile):
         return _rows(z, nz), _rows(z, nz)
 
     @torch.library.register_fake("fastcl_cpu::nt_xent_grad")
-    def _(z, nz, lse, g, inv_temp):
+    def _(z, nz, lse, g, inv_temp, tile):
         return nz.new_empty(z.shape)
 
     @torch.library.register_fake("fastcl_cpu::lse_forward")
-    def _(q, k, nq, nk, k_pos, n_pos, inv_temp, pos_offset):
+    def _(q, k, nq, nk, k_pos, n_pos, inv_temp, pos_offset, tile):
         return _rows(q, nq), _rows(q, nq)
 
     @torch.library.register_fake("fastcl_cpu::grad_accumulate")
-    def _(a, b, na, nb, lse_a, g_a, lse_b, g_b, inv_temp, pos_offset):
+    def _(a, b, na, nb, lse_a, g_a, lse_b, g_b, inv_temp, pos_offset, tile):
         return na.new_empty(a.shape)
