@@ -10,9 +10,10 @@ Cases
     as unpaired negatives, temperature 0.07.
 
 Providers
-    ``fastcl``: ``fastcl.nt_xent`` / ``fastcl.info_nce`` with the default backend (``auto``:
-    the chunked PyTorch path on CPU). On CUDA the Triton backend is forced, so a missing or
-    broken Triton fails the case instead of silently timing the chunked fallback.
+    ``fastcl``: ``fastcl.nt_xent`` / ``fastcl.info_nce`` on the backend ``auto`` picks, forced,
+    so that a missing toolchain fails the case instead of silently timing the chunked
+    fallback: the C++ kernels on CPU, Triton on CUDA.
+    ``chunked``: the same functions on fastcl's tiled PyTorch path (the fallback), for scale.
     ``reference``: ``fastcl.reference`` in eager mode (stores the full similarity matrix).
     ``compile``: ``torch.compile(fastcl.reference.<loss>)`` with default options (one compiled
     object per loss, shared by every size, as in a training script: it recompiles once with
@@ -51,7 +52,7 @@ MOCO_N, MOCO_M = 256, 16384
 NT_XENT_TAU = 0.1
 MOCO_TAU = 0.07
 N_BUFFERS = 3
-PROVIDERS = ("fastcl", "reference", "compile")
+PROVIDERS = ("fastcl", "chunked", "reference", "compile")
 MODES = ("full", "forward")
 CASES = ("nt_xent", "info_nce")
 
@@ -70,7 +71,7 @@ def _compiled(case: str) -> Callable:
 
 def loss_fn(case: str, provider: str, device: str) -> Callable:
     """A callable taking the case's inputs (see ``make_inputs``) and returning the loss."""
-    if provider == "fastcl":
+    if provider in ("fastcl", "chunked"):
         return fastcl.nt_xent if case == "nt_xent" else fastcl.info_nce
     if provider == "reference":
         return reference.nt_xent if case == "nt_xent" else reference.info_nce
@@ -80,21 +81,22 @@ def loss_fn(case: str, provider: str, device: str) -> Callable:
 
 
 def backend_context(provider: str, device: str):
-    """Held around a whole step (forward and backward): forces Triton for fastcl on CUDA."""
-    if provider == "fastcl" and device == "cuda":
-        return fastcl.use_backend("triton")
+    """Held around a whole step (forward and backward): the backend the provider stands for."""
+    if provider == "fastcl":
+        return fastcl.use_backend("triton" if device == "cuda" else "cpp")
+    if provider == "chunked":
+        return fastcl.use_backend("chunked")
     return contextlib.nullcontext()
 
 
 def backend_name(case: str, provider: str, device: str) -> str:
     """Which implementation actually runs (recorded in extra_info)."""
-    if provider != "fastcl":
+    if provider not in ("fastcl", "chunked"):
         return provider
-    if device == "cuda":
-        return "triton"
     from fastcl.ops._backend import implementation
 
-    module = implementation(torch.empty(1, device=device))
+    with backend_context(provider, device):
+        module = implementation(torch.empty(1, device=device))
     return module.__name__.rsplit(".", 1)[-1]
 
 

@@ -3,8 +3,8 @@
 pytest-benchmark (``cd <repo> && python -m pytest benchmarks --benchmark-only``)
     ``test_nt_xent``: fp32, D=128, N in {256, 1024, 4096} rows per view (plus 16384 for fastcl
     alone with ``--fastcl-size=large``), modes ``full`` (forward + backward) and ``forward``,
-    providers ``fastcl`` (default backend: chunked on CPU, Triton forced on CUDA),
-    ``reference`` (``fastcl.reference``, eager) and ``compile``
+    providers ``fastcl`` (C++ kernels forced on CPU, Triton forced on CUDA), ``chunked``
+    (fastcl's tiled PyTorch fallback), ``reference`` (``fastcl.reference``, eager) and ``compile``
     (``torch.compile(fastcl.reference.nt_xent)``); on CUDA the same grid runs again there.
     ``test_info_nce_moco``: query/key (256, 128) requiring grad against a detached
     (16384, 128) queue, same providers and modes.
@@ -18,8 +18,9 @@ pytest-benchmark (``cd <repo> && python -m pytest benchmarks --benchmark-only``)
 Ratios (``python benchmarks/bench_nt_xent.py --ratios``)
     One process; for each case and size, the providers run interleaved, round-robin, with the
     starting provider rotated every round, after two warm-up calls each; the table gives each
-    provider's median over the rounds (7, or 5 at N >= 4096), the ratios reference/fastcl and
-    compile/fastcl (> 1: fastcl faster), and the peak memory from the subprocess probe. This
+    provider's median over the rounds (7, or 5 at N >= 4096), the ratios reference/fastcl,
+    compile/fastcl and chunked/fastcl (> 1: fastcl faster), and the peak memory from the
+    subprocess probe. This
     is the figure to quote: on a shared, noisy machine only ratios from interleaved runs in
     one process mean much, and absolute times only with the machine and date.
 """
@@ -187,18 +188,18 @@ def ratios(argv=None) -> int:
             print(f"  done {label} N={n} {mode}", file=sys.stderr, flush=True)
             del steps
 
-    header = ("case", "N", "mode", "rounds", "fastcl", "reference", "compile",
-              "ref/fastcl", "compile/fastcl", "mem fastcl", "mem ref", "mem compile")
+    others = [p for p in providers if p != "fastcl"]
+    header = ("case", "N", "mode", "rounds", *providers,
+              *(f"{p}/fastcl" for p in others), *(f"mem {p}" for p in providers))
     table = [header]
     slower = []
     for label, n, mode, rounds, med, mm in rows:
-        r_ref = med["reference"] / med["fastcl"]
-        r_cmp = med["compile"] / med["fastcl"]
+        ratio = {p: med[p] / med["fastcl"] for p in others}
         table.append((label, str(n), mode, str(rounds),
                       *(_common.fmt_time(med[p]) for p in providers),
-                      f"{r_ref:.2f}x", f"{r_cmp:.2f}x",
+                      *(f"{ratio[p]:.2f}x" for p in others),
                       *(_common.fmt_mib(mm[p]) for p in providers)))
-        for other, r in (("reference", r_ref), ("compile", r_cmp)):
+        for other, r in ratio.items():
             if r < 1.0:
                 slower.append(f"{label} N={n} {mode}: fastcl {_common.fmt_time(med['fastcl'])} "
                               f"vs {other} {_common.fmt_time(med[other])} ({r:.2f}x)")
