@@ -3,10 +3,10 @@
     python benchmarks/accuracy.py [--n 64] [--d 96]
 
 For each loss (NT-Xent, in-batch InfoNCE, InfoNCE with a shared negatives queue), backend
-(chunked; Triton on CUDA, or under TRITON_INTERPRET=1 on CPU) and input dtype, prints the
-largest absolute error of the loss (reduction "none", every row) and of the input gradients
-against ``fastcl.reference`` run in float64, next to the error eager PyTorch makes computing the
-same formula in the input dtype (tests/tolerances.py; the tests allow fastcl 2x that, plus a
+(cpp and chunked on CPU; Triton on CUDA, or under TRITON_INTERPRET=1 on CPU) and input dtype,
+prints the largest absolute error of the loss (reduction "none", every row) and of the input
+gradients against ``fastcl.reference`` run in float64, next to the error eager PyTorch makes
+computing the same formula in the input dtype (tests/tolerances.py; the tests allow fastcl 2x that, plus a
 small atol). Inputs are random with row norms spread over e^{+-2}.
 """
 from __future__ import annotations
@@ -63,7 +63,7 @@ def main() -> None:
     parser.add_argument("--d", type=int, default=96)
     args = parser.parse_args()
     triton_device = "cuda" if torch.cuda.is_available() else "cpu"
-    configs = [("chunked", "cpu", dt) for dt in
+    configs = [(name, "cpu", dt) for name in ("cpp", "chunked") for dt in
                (torch.float64, torch.float32, torch.bfloat16, torch.float16)]
     configs += [("triton", triton_device, dt) for dt in
                 (torch.float32, torch.bfloat16, torch.float16)]

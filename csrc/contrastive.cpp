@@ -91,8 +91,9 @@ at::Tensor row_vector(const at::Tensor& v, const at::Tensor& like_norm, int64_t 
 // Per-thread scratch: one tile of logits plus a few tile-length vectors.
 template <typename T>
 struct Scratch {
-  Scratch(int64_t threads, int64_t tile) : len(tile), tiles(threads, std::vector<T>(tile * tile)),
-                                           vecs(threads, std::vector<T>(kVecs * tile)) {}
+  Scratch(int64_t threads, int64_t rows, int64_t cols)
+      : len(std::max(rows, cols)), tiles(threads, std::vector<T>(rows * cols)),
+        vecs(threads, std::vector<T>(kVecs * len)) {}
   static constexpr int kVecs = 4;
   T* tile() { return tiles[at::get_thread_num()].data(); }
   T* vec(int k) { return vecs[at::get_thread_num()].data() + k * len; }
@@ -199,13 +200,17 @@ void run_rounds(const std::vector<std::vector<std::pair<int64_t, int64_t>>>& rou
   }
 }
 
-// Row-block height for the general kernels: enough blocks to share out over the cores even when
-// there are few rows (a MoCo batch), derived from the shape alone so that results do not depend
-// on the thread count.
+// The general kernels' blocks: row blocks of at most `tile` rows, small enough that a MoCo batch
+// (few rows, many negatives) still gives several blocks to share out over the cores, derived
+// from the shape alone so that results do not depend on the thread count; column tiles of
+// 4 x tile, so that each product is large enough to run BLAS near its peak (N = 256, M = 16384:
+// 128-wide tiles spent more time in per-call overhead than in arithmetic).
 int64_t row_block(int64_t rows, int64_t tile) {
-  const int64_t target = (rows + 7) / 8;
+  const int64_t target = (rows + 3) / 4;
   return std::min<int64_t>(tile, std::max<int64_t>(16, (target + 15) / 16 * 16));
 }
+
+constexpr int64_t kColumnTiles = 4;
 
 // ------------------------------------------------------------------------ NT-Xent ---------
 
@@ -223,7 +228,7 @@ std::tuple<at::Tensor, at::Tensor> nt_xent_forward_impl(const at::Tensor& z, con
   T* sp = s_pos.data_ptr<T>();
   const int64_t blocks = (n + tile - 1) / tile;
   const bool fast = one_exp<T>(inv_temp, n);
-  Scratch<T> scratch(at::get_num_threads(), tile);
+  Scratch<T> scratch(at::get_num_threads(), tile, tile);
 
   run_rounds(symmetric_rounds(blocks), [&](int64_t bi, int64_t bj) {
     const int64_t i0 = bi * tile, rows = std::min(tile, n - i0);
@@ -317,7 +322,7 @@ at::Tensor nt_xent_grad_impl(const at::Tensor& z, const at::Tensor& nz, const at
   T* op = out.data_ptr<T>();
   const int64_t blocks = (n + tile - 1) / tile;
   const bool fast = one_exp<T>(inv_temp, n);
-  Scratch<T> scratch(at::get_num_threads(), tile);
+  Scratch<T> scratch(at::get_num_threads(), tile, tile);
 
   run_rounds(symmetric_rounds(blocks), [&](int64_t bi, int64_t bj) {
     const int64_t i0 = bi * tile, rows = std::min(tile, n - i0);
@@ -393,17 +398,22 @@ at::Tensor nt_xent_grad_impl(const at::Tensor& z, const at::Tensor& nz, const at
 
 // ------------------------------------------------------------------------ general ---------
 
+// With with_grad, also the rows' gradient direction v_i = inv_temp * sum_j P_ij khat_j over the
+// non-positive columns, accumulated online as FlashAttention accumulates its output (rescaled
+// whenever a row's max moves). d loss_i / d qhat_i = g_i v_i + (positive term): the backward
+// needs no pass over the (N x M) logits for dq, which saves one of three matrix products.
 template <typename T>
-std::tuple<at::Tensor, at::Tensor> lse_forward_impl(
+std::tuple<at::Tensor, at::Tensor, at::Tensor> lse_forward_impl(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& nq, const at::Tensor& nk,
     const c10::optional<at::Tensor>& k_pos, const c10::optional<at::Tensor>& n_pos,
-    double inv_temp, c10::optional<int64_t> pos_offset, int64_t tile) {
+    double inv_temp, c10::optional<int64_t> pos_offset, bool with_grad, int64_t tile) {
   const auto qh = normalized(q, nq);
   const auto kh = normalized(k, nk);
   const int64_t nr = qh.size(0), nc = kh.size(0), d = qh.size(1);
   const auto opts = qh.options();
   at::Tensor m = at::full({nr}, neg_inf<T>(), opts);
   auto l = at::zeros({nr}, opts.dtype(at::kDouble));
+  at::Tensor v = with_grad ? at::zeros({nr, d}, opts) : at::empty({0}, opts);
   at::Tensor s_pos;
   if (k_pos.has_value()) {
     // The extra positive logit q_i . kpos_i, scaled exactly as the columns are.
@@ -418,29 +428,63 @@ std::tuple<at::Tensor, at::Tensor> lse_forward_impl(
   const T* kp = kh.data_ptr<T>();
   OnlineLSE<T> st{m.data_ptr<T>(), l.data_ptr<double>()};
   T* sp = s_pos.data_ptr<T>();
+  T* vp = with_grad ? v.data_ptr<T>() : nullptr;
   const int64_t rb = row_block(nr, tile), blocks = (nr + rb - 1) / rb;
-  Scratch<T> scratch(at::get_num_threads(), tile);
+  const int64_t cw = kColumnTiles * tile;
+  Scratch<T> scratch(at::get_num_threads(), rb, cw);
 
   at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
     T* s = scratch.tile();
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t i0 = b * rb, rows = std::min(rb, nr - i0);
-      for (int64_t j0 = 0; j0 < nc; j0 += tile) {
-        const int64_t cols = std::min(tile, nc - j0);
+      for (int64_t j0 = 0; j0 < nc; j0 += cw) {
+        const int64_t cols = std::min(cw, nc - j0);
         logits_tile(qp + i0 * d, rows, kp + j0 * d, cols, d, inv_temp, s, opts);
         for (int64_t r = 0; r < rows; ++r) {
-          const T* sr = s + r * cols;
+          T* sr = s + r * cols;
+          int64_t pos = -1;
           if (pos_offset.has_value()) {
             const int64_t c = (i0 + r + *pos_offset) % nc - j0;
-            if (c >= 0 && c < cols) sp[i0 + r] = sr[c];
+            if (c >= 0 && c < cols) {
+              sp[i0 + r] = sr[c];
+              pos = c;
+            }
           }
-          const T new_m = std::max(st.m[i0 + r], row_max(sr, cols));
-          st.merge(i0 + r, new_m, row_exp_sum(sr, cols, shift_of(new_m)));
+          const T old_m = st.m[i0 + r];
+          const T new_m = std::max(old_m, row_max(sr, cols));
+          const T shift = shift_of(new_m);
+          if (!with_grad) {
+            st.merge(i0 + r, new_m, row_exp_sum(sr, cols, shift));
+            continue;
+          }
+          T sum = 0;
+#pragma omp simd reduction(+ : sum)
+          for (int64_t c = 0; c < cols; ++c) {
+            const T e = exp_f(sr[c] - shift);
+            sr[c] = e;
+            sum += e;
+          }
+          if (pos >= 0) sr[pos] = 0;  // the positive's weight is added by the caller
+          const T rescale = exp_f(old_m - shift);
+          T* vr = vp + (i0 + r) * d;
+#pragma omp simd
+          for (int64_t c = 0; c < d; ++c) vr[c] *= rescale;
+          st.merge(i0 + r, new_m, sum);
+        }
+        if (with_grad) accumulate_tile(vp + i0 * d, s, rows, cols, false, kp + j0 * d, d, opts);
+      }
+      if (with_grad) {
+        for (int64_t r = i0; r < i0 + rows; ++r) {
+          const T scale = static_cast<T>(inv_temp / st.l[r]);
+          T* vr = vp + r * d;
+#pragma omp simd
+          for (int64_t c = 0; c < d; ++c) vr[c] *= scale;
         }
       }
     }
   });
-  return finish<T>(m, l, s_pos);
+  auto [loss, lse] = finish<T>(m, l, s_pos);
+  return {loss, lse, v};
 }
 
 template <typename T>
@@ -464,14 +508,15 @@ at::Tensor grad_accumulate_impl(const at::Tensor& a, const at::Tensor& b, const 
   const T* bp = bh.data_ptr<T>();
   T* op = out.data_ptr<T>();
   const int64_t rb = row_block(nr, tile), blocks = (nr + rb - 1) / rb;
-  Scratch<T> scratch(at::get_num_threads(), tile);
+  const int64_t cw = kColumnTiles * tile;
+  Scratch<T> scratch(at::get_num_threads(), rb, cw);
 
   at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
     T* w = scratch.tile();
     for (int64_t blk = b0; blk < b1; ++blk) {
       const int64_t i0 = blk * rb, rows = std::min(rb, nr - i0);
-      for (int64_t j0 = 0; j0 < nc; j0 += tile) {
-        const int64_t cols = std::min(tile, nc - j0);
+      for (int64_t j0 = 0; j0 < nc; j0 += cw) {
+        const int64_t cols = std::min(cw, nc - j0);
         logits_tile(ap + i0 * d, rows, bp + j0 * d, cols, d, inv_temp, w, opts);
         for (int64_t r = 0; r < rows; ++r) {
           T* wr = w + r * cols;
@@ -527,12 +572,10 @@ at::Tensor nt_xent_grad(const at::Tensor& z, const at::Tensor& nz, const at::Ten
   });
 }
 
-std::tuple<at::Tensor, at::Tensor> lse_forward(const at::Tensor& q, const at::Tensor& k,
-                                               const at::Tensor& nq, const at::Tensor& nk,
-                                               const c10::optional<at::Tensor>& k_pos,
-                                               const c10::optional<at::Tensor>& n_pos,
-                                               double inv_temp,
-                                               c10::optional<int64_t> pos_offset, int64_t tile) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> lse_forward(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& nq, const at::Tensor& nk,
+    const c10::optional<at::Tensor>& k_pos, const c10::optional<at::Tensor>& n_pos,
+    double inv_temp, c10::optional<int64_t> pos_offset, bool with_grad, int64_t tile) {
   check_tile(tile);
   check_rows(q, nq, "q");
   check_rows(k, nk, "k");
@@ -548,7 +591,7 @@ std::tuple<at::Tensor, at::Tensor> lse_forward(const at::Tensor& q, const at::Te
   TORCH_CHECK(k.size(0) > 0 || k_pos.has_value(), "fastcl_cpu: k must not be empty");
   return dispatch(nq, [&](auto t) {
     return lse_forward_impl<decltype(t)>(q, k, nq, nk, k_pos, n_pos, inv_temp, pos_offset,
-                                         tile);
+                                         with_grad, tile);
   });
 }
 

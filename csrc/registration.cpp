@@ -13,12 +13,10 @@ std::tuple<at::Tensor, at::Tensor> nt_xent_forward(const at::Tensor& z, const at
                                                    double inv_temp, int64_t tile);
 at::Tensor nt_xent_grad(const at::Tensor& z, const at::Tensor& nz, const at::Tensor& lse,
                         const at::Tensor& g, double inv_temp, int64_t tile);
-std::tuple<at::Tensor, at::Tensor> lse_forward(const at::Tensor& q, const at::Tensor& k,
-                                               const at::Tensor& nq, const at::Tensor& nk,
-                                               const c10::optional<at::Tensor>& k_pos,
-                                               const c10::optional<at::Tensor>& n_pos,
-                                               double inv_temp,
-                                               c10::optional<int64_t> pos_offset, int64_t tile);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> lse_forward(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& nq, const at::Tensor& nk,
+    const c10::optional<at::Tensor>& k_pos, const c10::optional<at::Tensor>& n_pos,
+    double inv_temp, c10::optional<int64_t> pos_offset, bool with_grad, int64_t tile);
 at::Tensor grad_accumulate(const at::Tensor& a, const at::Tensor& b, const at::Tensor& na,
                            const at::Tensor& nb, const c10::optional<at::Tensor>& lse_a,
                            const c10::optional<at::Tensor>& g_a,
@@ -35,7 +33,7 @@ TORCH_LIBRARY(fastcl_cpu, m) {
       "-> Tensor");
   m.def(
       "lse_forward(Tensor q, Tensor k, Tensor nq, Tensor nk, Tensor? k_pos, Tensor? n_pos, "
-      "float inv_temp, int? pos_offset, int tile) -> (Tensor, Tensor)");
+      "float inv_temp, int? pos_offset, bool with_grad, int tile) -> (Tensor, Tensor, Tensor)");
   m.def(
       "grad_accumulate(Tensor a, Tensor b, Tensor na, Tensor nb, Tensor? lse_a, Tensor? g_a, "
       "Tensor? lse_b, Tensor? g_b, float inv_temp, int? pos_offset, int tile) -> Tensor");

@@ -164,7 +164,10 @@ def info_nce(
     if negative_keys is not None and negative_mode == "paired":
         return _reduce(_paired_info_nce(query, positive_key, negative_keys, tau), reduction,
                        query.dtype)
-    loss, _ = ops.info_nce(query, positive_key, negative_keys, ops.temperature_tensor(tau))
+    # The rows' gradient is formed in the forward tile pass when it will be needed.
+    need_q = query.requires_grad and torch.is_grad_enabled()
+    loss, _, _ = ops.info_nce(query, positive_key, negative_keys, ops.temperature_tensor(tau),
+                              need_q)
     return _reduce(loss, reduction, query.dtype)
 
 

@@ -138,13 +138,13 @@ def _op_cases():
     q, k, neg = _randn(5, 7, seed=1), _randn(5, 7, seed=2), _randn(9, 7, seed=3)
     nq, nk, nn_ = contrastive._norm(q), contrastive._norm(k), contrastive._norm(neg)
     loss, lse = torch.ops.fastcl_cpu.nt_xent_forward(z, nz, 2.0, 4)
-    _, lse_q = torch.ops.fastcl_cpu.lse_forward(q, neg, nq, nn_, k, nk, 2.0, None, 4)
+    _, lse_q, _ = torch.ops.fastcl_cpu.lse_forward(q, neg, nq, nn_, k, nk, 2.0, None, False, 4)
     g = torch.rand(12)
     return [
         ("nt_xent_forward", (z, nz, 2.0, 4)),
         ("nt_xent_grad", (z, nz, lse, g, 2.0, 4)),
-        ("lse_forward", (q, k, nq, nk, None, None, 2.0, 0, 4)),
-        ("lse_forward", (q, neg, nq, nn_, k, nk, 2.0, None, 4)),
+        ("lse_forward", (q, k, nq, nk, None, None, 2.0, 0, False, 4)),
+        ("lse_forward", (q, neg, nq, nn_, k, nk, 2.0, None, True, 4)),
         ("grad_accumulate", (q, neg, nq, nn_, lse_q, g[:5], None, None, 2.0, None, 4)),
         ("grad_accumulate", (neg, q, nn_, nq, None, None, lse_q, g[:5], 2.0, None, 4)),
     ]
@@ -174,9 +174,9 @@ def test_cpp_operator_checks_its_arguments():
     with pytest.raises(RuntimeError, match="norms"):
         ops.nt_xent_forward(z, nz[:4], 1.0, 128)
     with pytest.raises(RuntimeError, match="same width"):
-        ops.lse_forward(z, _randn(6, 4), nz, nz, None, None, 1.0, 0, 128)
+        ops.lse_forward(z, _randn(6, 4), nz, nz, None, None, 1.0, 0, False, 128)
     with pytest.raises(RuntimeError, match="exactly one"):
-        ops.lse_forward(z, z, nz, nz, None, None, 1.0, None, 128)
+        ops.lse_forward(z, z, nz, nz, None, None, 1.0, None, False, 128)
     with pytest.raises(RuntimeError, match="exactly one"):
         ops.grad_accumulate(z, z, nz, nz, None, None, None, None, 1.0, 0, 128)
 

@@ -99,6 +99,39 @@ def test_opcheck_info_nce(backend, layout, with_negatives):
     k = _make(layout, 10, 12, 1, backend.device, requires_grad=True)
     neg = _make(layout, 14, 12, 2, backend.device, requires_grad=True) if with_negatives else None
     torch.library.opcheck(torch.ops.fastcl.info_nce.default, (q, k, neg, T(0.3)))
+    torch.library.opcheck(torch.ops.fastcl.info_nce.default, (q, k, neg, T(0.3), True))
+
+
+@pytest.mark.parametrize("with_negatives", [False, True], ids=["in_batch", "negatives"])
+def test_opcheck_info_nce_backward_with_forward_rows(backend, with_negatives):
+    q = _make("contiguous", 10, 12, 0, backend.device)
+    k = _make("permuted", 10, 12, 1, backend.device)
+    neg = _make("contiguous", 14, 12, 2, backend.device) if with_negatives else None
+    loss, lse, q_rows = ops.info_nce(q, k, neg, T(0.3), True)
+    assert q_rows.shape == q.shape
+    grad = _vec("contiguous", 10, 3, backend.device)
+    torch.library.opcheck(
+        torch.ops.fastcl.info_nce_backward.default,
+        (grad, q, k, neg, loss, lse, T(0.3), True, True, with_negatives, q_rows),
+    )
+
+
+@pytest.mark.parametrize("with_negatives", [False, True], ids=["in_batch", "negatives"])
+def test_forward_rows_give_the_backward_pass_gradient(backend, with_negatives):
+    """dq from the rows formed in the forward pass (need_q) equals dq from the backward's own
+    pass over the logits, for any upstream gradient."""
+    n, m, d = (12, 20, 16) if backend.small else (70, 300, 40)
+    q = _randn(n, d, seed=0, device=backend.device)
+    k = _randn(n, d, seed=1, device=backend.device)
+    neg = _randn(m, d, seed=2, device=backend.device) if with_negatives else None
+    loss, lse, q_rows = ops.info_nce(q, k, neg, T(0.15), True)
+    loss0, lse0, empty = ops.info_nce(q, k, neg, T(0.15))
+    assert empty.numel() == 0
+    assert torch.equal(loss, loss0) and torch.equal(lse, lse0)
+    grad = _randn(n, seed=3, device=backend.device)
+    fwd = ops.info_nce_backward(grad, q, k, neg, loss, lse, T(0.15), True, False, False, q_rows)
+    bwd = ops.info_nce_backward(grad, q, k, neg, loss, lse, T(0.15), True, False, False)
+    torch.testing.assert_close(fwd[0], bwd[0], rtol=2e-5, atol=1e-7)
 
 
 @pytest.mark.parametrize(
@@ -111,7 +144,7 @@ def test_opcheck_info_nce_backward(backend, layout, with_negatives, need):
     q = _make(layout, 10, 12, 0, backend.device)
     k = _make(layout, 10, 12, 1, backend.device)
     neg = _make(layout, 14, 12, 2, backend.device) if with_negatives else None
-    loss, lse = ops.info_nce(q, k, neg, T(0.3))
+    loss, lse, _ = ops.info_nce(q, k, neg, T(0.3))
     if layout == "permuted":
         lse = torch.stack([lse, lse], dim=1)[:, 0]
     grad = _vec(layout, 10, 3, backend.device)
@@ -387,7 +420,7 @@ def test_info_nce_backward_op_skips_unneeded_gradient(backend):
     q = _randn(10, 12, seed=0, device=backend.device)
     k = _randn(10, 12, seed=3, device=backend.device)
     queue = _randn(30, 12, seed=1, device=backend.device)
-    loss, lse = ops.info_nce(q, k, queue, T(0.2))
+    loss, lse, _ = ops.info_nce(q, k, queue, T(0.2))
     grad = torch.ones_like(loss)
     dq, dk, dn = ops.info_nce_backward(grad, q, k, queue, loss, lse, T(0.2), True, True, False)
     assert dq.shape == q.shape and dk.shape == k.shape and torch.isfinite(dq).all()
@@ -419,8 +452,10 @@ def test_moco_queue_gets_no_gradient(backend, monkeypatch):
     loss = fastcl.info_nce(q, k, queue, temperature=0.07)
     loss.backward()
     assert queue.grad is None
-    # One pass over the (N x M) tiles, for dq only: none is spent on the queue.
-    assert calls == [(n, m)]
+    # None of the tile passes is spent on the queue's gradient. dq comes from the forward tile
+    # pass where the backend can form it there (C++, chunked), else from one (N x M) pass.
+    expected = [] if hasattr(impl, "lse_forward_with_grad") else [(n, m)]
+    assert calls == expected
 
     q_ref, k_ref = _fresh(q, k)
     ref = reference.info_nce(q_ref, k_ref, queue, temperature=0.07)

@@ -12,6 +12,12 @@ over temperature.
     lse_i = logsumexp of the row's logits; loss_i = (m_i - s_pos_i) + log l_i with m_i the row
     max and l_i = sum exp(s - m_i). Taking the positive from the same arithmetic as the max
     makes a confident row's loss as exact as eager cross-entropy's (no lse - s_pos cancellation).
+``lse_forward_with_grad(q, k, nq, nk, positive, inv_temp, pos_offset, precision) -> (loss, lse, v)``
+    Optional (``cpp``, ``chunked``): ``lse_forward`` plus v_i = inv_temp * sum_j P_ij khat_j over
+    the non-positive columns (P = exp(s - lse)), accumulated online as FlashAttention accumulates
+    its output. d loss_i / d qhat_i is g_i v_i plus the positive's term, so the backward needs no
+    pass over the logits for the rows' gradient. Without it, the op gets v from
+    ``grad_accumulate`` with g = 1 (the same pass, run in forward).
 ``grad_accumulate(a, b, na, nb, lse_a, g_a, lse_b, g_b, inv_temp, pos_offset, precision) -> out``
     out_a = inv_temp * sum_b W_ab * (b_b / nb_b), with s_ab as above and W_ab = g_a exp(s_ab -
     lse_a) when the lse belongs to a's rows, or g_b exp(s_ab - lse_b) when it belongs to b's

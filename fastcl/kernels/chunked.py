@@ -133,10 +133,20 @@ def lse_forward(
     pos_offset: Optional[int],
     precision: str = "ieee",
 ) -> Tuple[torch.Tensor, torch.Tensor]:
+    return _lse_forward(q, k, nq, nk, positive, inv_temp, pos_offset, with_grad=False)[:2]
+
+
+def lse_forward_with_grad(q, k, nq, nk, positive, inv_temp: float, pos_offset: Optional[int],
+                          precision: str = "ieee"):
+    return _lse_forward(q, k, nq, nk, positive, inv_temp, pos_offset, with_grad=True)
+
+
+def _lse_forward(q, k, nq, nk, positive, inv_temp, pos_offset, with_grad):
     qn = _normalized(q, nq)
     kn = _normalized(k, nk)
     n_q, n_k = q.shape[0], k.shape[0]
     state = _OnlineLSE(n_q, qn.dtype, q.device)
+    v = torch.zeros_like(qn) if with_grad else None
     if positive is not None:
         # Row i's positive is positive[0][i], scaled exactly as the columns are.
         k_pos, n_pos = positive
@@ -148,11 +158,24 @@ def lse_forward(
     for rows, cols in _tiles(n_q, n_k):
         i, j = rows.start, cols.start
         s = _logits(qn[i:rows.stop], kn[j:cols.stop], inv_temp)
+        pos = None
         if pos_offset is not None:
-            ri, ci = _pos_in_tile(rows, cols, pos_offset, n_k)
-            s_pos[ri + i] = s[ri, ci]
-        state.add(slice(i, rows.stop), s, dim=1)
-    return state.result(s_pos)
+            pos = _pos_in_tile(rows, cols, pos_offset, n_k)
+            s_pos[pos[0] + i] = s[pos]
+        m_old = state.m[i:rows.stop].clone()
+        state.add(slice(i, rows.stop), s, dim=1)  # s is now exp(s - shift)
+        if with_grad:
+            # FlashAttention's output accumulation: v_i = sum_j exp(s_ij - m_i) khat_j,
+            # rescaled when m_i moves; the positive's weight is added by the caller.
+            m_new = state.m[i:rows.stop]
+            shift = torch.where(m_new == _NEG_INF, torch.zeros_like(m_new), m_new)
+            if pos is not None:
+                s[pos] = 0.0
+            v[i:rows.stop].mul_(torch.exp(m_old - shift)[:, None]).addmm_(s, kn[j:cols.stop])
+    loss, lse = state.result(s_pos)
+    if not with_grad:
+        return loss, lse, None
+    return loss, lse, v.mul_(inv_temp).div_(state.l[:, None])
 
 
 def grad_accumulate(

@@ -39,7 +39,14 @@ def lse_forward(
     precision: str = "ieee",
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     k_pos, n_pos = positive if positive is not None else (None, None)
-    return _ops.lse_forward(q, k, nq, nk, k_pos, n_pos, inv_temp, pos_offset, _TILE)
+    loss, lse, _ = _ops.lse_forward(q, k, nq, nk, k_pos, n_pos, inv_temp, pos_offset, False, _TILE)
+    return loss, lse
+
+
+def lse_forward_with_grad(q, k, nq, nk, positive, inv_temp: float, pos_offset: Optional[int],
+                          precision: str = "ieee"):
+    k_pos, n_pos = positive if positive is not None else (None, None)
+    return _ops.lse_forward(q, k, nq, nk, k_pos, n_pos, inv_temp, pos_offset, True, _TILE)
 
 
 def grad_accumulate(a, b, na, nb, lse_a, g_a, lse_b, g_b, inv_temp: float,

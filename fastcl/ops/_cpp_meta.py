@@ -31,8 +31,9 @@ def register() -> None:
         return nz.new_empty(z.shape)
 
     @torch.library.register_fake("fastcl_cpu::lse_forward")
-    def _(q, k, nq, nk, k_pos, n_pos, inv_temp, pos_offset, tile):
-        return _rows(q, nq), _rows(q, nq)
+    def _(q, k, nq, nk, k_pos, n_pos, inv_temp, pos_offset, with_grad, tile):
+        v = nq.new_empty(q.shape) if with_grad else nq.new_empty(0)
+        return _rows(q, nq), _rows(q, nq), v
 
     @torch.library.register_fake("fastcl_cpu::grad_accumulate")
     def _(a, b, na, nb, lse_a, g_a, lse_b, g_b, inv_temp, pos_offset, tile):

@@ -8,13 +8,18 @@ gradient). Row i's loss is -log softmax of its positive logit:
     of row i is row (i + N) mod 2N. The (2N)^2 matrix is never stored.
 ``fastcl::nt_xent_backward(grad_loss, z, loss, lse, temperature) -> dz``
     The symmetric form: one pass over tiles gives (G + G^T) zhat / tau.
-``fastcl::info_nce(q, k, negatives, temperature) -> (loss, lse)``
+``fastcl::info_nce(q, k, negatives, temperature, need_q=False) -> (loss, lse, q_rows)``
     negatives None: logits qhat_i . khat_j over all j, positive j = i (in-batch, one-directional).
     negatives (M, D): logits [qhat_i . khat_i, qhat_i . neghat_j], positive first (shared
-    negatives, e.g. a MoCo queue); no (N, M) matrix is stored.
-``fastcl::info_nce_backward(grad_loss, q, k, negatives, loss, lse, temperature, need_q, need_k, need_neg) -> (dq, dk, dneg)``
-    Row tiles give dq, column tiles dk (or dneg), each without atomics (deterministic). A
-    gradient that is not needed (e.g. a detached queue) is not computed and comes back empty.
+    negatives, e.g. a MoCo queue); no (N, M) matrix is stored. With ``need_q``, ``q_rows`` is
+    v_i = (1/tau) sum_j P_ij khat_j over the non-positive columns: d loss_i / d qhat_i up to the
+    factor g_i and the positive's term, computed during the forward tile pass (C++ and chunked
+    backends: one extra product there instead of two in backward) so that the backward needs no
+    pass over the logits for dq. Empty without ``need_q``.
+``fastcl::info_nce_backward(grad_loss, q, k, negatives, loss, lse, temperature, need_q, need_k, need_neg, q_rows=None) -> (dq, dk, dneg)``
+    dq from ``q_rows`` when given, else from row tiles; dk (or dneg) from column tiles; each
+    without atomics (deterministic). A gradient that is not needed (e.g. a detached queue) is
+    not computed and comes back empty.
 
 The weight of the positive logit in the gradient, exp(-loss) - 1, is formed here with
 ``expm1`` from the exact per-row loss rather than in the tiles: eager cross-entropy's precision,
@@ -162,24 +167,36 @@ nt_xent.register_autograd(_nt_xent_backward, setup_context=_nt_xent_setup)
 @torch.library.custom_op("fastcl::info_nce", mutates_args=())
 @_no_autocast
 def info_nce(
-    q: Tensor, k: Tensor, negatives: Optional[Tensor], temperature: Tensor
-) -> Tuple[Tensor, Tensor]:
+    q: Tensor, k: Tensor, negatives: Optional[Tensor], temperature: Tensor, need_q: bool = False
+) -> Tuple[Tensor, Tensor, Tensor]:
     impl = implementation(q)
     inv_temp = _inv_temp(temperature)
+    precision = dot_precision()
     nq, nk = _norm(q), _norm(k)
     if negatives is None:
-        loss, lse = impl.lse_forward(q, k, nq, nk, None, inv_temp, 0, dot_precision())
+        cols, n_cols, positive, pos_offset = k, nk, None, 0
     else:
-        loss, lse = impl.lse_forward(
-            q, negatives, nq, _norm(negatives), (k, nk), inv_temp, None,
-            dot_precision(),
+        cols, n_cols, positive, pos_offset = negatives, _norm(negatives), (k, nk), None
+    q_rows = q.new_empty(0, dtype=nq.dtype)
+    if need_q and hasattr(impl, "lse_forward_with_grad"):
+        loss, lse, q_rows = impl.lse_forward_with_grad(
+            q, cols, nq, n_cols, positive, inv_temp, pos_offset, precision
         )
-    return loss.to(nq.dtype), lse.to(nq.dtype)
+    else:
+        loss, lse = impl.lse_forward(q, cols, nq, n_cols, positive, inv_temp, pos_offset,
+                                     precision)
+        if need_q:  # the backward's dq pass with g = 1, run now: v is linear in g
+            ones = torch.ones_like(lse, dtype=nq.dtype)
+            q_rows = impl.grad_accumulate(q, cols, nq, n_cols, lse.to(nq.dtype), ones, None,
+                                          None, inv_temp, pos_offset, precision)
+    return loss.to(nq.dtype), lse.to(nq.dtype), q_rows.to(nq.dtype).contiguous()
 
 
 @info_nce.register_fake
-def _(q, k, negatives, temperature):
-    return _rows_like(q), _rows_like(q)
+def _(q, k, negatives, temperature, need_q=False):
+    acc = _acc_dtype(q)
+    q_rows = q.new_empty(q.shape, dtype=acc) if need_q else q.new_empty(0, dtype=acc)
+    return _rows_like(q), _rows_like(q), q_rows
 
 
 @torch.library.custom_op("fastcl::info_nce_backward", mutates_args=())
@@ -195,6 +212,7 @@ def info_nce_backward(
     need_q: bool,
     need_k: bool,
     need_neg: bool,
+    q_rows: Optional[Tensor] = None,
 ) -> Tuple[Tensor, Tensor, Tensor]:
     impl = implementation(q)
     inv_temp = _inv_temp(temperature)
@@ -205,21 +223,28 @@ def info_nce_backward(
     c = (_positive_weight(g, loss.to(nq.dtype)) * inv_temp)[:, None]
     # Distinct empty tensors: a custom op's outputs may not alias each other.
     dq, dk, dneg = q.new_empty(0), q.new_empty(0), q.new_empty(0)
+    have_rows = q_rows is not None and q_rows.numel() > 0
     if negatives is None:
         # Columns are the keys; the positive of row i is column i.
         if need_q:
-            dq_hat = impl.grad_accumulate(q, k, nq, nk, lse, g, None, None, inv_temp, 0,
-                                          precision)
+            if have_rows:
+                dq_hat = q_rows.to(nq.dtype) * g[:, None]
+            else:
+                dq_hat = impl.grad_accumulate(q, k, nq, nk, lse, g, None, None, inv_temp, 0,
+                                              precision)
             dq = _normalize_backward(q, nq, dq_hat.add_(c * _normalized(k, nk)))
         if need_k:
             dk_hat = impl.grad_accumulate(k, q, nk, nq, None, None, lse, g, inv_temp, 0,
                                           precision)
             dk = _normalize_backward(k, nk, dk_hat.add_(c * _normalized(q, nq)))
         return dq, dk, dneg
-    n_neg = _norm(negatives)
+    n_neg = _norm(negatives) if (need_neg or (need_q and not have_rows)) else None
     if need_q:
-        dq_hat = impl.grad_accumulate(q, negatives, nq, n_neg, lse, g, None, None, inv_temp, None,
-                                      precision)
+        if have_rows:
+            dq_hat = q_rows.to(nq.dtype) * g[:, None]
+        else:
+            dq_hat = impl.grad_accumulate(q, negatives, nq, n_neg, lse, g, None, None, inv_temp,
+                                          None, precision)
         dq = _normalize_backward(q, nq, dq_hat.add_(c * _normalized(k, nk)))
     if need_k:
         dk = _normalize_backward(k, nk, c * _normalized(q, nq))
@@ -231,7 +256,7 @@ def info_nce_backward(
 
 
 @info_nce_backward.register_fake
-def _(grad_loss, q, k, negatives, loss, lse, temperature, need_q, need_k, need_neg):
+def _(grad_loss, q, k, negatives, loss, lse, temperature, need_q, need_k, need_neg, q_rows=None):
     return (
         _empty_rows(q) if need_q else q.new_empty(0),
         _empty_rows(k) if need_k else q.new_empty(0),
@@ -240,22 +265,23 @@ def _(grad_loss, q, k, negatives, loss, lse, temperature, need_q, need_k, need_n
 
 
 def _info_nce_setup(ctx, inputs, output):
-    q, k, negatives, temperature = inputs
-    loss, lse = output
-    ctx.mark_non_differentiable(lse)
+    q, k, negatives, temperature, _need_q = inputs
+    loss, lse, q_rows = output
+    ctx.mark_non_differentiable(lse, q_rows)
     ctx.has_negatives = negatives is not None
-    ctx.save_for_backward(q, k, negatives, loss, lse, temperature)
+    ctx.save_for_backward(q, k, negatives, loss, lse, temperature, q_rows)
 
 
-def _info_nce_backward(ctx, grad_loss, _grad_lse):
-    q, k, negatives, loss, lse, temperature = ctx.saved_tensors
+def _info_nce_backward(ctx, grad_loss, _grad_lse, _grad_q_rows):
+    q, k, negatives, loss, lse, temperature, q_rows = ctx.saved_tensors
     need_q, need_k, need_neg = ctx.needs_input_grad[:3]
     need_neg = bool(need_neg and ctx.has_negatives)
     dq, dk, dneg = info_nce_backward(
         _grad_or_zeros(grad_loss, loss), q, k, negatives, loss, lse, temperature,
-        need_q, need_k, need_neg,
+        need_q, need_k, need_neg, q_rows,
     )
-    return (dq if need_q else None), (dk if need_k else None), (dneg if need_neg else None), None
+    return ((dq if need_q else None), (dk if need_k else None), (dneg if need_neg else None),
+            None, None)
 
 
 info_nce.register_autograd(_info_nce_backward, setup_context=_info_nce_setup)
