@@ -200,6 +200,23 @@ void run_rounds(const std::vector<std::vector<std::pair<int64_t, int64_t>>>& rou
   }
 }
 
+// NT-Xent's loop: every tile (I, J >= I) of the symmetric logits, in the rounds above.
+// tile_fn(diagonal, i0, rows, j0, cols, s, scratch) gets s = inv_temp * zhat_I zhat_J^T
+// (rows x cols, in per-thread scratch it may overwrite).
+template <typename T, typename TileFn>
+void for_each_symmetric_tile(const T* zp, int64_t n, int64_t d, double inv_temp, int64_t tile,
+                             const at::TensorOptions& opts, TileFn&& tile_fn) {
+  const int64_t blocks = (n + tile - 1) / tile;
+  Scratch<T> scratch(at::get_num_threads(), tile, tile);
+  run_rounds(symmetric_rounds(blocks), [&](int64_t bi, int64_t bj) {
+    const int64_t i0 = bi * tile, rows = std::min(tile, n - i0);
+    const int64_t j0 = bj * tile, cols = std::min(tile, n - j0);
+    T* s = scratch.tile();
+    logits_tile(zp + i0 * d, rows, zp + j0 * d, cols, d, inv_temp, s, opts);
+    tile_fn(bi == bj, i0, rows, j0, cols, s, scratch);
+  });
+}
+
 // The general kernels' blocks: row blocks of at most `tile` rows, small enough that a MoCo batch
 // (few rows, many negatives) still gives several blocks to share out over the cores, derived
 // from the shape alone so that results do not depend on the thread count; column tiles of
@@ -211,6 +228,31 @@ int64_t row_block(int64_t rows, int64_t tile) {
 }
 
 constexpr int64_t kColumnTiles = 4;
+
+// The general kernels' loop: row blocks of a in parallel, each walking all column tiles of b in
+// order. tile_fn(i0, rows, j0, cols, s) gets the logits s = inv_temp * ahat_I bhat_J^T (rows x
+// cols, in per-thread scratch it may overwrite); block_end(i0, rows) runs after a block's last
+// tile. Each row block is owned by one thread: its outputs need no synchronization.
+template <typename T, typename TileFn, typename EndFn>
+void for_each_row_block(const T* ap, int64_t nr, const T* bp, int64_t nc, int64_t d,
+                        double inv_temp, int64_t tile, const at::TensorOptions& opts,
+                        TileFn&& tile_fn, EndFn&& block_end) {
+  const int64_t rb = row_block(nr, tile), blocks = (nr + rb - 1) / rb;
+  const int64_t cw = kColumnTiles * tile;
+  Scratch<T> scratch(at::get_num_threads(), rb, cw);
+  at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+    T* s = scratch.tile();
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t i0 = b * rb, rows = std::min(rb, nr - i0);
+      for (int64_t j0 = 0; j0 < nc; j0 += cw) {
+        const int64_t cols = std::min(cw, nc - j0);
+        logits_tile(ap + i0 * d, rows, bp + j0 * d, cols, d, inv_temp, s, opts);
+        tile_fn(i0, rows, j0, cols, s);
+      }
+      block_end(i0, rows);
+    }
+  });
+}
 
 // ------------------------------------------------------------------------ NT-Xent ---------
 
@@ -226,21 +268,16 @@ std::tuple<at::Tensor, at::Tensor> nt_xent_forward_impl(const at::Tensor& z, con
   const T* zp = zh.data_ptr<T>();
   OnlineLSE<T> st{m.data_ptr<T>(), l.data_ptr<double>()};
   T* sp = s_pos.data_ptr<T>();
-  const int64_t blocks = (n + tile - 1) / tile;
   const bool fast = one_exp<T>(inv_temp, n);
-  Scratch<T> scratch(at::get_num_threads(), tile, tile);
 
-  run_rounds(symmetric_rounds(blocks), [&](int64_t bi, int64_t bj) {
-    const int64_t i0 = bi * tile, rows = std::min(tile, n - i0);
-    const int64_t j0 = bj * tile, cols = std::min(tile, n - j0);
-    T* s = scratch.tile();
-    logits_tile(zp + i0 * d, rows, zp + j0 * d, cols, d, inv_temp, s, opts);
+  auto tile_fn = [&](bool diagonal, int64_t i0, int64_t rows, int64_t j0, int64_t cols, T* s,
+                     Scratch<T>& scratch) {
     // Positives: row i's is column (i + N) mod 2N, taken from the very float its max sees.
     for (int64_t r = 0; r < rows; ++r) {
       const int64_t c = (i0 + r + half) % n - j0;
       if (c >= 0 && c < cols) sp[i0 + r] = s[r * cols + c];
     }
-    if (bi == bj) {
+    if (diagonal) {
       for (int64_t r = 0; r < rows; ++r) s[r * cols + r] = neg_inf<T>();  // no self-pairs
       for (int64_t r = 0; r < rows; ++r) {
         const T* sr = s + r * cols;
@@ -303,7 +340,8 @@ std::tuple<at::Tensor, at::Tensor> nt_xent_forward_impl(const at::Tensor& z, con
       st.merge(i0 + r, row_m[r], sum);
     }
     for (int64_t c = 0; c < cols; ++c) st.merge(j0 + c, col_m[c], col_sum[c]);
-  });
+  };
+  for_each_symmetric_tile(zp, n, d, inv_temp, tile, opts, tile_fn);
   return finish<T>(m, l, s_pos);
 }
 
@@ -320,16 +358,11 @@ at::Tensor nt_xent_grad_impl(const at::Tensor& z, const at::Tensor& nz, const at
   auto out = at::zeros({n, d}, opts);
   const T* zp = zh.data_ptr<T>();
   T* op = out.data_ptr<T>();
-  const int64_t blocks = (n + tile - 1) / tile;
   const bool fast = one_exp<T>(inv_temp, n);
-  Scratch<T> scratch(at::get_num_threads(), tile, tile);
 
-  run_rounds(symmetric_rounds(blocks), [&](int64_t bi, int64_t bj) {
-    const int64_t i0 = bi * tile, rows = std::min(tile, n - i0);
-    const int64_t j0 = bj * tile, cols = std::min(tile, n - j0);
-    T* w = scratch.tile();
-    logits_tile(zp + i0 * d, rows, zp + j0 * d, cols, d, inv_temp, w, opts);
-    if (bi == bj) {
+  auto tile_fn = [&](bool diagonal, int64_t i0, int64_t rows, int64_t j0, int64_t cols, T* w,
+                     Scratch<T>& scratch) {
+    if (diagonal) {
       // E_rc = g_r exp(s_rc - lse_r) from row r's own floats, then W = E + E^T.
       for (int64_t r = 0; r < rows; ++r) {
         T* wr = w + r * cols;
@@ -384,15 +417,16 @@ at::Tensor nt_xent_grad_impl(const at::Tensor& z, const at::Tensor& nz, const at
       const int64_t c = (i0 + r + half) % n - j0;
       if (c >= 0 && c < cols) w[r * cols + c] = 0;
     }
-    if (bi == bj) {
+    if (diagonal) {
       for (int64_t r = 0; r < rows; ++r) {
         const int64_t c = (i0 + r + half) % n - j0;
         if (c >= 0 && c < cols) w[c * cols + r] = 0;
       }
     }
     accumulate_tile(op + i0 * d, w, rows, cols, false, zp + j0 * d, d, opts);
-    if (bi != bj) accumulate_tile(op + j0 * d, w, cols, rows, true, zp + i0 * d, d, opts);
-  });
+    if (!diagonal) accumulate_tile(op + j0 * d, w, cols, rows, true, zp + i0 * d, d, opts);
+  };
+  for_each_symmetric_tile(zp, n, d, inv_temp, tile, opts, tile_fn);
   return out.mul_(inv_temp);
 }
 
@@ -429,60 +463,51 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lse_forward_impl(
   OnlineLSE<T> st{m.data_ptr<T>(), l.data_ptr<double>()};
   T* sp = s_pos.data_ptr<T>();
   T* vp = with_grad ? v.data_ptr<T>() : nullptr;
-  const int64_t rb = row_block(nr, tile), blocks = (nr + rb - 1) / rb;
-  const int64_t cw = kColumnTiles * tile;
-  Scratch<T> scratch(at::get_num_threads(), rb, cw);
 
-  at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
-    T* s = scratch.tile();
-    for (int64_t b = b0; b < b1; ++b) {
-      const int64_t i0 = b * rb, rows = std::min(rb, nr - i0);
-      for (int64_t j0 = 0; j0 < nc; j0 += cw) {
-        const int64_t cols = std::min(cw, nc - j0);
-        logits_tile(qp + i0 * d, rows, kp + j0 * d, cols, d, inv_temp, s, opts);
-        for (int64_t r = 0; r < rows; ++r) {
-          T* sr = s + r * cols;
-          int64_t pos = -1;
-          if (pos_offset.has_value()) {
-            const int64_t c = (i0 + r + *pos_offset) % nc - j0;
-            if (c >= 0 && c < cols) {
-              sp[i0 + r] = sr[c];
-              pos = c;
-            }
-          }
-          const T old_m = st.m[i0 + r];
-          const T new_m = std::max(old_m, row_max(sr, cols));
-          const T shift = shift_of(new_m);
-          if (!with_grad) {
-            st.merge(i0 + r, new_m, row_exp_sum(sr, cols, shift));
-            continue;
-          }
-          T sum = 0;
+  auto tile_fn = [&](int64_t i0, int64_t rows, int64_t j0, int64_t cols, T* s) {
+    for (int64_t r = 0; r < rows; ++r) {
+      T* sr = s + r * cols;
+      int64_t pos = -1;
+      if (pos_offset.has_value()) {
+        const int64_t c = (i0 + r + *pos_offset) % nc - j0;
+        if (c >= 0 && c < cols) {
+          sp[i0 + r] = sr[c];
+          pos = c;
+        }
+      }
+      const T old_m = st.m[i0 + r];
+      const T new_m = std::max(old_m, row_max(sr, cols));
+      const T shift = shift_of(new_m);
+      if (!with_grad) {
+        st.merge(i0 + r, new_m, row_exp_sum(sr, cols, shift));
+        continue;
+      }
+      T sum = 0;
 #pragma omp simd reduction(+ : sum)
-          for (int64_t c = 0; c < cols; ++c) {
-            const T e = exp_f(sr[c] - shift);
-            sr[c] = e;
-            sum += e;
-          }
-          if (pos >= 0) sr[pos] = 0;  // the positive's weight is added by the caller
-          const T rescale = exp_f(old_m - shift);
-          T* vr = vp + (i0 + r) * d;
-#pragma omp simd
-          for (int64_t c = 0; c < d; ++c) vr[c] *= rescale;
-          st.merge(i0 + r, new_m, sum);
-        }
-        if (with_grad) accumulate_tile(vp + i0 * d, s, rows, cols, false, kp + j0 * d, d, opts);
+      for (int64_t c = 0; c < cols; ++c) {
+        const T e = exp_f(sr[c] - shift);
+        sr[c] = e;
+        sum += e;
       }
-      if (with_grad) {
-        for (int64_t r = i0; r < i0 + rows; ++r) {
-          const T scale = static_cast<T>(inv_temp / st.l[r]);
-          T* vr = vp + r * d;
+      if (pos >= 0) sr[pos] = 0;  // the positive's weight is added by the caller
+      const T rescale = exp_f(old_m - shift);
+      T* vr = vp + (i0 + r) * d;
 #pragma omp simd
-          for (int64_t c = 0; c < d; ++c) vr[c] *= scale;
-        }
-      }
+      for (int64_t c = 0; c < d; ++c) vr[c] *= rescale;
+      st.merge(i0 + r, new_m, sum);
     }
-  });
+    if (with_grad) accumulate_tile(vp + i0 * d, s, rows, cols, false, kp + j0 * d, d, opts);
+  };
+  auto block_end = [&](int64_t i0, int64_t rows) {
+    if (!with_grad) return;
+    for (int64_t r = i0; r < i0 + rows; ++r) {
+      const T scale = static_cast<T>(inv_temp / st.l[r]);
+      T* vr = vp + r * d;
+#pragma omp simd
+      for (int64_t c = 0; c < d; ++c) vr[c] *= scale;
+    }
+  };
+  for_each_row_block(qp, nr, kp, nc, d, inv_temp, tile, opts, tile_fn, block_end);
   auto [loss, lse] = finish<T>(m, l, s_pos);
   return {loss, lse, v};
 }
@@ -499,7 +524,8 @@ at::Tensor grad_accumulate_impl(const at::Tensor& a, const at::Tensor& b, const 
   const int64_t nr = ah.size(0), nc = bh.size(0), d = ah.size(1);
   const auto opts = ah.options();
   const bool by_row = lse_a.has_value();
-  const auto lse_t = by_row ? row_vector(*lse_a, na, nr, "lse_a") : row_vector(*lse_b, na, nc, "lse_b");
+  const auto lse_t =
+      by_row ? row_vector(*lse_a, na, nr, "lse_a") : row_vector(*lse_b, na, nc, "lse_b");
   const auto g_t = by_row ? row_vector(*g_a, na, nr, "g_a") : row_vector(*g_b, na, nc, "g_b");
   const T* lse = lse_t.data_ptr<T>();
   const T* g = g_t.data_ptr<T>();
@@ -507,38 +533,28 @@ at::Tensor grad_accumulate_impl(const at::Tensor& a, const at::Tensor& b, const 
   const T* ap = ah.data_ptr<T>();
   const T* bp = bh.data_ptr<T>();
   T* op = out.data_ptr<T>();
-  const int64_t rb = row_block(nr, tile), blocks = (nr + rb - 1) / rb;
-  const int64_t cw = kColumnTiles * tile;
-  Scratch<T> scratch(at::get_num_threads(), rb, cw);
 
-  at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
-    T* w = scratch.tile();
-    for (int64_t blk = b0; blk < b1; ++blk) {
-      const int64_t i0 = blk * rb, rows = std::min(rb, nr - i0);
-      for (int64_t j0 = 0; j0 < nc; j0 += cw) {
-        const int64_t cols = std::min(cw, nc - j0);
-        logits_tile(ap + i0 * d, rows, bp + j0 * d, cols, d, inv_temp, w, opts);
-        for (int64_t r = 0; r < rows; ++r) {
-          T* wr = w + r * cols;
-          if (by_row) {
-            const T shift = lse[i0 + r], gr = g[i0 + r];
+  auto tile_fn = [&](int64_t i0, int64_t rows, int64_t j0, int64_t cols, T* w) {
+    for (int64_t r = 0; r < rows; ++r) {
+      T* wr = w + r * cols;
+      if (by_row) {
+        const T shift = lse[i0 + r], gr = g[i0 + r];
 #pragma omp simd
-            for (int64_t c = 0; c < cols; ++c) wr[c] = gr * exp_f(wr[c] - shift);
-          } else {
-            const T* lc = lse + j0;
-            const T* gc = g + j0;
+        for (int64_t c = 0; c < cols; ++c) wr[c] = gr * exp_f(wr[c] - shift);
+      } else {
+        const T* lc = lse + j0;
+        const T* gc = g + j0;
 #pragma omp simd
-            for (int64_t c = 0; c < cols; ++c) wr[c] = gc[c] * exp_f(wr[c] - lc[c]);
-          }
-          if (pos_offset.has_value()) {
-            const int64_t c = (i0 + r + *pos_offset) % nc - j0;
-            if (c >= 0 && c < cols) wr[c] = 0;  // the positive: added by the caller
-          }
-        }
-        accumulate_tile(op + i0 * d, w, rows, cols, false, bp + j0 * d, d, opts);
+        for (int64_t c = 0; c < cols; ++c) wr[c] = gc[c] * exp_f(wr[c] - lc[c]);
+      }
+      if (pos_offset.has_value()) {
+        const int64_t c = (i0 + r + *pos_offset) % nc - j0;
+        if (c >= 0 && c < cols) wr[c] = 0;  // the positive: added by the caller
       }
     }
-  });
+    accumulate_tile(op + i0 * d, w, rows, cols, false, bp + j0 * d, d, opts);
+  };
+  for_each_row_block(ap, nr, bp, nc, d, inv_temp, tile, opts, tile_fn, [](int64_t, int64_t) {});
   return out.mul_(inv_temp);
 }
 

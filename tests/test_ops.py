@@ -309,7 +309,9 @@ def _info_nce_inputs(mode, device, n=8, d=12, m=10, layout="contiguous"):
 def test_compile_nt_xent(backend):
     z1 = _randn(8, 12, seed=0, device=backend.device)
     z2 = _randn(8, 12, seed=1, device=backend.device)
-    _assert_same_loss_and_grads(_compiled(f"nt_xent-{backend}", fastcl.nt_xent), fastcl.nt_xent, [z1, z2])
+    _assert_same_loss_and_grads(
+        _compiled(f"nt_xent-{backend}", fastcl.nt_xent), fastcl.nt_xent, [z1, z2]
+    )
 
 
 @pytest.mark.parametrize("mode", ["none", "unpaired", "paired"])

@@ -1,6 +1,7 @@
 """Tiled PyTorch implementation of the similarity + log-softmax kernels.
 
-This is fastcl's CPU path until the C++ kernels land, and the fallback where Triton is missing.
+fastcl's fallback: it runs where the fast paths can't (no compiler or ninja for the C++ CPU
+kernels, no Triton on CUDA) and for CUDA float64.
 It is *not* the reference: it never forms the full similarity matrix, only one tile of at most
 ``_TILE x _TILE`` similarities at a time (1 MiB in float32, so the elementwise passes over a
 tile stay in a core's L2 cache), merging per-row maxima and sums online as FlashAttention does.
