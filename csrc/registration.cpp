@@ -1,6 +1,7 @@
 // The C++ CPU kernels' operator library, "fastcl_cpu". fastcl's public custom ops ("fastcl::...",
-// fastcl/ops/) call these on CPU tensors; the schemas mirror the backend contract in
-// fastcl/kernels/__init__.py. Their fake (meta) implementations are registered from Python.
+// fastcl/ops/) call these on CPU tensors; the schemas mirror the backend contracts in
+// fastcl/kernels/__init__.py (contrastive.cpp) and fastcl/ops/momentum.py (momentum.cpp). Their
+// fake (meta) implementations are registered from Python.
 
 #include <ATen/ATen.h>
 #include <torch/library.h>
@@ -24,6 +25,9 @@ at::Tensor grad_accumulate(const at::Tensor& a, const at::Tensor& b, const at::T
                            const c10::optional<at::Tensor>& g_b, double inv_temp,
                            c10::optional<int64_t> pos_offset, int64_t tile);
 
+void ema_(at::TensorList targets, at::TensorList sources, const at::Tensor& momentum);
+void queue_push_(const at::Tensor& queue, const at::Tensor& ptr, const at::Tensor& keys);
+
 }  // namespace fastcl
 
 TORCH_LIBRARY(fastcl_cpu, m) {
@@ -37,6 +41,8 @@ TORCH_LIBRARY(fastcl_cpu, m) {
   m.def(
       "grad_accumulate(Tensor a, Tensor b, Tensor na, Tensor nb, Tensor? lse_a, Tensor? g_a, "
       "Tensor? lse_b, Tensor? g_b, float inv_temp, int? pos_offset, int tile) -> Tensor");
+  m.def("ema_(Tensor(a!)[] targets, Tensor[] sources, Tensor momentum) -> ()");
+  m.def("queue_push_(Tensor(a!) queue, Tensor(b!) ptr, Tensor keys) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(fastcl_cpu, CPU, m) {
@@ -44,4 +50,6 @@ TORCH_LIBRARY_IMPL(fastcl_cpu, CPU, m) {
   m.impl("nt_xent_grad", &fastcl::nt_xent_grad);
   m.impl("lse_forward", &fastcl::lse_forward);
   m.impl("grad_accumulate", &fastcl::grad_accumulate);
+  m.impl("ema_", &fastcl::ema_);
+  m.impl("queue_push_", &fastcl::queue_push_);
 }

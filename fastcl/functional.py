@@ -185,3 +185,172 @@ def _paired_info_nce(query: Tensor, positive_key: Tensor, negative_keys: Tensor,
     logits = torch.cat([positive, negative], dim=1) / tau
     labels = torch.zeros(query.shape[0], dtype=torch.long, device=query.device)
     return F.cross_entropy(logits, labels, reduction="none")
+
+
+# ------------------------------------------------------------------------- momentum -------
+
+_BUFFER_MODES = ("average", "copy", "none")
+
+
+def _momentum_tensor(momentum) -> Tensor:
+    """The 0-dim tensor form of ``momentum`` the op takes, checked."""
+    if isinstance(momentum, Tensor):
+        if momentum.numel() != 1 or not momentum.is_floating_point():
+            raise ValueError(
+                f"momentum must be a float or a one-element floating tensor, got "
+                f"{momentum.dtype} tensor of shape {tuple(momentum.shape)}"
+            )
+        return momentum.detach().reshape(())
+    if isinstance(momentum, bool) or not isinstance(momentum, (int, float)):
+        raise TypeError(f"momentum must be a float or a tensor, got {type(momentum).__name__}")
+    if not 0.0 <= momentum <= 1.0:
+        raise ValueError(f"momentum must be in [0, 1], got {momentum}")
+    # A product keeps a symbolic float symbolic under torch.compile (see temperature_tensor).
+    return torch.ones((), dtype=torch.float64) * momentum
+
+
+def _ema_pairs(target, source, buffers: str):
+    """(targets, sources) to average and (targets, sources) to copy, checked."""
+    if isinstance(target, torch.nn.Module) != isinstance(source, torch.nn.Module):
+        raise TypeError("target and source must both be nn.Modules or both sequences of tensors")
+    if isinstance(target, torch.nn.Module):
+        _check_choice(buffers, "buffers", _BUFFER_MODES)
+        tp, sp = dict(target.named_parameters()), dict(source.named_parameters())
+        if list(tp) != list(sp):
+            raise ValueError(
+                "target and source have different parameters: "
+                f"{sorted(set(tp) ^ set(sp))[:5] or 'same names in another order'}"
+            )
+        avg = [(f"parameter {n}", tp[n], sp[n]) for n in tp]
+        copy = []
+        if buffers != "none":
+            tb, sb = dict(target.named_buffers()), dict(source.named_buffers())
+            if list(tb) != list(sb):
+                raise ValueError("target and source have different buffers: "
+                                 f"{sorted(set(tb) ^ set(sb))[:5]}")
+            for n in tb:
+                pair = (f"buffer {n}", tb[n], sb[n])
+                if buffers == "average" and tb[n].is_floating_point():
+                    avg.append(pair)
+                else:
+                    copy.append(pair)
+    else:
+        if isinstance(target, Tensor) or isinstance(source, Tensor):
+            raise TypeError("target and source must be nn.Modules or sequences of tensors, "
+                            "not single tensors (wrap them in a list)")
+        targets, sources = list(target), list(source)
+        if len(targets) != len(sources):
+            raise ValueError(f"target has {len(targets)} tensors but source has {len(sources)}")
+        avg = [(f"tensor {i}", t, s) for i, (t, s) in enumerate(zip(targets, sources))]
+        copy = []
+    for name, t, s in avg + copy:
+        for what, x in (("target", t), ("source", s)):
+            if not isinstance(x, Tensor):
+                raise TypeError(f"{what} {name} is a {type(x).__name__}, not a tensor")
+        if t.shape != s.shape:
+            raise ValueError(f"{name}: target shape {tuple(t.shape)} != source shape "
+                             f"{tuple(s.shape)}")
+        if t.dtype != s.dtype:
+            raise TypeError(f"{name}: target dtype {t.dtype} != source dtype {s.dtype}")
+        if t.device != s.device:
+            raise ValueError(f"{name}: target on {t.device} but source on {s.device}")
+    for name, t, _ in avg:
+        if not t.is_floating_point():
+            raise TypeError(f"{name} has dtype {t.dtype}: only floating tensors are averaged")
+        if t.device != avg[0][1].device:
+            raise ValueError(f"{name} is on {t.device} but {avg[0][0]} is on {avg[0][1].device}")
+    return [(t, s) for _, t, s in avg], [(t, s) for _, t, s in copy]
+
+
+def ema_(target, source, momentum, buffers: str = "average") -> None:
+    """In-place exponential moving average: target <- momentum * target + (1 - momentum) * source.
+
+    Args:
+        target, source: two ``nn.Module``s of the same structure (the target is updated), or two
+            equal-length sequences of tensors. Mixed dtypes and sizes are fine: the C++ (CPU)
+            and Triton (CUDA) kernels update a whole dtype group per launch. Arithmetic is
+            float32 (float64 for float64) whatever the storage dtype.
+        momentum: a Python float in [0, 1], or a one-element floating tensor (use a tensor when
+            it changes every step, e.g. a cosine schedule: no recompilation under torch.compile,
+            and a tensor on the GPU is never read on the host; its value is not checked).
+        buffers: modules only. ``"average"`` (default, as timm's ModelEma) averages
+            floating-point buffers like parameters and copies the others (e.g.
+            ``num_batches_tracked``); ``"copy"`` copies every buffer from the source;
+            ``"none"`` leaves the target's buffers alone (as MoCo does: its key encoder's
+            BatchNorm keeps its own statistics).
+
+    Parameters are matched by name; a structural mismatch raises ``ValueError``.
+    """
+    m = _momentum_tensor(momentum)
+    avg, copy = _ema_pairs(target, source, buffers)
+    with torch.no_grad():
+        if avg:
+            targets = [t.detach() for t, _ in avg]
+            sources = [s.detach() for _, s in avg]
+            if _config.get_backend() == "reference":
+                reference.ema_(targets, sources, m)
+            else:
+                ops.ema_(targets, sources, m)
+        for t, s in copy:
+            t.copy_(s)
+
+
+def cosine_momentum(step, total_steps: int, base: float, final: float = 1.0):
+    """The BYOL / MoCo v3 momentum schedule: ``base`` at step 0, rising to ``final`` at
+    ``total_steps`` along a half cosine: final - (final - base) * (cos(pi * step / total) + 1) / 2.
+
+    ``step`` may be an int (returns a float) or a tensor (returns a tensor, with no host sync:
+    pass it to ``ema_`` as is). Steps beyond ``total_steps`` stay at ``final``.
+    """
+    if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps <= 0:
+        raise ValueError(f"total_steps must be a positive int, got {total_steps!r}")
+    if not 0.0 <= base <= 1.0 or not 0.0 <= final <= 1.0:
+        raise ValueError(f"base and final must be in [0, 1], got {base} and {final}")
+    if isinstance(step, Tensor):
+        frac = step.to(torch.float64).clamp(0, total_steps) / total_steps
+        return final - (final - base) * (torch.cos(math.pi * frac) + 1) / 2
+    if isinstance(step, bool) or not isinstance(step, (int, float)):
+        raise TypeError(f"step must be an int or a tensor, got {type(step).__name__}")
+    frac = min(max(step, 0), total_steps) / total_steps
+    return final - (final - base) * (math.cos(math.pi * frac) + 1) / 2
+
+
+def queue_push_(queue: Tensor, ptr: Tensor, keys: Tensor) -> None:
+    """Push ``keys`` into the ring buffer ``queue`` in place (MoCo's negatives queue).
+
+    Args:
+        queue: (K, D) floating tensor, contiguous.
+        ptr: one-element int64 tensor on queue's device: the row the next key goes to.
+        keys: (B, D) tensor on queue's device; cast to queue's dtype, never differentiated.
+
+    Key i goes to row (ptr + i) mod K: a batch that crosses the end wraps to the start, any B
+    works (no ``K % B == 0``), and when B > K the last K keys remain. Then ptr <- (ptr + B) mod K.
+    ``ptr`` is never read on the host (no ``.item()``): works under torch.compile(fullgraph=True)
+    and CUDA graphs.
+    """
+    if not isinstance(queue, Tensor) or not queue.is_floating_point() or queue.dim() != 2:
+        raise ValueError(f"queue must be a 2-D floating tensor (K, D), got "
+                         f"{getattr(queue, 'dtype', type(queue).__name__)} "
+                         f"{tuple(getattr(queue, 'shape', ()))}")
+    if queue.shape[0] == 0:
+        raise ValueError("queue has no rows (K = 0)")
+    if not queue.is_contiguous():
+        raise ValueError("queue must be contiguous")
+    if not isinstance(ptr, Tensor) or ptr.numel() != 1 or ptr.dtype != torch.int64:
+        raise ValueError(f"ptr must be a one-element int64 tensor, got "
+                         f"{getattr(ptr, 'dtype', type(ptr).__name__)} "
+                         f"{tuple(getattr(ptr, 'shape', ()))}")
+    if not isinstance(keys, Tensor) or keys.dim() != 2:
+        raise ValueError(f"keys must be a 2-D tensor (B, D), got shape "
+                         f"{tuple(getattr(keys, 'shape', ()))}")
+    if keys.shape[1] != queue.shape[1]:
+        raise ValueError(f"keys have {keys.shape[1]} features but the queue has "
+                         f"{queue.shape[1]}")
+    for name, x in (("ptr", ptr), ("keys", keys)):
+        if x.device != queue.device:
+            raise ValueError(f"{name} is on {x.device} but queue is on {queue.device}")
+    keys = keys.detach()
+    if _config.get_backend() == "reference":
+        reference.queue_push_(queue, ptr, keys)
+    else:
+        ops.queue_push_(queue, ptr, keys)

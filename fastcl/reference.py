@@ -90,3 +90,25 @@ def info_nce(
     )
     loss = F.cross_entropy(logits, labels, reduction="none")
     return _reduce(loss, reduction).to(query.dtype)
+
+
+# ------------------------------------------------------------------------- momentum -------
+
+
+def ema_(targets, sources, momentum: float) -> None:
+    """targets[i] <- momentum * targets[i] + (1 - momentum) * sources[i], one tensor at a time,
+    computed in float64 and rounded once to each target's dtype."""
+    m = float(momentum)
+    with torch.no_grad():
+        for t, s in zip(targets, sources):
+            t.copy_(t.double() * m + s.double() * (1.0 - m))
+
+
+def queue_push_(queue: torch.Tensor, ptr: torch.Tensor, keys: torch.Tensor) -> None:
+    """The ring buffer, key by key: row (ptr + i) mod K <- keys[i]; ptr <- (ptr + B) mod K."""
+    k = queue.shape[0]
+    p = int(ptr.reshape(-1)[0]) % k
+    with torch.no_grad():
+        for i in range(keys.shape[0]):
+            queue[(p + i) % k] = keys[i].to(queue.dtype)
+        ptr.fill_((p + keys.shape[0]) % k)

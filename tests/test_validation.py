@@ -431,7 +431,7 @@ def _cuda_like(dtype=torch.float32):
 
 
 def _triton_missing(monkeypatch):
-    def fail():
+    def fail(family="contrastive"):
         raise RuntimeError("fastcl's Triton kernels are unavailable (no module named 'triton')")
 
     monkeypatch.setattr(_backend, "_load_triton", fail)

@@ -53,3 +53,14 @@ def grad_accumulate(a, b, na, nb, lse_a, g_a, lse_b, g_b, inv_temp: float,
                     pos_offset: Optional[int], precision: str = "ieee") -> torch.Tensor:
     return _ops.grad_accumulate(a, b, na, nb, lse_a, g_a, lse_b, g_b, inv_temp, pos_offset,
                                 _TILE)
+
+
+# ----------------------------------------------------------------------- momentum -------------
+
+
+def ema_(targets, sources, momentum: torch.Tensor) -> None:
+    _ops.ema_(targets, sources, momentum.to("cpu", torch.float64))
+
+
+def queue_push_(queue, ptr, keys) -> None:
+    _ops.queue_push_(queue, ptr, keys)

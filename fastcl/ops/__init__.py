@@ -6,3 +6,4 @@ from fastcl.ops.contrastive import (  # noqa: F401
     nt_xent_backward,
     temperature_tensor,
 )
+from fastcl.ops.momentum import ema_, queue_push_  # noqa: F401, E402

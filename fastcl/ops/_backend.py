@@ -22,25 +22,30 @@ import torch
 from fastcl import _config
 
 _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-_triton_module = None
+# The kernel modules of each op family: (triton, chunked / PyTorch fallback, C++).
+FAMILIES = {
+    "contrastive": ("fastcl.kernels.triton_contrastive", "fastcl.kernels.chunked"),
+    "momentum": ("fastcl.kernels.triton_momentum", "fastcl.kernels.torch_momentum"),
+}
+_triton_modules: dict = {}
 _triton_error = None
 _cpp_module = None
 _warned = set()
 
 
-def _load_triton() -> ModuleType:
-    global _triton_module, _triton_error
-    if _triton_module is None and _triton_error is None:
+def _load_triton(family: str = "contrastive") -> ModuleType:
+    global _triton_error
+    if family not in _triton_modules and _triton_error is None:
         try:
-            _triton_module = importlib.import_module("fastcl.kernels.triton_contrastive")
+            _triton_modules[family] = importlib.import_module(FAMILIES[family][0])
         except ImportError as exc:  # triton not installed, or broken
             _triton_error = exc
-    if _triton_module is None:
+    if family not in _triton_modules:
         raise RuntimeError(
             f"fastcl's Triton kernels are unavailable ({_triton_error}); "
             "install triton (`pip install triton`)"
         )
-    return _triton_module
+    return _triton_modules[family]
 
 
 def _load_cpp() -> ModuleType:
@@ -71,13 +76,11 @@ def _warn_once(key: str, message: str) -> None:
         warnings.warn(message, RuntimeWarning, stacklevel=4)
 
 
-def _chunked() -> ModuleType:
-    from fastcl.kernels import chunked
-
-    return chunked
+def _chunked(family: str = "contrastive") -> ModuleType:
+    return importlib.import_module(FAMILIES[family][1])
 
 
-def _triton_for(t: torch.Tensor) -> ModuleType:
+def _triton_for(t: torch.Tensor, family: str = "contrastive") -> ModuleType:
     if t.dtype not in _TRITON_DTYPES:
         raise RuntimeError(
             f"FASTCL_BACKEND=triton supports float16, bfloat16 and float32, got {t.dtype}; "
@@ -91,16 +94,19 @@ def _triton_for(t: torch.Tensor) -> ModuleType:
         )
     if t.device.type not in ("cpu", "cuda"):
         raise RuntimeError(f"FASTCL_BACKEND=triton does not support device {t.device}")
-    return _load_triton()
+    return _load_triton(family)
 
 
-def implementation(t: torch.Tensor) -> ModuleType:
-    """The kernel module that runs an op whose main input is ``t``."""
+def implementation(t: torch.Tensor, family: str = "contrastive") -> ModuleType:
+    """The kernel module of op ``family`` (see FAMILIES) that runs an op whose main input is ``t``.
+
+    The C++ module (``fastcl.kernels.cpp``) serves every family.
+    """
     backend = _config.get_backend()
     if backend == "triton":
-        return _triton_for(t)
+        return _triton_for(t, family)
     if backend == "chunked":
-        return _chunked()
+        return _chunked(family)
     if backend == "cpp":
         return _cpp_for(t)
     if backend == "reference":
@@ -118,14 +124,14 @@ def implementation(t: torch.Tensor) -> ModuleType:
             )
     elif t.device.type == "cuda" and t.dtype in _TRITON_DTYPES:
         try:
-            return _load_triton()
+            return _load_triton(family)
         except RuntimeError as exc:
             _warn_once(
                 "triton",
                 f"{exc}. fastcl falls back to its chunked PyTorch path, which is slower; "
                 "`pip install triton` gives the fused CUDA kernels.",
             )
-    return _chunked()
+    return _chunked(family)
 
 
 def dot_precision() -> str:

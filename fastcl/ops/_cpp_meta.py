@@ -35,6 +35,14 @@ def register() -> None:
         v = nq.new_empty(q.shape) if with_grad else nq.new_empty(0)
         return _rows(q, nq), _rows(q, nq), v
 
+    @torch.library.register_fake("fastcl_cpu::ema_")
+    def _(targets, sources, momentum):
+        return None
+
+    @torch.library.register_fake("fastcl_cpu::queue_push_")
+    def _(queue, ptr, keys):
+        return None
+
     @torch.library.register_fake("fastcl_cpu::grad_accumulate")
     def _(a, b, na, nb, lse_a, g_a, lse_b, g_b, inv_temp, pos_offset, tile):
         return na.new_empty(a.shape)

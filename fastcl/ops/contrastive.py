@@ -269,13 +269,21 @@ def _info_nce_setup(ctx, inputs, output):
     loss, lse, q_rows = output
     ctx.mark_non_differentiable(lse, q_rows)
     ctx.has_negatives = negatives is not None
-    ctx.save_for_backward(q, k, negatives, loss, lse, temperature, q_rows)
+    # The backward reads the negatives only for their own gradient, or for dq when the forward
+    # did not form it. Otherwise no reference is kept: a MoCo queue may be pushed in place
+    # between the loss and its backward without tripping autograd's version check.
+    keep = negatives is not None and (
+        negatives.requires_grad or (q.requires_grad and q_rows.numel() == 0)
+    )
+    ctx.save_for_backward(q, k, negatives if keep else None, loss, lse, temperature, q_rows)
 
 
 def _info_nce_backward(ctx, grad_loss, _grad_lse, _grad_q_rows):
     q, k, negatives, loss, lse, temperature, q_rows = ctx.saved_tensors
     need_q, need_k, need_neg = ctx.needs_input_grad[:3]
     need_neg = bool(need_neg and ctx.has_negatives)
+    if ctx.has_negatives and negatives is None:  # not kept: its rows are not read
+        negatives = q.new_empty((0, q.shape[1]))
     dq, dk, dneg = info_nce_backward(
         _grad_or_zeros(grad_loss, loss), q, k, negatives, loss, lse, temperature,
         need_q, need_k, need_neg, q_rows,

@@ -1,0 +1,136 @@
+// Momentum-encoder and MoCo-queue kernels for the CPU: a fused multi-tensor EMA and an in-place
+// ring-buffer push. Registered in registration.cpp; fastcl/ops/momentum.py wraps them.
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <algorithm>
+#include <cstring>
+#include <vector>
+
+namespace fastcl {
+namespace {
+
+// Elements per work item: large enough that a work item's bookkeeping is noise, small enough
+// that at::parallel_for balances 161 tensors of very different sizes over the cores.
+constexpr int64_t kChunk = 1 << 16;
+
+struct Piece {
+  int64_t tensor, begin, end;
+};
+
+// t <- m t + (1 - m) s, in float32 arithmetic (float64 for float64) whatever the storage type.
+template <typename T, typename Acc>
+void ema_range(T* t, const T* s, int64_t n, Acc m, Acc one_minus_m) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) {
+    const Acc x = static_cast<Acc>(t[i]);
+    const Acc y = static_cast<Acc>(s[i]);
+    t[i] = static_cast<T>(x * m + y * one_minus_m);
+  }
+}
+
+template <typename T>
+void ema_group(const std::vector<at::Tensor>& targets, const std::vector<at::Tensor>& sources,
+               double momentum) {
+  using Acc = std::conditional_t<std::is_same_v<T, double>, double, float>;
+  const Acc m = static_cast<Acc>(momentum);
+  const Acc one_minus_m = static_cast<Acc>(1.0 - momentum);
+  std::vector<Piece> pieces;
+  for (int64_t i = 0; i < static_cast<int64_t>(targets.size()); ++i) {
+    const int64_t n = targets[i].numel();
+    for (int64_t b = 0; b < n; b += kChunk) pieces.push_back({i, b, std::min(n, b + kChunk)});
+  }
+  std::vector<T*> tp(targets.size());
+  std::vector<const T*> sp(sources.size());
+  for (size_t i = 0; i < targets.size(); ++i) {
+    tp[i] = targets[i].data_ptr<T>();
+    sp[i] = sources[i].data_ptr<T>();
+  }
+  at::parallel_for(0, static_cast<int64_t>(pieces.size()), 1, [&](int64_t b, int64_t e) {
+    for (int64_t p = b; p < e; ++p) {
+      const Piece& pc = pieces[p];
+      ema_range(tp[pc.tensor] + pc.begin, sp[pc.tensor] + pc.begin, pc.end - pc.begin, m,
+                one_minus_m);
+    }
+  });
+}
+
+// Storage order is element order for both tensors: the EMA may run over raw memory.
+bool same_dense_layout(const at::Tensor& t, const at::Tensor& s) {
+  return t.is_non_overlapping_and_dense() && s.is_non_overlapping_and_dense() &&
+         t.strides() == s.strides();
+}
+
+}  // namespace
+
+void ema_(at::TensorList targets, at::TensorList sources, const at::Tensor& momentum) {
+  TORCH_CHECK(targets.size() == sources.size(), "fastcl_cpu::ema_: ", targets.size(),
+              " targets but ", sources.size(), " sources");
+  TORCH_CHECK(momentum.numel() == 1 && momentum.device().is_cpu(),
+              "fastcl_cpu::ema_: momentum must be a one-element CPU tensor");
+  const double m = momentum.item<double>();  // a CPU tensor: no device sync
+  // Group by dtype; a pair whose layouts differ goes through ATen (correct, not fused).
+  std::vector<at::Tensor> groups[4][2];
+  const at::ScalarType kinds[4] = {at::kFloat, at::kDouble, at::kHalf, at::kBFloat16};
+  for (size_t i = 0; i < targets.size(); ++i) {
+    const at::Tensor& t = targets[i];
+    const at::Tensor& s = sources[i];
+    TORCH_CHECK(t.device().is_cpu() && s.device().is_cpu(), "fastcl_cpu::ema_: tensor ", i,
+                " is not on the CPU");
+    TORCH_CHECK(t.sizes() == s.sizes(), "fastcl_cpu::ema_: tensor ", i, ": target shape ",
+                t.sizes(), " != source shape ", s.sizes());
+    TORCH_CHECK(t.scalar_type() == s.scalar_type(), "fastcl_cpu::ema_: tensor ", i,
+                ": target dtype ", t.scalar_type(), " != source dtype ", s.scalar_type());
+    const auto k = std::find(kinds, kinds + 4, t.scalar_type()) - kinds;
+    TORCH_CHECK(k < 4, "fastcl_cpu::ema_: tensor ", i, " has dtype ", t.scalar_type(),
+                "; floating-point tensors only");
+    if (t.numel() == 0) continue;
+    if (same_dense_layout(t, s)) {
+      groups[k][0].push_back(t);
+      groups[k][1].push_back(s);
+    } else {
+      at::Tensor acc = t.to(k == 1 ? at::kDouble : at::kFloat);
+      acc.mul_(m).add_(s.to(acc.scalar_type()), 1.0 - m);
+      t.copy_(acc);
+    }
+  }
+  if (!groups[0][0].empty()) ema_group<float>(groups[0][0], groups[0][1], m);
+  if (!groups[1][0].empty()) ema_group<double>(groups[1][0], groups[1][1], m);
+  if (!groups[2][0].empty()) ema_group<c10::Half>(groups[2][0], groups[2][1], m);
+  if (!groups[3][0].empty()) ema_group<c10::BFloat16>(groups[3][0], groups[3][1], m);
+}
+
+// Row (ptr + i) mod K of queue <- keys[i] (cast to queue's dtype), for the last min(B, K) keys
+// (earlier ones would be overwritten within this push); then ptr <- (ptr + B) mod K.
+void queue_push_(const at::Tensor& queue, const at::Tensor& ptr, const at::Tensor& keys) {
+  TORCH_CHECK(queue.device().is_cpu() && ptr.device().is_cpu() && keys.device().is_cpu(),
+              "fastcl_cpu::queue_push_: CPU tensors only");
+  TORCH_CHECK(queue.dim() == 2 && keys.dim() == 2 && queue.size(1) == keys.size(1),
+              "fastcl_cpu::queue_push_: queue (K, D) and keys (B, D) expected");
+  TORCH_CHECK(ptr.numel() == 1 && ptr.scalar_type() == at::kLong,
+              "fastcl_cpu::queue_push_: ptr must be a one-element int64 tensor");
+  TORCH_CHECK(queue.is_contiguous(), "fastcl_cpu::queue_push_: queue must be contiguous");
+  const int64_t k = queue.size(0), b = keys.size(0), d = queue.size(1);
+  TORCH_CHECK(k > 0, "fastcl_cpu::queue_push_: the queue has no rows");
+  int64_t* pp = ptr.data_ptr<int64_t>();
+  const int64_t start = ((*pp % k) + k) % k;
+  if (b > 0) {
+    const int64_t first = std::max<int64_t>(0, b - k);  // keys before it are overwritten
+    const at::Tensor src = keys.narrow(0, first, b - first).to(queue.scalar_type()).contiguous();
+    const int64_t rows = b - first;
+    const int64_t row_bytes = d * queue.element_size();
+    const char* from = static_cast<const char*>(src.data_ptr());
+    char* to = static_cast<char*>(queue.data_ptr());
+    // Two contiguous runs: up to the end of the ring, then from its start.
+    const int64_t dest = (start + first) % k;
+    const int64_t run1 = std::min(rows, k - dest);
+    std::memcpy(to + dest * row_bytes, from, run1 * row_bytes);
+    if (rows > run1) std::memcpy(to, from + run1 * row_bytes, (rows - run1) * row_bytes);
+  }
+  *pp = (start + b) % k;
+}
+
+}  // namespace fastcl

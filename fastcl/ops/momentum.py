@@ -1,0 +1,44 @@
+"""Custom ops for the momentum family ("fastcl::ema_", "fastcl::queue_push_").
+
+``fastcl::ema_(Tensor(a!)[] targets, Tensor[] sources, Tensor momentum) -> ()``
+    targets[i] <- momentum * targets[i] + (1 - momentum) * sources[i], in place, float32
+    arithmetic (float64 for float64). ``momentum`` is a 0-dim tensor: a new value every step
+    does not recompile under torch.compile, and one on the device is never read on the host.
+``fastcl::queue_push_(Tensor(a!) queue, Tensor(b!) ptr, Tensor keys) -> ()``
+    Row (ptr + i) mod K of ``queue`` <- keys[i] cast to queue's dtype (only the last K keys
+    when B > K: the earlier ones would be overwritten); ``ptr`` <- (ptr + B) mod K. ``ptr`` is
+    never read on the host.
+
+Backends (``fastcl.ops._backend.implementation(t, "momentum")``): C++ on CPU, Triton on CUDA,
+``fastcl.kernels.torch_momentum`` as the fallback. Arguments are checked in
+``fastcl.functional``; these ops trust them.
+"""
+from __future__ import annotations
+
+from typing import List
+
+import torch
+from torch import Tensor
+
+from fastcl.ops._backend import implementation
+
+
+@torch.library.custom_op("fastcl::ema_", mutates_args=("targets",))
+def ema_(targets: List[Tensor], sources: List[Tensor], momentum: Tensor) -> None:
+    if targets:
+        implementation(targets[0], "momentum").ema_(list(targets), list(sources), momentum)
+
+
+@ema_.register_fake
+def _(targets, sources, momentum) -> None:
+    return None
+
+
+@torch.library.custom_op("fastcl::queue_push_", mutates_args=("queue", "ptr"))
+def queue_push_(queue: Tensor, ptr: Tensor, keys: Tensor) -> None:
+    implementation(queue, "momentum").queue_push_(queue, ptr, keys)
+
+
+@queue_push_.register_fake
+def _(queue, ptr, keys) -> None:
+    return None
