@@ -233,3 +233,31 @@ def median(xs: Sequence[float]) -> float:
     s = sorted(xs)
     k = len(s) // 2
     return s[k] if len(s) % 2 else 0.5 * (s[k - 1] + s[k])
+
+
+# ------------------------------------------------------------------------ interleaving ----
+
+
+def interleaved(steps, rounds):
+    """Median seconds per provider, the providers run round-robin, start rotated per round."""
+    import time
+
+    names = list(steps)
+    times = {name: [] for name in names}
+    for name in names:  # warm-up: compilation, first-call costs
+        steps[name]()
+        steps[name]()
+    for r in range(rounds):
+        for j in range(len(names)):
+            name = names[(r + j) % len(names)]
+            t0 = time.perf_counter()
+            steps[name]()
+            times[name].append(time.perf_counter() - t0)
+    return {name: median(ts) for name, ts in times.items()}, times
+
+
+def loadavg() -> str:
+    try:
+        return " ".join(f"{x:.2f}" for x in os.getloadavg()) + f" (on {os.cpu_count()} CPUs)"
+    except OSError:
+        return "n/a"

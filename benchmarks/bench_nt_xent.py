@@ -103,31 +103,6 @@ def test_info_nce_moco(benchmark, memory_probe, device, mode, provider):
 # ---------------------------------------------------------------------- --ratios ----------
 
 
-def _interleaved(steps, rounds):
-    """Median seconds per provider, the providers run round-robin, start rotated per round."""
-    import time
-
-    names = list(steps)
-    times = {name: [] for name in names}
-    for name in names:  # warm-up: compilation, first-call costs
-        steps[name]()
-        steps[name]()
-    for r in range(rounds):
-        for j in range(len(names)):
-            name = names[(r + j) % len(names)]
-            t0 = time.perf_counter()
-            steps[name]()
-            times[name].append(time.perf_counter() - t0)
-    return {name: _common.median(ts) for name, ts in times.items()}, times
-
-
-def _loadavg() -> str:
-    try:
-        return " ".join(f"{x:.2f}" for x in os.getloadavg()) + f" (on {os.cpu_count()} CPUs)"
-    except OSError:
-        return "n/a"
-
-
 def ratios(argv=None) -> int:
     import argparse
     import datetime
@@ -160,7 +135,7 @@ def ratios(argv=None) -> int:
     started = datetime.datetime.now().astimezone()
     print(f"# fastcl ratios, {started:%Y-%m-%d %H:%M %Z}, device {device}")
     print("# " + ", ".join(f"{k}={v}" for k, v in info.items()))
-    print(f"# load average at start: {_loadavg()}")
+    print(f"# load average at start: {_common.loadavg()}")
     print("# command: python benchmarks/bench_nt_xent.py " + " ".join(sys.argv[1:] if argv is None else argv))
     sys.stdout.flush()
 
@@ -177,7 +152,7 @@ def ratios(argv=None) -> int:
         for mode in modes:
             steps = {prov: _common.Step(case, prov, n, mode, device) for prov in providers}
             rounds = a.rounds or (5 if n >= 4096 else 7)
-            med, _ = _interleaved(steps, rounds)
+            med, _ = _common.interleaved(steps, rounds)
             if device == "cuda" and not a.no_memory:
                 for prov, st in steps.items():
                     mem.setdefault((case, n, prov), {})[f"{mode}_mib"] = _common.cuda_peak_mib(st)
@@ -218,7 +193,7 @@ def ratios(argv=None) -> int:
         print("# fastcl slower than:")
         for line in slower:
             print("#   " + line)
-    print(f"# load average at end: {_loadavg()}")
+    print(f"# load average at end: {_common.loadavg()}")
     elapsed = datetime.datetime.now().astimezone() - started
     print(f"# total {elapsed.total_seconds():.0f} s")
     return 0

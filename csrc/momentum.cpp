@@ -13,13 +13,8 @@
 namespace fastcl {
 namespace {
 
-// Elements per work item: large enough that a work item's bookkeeping is noise, small enough
-// that at::parallel_for balances 161 tensors of very different sizes over the cores.
-constexpr int64_t kChunk = 1 << 16;
-
-struct Piece {
-  int64_t tensor, begin, end;
-};
+// The smallest share of elements at::parallel_for hands a thread.
+constexpr int64_t kChunk = 1 << 15;
 
 // t <- m t + (1 - m) s, in float32 arithmetic (float64 for float64) whatever the storage type.
 template <typename T, typename Acc>
@@ -37,23 +32,24 @@ void ema_group(const std::vector<at::Tensor>& targets, const std::vector<at::Ten
                double momentum) {
   using Acc = std::conditional_t<std::is_same_v<T, double>, double, float>;
   const Acc m = static_cast<Acc>(momentum);
-  const Acc one_minus_m = static_cast<Acc>(1.0 - momentum);
-  std::vector<Piece> pieces;
-  for (int64_t i = 0; i < static_cast<int64_t>(targets.size()); ++i) {
-    const int64_t n = targets[i].numel();
-    for (int64_t b = 0; b < n; b += kChunk) pieces.push_back({i, b, std::min(n, b + kChunk)});
-  }
-  std::vector<T*> tp(targets.size());
-  std::vector<const T*> sp(sources.size());
-  for (size_t i = 0; i < targets.size(); ++i) {
+  const Acc one_minus_m = static_cast<Acc>(1.0 - momentum);  // formed in float64
+  const int64_t count = static_cast<int64_t>(targets.size());
+  std::vector<int64_t> offset(count + 1, 0);  // the group as one virtual flat array
+  std::vector<T*> tp(count);
+  std::vector<const T*> sp(count);
+  for (int64_t i = 0; i < count; ++i) {
+    offset[i + 1] = offset[i] + targets[i].numel();
     tp[i] = targets[i].data_ptr<T>();
     sp[i] = sources[i].data_ptr<T>();
   }
-  at::parallel_for(0, static_cast<int64_t>(pieces.size()), 1, [&](int64_t b, int64_t e) {
-    for (int64_t p = b; p < e; ++p) {
-      const Piece& pc = pieces[p];
-      ema_range(tp[pc.tensor] + pc.begin, sp[pc.tensor] + pc.begin, pc.end - pc.begin, m,
-                one_minus_m);
+  // Split by elements, not by tensors: a ResNet's small tensors come first and its large
+  // ones last, so an even split of tensors would leave one core most of the bytes.
+  at::parallel_for(0, offset[count], kChunk, [&](int64_t b, int64_t e) {
+    int64_t i = std::upper_bound(offset.begin(), offset.end(), b) - offset.begin() - 1;
+    for (; i < count && offset[i] < e; ++i) {
+      const int64_t lo = std::max(b, offset[i]) - offset[i];
+      const int64_t hi = std::min(e, offset[i + 1]) - offset[i];
+      if (hi > lo) ema_range(tp[i] + lo, sp[i] + lo, hi - lo, m, one_minus_m);
     }
   });
 }

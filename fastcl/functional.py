@@ -210,7 +210,11 @@ def _momentum_tensor(momentum) -> Tensor:
 
 
 def _ema_pairs(target, source, buffers: str):
-    """(targets, sources) to average and (targets, sources) to copy, checked."""
+    """(targets, sources) to average and (targets, sources) to copy, checked.
+
+    The checks compare whole lists at once and name the offending tensor only on failure:
+    per-tensor Python checks would cost more than the update itself for 161 small tensors.
+    """
     if isinstance(target, torch.nn.Module) != isinstance(source, torch.nn.Module):
         raise TypeError("target and source must both be nn.Modules or both sequences of tensors")
     if isinstance(target, torch.nn.Module):
@@ -221,45 +225,68 @@ def _ema_pairs(target, source, buffers: str):
                 "target and source have different parameters: "
                 f"{sorted(set(tp) ^ set(sp))[:5] or 'same names in another order'}"
             )
-        avg = [(f"parameter {n}", tp[n], sp[n]) for n in tp]
-        copy = []
+        names = [f"parameter {n}" for n in tp]
+        avg_t, avg_s = list(tp.values()), list(sp.values())
+        copy_t, copy_s = [], []
         if buffers != "none":
             tb, sb = dict(target.named_buffers()), dict(source.named_buffers())
             if list(tb) != list(sb):
                 raise ValueError("target and source have different buffers: "
                                  f"{sorted(set(tb) ^ set(sb))[:5]}")
             for n in tb:
-                pair = (f"buffer {n}", tb[n], sb[n])
                 if buffers == "average" and tb[n].is_floating_point():
-                    avg.append(pair)
+                    names.append(f"buffer {n}")
+                    avg_t.append(tb[n])
+                    avg_s.append(sb[n])
                 else:
-                    copy.append(pair)
+                    copy_t.append(tb[n])
+                    copy_s.append(sb[n])
     else:
         if isinstance(target, Tensor) or isinstance(source, Tensor):
             raise TypeError("target and source must be nn.Modules or sequences of tensors, "
                             "not single tensors (wrap them in a list)")
-        targets, sources = list(target), list(source)
-        if len(targets) != len(sources):
-            raise ValueError(f"target has {len(targets)} tensors but source has {len(sources)}")
-        avg = [(f"tensor {i}", t, s) for i, (t, s) in enumerate(zip(targets, sources))]
-        copy = []
-    for name, t, s in avg + copy:
-        for what, x in (("target", t), ("source", s)):
-            if not isinstance(x, Tensor):
-                raise TypeError(f"{what} {name} is a {type(x).__name__}, not a tensor")
-        if t.shape != s.shape:
-            raise ValueError(f"{name}: target shape {tuple(t.shape)} != source shape "
-                             f"{tuple(s.shape)}")
-        if t.dtype != s.dtype:
-            raise TypeError(f"{name}: target dtype {t.dtype} != source dtype {s.dtype}")
-        if t.device != s.device:
-            raise ValueError(f"{name}: target on {t.device} but source on {s.device}")
-    for name, t, _ in avg:
-        if not t.is_floating_point():
-            raise TypeError(f"{name} has dtype {t.dtype}: only floating tensors are averaged")
-        if t.device != avg[0][1].device:
-            raise ValueError(f"{name} is on {t.device} but {avg[0][0]} is on {avg[0][1].device}")
-    return [(t, s) for _, t, s in avg], [(t, s) for _, t, s in copy]
+        avg_t, avg_s = list(target), list(source)
+        if len(avg_t) != len(avg_s):
+            raise ValueError(f"target has {len(avg_t)} tensors but source has {len(avg_s)}")
+        names = None
+        copy_t, copy_s = [], []
+        for what, xs in (("target", avg_t), ("source", avg_s)):
+            if not all(map(torch.is_tensor, xs)):
+                i = next(i for i, x in enumerate(xs) if not isinstance(x, Tensor))
+                raise TypeError(f"{what} tensor {i} is a {type(xs[i]).__name__}, not a tensor")
+
+    def name(i):
+        return names[i] if names is not None else f"tensor {i}"
+
+    def first_bad(a, b):
+        return next(i for i, (x, y) in enumerate(zip(a, b)) if x != y)
+
+    for ts, ss in ((avg_t, avg_s), (copy_t, copy_s)):
+        shapes_t, shapes_s = [t.shape for t in ts], [s.shape for s in ss]
+        if shapes_t != shapes_s:
+            i = first_bad(shapes_t, shapes_s)
+            label = name(i) if ts is avg_t else "a buffer"
+            raise ValueError(f"{label}: target shape {tuple(shapes_t[i])} != source shape "
+                             f"{tuple(shapes_s[i])}")
+        dtypes_t, dtypes_s = [t.dtype for t in ts], [s.dtype for s in ss]
+        if dtypes_t != dtypes_s:
+            i = first_bad(dtypes_t, dtypes_s)
+            label = name(i) if ts is avg_t else "a buffer"
+            raise TypeError(f"{label}: target dtype {dtypes_t[i]} != source dtype "
+                            f"{dtypes_s[i]}")
+    if avg_t:
+        if not all(map(Tensor.is_floating_point, avg_t)):
+            i = next(i for i, t in enumerate(avg_t) if not t.is_floating_point())
+            raise TypeError(f"{name(i)} has dtype {avg_t[i].dtype}: only floating tensors are "
+                            "averaged")
+        device = avg_t[0].device
+        devices = [t.device for t in avg_t] + [s.device for s in avg_s]
+        if devices.count(device) != len(devices):
+            i = next(i for i, d in enumerate(devices) if d != device) % len(avg_t)
+            raise ValueError(f"{name(i)} is on {devices[i]} or its source on "
+                             f"{avg_s[i].device}, but {name(0)} is on {device}: one device "
+                             "per call")
+    return (avg_t, avg_s), (copy_t, copy_s)
 
 
 def ema_(target, source, momentum, buffers: str = "average") -> None:
@@ -282,16 +309,19 @@ def ema_(target, source, momentum, buffers: str = "average") -> None:
     Parameters are matched by name; a structural mismatch raises ``ValueError``.
     """
     m = _momentum_tensor(momentum)
-    avg, copy = _ema_pairs(target, source, buffers)
+    (targets, sources), (copy_t, copy_s) = _ema_pairs(target, source, buffers)
     with torch.no_grad():
-        if avg:
-            targets = [t.detach() for t, _ in avg]
-            sources = [s.detach() for _, s in avg]
+        if targets:
+            if torch.compiler.is_compiling():
+                # Detached aliases for the traced op (same storage and version counter): the
+                # update is not differentiated. Eager mode runs under no_grad without them.
+                targets = [t.detach() for t in targets]
+                sources = [s.detach() for s in sources]
             if _config.get_backend() == "reference":
                 reference.ema_(targets, sources, m)
             else:
-                ops.ema_(targets, sources, m)
-        for t, s in copy:
+                ops.ema(targets, sources, m)
+        for t, s in zip(copy_t, copy_s):
             t.copy_(s)
 
 
@@ -353,4 +383,4 @@ def queue_push_(queue: Tensor, ptr: Tensor, keys: Tensor) -> None:
     if _config.get_backend() == "reference":
         reference.queue_push_(queue, ptr, keys)
     else:
-        ops.queue_push_(queue, ptr, keys)
+        ops.queue_push(queue, ptr, keys)

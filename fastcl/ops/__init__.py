@@ -6,4 +6,4 @@ from fastcl.ops.contrastive import (  # noqa: F401
     nt_xent_backward,
     temperature_tensor,
 )
-from fastcl.ops.momentum import ema_, queue_push_  # noqa: F401, E402
+from fastcl.ops.momentum import ema, ema_, queue_push, queue_push_  # noqa: F401, E402

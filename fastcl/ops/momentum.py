@@ -42,3 +42,34 @@ def queue_push_(queue: Tensor, ptr: Tensor, keys: Tensor) -> None:
 @queue_push_.register_fake
 def _(queue, ptr, keys) -> None:
     return None
+
+
+def _bump_versions(tensors: List[Tensor]) -> None:
+    """What the custom op's ADInplaceOrView step does: mark the tensors modified in place, so
+    that autograd still catches a saved tensor that was changed."""
+    try:
+        torch.autograd.graph.increment_version(tensors)
+    except TypeError:  # torch < 2.5 takes one tensor at a time
+        for t in tensors:
+            torch.autograd.graph.increment_version(t)
+
+
+def ema(targets: List[Tensor], sources: List[Tensor], momentum: Tensor) -> None:
+    """``fastcl::ema_`` under tracing (torch.compile, export); in eager mode the same backend
+    kernel called directly, with the version counters bumped as the op would. The custom op's
+    Python dispatch costs about 1.6 us per tensor, 0.26 ms for a ResNet-50's 161 tensors."""
+    if torch.compiler.is_compiling() or not targets:
+        ema_(targets, sources, momentum)
+        return
+    implementation(targets[0], "momentum").ema_(list(targets), list(sources), momentum)
+    _bump_versions(list(targets))
+
+
+def queue_push(queue: Tensor, ptr: Tensor, keys: Tensor) -> None:
+    """``fastcl::queue_push_`` under tracing; the backend kernel directly in eager mode (see
+    :func:`ema`)."""
+    if torch.compiler.is_compiling():
+        queue_push_(queue, ptr, keys)
+        return
+    implementation(queue, "momentum").queue_push_(queue, ptr, keys)
+    _bump_versions([queue, ptr])
