@@ -261,3 +261,23 @@ def loadavg() -> str:
         return " ".join(f"{x:.2f}" for x in os.getloadavg()) + f" (on {os.cpu_count()} CPUs)"
     except OSError:
         return "n/a"
+
+
+def ratios_args(description: str, default_rounds: int, argv=None):
+    """The command line shared by the ``--ratios`` entry points of bench_ema / bench_queue."""
+    import argparse
+
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--ratios", action="store_true", required=True)
+    p.add_argument("--rounds", type=int, default=default_rounds)
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    return p.parse_args(argv)
+
+
+def print_header(title: str) -> None:
+    """Date, machine and load average: the context every quoted ratio needs."""
+    import datetime
+
+    print(f"# {title}, {datetime.datetime.now().astimezone():%Y-%m-%d %H:%M %Z}")
+    print("# " + ", ".join(f"{k}={v}" for k, v in machine_info().items()))
+    print(f"# load average at start: {loadavg()}")

@@ -13,6 +13,9 @@ Providers (each updates target <- m target + (1 - m) source, m = 0.996, in place
     ``flat_lerp``: one ``lerp_`` over a single flat tensor of the same total size: the
     memory-bandwidth floor (12 bytes per float32 parameter), no per-tensor work at all.
 
+In ``--ratios`` the in-place providers (fastcl, foreach, foreach_lerp) update one shared set of
+tensors; ``loop`` (which replaces ``.data``) and ``flat_lerp`` have their own.
+
 pytest-benchmark: ``python -m pytest benchmarks/bench_ema.py --benchmark-only``.
 Ratios: ``python benchmarks/bench_ema.py --ratios [--rounds 31]`` (interleaved medians in one
 process; ratios > 1 mean fastcl is faster).
@@ -60,8 +63,11 @@ def param_set(name: str, device: str = "cpu"):
     return targets, sources
 
 
-def make_step(provider: str, name: str, device: str = "cpu"):
-    targets, sources = param_set(name, device)
+def make_step(provider: str, name: str, device: str = "cpu", tensors=None):
+    """A step of ``provider``. ``tensors`` (targets, sources) may be shared between providers
+    that update in place: where a tensor lands in memory moved single timings by 10-15% here,
+    so in-place providers compared in one run should update the same tensors."""
+    targets, sources = tensors if tensors is not None else param_set(name, device)
     m = MOMENTUM
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     if provider == "fastcl":
@@ -99,11 +105,7 @@ def make_step(provider: str, name: str, device: str = "cpu"):
     return step
 
 
-def _devices():
-    return ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-
-
-@pytest.mark.parametrize("device", _devices())
+@pytest.mark.parametrize("device", _common.devices())
 @pytest.mark.parametrize("name", SETS)
 @pytest.mark.parametrize("provider", PROVIDERS)
 def test_ema(benchmark, provider, name, device):
@@ -116,20 +118,13 @@ def test_ema(benchmark, provider, name, device):
 
 
 def ratios(argv=None) -> int:
-    import argparse
-    import datetime
-
-    p = argparse.ArgumentParser(description="interleaved EMA medians and ratios")
-    p.add_argument("--ratios", action="store_true", required=True)
-    p.add_argument("--rounds", type=int, default=31)
-    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
-    a = p.parse_args(argv)
-    print(f"# fastcl EMA ratios, {datetime.datetime.now().astimezone():%Y-%m-%d %H:%M %Z}, "
-          f"device {a.device}")
-    print("# " + ", ".join(f"{k}={v}" for k, v in _common.machine_info().items()))
-    print(f"# load average at start: {_common.loadavg()}")
+    a = _common.ratios_args("interleaved EMA medians and ratios", 31, argv)
+    _common.print_header(f"fastcl EMA ratios, device {a.device}")
     for name in SETS:
-        steps = {prov: make_step(prov, name, a.device) for prov in PROVIDERS}
+        shared = param_set(name, a.device)  # in-place providers update the same tensors
+        steps = {prov: make_step(prov, name, a.device,
+                                 None if prov in ("loop", "flat_lerp") else shared)
+                 for prov in PROVIDERS}
         med, _ = _common.interleaved(steps, a.rounds)
         n = sum(t.numel() for t in param_set(name, "cpu")[0])
         print(f"{name}: 161 tensors, {n:,} floats, {a.rounds} rounds")

@@ -262,18 +262,14 @@ def _ema_pairs(target, source, buffers: str):
         return next(i for i, (x, y) in enumerate(zip(a, b)) if x != y)
 
     for ts, ss in ((avg_t, avg_s), (copy_t, copy_s)):
-        shapes_t, shapes_s = [t.shape for t in ts], [s.shape for s in ss]
-        if shapes_t != shapes_s:
-            i = first_bad(shapes_t, shapes_s)
-            label = name(i) if ts is avg_t else "a buffer"
-            raise ValueError(f"{label}: target shape {tuple(shapes_t[i])} != source shape "
-                             f"{tuple(shapes_s[i])}")
-        dtypes_t, dtypes_s = [t.dtype for t in ts], [s.dtype for s in ss]
-        if dtypes_t != dtypes_s:
-            i = first_bad(dtypes_t, dtypes_s)
-            label = name(i) if ts is avg_t else "a buffer"
-            raise TypeError(f"{label}: target dtype {dtypes_t[i]} != source dtype "
-                            f"{dtypes_s[i]}")
+        for attr, error in (("shape", ValueError), ("dtype", TypeError)):
+            got_t, got_s = [getattr(t, attr) for t in ts], [getattr(s, attr) for s in ss]
+            if got_t != got_s:
+                i = first_bad(got_t, got_s)
+                label = name(i) if ts is avg_t else "a buffer"
+                show = tuple if attr == "shape" else str
+                raise error(f"{label}: target {attr} {show(got_t[i])} != source {attr} "
+                            f"{show(got_s[i])}")
     if avg_t:
         if not all(map(Tensor.is_floating_point, avg_t)):
             i = next(i for i, t in enumerate(avg_t) if not t.is_floating_point())
@@ -310,6 +306,11 @@ def ema_(target, source, momentum, buffers: str = "average") -> None:
     """
     m = _momentum_tensor(momentum)
     (targets, sources), (copy_t, copy_s) = _ema_pairs(target, source, buffers)
+    _ema_checked(targets, sources, m, copy_t, copy_s)
+
+
+def _ema_checked(targets, sources, m: Tensor, copy_t, copy_s) -> None:
+    """ema_ on lists that ``_ema_pairs`` has checked."""
     with torch.no_grad():
         if targets:
             if torch.compiler.is_compiling():

@@ -48,6 +48,7 @@ class MomentumEncoder(nn.Module):
         self.schedule = schedule
         self.buffers_mode = buffers
         self.register_buffer("step", torch.zeros((), dtype=torch.int64))
+        self._pairs = None
 
     def forward(self, *args, **kwargs):
         with torch.no_grad():
@@ -61,7 +62,17 @@ class MomentumEncoder(nn.Module):
 
     @torch.no_grad()
     def update(self, step=None) -> None:
-        F.ema_(self.target, self.online, self.current_momentum(step), buffers=self.buffers_mode)
+        m = self.current_momentum(step)
+        if torch.compiler.is_compiling():
+            F.ema_(self.target, self.online, m, buffers=self.buffers_mode)
+        else:
+            # The tensor lists are matched and checked once (fastcl.ema_ re-checks 161 tensors
+            # on every call, as much time as a small model's update itself); parameters keep
+            # their identity through .to(), load_state_dict and optimizers.
+            if self._pairs is None:
+                self._pairs = F._ema_pairs(self.target, self.online, self.buffers_mode)
+            (targets, sources), (copy_t, copy_s) = self._pairs
+            F._ema_checked(targets, sources, F._momentum_tensor(m), copy_t, copy_s)
         self.step.add_(1)
 
 
