@@ -14,6 +14,10 @@ Providers
     so that a missing toolchain fails the case instead of silently timing the chunked
     fallback: the C++ kernels on CPU, Triton on CUDA.
     ``chunked``: the same functions on fastcl's tiled PyTorch path (the fallback), for scale.
+    ``peer``: the peers' own formulation, written fresh from its description: lightly's
+    NTXentLoss (four (N x N) blocks, concatenated, cross-entropy) for NT-Xent, and
+    info-nce-pytorch's ``info_nce`` (positive logit first, then q @ queue^T, cross-entropy) for
+    the MoCo case.
     ``reference``: ``fastcl.reference`` in eager mode (stores the full similarity matrix).
     ``compile``: ``torch.compile(fastcl.reference.<loss>)`` with default options (one compiled
     object per loss, shared by every size, as in a training script: it recompiles once with
@@ -52,8 +56,8 @@ MOCO_N, MOCO_M = 256, 16384
 NT_XENT_TAU = 0.1
 MOCO_TAU = 0.07
 N_BUFFERS = 3
-PROVIDERS = ("fastcl", "chunked", "reference", "compile")
-MODES = ("full", "forward")
+PROVIDERS = ("fastcl", "chunked", "reference", "compile", "peer")
+MODES = ("full", "forward", "backward")
 CASES = ("nt_xent", "info_nce")
 
 
@@ -69,6 +73,31 @@ def _compiled(case: str) -> Callable:
     return torch.compile(reference.nt_xent if case == "nt_xent" else reference.info_nce)
 
 
+def _lightly_nt_xent(z1, z2, temperature):
+    """lightly's NTXentLoss (one process, no memory bank), from its description."""
+    b = z1.shape[0]
+    z1 = torch.nn.functional.normalize(z1, dim=1)
+    z2 = torch.nn.functional.normalize(z2, dim=1)
+    off_diag = ~torch.eye(b, dtype=torch.bool, device=z1.device)
+    l00 = (z1 @ z1.T / temperature)[off_diag].view(b, -1)
+    l11 = (z2 @ z2.T / temperature)[off_diag].view(b, -1)
+    l01, l10 = z1 @ z2.T / temperature, z2 @ z1.T / temperature
+    logits = torch.cat([torch.cat([l01, l00], dim=1), torch.cat([l10, l11], dim=1)])
+    labels = torch.arange(b, device=z1.device).repeat(2)
+    return torch.nn.functional.cross_entropy(logits, labels)
+
+
+def _info_nce_pytorch(query, positive_key, negative_keys, temperature):
+    """info-nce-pytorch's info_nce with unpaired negatives, from its description."""
+    q = torch.nn.functional.normalize(query, dim=-1)
+    k = torch.nn.functional.normalize(positive_key, dim=-1)
+    n = torch.nn.functional.normalize(negative_keys, dim=-1)
+    positive = (q * k).sum(dim=1, keepdim=True)
+    logits = torch.cat([positive, q @ n.T], dim=1) / temperature
+    labels = torch.zeros(len(logits), dtype=torch.long, device=query.device)
+    return torch.nn.functional.cross_entropy(logits, labels)
+
+
 def loss_fn(case: str, provider: str, device: str) -> Callable:
     """A callable taking the case's inputs (see ``make_inputs``) and returning the loss."""
     if provider in ("fastcl", "chunked"):
@@ -77,6 +106,8 @@ def loss_fn(case: str, provider: str, device: str) -> Callable:
         return reference.nt_xent if case == "nt_xent" else reference.info_nce
     if provider == "compile":
         return _compiled(case)
+    if provider == "peer":
+        return _lightly_nt_xent if case == "nt_xent" else _info_nce_pytorch
     raise ValueError(f"unknown provider {provider!r}")
 
 
@@ -148,6 +179,40 @@ class Step:
         args, wrt = self.buffers[self.i]
         self.i = (self.i + 1) % len(self.buffers)
         out = step_once(self.fn, args, wrt, self.mode, self.ctx)
+        self.sync()
+        return out
+
+
+def make_step(case: str, provider: str, n: int, mode: str, device: str = "cpu") -> "Step":
+    """A timed step of ``mode`` (full, forward, or backward: a BackwardStep)."""
+    if mode == "backward":
+        return BackwardStep(case, provider, n, device)
+    return Step(case, provider, n, mode, device)
+
+
+class BackwardStep(Step):
+    """Times the backward alone: ``prepare()`` runs the forward (untimed) on the next input
+    set, the call runs ``torch.autograd.grad`` of that loss."""
+
+    def __init__(self, case: str, provider: str, n: int, device: str = "cpu", d: int = D,
+                 m: int = MOCO_M, n_buffers: int = N_BUFFERS):
+        super().__init__(case, provider, n, "full", device, d, m, n_buffers)
+        self.pending = None
+
+    def prepare(self):
+        args, wrt = self.buffers[self.i]
+        self.i = (self.i + 1) % len(self.buffers)
+        with self.ctx():
+            self.pending = (self.fn(*args), wrt)
+        self.sync()
+
+    def __call__(self):
+        if self.pending is None:
+            self.prepare()
+        loss, wrt = self.pending
+        self.pending = None
+        with self.ctx():
+            out = torch.autograd.grad(loss, wrt)
         self.sync()
         return out
 
@@ -239,20 +304,30 @@ def median(xs: Sequence[float]) -> float:
 
 
 def interleaved(steps, rounds):
-    """Median seconds per provider, the providers run round-robin, start rotated per round."""
+    """Median seconds per provider, the providers run round-robin, start rotated per round.
+
+    A step with a ``prepare()`` method has it called, untimed, before each timed call (the
+    forward of a backward-only measurement)."""
     import time
 
     names = list(steps)
     times = {name: [] for name in names}
+
+    def run(name):
+        prepare = getattr(steps[name], "prepare", None)
+        if prepare is not None:
+            prepare()
+        t0 = time.perf_counter()
+        steps[name]()
+        return time.perf_counter() - t0
+
     for name in names:  # warm-up: compilation, first-call costs
-        steps[name]()
-        steps[name]()
+        run(name)
+        run(name)
     for r in range(rounds):
         for j in range(len(names)):
             name = names[(r + j) % len(names)]
-            t0 = time.perf_counter()
-            steps[name]()
-            times[name].append(time.perf_counter() - t0)
+            times[name].append(run(name))
     return {name: median(ts) for name, ts in times.items()}, times
 
 

@@ -72,7 +72,7 @@ def pytest_generate_tests(metafunc):
 
 
 def _run(benchmark, memory_probe, case, provider, n, mode, device, group, extra):
-    step = _common.Step(case, provider, n, mode, device)
+    step = _common.make_step(case, provider, n, mode, device)
     benchmark.group = group
     benchmark.extra_info.update(
         case=case, provider=provider, n=n, d=_common.D, mode=mode, device=device,
@@ -84,7 +84,9 @@ def _run(benchmark, memory_probe, case, provider, n, mode, device, group, extra)
         if mem is not None:
             benchmark.extra_info["peak_mem_mib"] = mem.get(f"{mode}_mib")
             benchmark.extra_info["memory"] = mem
-    benchmark.pedantic(step, rounds=_rounds(n), iterations=1, warmup_rounds=1)
+    # Backward: the forward runs untimed before each round (pedantic's setup).
+    benchmark.pedantic(step, setup=getattr(step, "prepare", None), rounds=_rounds(n),
+                       iterations=1, warmup_rounds=1)
 
 
 def test_nt_xent(benchmark, memory_probe, device, mode, n, provider):
@@ -150,7 +152,7 @@ def ratios(argv=None) -> int:
     rows = []
     for case, n in work:
         for mode in modes:
-            steps = {prov: _common.Step(case, prov, n, mode, device) for prov in providers}
+            steps = {prov: _common.make_step(case, prov, n, mode, device) for prov in providers}
             rounds = a.rounds or (5 if n >= 4096 else 7)
             med, _ = _common.interleaved(steps, rounds)
             if device == "cuda" and not a.no_memory:
