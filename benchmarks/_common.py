@@ -134,22 +134,39 @@ def backend_name(case: str, provider: str, device: str) -> str:
 # -------------------------------------------------------------------------- inputs --------
 
 
+# Input configurations: name -> (input dtype, torch.get_float32_matmul_precision during the step)
+DTYPES = {"fp32": (torch.float32, "highest"), "tf32": (torch.float32, "high"),
+          "bf16": (torch.bfloat16, "highest")}
+
+
+@contextlib.contextmanager
+def matmul_precision(precision: str):
+    """torch.set_float32_matmul_precision for the duration (TF32 products at "high")."""
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(precision)
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(before)
+
+
 def make_inputs(
-    case: str, n: int, d: int = D, m: int = MOCO_M, device: str = "cpu", seed: int = 0
+    case: str, n: int, d: int = D, m: int = MOCO_M, device: str = "cpu", seed: int = 0,
+    dtype: torch.dtype = torch.float32,
 ) -> Tuple[Tuple[torch.Tensor, ...], Tuple[torch.Tensor, ...]]:
     """One input set: (arguments for the loss, the tensors gradients are taken for)."""
     g = torch.Generator().manual_seed(seed)
 
     def leaf(*shape):
-        return torch.randn(*shape, generator=g).to(device).requires_grad_(True)
+        return torch.randn(*shape, generator=g).to(device, dtype).requires_grad_(True)
 
     if case == "nt_xent":
         z1, z2 = leaf(n, d), leaf(n, d)
         return (z1, z2, NT_XENT_TAU), (z1, z2)
     if case == "info_nce":
         q, k = leaf(n, d), leaf(n, d)
-        queue = torch.nn.functional.normalize(torch.randn(m, d, generator=g), dim=1).to(device)
-        return (q, k, queue, MOCO_TAU), (q, k)
+        queue = torch.nn.functional.normalize(torch.randn(m, d, generator=g), dim=1)
+        return (q, k, queue.to(device, dtype), MOCO_TAU), (q, k)
     raise ValueError(f"unknown case {case!r}")
 
 
@@ -167,11 +184,19 @@ class Step:
     """One timed step: calls the loss (and its backward) on the next of ``N_BUFFERS`` inputs."""
 
     def __init__(self, case: str, provider: str, n: int, mode: str, device: str = "cpu",
-                 d: int = D, m: int = MOCO_M, n_buffers: int = N_BUFFERS):
+                 d: int = D, m: int = MOCO_M, n_buffers: int = N_BUFFERS, config: str = "fp32"):
         self.case, self.provider, self.n, self.mode, self.device = case, provider, n, mode, device
         self.fn = loss_fn(case, provider, device)
-        self.ctx = functools.partial(backend_context, provider, device)
-        self.buffers = [make_inputs(case, n, d, m, device, seed=s) for s in range(n_buffers)]
+        dtype, precision = DTYPES[config]
+
+        @contextlib.contextmanager
+        def ctx():
+            with backend_context(provider, device), matmul_precision(precision):
+                yield
+
+        self.ctx = ctx
+        self.buffers = [make_inputs(case, n, d, m, device, seed=s, dtype=dtype)
+                        for s in range(n_buffers)]
         self.i = 0
         self.sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
 
@@ -183,11 +208,13 @@ class Step:
         return out
 
 
-def make_step(case: str, provider: str, n: int, mode: str, device: str = "cpu") -> "Step":
-    """A timed step of ``mode`` (full, forward, or backward: a BackwardStep)."""
+def make_step(case: str, provider: str, n: int, mode: str, device: str = "cpu",
+              config: str = "fp32") -> "Step":
+    """A timed step of ``mode`` (full, forward, or backward: a BackwardStep) with inputs and
+    matmul precision of ``config`` (a key of DTYPES)."""
     if mode == "backward":
-        return BackwardStep(case, provider, n, device)
-    return Step(case, provider, n, mode, device)
+        return BackwardStep(case, provider, n, device, config=config)
+    return Step(case, provider, n, mode, device, config=config)
 
 
 class BackwardStep(Step):
@@ -195,8 +222,8 @@ class BackwardStep(Step):
     set, the call runs ``torch.autograd.grad`` of that loss."""
 
     def __init__(self, case: str, provider: str, n: int, device: str = "cpu", d: int = D,
-                 m: int = MOCO_M, n_buffers: int = N_BUFFERS):
-        super().__init__(case, provider, n, "full", device, d, m, n_buffers)
+                 m: int = MOCO_M, n_buffers: int = N_BUFFERS, config: str = "fp32"):
+        super().__init__(case, provider, n, "full", device, d, m, n_buffers, config)
         self.pending = None
 
     def prepare(self):

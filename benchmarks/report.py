@@ -8,8 +8,10 @@ Cases (the same as ``pytest benchmarks --benchmark-only``):
     32768 for fastcl and its fallback only: the eager reference would need (2N)^2 matrices of
     GiBs), modes forward / backward / full, providers fastcl (C++ on CPU, Triton on CUDA),
     chunked (the fallback), reference (eager), compile (``torch.compile(reference)``) and peer
-    (lightly's NT-Xent / info-nce-pytorch's formulation). fp32 only so far: the bf16 and TF32
-    cases the CUDA report should have are not written yet. MoCo InfoNCE (N=256, queue 16384).
+    (lightly's NT-Xent / info-nce-pytorch's formulation). Input configurations (``--dtypes``,
+    default fp32 on CPU, fp32,tf32,bf16 on CUDA): fp32 inputs with IEEE products, fp32 with
+    TF32 products (``torch.set_float32_matmul_precision("high")``), bf16 inputs. MoCo InfoNCE
+    (N=256, queue 16384).
     EMA over ResNet-50's 161 parameter tensors (bench_ema.py) and the queue push (bench_queue.py).
 
 Columns: median time per provider; ratios baseline / fastcl (> 1: fastcl faster); peak memory
@@ -47,17 +49,19 @@ COLORS = {"fastcl": (31, 119, 180), "chunked": (44, 160, 44), "reference": (214,
 EAGER_MAX_N = 4096  # above this, the O(N^2) baselines are skipped (several GiB each)
 
 
-def _gemm_rate(device: str, dtype=torch.float32) -> float:
+def _gemm_rate(device: str, config: str = "fp32") -> float:
     """Measured FLOP/s of a square 2048^3 product: this machine's compute-bound matmul pace.
     (A (2N x D) @ (D x 2N) product with D = 128 would mostly measure writing its output.)"""
+    dtype, precision = _common.DTYPES[config]
     a = torch.randn(2048, 2048, device=device, dtype=dtype)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     times = []
-    for _ in range(9):
-        t0 = time.perf_counter()
-        a @ a
-        sync()
-        times.append(time.perf_counter() - t0)
+    with _common.matmul_precision(precision):
+        for _ in range(9):
+            t0 = time.perf_counter()
+            a @ a
+            sync()
+            times.append(time.perf_counter() - t0)
     return 2 * 2048 ** 3 / statistics.median(times[2:])
 
 
@@ -67,21 +71,27 @@ def _loss_flops(case: str, n: int) -> float:
     return 3 * 2 * rows * cols * _common.D
 
 
-def _time_losses(work, device, rounds, memory):
+def _time_losses(work, device, rounds, memory, configs=("fp32",)):
+    rows = []
+    for config in configs:
+        rows += _time_loss_config(work, device, rounds, memory, config)
+    return rows
+
+
+def _time_loss_config(work, device, rounds, memory, config):
     rows = []
     for case, n in work:
         providers = [p for p in LOSS_PROVIDERS if n <= EAGER_MAX_N or p in ("fastcl", "chunked")]
         skipped = {p: f"skipped: O(N^2) at N={n}" for p in LOSS_PROVIDERS if p not in providers}
         mem = {}
-        if memory:
+        if memory and device == "cpu" and config == "fp32":  # the probe runs fp32 inputs
             for p in providers:
-                if device == "cpu":
-                    mem[p] = _common.probe_memory(case, p, n, device=device)
+                mem[p] = _common.probe_memory(case, p, n, device=device)
         for mode in ("forward", "backward", "full"):
             steps, status = {}, dict(skipped)
             for p in providers:
                 try:
-                    steps[p] = _common.make_step(case, p, n, mode, device)
+                    steps[p] = _common.make_step(case, p, n, mode, device, config)
                 except RuntimeError as exc:  # out of memory while building inputs
                     status[p] = f"failed: {str(exc).splitlines()[0][:80]}"
             try:
@@ -95,10 +105,11 @@ def _time_losses(work, device, rounds, memory):
             if device == "cuda" and memory:
                 for p, st in steps.items():
                     mem.setdefault(p, {})[f"{mode}_mib"] = round(_common.cuda_peak_mib(st), 1)
-            rows.append({"case": case, "n": n, "mode": mode, "median_s": med, "status": status,
+            rows.append({"case": case, "n": n, "mode": mode, "dtype": config,
+                         "median_s": med, "status": status,
                          "mem_mib": {p: (mem.get(p) or {}).get(f"{mode}_mib")
                                      for p in LOSS_PROVIDERS}})
-            print(f"  done {case} N={n} {mode}", file=sys.stderr, flush=True)
+            print(f"  done {config} {case} N={n} {mode}", file=sys.stderr, flush=True)
             del steps
     return rows
 
@@ -192,7 +203,8 @@ def _panel(img, x_off, series, size=(420, 320), margin=40):
 
 def write_plot(path: str, rows) -> str:
     """Time (left) and peak memory (right) of NT-Xent forward + backward against N."""
-    full = [r for r in rows if r["case"] == "nt_xent" and r["mode"] == "full"]
+    full = [r for r in rows
+            if r["case"] == "nt_xent" and r["mode"] == "full" and r["dtype"] == "fp32"]
     times = {p: [(r["n"], r["median_s"].get(p)) for r in full] for p in LOSS_PROVIDERS}
     mems = {p: [(r["n"], r["mem_mib"].get(p)) for r in full] for p in LOSS_PROVIDERS}
     img = np.full((320, 840, 3), 255, dtype=np.uint8)
@@ -215,23 +227,24 @@ def _fmt_ratio(a, b):
 
 
 def format_report(info, rows, extra, gemm) -> str:
+    rates = ", ".join(f"{c} {r / 1e9:.0f}" for c, r in gemm.items())
     lines = [f"# fastcl performance report, {info['date']}, device {info['device']}",
              "# " + ", ".join(f"{k}={v}" for k, v in info.items() if k != "date"),
-             f"# measured fp32 GEMM rate: {gemm / 1e9:.0f} GFLOP/s", ""]
+             f"# measured GEMM rate (2048^3), GFLOP/s: {rates}", ""]
     others = ("reference", "compile", "peer", "chunked")
-    header = ("case", "N", "mode", *LOSS_PROVIDERS, *(f"{p}/fastcl" for p in others),
+    header = ("dtype", "case", "N", "mode", *LOSS_PROVIDERS, *(f"{p}/fastcl" for p in others),
               "TFLOP/s", "of floor", *(f"mem {p}" for p in LOSS_PROVIDERS))
     table = [header]
     for r in rows:
         med, st = r["median_s"], r["status"]
         t = med.get("fastcl")
-        cells = [r["case"], str(r["n"]), r["mode"]]
+        cells = [r["dtype"], r["case"], str(r["n"]), r["mode"]]
         cells += [_common.fmt_time(med[p]) if p in med else st.get(p, "-").split(":")[0]
                   for p in LOSS_PROVIDERS]
         cells += [_fmt_ratio(med.get(p), t) for p in others]
         if r["mode"] == "full" and t:
             flops = _loss_flops(r["case"], r["n"])
-            cells += [f"{flops / t / 1e12:.3f}", f"{flops / gemm / t:.0%}"]
+            cells += [f"{flops / t / 1e12:.3f}", f"{flops / gemm[r['dtype']] / t:.0%}"]
         else:
             cells += ["", ""]
         cells += [_common.fmt_mib(r["mem_mib"].get(p)) for p in LOSS_PROVIDERS]
@@ -268,7 +281,14 @@ def main(argv=None) -> int:
     p.add_argument("--rounds", type=int, default=None, help="default 7 (5 at N >= 4096)")
     p.add_argument("--out", default=None, help="folder for report.txt, results.json, plot.png")
     p.add_argument("--quick", action="store_true", help="tiny smoke run; not for quoting")
+    p.add_argument("--dtypes", default=None,
+                   help="input configurations among fp32,tf32,bf16 (default: fp32 on CPU, all "
+                        "three on CUDA)")
     a = p.parse_args(argv)
+    configs = (a.dtypes or ("fp32,tf32,bf16" if a.device == "cuda" else "fp32")).split(",")
+    for c in configs:
+        if c not in _common.DTYPES:
+            p.error(f"--dtypes: unknown {c!r}; choose among {', '.join(_common.DTYPES)}")
     started = datetime.datetime.now().astimezone()
     out = a.out or os.path.join(os.getcwd(), f"fastcl-report-{started:%Y%m%d-%H%M%S}")
     os.makedirs(out, exist_ok=True)
@@ -288,10 +308,10 @@ def main(argv=None) -> int:
             **_common.machine_info(), "triton": triton_version,
             "command": "python -m fastcl.bench " + " ".join(sys.argv[1:] if argv is None
                                                           else argv)}
-    gemm = _gemm_rate(a.device)
+    gemm = {c: _gemm_rate(a.device, c) for c in configs}
     work = [("nt_xent", n) for n in sizes] + [("info_nce", _common.MOCO_N if not a.quick
                                                else 64)]
-    rows = _time_losses(work, a.device, rounds, memory)
+    rows = _time_losses(work, a.device, rounds, memory, configs)
     extra = None if a.quick else _time_ema_queue(a.device, rounds * 3)
     report = format_report(info, rows, extra, gemm)
     caption = write_plot(os.path.join(out, "plot.png"), rows)
@@ -299,7 +319,7 @@ def main(argv=None) -> int:
     with open(os.path.join(out, "report.txt"), "w") as f:
         f.write(report)
     with open(os.path.join(out, "results.json"), "w") as f:
-        json.dump({"info": info, "gemm_flop_s": gemm, "losses": rows, "ema_queue": extra,
+        json.dump({"info": info, "gemm_flop_s": gemm, "dtypes": configs, "losses": rows, "ema_queue": extra,
                    "plot": caption}, f, indent=1, default=str)
     print(report)
     print(f"# written to {out}")

@@ -14,15 +14,16 @@ import sys
 def test_report_quick_run_writes_table_json_and_png(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("FASTCL_BACKEND", "TRITON_INTERPRET")}
     proc = subprocess.run([sys.executable, "-m", "fastcl.bench", "--quick", "--device", "cpu",
-                           "--out", str(tmp_path)], capture_output=True, text=True, env=env,
-                          timeout=600)
+                           "--dtypes", "fp32,bf16", "--out", str(tmp_path)],
+                          capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     report = (tmp_path / "report.txt").read_text()
     assert "fastcl performance report" in report and "GEMM rate" in report
     results = json.loads((tmp_path / "results.json").read_text())
     losses = results["losses"]
-    assert {(r["case"], r["mode"]) for r in losses} == {
-        (c, m) for c in ("nt_xent", "info_nce") for m in ("forward", "backward", "full")}
+    assert {(r["dtype"], r["case"], r["mode"]) for r in losses} == {
+        (dt, c, m) for dt in ("fp32", "bf16") for c in ("nt_xent", "info_nce")
+        for m in ("forward", "backward", "full")}
     for r in losses:  # every provider timed, none silently missing
         assert set(r["median_s"]) == {"fastcl", "chunked", "reference", "compile", "peer"}, r
         assert all(t > 0 for t in r["median_s"].values())
