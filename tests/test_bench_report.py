@@ -46,3 +46,20 @@ def test_bench_outside_a_checkout_says_what_it_needs(tmp_path):
                           timeout=300)
     assert proc.returncode == 2
     assert "source checkout" in proc.stderr
+
+
+def test_gpu_script_parses():
+    """benchmarks/gpu.sh is valid bash (it can't run here: no GPU), and names its outputs."""
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    script = os.path.join(here, "benchmarks", "gpu.sh")
+    proc = subprocess.run(["bash", "-n", script], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    text = open(script).read()
+    for needed in ("tests.log", "report.log", "--device cuda", "timeout"):
+        assert needed in text
+
+
+def test_report_rejects_unknown_dtype(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "fastcl.bench", "--quick", "--dtypes", "fp8",
+                           "--out", str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "fp8" in proc.stderr
