@@ -5,7 +5,8 @@ when the kernel module is imported, and the rest of the test session interprets)
 
 The interpreter that runs the kernels in CI is lenient where the compiler is not (loop-carried
 types, names bound inside loops, constexpr branches); this catches such errors without a GPU.
-The constexpr sets come from the launchers' own ``lse_meta`` / ``grad_meta``.
+The constexpr sets come from the launchers' own ``lse_meta`` / ``grad_meta``; the momentum
+kernels (EMA over an address table, queue push) are compiled for each storage dtype.
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 from fastcl.kernels import triton_contrastive as tc  # noqa: E402
+from fastcl.kernels import triton_momentum as tm  # noqa: E402
 
 _PTR = {torch.float32: "*fp32", torch.bfloat16: "*bf16", torch.float16: "*fp16"}
 _INPUT_PTRS = {"Q", "K", "KP", "A", "B"}
@@ -50,6 +52,34 @@ VARIANTS = [
     (90, "grad", "queue_dq", BF16, 200, "ieee"), (90, "grad", "queue_dneg", F32, 200, "ieee"),
     (80, "lse", "nt_xent", BF16, 200, "ieee"), (80, "grad", "nt_xent", BF16, 200, "ieee"),
 ]
+
+
+# The momentum kernels: (arch, kernel name, storage dtype, momentum on the device).
+MOMENTUM_VARIANTS = [
+    (90, "ema", F32, False), (90, "ema", BF16, True), (90, "ema", F16, False),
+    (80, "ema", BF16, False), (90, "queue", F32, None), (90, "queue", BF16, None),
+]
+
+
+def _momentum_variants():
+    """(arch, kernel, label, signature, constexprs) with the launchers' own argument types."""
+    for arch, which, dtype, on_device in MOMENTUM_VARIANTS:
+        if which == "ema":
+            constexprs = {"M_ON_DEVICE": on_device, "DTYPE": tm._TL_DTYPES[dtype],
+                          "BLOCK": 4096}
+            sig = {"t_addr": "*i64", "s_addr": "*i64", "sizes": "*i64", "block_tensor": "*i32",
+                   "block_start": "*i64", "m_ptr": "*fp64" if on_device else _PTR[dtype],
+                   "m_val": "fp32", "om_val": "fp32"}
+            label = f"ema {str(dtype)[6:]} momentum on {'device' if on_device else 'host'}"
+            kernel = tm._ema_kernel
+        else:
+            constexprs = {"BLOCK_D": 128}
+            sig = {"queue": _PTR[dtype], "ptr": "*i64", "keys": _PTR[dtype], "K": "i32",
+                   "D": "i32", "first": "i32"}
+            label = f"queue_push {str(dtype)[6:]}"
+            kernel = tm._queue_push_kernel
+        sig.update({k: "constexpr" for k in constexprs})
+        yield arch, kernel, label, sig, constexprs
 
 
 def _variants():
@@ -92,6 +122,18 @@ def main() -> int:
             assert compiled.asm.get("cubin"), "no cubin"
             print(f"ok   {label}")
         except Exception as exc:  # report every failing variant, then fail
+            failures += 1
+            print(f"FAIL {label}: {type(exc).__name__}: {exc}".splitlines()[0])
+        count += 1
+    for arch, kernel, name, sig, constexprs in _momentum_variants():
+        label = f"sm_{arch} {name}"
+        try:
+            src = ASTSource(fn=kernel, signature=sig, constexprs=constexprs)
+            compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                                      options={"num_warps": 4})
+            assert compiled.asm.get("cubin"), "no cubin"
+            print(f"ok   {label}")
+        except Exception as exc:
             failures += 1
             print(f"FAIL {label}: {type(exc).__name__}: {exc}".splitlines()[0])
         count += 1
