@@ -374,3 +374,25 @@ def test_compiled_train_step_pushes_and_updates():
                                  compiled_model.state_dict().items()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
     assert int(compiled_model.queue.ptr) == (4 * 7) % 20  # the pushes happened, and wrapped
+
+
+def test_triton_ema_leaves_float64_and_strided_pairs_to_pytorch_exactly():
+    """Pairs the Triton kernel does not take (float64; a transposed source) in one call with
+    ones it does (contiguous; channels-last conv weights, both sides): float64 stays float64
+    arithmetic, to the float64 bound."""
+    gen = torch.Generator().manual_seed(0)
+    cl = torch.channels_last
+    targets = [_tensor(gen, (9,), torch.float32, "cpu"),
+               _tensor(gen, (5, 3), torch.float64, "cpu"),
+               _tensor(gen, (4, 6), torch.float32, "cpu"),
+               _tensor(gen, (2, 3, 4, 5), torch.float32, "cpu").to(memory_format=cl)]
+    sources = [_tensor(gen, (9,), torch.float32, "cpu"),
+               _tensor(gen, (5, 3), torch.float64, "cpu"),
+               _tensor(gen, (6, 4), torch.float32, "cpu").T,
+               _tensor(gen, (2, 3, 4, 5), torch.float32, "cpu").to(memory_format=cl)]
+    originals = [t.clone() for t in targets]
+    expected = [t.clone() for t in targets]
+    reference.ema_(expected, sources, 0.9999)
+    with fastcl.use_backend("triton"):
+        fastcl.ema_(targets, sources, torch.tensor(0.9999, dtype=torch.float64))
+    _assert_ema_close(targets, expected, originals, sources, 0.9999)

@@ -31,7 +31,9 @@ def ema_(targets: List[torch.Tensor], sources: List[torch.Tensor], momentum: tor
         if on_host:
             torch._foreach_add_(acc, src, alpha=1.0 - m)
         else:
-            torch._foreach_add_(acc, torch._foreach_mul(src, (1.0 - m).to(acc[0].dtype)))
+            # 1 - m formed in float64, as everywhere else (1 - 0.9999 keeps 3 digits in float32)
+            one_minus = (1.0 - m.to(torch.float64)).to(acc[0].dtype)
+            torch._foreach_add_(acc, torch._foreach_mul(src, one_minus))
         if not wide:
             for t, a in zip(ts, acc):
                 t.copy_(a)

@@ -10,7 +10,8 @@
     One program per written key reads ``ptr`` on the device and writes its row; ``ptr`` is then
     advanced by a stream-ordered tensor op. Nothing is read on the host.
 
-Pairs whose layouts differ (not dense, or different strides) take a per-tensor PyTorch update.
+Pairs the kernel does not take (layouts that differ, float64) go to
+``fastcl.kernels.torch_momentum.ema_``, in float32 arithmetic (float64 for float64).
 """
 from __future__ import annotations
 
@@ -23,10 +24,14 @@ import triton
 import triton.language as tl
 
 from fastcl import _config
+from fastcl.kernels import torch_momentum
 
 _TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
 _TABLES: "OrderedDict[tuple, tuple]" = OrderedDict()
 _TABLE_CACHE = 16
+# Layouts whose storage order is element order for two tensors with equal strides (what the
+# kernel walks): row-major, and the channels-last layouts of conv weights.
+_DENSE_FORMATS = (torch.contiguous_format, torch.channels_last, torch.channels_last_3d)
 
 
 def _block() -> int:
@@ -95,17 +100,15 @@ def ema_(targets: List[torch.Tensor], sources: List[torch.Tensor], momentum: tor
         m_ptr = targets[0]  # unread
         m_val = float(numpy.float32(float(momentum)))
         om_val = float(numpy.float32(1.0 - float(momentum)))
-    groups = {}
+    groups, rest_t, rest_s = {}, [], []
     for t, s in zip(targets, sources):
-        dense = (t.is_contiguous() and s.is_contiguous()) or (
-            t.is_non_overlapping_and_dense() and t.stride() == s.stride())
+        dense = t.stride() == s.stride() and any(
+            t.is_contiguous(memory_format=f) for f in _DENSE_FORMATS)
         if t.numel() == 0:
             continue
         if not dense or t.dtype not in _TL_DTYPES:
-            m64 = momentum.to(device=t.device, dtype=torch.float64)
-            acc = t.float()
-            acc.mul_(m64.float()).add_(s.float() * (1.0 - m64).float())
-            t.copy_(acc)
+            rest_t.append(t)
+            rest_s.append(s)
             continue
         groups.setdefault(t.dtype, ([], []))
         groups[t.dtype][0].append(t)
@@ -115,6 +118,8 @@ def ema_(targets: List[torch.Tensor], sources: List[torch.Tensor], momentum: tor
         t_addr, s_addr, sizes, owner, starts, n_blocks = _table(ts, ss, block)
         _ema_kernel[(n_blocks,)](t_addr, s_addr, sizes, owner, starts, m_ptr, m_val, om_val,
                                  M_ON_DEVICE=on_device, DTYPE=_TL_DTYPES[dtype], BLOCK=block)
+    if rest_t:
+        torch_momentum.ema_(rest_t, rest_s, momentum)
 
 
 @triton.jit
