@@ -117,16 +117,22 @@ def test_ema(benchmark, provider, name, device):
     benchmark.pedantic(step, rounds=20 if name == "resnet50" else 200, warmup_rounds=2)
 
 
+def measure(name: str, device: str, rounds: int):
+    """(floats in the set, {provider: median seconds}) from one interleaved run; the in-place
+    providers update one shared set of tensors."""
+    shared = param_set(name, device)
+    steps = {prov: make_step(prov, name, device,
+                             None if prov in ("loop", "flat_lerp") else shared)
+             for prov in PROVIDERS}
+    med, _ = _common.interleaved(steps, rounds)
+    return sum(t.numel() for t in shared[0]), med
+
+
 def ratios(argv=None) -> int:
     a = _common.ratios_args("interleaved EMA medians and ratios", 31, argv)
     _common.print_header(f"fastcl EMA ratios, device {a.device}")
     for name in SETS:
-        shared = param_set(name, a.device)  # in-place providers update the same tensors
-        steps = {prov: make_step(prov, name, a.device,
-                                 None if prov in ("loop", "flat_lerp") else shared)
-                 for prov in PROVIDERS}
-        med, _ = _common.interleaved(steps, a.rounds)
-        n = sum(t.numel() for t in param_set(name, "cpu")[0])
+        n, med = measure(name, a.device, a.rounds)
         print(f"{name}: 161 tensors, {n:,} floats, {a.rounds} rounds")
         for prov in PROVIDERS:
             ratio = med[prov] / med["fastcl"]

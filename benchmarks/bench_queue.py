@@ -73,12 +73,19 @@ def test_queue_push(benchmark, provider, device):
     benchmark.pedantic(make_step(provider, device), rounds=200, warmup_rounds=5)
 
 
+def measure(device: str, rounds: int):
+    """{peer: {provider: median seconds}}: fastcl interleaved with one peer at a time."""
+    pairs = {}
+    for peer in PROVIDERS[1:]:
+        steps = {prov: make_step(prov, device) for prov in ("fastcl", peer)}
+        pairs[peer], _ = _common.interleaved(steps, rounds)
+    return pairs
+
+
 def ratios(argv=None) -> int:
     a = _common.ratios_args("interleaved queue-push medians and ratios", 201, argv)
     _common.print_header(f"fastcl queue ratios, device {a.device}, K={K} D={D} B={B}")
-    for peer in PROVIDERS[1:]:
-        steps = {prov: make_step(prov, a.device) for prov in ("fastcl", peer)}
-        med, _ = _common.interleaved(steps, a.rounds)
+    for peer, med in measure(a.device, a.rounds).items():
         print(f"  fastcl {med['fastcl'] * 1e6:9.1f} us  vs  {peer:<14} "
               f"{med[peer] * 1e6:9.1f} us   {peer}/fastcl {med[peer] / med['fastcl']:6.2f}x")
     print(f"# load average at end: {_common.loadavg()}")

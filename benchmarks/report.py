@@ -116,20 +116,10 @@ def _time_loss_config(work, device, rounds, memory, config):
 
 def _time_ema_queue(device, rounds):
     out = {}
-    shared = bench_ema.param_set("resnet50", device)
-    steps = {p: bench_ema.make_step(p, "resnet50", device,
-                                    None if p in ("loop", "flat_lerp") else shared)
-             for p in bench_ema.PROVIDERS}
-    med, _ = _common.interleaved(steps, rounds)
-    n = sum(t.numel() for t in shared[0])
+    n, med = bench_ema.measure("resnet50", device, rounds)
     out["ema"] = {"params": n, "median_s": med,
                   "gb_s": {p: 12 * n / t / 1e9 for p, t in med.items()}}
-    del steps, shared
-    queue = {}
-    for peer in bench_queue.PROVIDERS[1:]:
-        steps = {p: bench_queue.make_step(p, device) for p in ("fastcl", peer)}
-        med, _ = _common.interleaved(steps, max(rounds, 21))
-        queue[peer] = med
+    queue = bench_queue.measure(device, max(rounds, 21))
     moved = 2 * bench_queue.B * bench_queue.D * 4  # read the keys, write the rows
     out["queue"] = {"K": bench_queue.K, "D": bench_queue.D, "B": bench_queue.B,
                     "pairs": queue,

@@ -155,7 +155,8 @@ template <typename T>
 struct OnlineLSE {
   T* m;
   double* l;
-  // Merge a block maximum `mx` and a block sum `sum` (taken with shift `shift_of(new_m)`).
+  // Row i's new running max `new_m` (its old one merged with a block's) and the block's sum
+  // of exp(s - shift_of(new_m)).
   void merge(int64_t i, T new_m, T sum) {
     const T old = m[i];
     l[i] = l[i] * static_cast<double>(exp_f(old - shift_of(new_m))) + static_cast<double>(sum);

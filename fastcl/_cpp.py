@@ -135,11 +135,3 @@ def load() -> Path:
     _loaded = library
     return library
 
-
-def available() -> bool:
-    """Whether the C++ kernels are loaded or can be built and loaded now."""
-    try:
-        load()
-    except CppUnavailable:
-        return False
-    return True

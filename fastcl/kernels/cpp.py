@@ -38,15 +38,17 @@ def lse_forward(
     pos_offset: Optional[int],
     precision: str = "ieee",
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    k_pos, n_pos = positive if positive is not None else (None, None)
-    loss, lse, _ = _ops.lse_forward(q, k, nq, nk, k_pos, n_pos, inv_temp, pos_offset, False, _TILE)
-    return loss, lse
+    return _lse_forward(q, k, nq, nk, positive, inv_temp, pos_offset, with_grad=False)[:2]
 
 
 def lse_forward_with_grad(q, k, nq, nk, positive, inv_temp: float, pos_offset: Optional[int],
                           precision: str = "ieee"):
+    return _lse_forward(q, k, nq, nk, positive, inv_temp, pos_offset, with_grad=True)
+
+
+def _lse_forward(q, k, nq, nk, positive, inv_temp, pos_offset, with_grad):
     k_pos, n_pos = positive if positive is not None else (None, None)
-    return _ops.lse_forward(q, k, nq, nk, k_pos, n_pos, inv_temp, pos_offset, True, _TILE)
+    return _ops.lse_forward(q, k, nq, nk, k_pos, n_pos, inv_temp, pos_offset, with_grad, _TILE)
 
 
 def grad_accumulate(a, b, na, nb, lse_a, g_a, lse_b, g_b, inv_temp: float,
