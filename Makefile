@@ -1,10 +1,11 @@
-# `make test` builds .venv from scratch when it is missing, then runs the test suite.
+# `make train` and `make test` build .venv from scratch when it is missing; then `make train`
+# runs the main job (python -m fastcl.train, ARGS="--method moco" etc.) and `make test` the suite.
 PYTHON ?= python3
 VENV   ?= .venv
 PY      = $(VENV)/bin/python
 STAMP   = $(VENV)/.fastcl-installed
 
-.PHONY: test bench venv clean
+.PHONY: train test bench venv clean
 
 venv: $(STAMP)
 
@@ -13,8 +14,11 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m pip install --quiet --upgrade pip
 	# torch first, pinned: a bare `torch` requirement would pull a multi-GB CUDA build.
 	$(PY) -m pip install --quiet -c constraints.txt torch
-	$(PY) -m pip install --quiet -c constraints.txt -e '.[test]'
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[test,train]'
 	touch $(STAMP)
+
+train: $(STAMP)
+	$(PY) -m fastcl.train $(ARGS)
 
 test: $(STAMP)
 	$(PY) -m pytest tests -q
@@ -23,4 +27,4 @@ bench: $(STAMP)
 	$(PY) -m pytest benchmarks --benchmark-only
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis .benchmarks
+	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis .benchmarks fastcl-train-out

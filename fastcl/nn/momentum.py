@@ -27,9 +27,10 @@ class MomentumEncoder(nn.Module):
         buffers: how ``update`` treats buffers (see ``fastcl.ema_``); default ``"none"``: the
             target's BatchNorm statistics come from its own forward passes, as in MoCo.
 
-    ``forward`` runs the target under ``torch.no_grad()``. ``update(step=None)`` applies one
-    fused EMA step (``fastcl.ema_``) from the online module and then advances the ``step``
-    buffer; an explicit ``step`` is used instead of the buffer for the schedule. The target's
+    ``forward`` runs the target under ``torch.no_grad()``. ``update(step=None, momentum=None)``
+    applies one fused EMA step (``fastcl.ema_``) from the online module and then advances the
+    ``step`` buffer; an explicit ``step`` is used instead of the buffer for the schedule, and an
+    explicit ``momentum`` instead of both. The target's
     weights and ``step`` are in ``state_dict``: a run resumed from a checkpoint continues
     bitwise identically.
     """
@@ -61,8 +62,10 @@ class MomentumEncoder(nn.Module):
         return self.schedule(self.step if step is None else step)
 
     @torch.no_grad()
-    def update(self, step=None) -> None:
-        m = self.current_momentum(step)
+    def update(self, step=None, momentum=None) -> None:
+        """One fused EMA step from the online module, then ``step += 1``. ``momentum`` (a
+        float or a 0-dim tensor) overrides both the constant and the schedule."""
+        m = self.current_momentum(step) if momentum is None else momentum
         if torch.compiler.is_compiling():
             F.ema_(self.target, self.online, m, buffers=self.buffers_mode)
         else:
