@@ -1,6 +1,7 @@
 // The C++ CPU kernels' operator library, "fastcl_cpu". fastcl's public custom ops ("fastcl::...",
 // fastcl/ops/) call these on CPU tensors; the schemas mirror the backend contracts in
-// fastcl/kernels/__init__.py (contrastive.cpp) and fastcl/ops/momentum.py (momentum.cpp). Their
+// fastcl/kernels/__init__.py (contrastive.cpp), fastcl/ops/momentum.py (momentum.cpp) and
+// fastcl/ops/cosine.py (cosine.cpp). Their
 // fake (meta) implementations are registered from Python.
 
 #include <ATen/ATen.h>
@@ -28,6 +29,10 @@ at::Tensor grad_accumulate(const at::Tensor& a, const at::Tensor& b, const at::T
 void ema_(at::TensorList targets, at::TensorList sources, const at::Tensor& momentum);
 void queue_push_(const at::Tensor& queue, const at::Tensor& ptr, const at::Tensor& keys);
 
+std::tuple<at::Tensor, at::Tensor> cosine_forward(const at::Tensor& p, const at::Tensor& z);
+at::Tensor cosine_backward(const at::Tensor& g, const at::Tensor& p, const at::Tensor& z,
+                           const at::Tensor& stats);
+
 }  // namespace fastcl
 
 TORCH_LIBRARY(fastcl_cpu, m) {
@@ -43,6 +48,8 @@ TORCH_LIBRARY(fastcl_cpu, m) {
       "Tensor? lse_b, Tensor? g_b, float inv_temp, int? pos_offset, int tile) -> Tensor");
   m.def("ema_(Tensor(a!)[] targets, Tensor[] sources, Tensor momentum) -> ()");
   m.def("queue_push_(Tensor(a!) queue, Tensor(b!) ptr, Tensor keys) -> ()");
+  m.def("cosine_forward(Tensor p, Tensor z) -> (Tensor, Tensor)");
+  m.def("cosine_backward(Tensor g, Tensor p, Tensor z, Tensor stats) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(fastcl_cpu, CPU, m) {
@@ -52,4 +59,6 @@ TORCH_LIBRARY_IMPL(fastcl_cpu, CPU, m) {
   m.impl("grad_accumulate", &fastcl::grad_accumulate);
   m.impl("ema_", &fastcl::ema_);
   m.impl("queue_push_", &fastcl::queue_push_);
+  m.impl("cosine_forward", &fastcl::cosine_forward);
+  m.impl("cosine_backward", &fastcl::cosine_backward);
 }

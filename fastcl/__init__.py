@@ -1,6 +1,7 @@
 """fastcl: fused kernels for contrastive self-supervised learning."""
 from fastcl._config import get_backend, set_backend, use_backend  # noqa: F401
 from fastcl.functional import (  # noqa: F401
+    byol_loss,
     cosine_momentum,
     ema_,
     info_nce,
@@ -8,9 +9,10 @@ from fastcl.functional import (  # noqa: F401
     queue_push_,
 )
 from fastcl import nn  # noqa: F401
+from fastcl import models  # noqa: F401, E402
 
 __version__ = "0.1.0"
 __all__ = [
-    "nt_xent", "info_nce", "ema_", "cosine_momentum", "queue_push_", "nn",
+    "nt_xent", "info_nce", "byol_loss", "ema_", "cosine_momentum", "queue_push_", "nn", "models",
     "get_backend", "set_backend", "use_backend",
 ]

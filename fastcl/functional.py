@@ -187,6 +187,32 @@ def _paired_info_nce(query: Tensor, positive_key: Tensor, negative_keys: Tensor,
     return F.cross_entropy(logits, labels, reduction="none")
 
 
+def byol_loss(p: Tensor, z: Tensor, reduction: str = "none") -> Tensor:
+    """BYOL's normalized MSE, fused: 2 - 2 cos(p_i, z_i) = ||p̂_i - ẑ_i||² per row.
+
+    Args:
+        p: (B, F) predictions of the online network.
+        z: (B, F) projections of the target network, same dtype and device. Treated as a
+            constant: it gets no gradient (BYOL's stop-gradient), whether or not it requires one.
+        reduction: ``"none"`` (default: the B per-row losses), ``"mean"`` or ``"sum"``.
+
+    As BYOL's code computes it, ``2 - 2 * (F.normalize(p) * F.normalize(z)).sum(1)``: norms
+    clamped at 1e-12, so a zero row gives 2 and a finite gradient. One pass over
+    p and z forward and one backward (C++ on CPU, Triton on CUDA), in float32 (float64 for
+    float64); returned in p's dtype.
+    """
+    _check_tensor(p, "p", 2)
+    _check_tensor(z, "z", 2)
+    _check_same(z, "z", p, "p")
+    if z.shape != p.shape:
+        raise ValueError(f"p and z must have the same shape, got {tuple(p.shape)} and "
+                         f"{tuple(z.shape)}")
+    _check_choice(reduction, "reduction", _REDUCTIONS)
+    if _config.get_backend() == "reference":
+        return reference.byol_loss(p, z, reduction)
+    return _reduce(ops.cosine(p, z.detach()), reduction, p.dtype)
+
+
 # ------------------------------------------------------------------------- momentum -------
 
 _BUFFER_MODES = ("average", "copy", "none")

@@ -56,21 +56,7 @@ def mlp(in_dim: int, hidden_dim: int, out_dim: int, num_layers: int = 2,
     return nn.Sequential(*layers)
 
 
-def byol_loss(p: Tensor, z: Tensor) -> Tensor:
-    """BYOL's normalized MSE, per row: ||p̂ - ẑ||² = 2 - 2 cos(p, z), shape (B,).
-
-    ``z`` (the target's projection) gets no gradient. Computed in float32 (float64 for
-    float64) and returned in ``p``'s dtype.
-
-    Left to PyTorch rather than fused: its cost is O(B·F) element-wise work with no (B × B)
-    intermediate, tiny beside the backbone's, and ``torch.compile`` of a training step fuses it
-    with its neighbours. ``benchmarks/bench_models.py`` measures it eager against compiled.
-    """
-    acc = torch.float64 if p.dtype == torch.float64 else torch.float32
-    p32, z32 = p.to(acc), z.detach().to(acc)
-    # F.normalize's eps (1e-12 on the norm) so a zero row stays finite.
-    cos = (p32 * z32).sum(1) / (p32.norm(dim=1).clamp_min(1e-12) * z32.norm(dim=1).clamp_min(1e-12))
-    return (2 - 2 * cos).to(p.dtype)
+byol_loss = F.byol_loss  # BYOL's per-row 2 - 2 cos(p, z), z detached, fused
 
 
 def _check_backbone(backbone, feature_dim) -> None:
@@ -140,8 +126,9 @@ class MoCo(nn.Module):
             batch or not. Ignored by v3.
         momentum: the key encoder's EMA momentum. Default: 0.999 for v2 (constant, as in the
             paper), 0.99 for v3 (the base of its cosine schedule, rising to 1).
-        temperature: τ. Default: 0.07 for v2 (the paper's value), 0.2 for v3 (its ViT value;
-            its ResNet-50 recipe uses 1.0).
+        temperature: τ. Default: 0.07 for v2 (the official code's default, from MoCo v1; the
+            v2 paper's recipe sets 0.2), 0.2 for v3 (its ViT value; its code defaults to 1.0,
+            which its ResNet-50 recipe uses).
         version: ``"v2"`` or ``"v3"``.
         hidden_dim: the heads' hidden width; default 2048 for v2 (its head: 2048 → 2048 → 128
             on ResNet-50, here ``feature_dim``-wide when that is smaller) and 4096 for v3.
@@ -235,10 +222,10 @@ class BYOL(nn.Module):
             over ``total_steps``) or ``None`` (constant).
 
     The loss is the paper's symmetrized normalized MSE, averaged over the batch:
-    mean(2 - 2 cos(p1, z2') + 2 - 2 cos(p2, z1')), with no gradient into the target; see
-    ``byol_loss`` for why it is not a fused kernel. Both views run through each network as
-    one concatenated batch (BN statistics over both views; the paper's code runs them
-    separately on each device).
+    mean(2 - 2 cos(p1, z2') + 2 - 2 cos(p2, z1')), with no gradient into the target, from
+    ``fastcl.byol_loss`` (one fused pass forward and one backward). Both views run through each
+    network as one concatenated batch (BN statistics over both views; the paper's code runs
+    them separately on each device).
     """
 
     def __init__(self, backbone: nn.Module, feature_dim: int, projection_dim: int = 256,

@@ -95,6 +95,14 @@ def info_nce(
 # ------------------------------------------------------------------------- momentum -------
 
 
+def byol_loss(p: torch.Tensor, z: torch.Tensor, reduction: str = "none") -> torch.Tensor:
+    """BYOL's loss as its code writes it: 2 - 2 (normalize(p) . normalize(z)) per row, z
+    detached (equal to ||normalize(p) - normalize(z)||² except at zero rows)."""
+    acc = _compute_dtype(p)
+    cos = (F.normalize(p.to(acc), dim=1) * F.normalize(z.detach().to(acc), dim=1)).sum(1)
+    return _reduce(2 - 2 * cos, reduction).to(p.dtype)
+
+
 def ema_(targets, sources, momentum: float) -> None:
     """targets[i] <- momentum * targets[i] + (1 - momentum) * sources[i], one tensor at a time,
     computed in float64 and rounded once to each target's dtype."""

@@ -207,7 +207,8 @@ def parse_args(argv: Optional[Sequence[str]] = None):
     p.add_argument("--hidden-dim", type=int, default=None, help="heads' hidden width")
     p.add_argument("--momentum", type=float, default=None,
                    help="EMA momentum (MoCo v2 default 0.99 here, BYOL 0.99 base)")
-    p.add_argument("--queue-size", type=int, default=1024, help="MoCo v2 negatives")
+    p.add_argument("--queue-size", type=int, default=256,
+                   help="MoCo v2 negatives (small: the training split has 1,258 images)")
     p.add_argument("--width", type=int, default=64, help="encoder width (features = 4x)")
     p.add_argument("--data", default=None, help="(N, C, H, W) float .npy instead of digits")
     p.add_argument("--labels", default=None, help="(N,) integer .npy for --data's probes")

@@ -66,3 +66,14 @@ def ema_(targets, sources, momentum: torch.Tensor) -> None:
 
 def queue_push_(queue, ptr, keys) -> None:
     _ops.queue_push_(queue, ptr, keys)
+
+
+# ----------------------------------------------------------------------- BYOL's cosine loss ----
+
+
+def cosine_forward(p, z):
+    return _ops.cosine_forward(p, z)
+
+
+def cosine_backward(g, p, z, stats):
+    return _ops.cosine_backward(g, p, z, stats)

@@ -7,3 +7,4 @@ from fastcl.ops.contrastive import (  # noqa: F401
     temperature_tensor,
 )
 from fastcl.ops.momentum import ema, ema_, queue_push, queue_push_  # noqa: F401, E402
+from fastcl.ops.cosine import cosine, cosine_loss, cosine_loss_backward  # noqa: F401, E402

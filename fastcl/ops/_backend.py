@@ -26,6 +26,7 @@ _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 FAMILIES = {
     "contrastive": ("fastcl.kernels.triton_contrastive", "fastcl.kernels.chunked"),
     "momentum": ("fastcl.kernels.triton_momentum", "fastcl.kernels.torch_momentum"),
+    "cosine": ("fastcl.kernels.triton_cosine", "fastcl.kernels.torch_cosine"),
 }
 _triton_modules: dict = {}
 _triton_error = None

@@ -43,6 +43,15 @@ def register() -> None:
     def _(queue, ptr, keys):
         return None
 
+    @torch.library.register_fake("fastcl_cpu::cosine_forward")
+    def _(p, z):
+        acc = torch.float64 if p.dtype == torch.float64 else torch.float32
+        return p.new_empty(p.shape[0], dtype=acc), p.new_empty((p.shape[0], 3), dtype=acc)
+
+    @torch.library.register_fake("fastcl_cpu::cosine_backward")
+    def _(g, p, z, stats):
+        return p.new_empty(p.shape, dtype=stats.dtype)
+
     @torch.library.register_fake("fastcl_cpu::grad_accumulate")
     def _(a, b, na, nb, lse_a, g_a, lse_b, g_b, inv_temp, pos_offset, tile):
         return na.new_empty(a.shape)
