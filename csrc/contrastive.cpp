@@ -457,7 +457,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lse_forward_impl(
     m.copy_(s_pos);
     l.fill_(1.0);
   } else {
-    s_pos = at::empty({nr}, opts);
+    s_pos = at::zeros({nr}, opts);  // stays 0 without a positive: loss = lse
   }
   const T* qp = qh.data_ptr<T>();
   const T* kp = kh.data_ptr<T>();
@@ -599,8 +599,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lse_forward(
   TORCH_CHECK(q.size(1) == k.size(1), "fastcl_cpu: q and k must have the same width");
   TORCH_CHECK(k_pos.has_value() == n_pos.has_value(),
               "fastcl_cpu: k_pos and n_pos come together");
-  TORCH_CHECK(k_pos.has_value() != pos_offset.has_value(),
-              "fastcl_cpu: give exactly one of k_pos and pos_offset");
+  TORCH_CHECK(!(k_pos.has_value() && pos_offset.has_value()),
+              "fastcl_cpu: give at most one of k_pos and pos_offset");
   if (k_pos.has_value()) {
     check_rows(*k_pos, *n_pos, "k_pos");
     TORCH_CHECK(k_pos->sizes() == q.sizes(), "fastcl_cpu: k_pos must have q's shape");

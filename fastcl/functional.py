@@ -77,7 +77,8 @@ def _reduce(loss: Tensor, reduction: str, dtype: torch.dtype) -> Tensor:
 # ------------------------------------------------------------------------- losses ---------
 
 
-def nt_xent(z1: Tensor, z2: Tensor, temperature: float = 0.5, reduction: str = "mean") -> Tensor:
+def nt_xent(z1: Tensor, z2: Tensor, temperature: float = 0.5, reduction: str = "mean",
+            distributed: bool = False) -> Tensor:
     """SimCLR's NT-Xent loss, fused: the (2N x 2N) similarity matrix is never stored.
 
     Args:
@@ -86,6 +87,9 @@ def nt_xent(z1: Tensor, z2: Tensor, temperature: float = 0.5, reduction: str = "
         temperature: a positive Python float; the logits are cosine similarities / temperature.
         reduction: ``"mean"`` (over the 2N rows, as lightly's ``NTXentLoss``), ``"sum"`` or
             ``"none"`` (the 2N per-row losses, ordered [z1 rows; z2 rows]).
+        distributed: the global batch is every rank's z1, z2 (``torch.distributed``): each
+            rank's rows are scored against all ranks' rows and ``"mean"``/``"sum"`` reduce over
+            the global batch; gradients follow DDP's convention (``fastcl.distributed``).
 
     Row i of ``cat([z1, z2])`` has its positive at i + N (mod 2N) and every other row except
     itself as a negative. Memory is O(N*D). The loss is computed in float32 (float64 for float64
@@ -100,6 +104,9 @@ def nt_xent(z1: Tensor, z2: Tensor, temperature: float = 0.5, reduction: str = "
         )
     tau = _check_temperature(temperature)
     _check_choice(reduction, "reduction", _REDUCTIONS)
+    if distributed:
+        _check_distributed_backend()
+        return _dist().nt_xent(z1, z2, tau, reduction)
     if _config.get_backend() == "reference":
         return reference.nt_xent(z1, z2, tau, reduction)
 
@@ -114,6 +121,7 @@ def info_nce(
     temperature: float = 0.1,
     reduction: str = "mean",
     negative_mode: str = "unpaired",
+    distributed: bool = False,
 ) -> Tensor:
     """InfoNCE with the semantics of info-nce-pytorch's ``info_nce``, fused.
 
@@ -132,6 +140,10 @@ def info_nce(
         temperature: a positive Python float.
         reduction: ``"mean"``, ``"sum"`` or ``"none"`` (N per-row losses).
         negative_mode: ``"unpaired"`` or ``"paired"``; only read when negatives are given.
+        distributed: the global batch is every rank's rows (``torch.distributed``). In-batch
+            negatives then come from every rank's keys (MoCo v3 across GPUs); with given
+            negatives (a queue every rank holds the same) the rows are local and only the
+            reduction is global. Gradients follow DDP's convention (``fastcl.distributed``).
 
     All vectors are L2-normalized inside. Computed in float32 (float64 for float64 inputs) and
     returned in the input dtype.
@@ -158,17 +170,39 @@ def info_nce(
                     f"shape {tuple(negative_keys.shape)} for {query.shape[0]} queries"
                 )
         _check_same(negative_keys, "negative_keys", query, "query")
+    if distributed:
+        _check_distributed_backend()
+        return _dist().info_nce(
+            query, positive_key, negative_keys, tau, reduction, negative_mode,
+            local_rows=lambda: _info_nce_rows(query, positive_key, negative_keys, tau,
+                                              negative_mode))
     if _config.get_backend() == "reference":
         return reference.info_nce(query, positive_key, negative_keys, tau, reduction, negative_mode)
+    return _reduce(_info_nce_rows(query, positive_key, negative_keys, tau, negative_mode),
+                   reduction, query.dtype)
 
+
+def _info_nce_rows(query, positive_key, negative_keys, tau, negative_mode) -> Tensor:
+    """Per-row InfoNCE losses (float32, float64 for float64) of checked arguments."""
     if negative_keys is not None and negative_mode == "paired":
-        return _reduce(_paired_info_nce(query, positive_key, negative_keys, tau), reduction,
-                       query.dtype)
+        return _paired_info_nce(query, positive_key, negative_keys, tau)
     # The rows' gradient is formed in the forward tile pass when it will be needed.
     need_q = query.requires_grad and torch.is_grad_enabled()
     loss, _, _ = ops.info_nce(query, positive_key, negative_keys, ops.temperature_tensor(tau),
                               need_q)
-    return _reduce(loss, reduction, query.dtype)
+    return loss
+
+
+def _dist():
+    from fastcl import distributed
+
+    return distributed
+
+
+def _check_distributed_backend() -> None:
+    if _config.get_backend() == "reference":
+        raise ValueError("distributed=True runs fastcl's kernels; FASTCL_BACKEND=reference "
+                         "(the single-process oracle) does not support it")
 
 
 def _paired_info_nce(query: Tensor, positive_key: Tensor, negative_keys: Tensor, tau) -> Tensor:

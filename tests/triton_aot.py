@@ -6,7 +6,8 @@ when the kernel module is imported, and the rest of the test session interprets)
 The interpreter that runs the kernels in CI is lenient where the compiler is not (loop-carried
 types, names bound inside loops, constexpr branches); this catches such errors without a GPU.
 The constexpr sets come from the launchers' own ``lse_meta`` / ``grad_meta``; the momentum
-kernels (EMA over an address table, queue push) are compiled for each storage dtype.
+kernels (EMA over an address table, queue push) and BYOL's cosine-loss kernels are compiled
+for each storage dtype.
 """
 from __future__ import annotations
 
@@ -21,15 +22,17 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 from fastcl.kernels import triton_contrastive as tc  # noqa: E402
+from fastcl.kernels import triton_cosine as tcos  # noqa: E402
 from fastcl.kernels import triton_momentum as tm  # noqa: E402
 
 _PTR = {torch.float32: "*fp32", torch.bfloat16: "*bf16", torch.float16: "*fp16"}
 _INPUT_PTRS = {"Q", "K", "KP", "A", "B"}
 _OPTIONS = ("num_warps", "num_stages")
 
-# (positive_rows, exclude_diag, pos_in_columns): NT-Xent, in-batch InfoNCE, InfoNCE with a queue.
+# (positive_rows, exclude_diag, pos_in_columns): NT-Xent, in-batch InfoNCE, InfoNCE with a queue,
+# and the positive-free block of the distributed losses.
 LSE_CASES = {"nt_xent": (False, True, True), "in_batch": (False, False, True),
-             "queue": (True, False, False)}
+             "queue": (True, False, False), "no_positive": (False, False, False)}
 # (use_a, use_b, exclude_diag, pos_in_columns)
 GRAD_CASES = {"nt_xent": (True, True, True, True), "in_batch_dq": (True, False, False, True),
               "in_batch_dk": (False, True, False, True), "queue_dq": (True, False, False, False),
@@ -51,6 +54,7 @@ VARIANTS = [
     (90, "grad", "nt_xent", F16, 64, "ieee"), (90, "grad", "in_batch_dk", F32, 64, "tf32"),
     (90, "grad", "queue_dq", BF16, 200, "ieee"), (90, "grad", "queue_dneg", F32, 200, "ieee"),
     (80, "lse", "nt_xent", BF16, 200, "ieee"), (80, "grad", "nt_xent", BF16, 200, "ieee"),
+    (90, "lse", "no_positive", F32, 64, "ieee"), (90, "lse", "no_positive", BF16, 200, "ieee"),
 ]
 
 
@@ -61,8 +65,9 @@ MOMENTUM_VARIANTS = [
 ]
 
 
-def _momentum_variants():
-    """(arch, kernel, label, signature, constexprs) with the launchers' own argument types."""
+def _signature_variants():
+    """Momentum and cosine-loss kernels: (arch, kernel, label, signature, constexprs) with the
+    launchers' own argument types."""
     for arch, which, dtype, on_device in MOMENTUM_VARIANTS:
         if which == "ema":
             constexprs = {"M_ON_DEVICE": on_device, "DTYPE": tm._TL_DTYPES[dtype],
@@ -80,6 +85,19 @@ def _momentum_variants():
             kernel = tm._queue_push_kernel
         sig.update({k: "constexpr" for k in constexprs})
         yield arch, kernel, label, sig, constexprs
+    # BYOL's cosine loss, forward and backward (float32 statistics and gradient).
+    for arch, dtype in ((90, F32), (90, BF16), (80, F16)):
+        common = {"B": "i32", "F": "i32", "stride_p": "i32", "stride_z": "i32"}
+        blocks = {"BLOCK_M": tcos._BLOCK_M, "BLOCK_F": tcos._block_f(256)}
+        fwd = dict(blocks, EPS_=tcos.EPS)
+        sig = {"p_ptr": _PTR[dtype], "z_ptr": _PTR[dtype], "loss_ptr": "*fp32",
+               "stats_ptr": "*fp32", **common, **{k: "constexpr" for k in fwd}}
+        yield arch, tcos._cosine_fwd_kernel, f"cosine_fwd {str(dtype)[6:]}", sig, fwd
+        bwd = dict(blocks, INV_EPS=1.0 / tcos.EPS)
+        sig = {"g_ptr": "*fp32", "p_ptr": _PTR[dtype], "z_ptr": _PTR[dtype],
+               "stats_ptr": "*fp32", "dp_ptr": "*fp32", **common,
+               **{k: "constexpr" for k in bwd}}
+        yield arch, tcos._cosine_bwd_kernel, f"cosine_bwd {str(dtype)[6:]}", sig, bwd
 
 
 def _variants():
@@ -125,7 +143,7 @@ def main() -> int:
             failures += 1
             print(f"FAIL {label}: {type(exc).__name__}: {exc}".splitlines()[0])
         count += 1
-    for arch, kernel, name, sig, constexprs in _momentum_variants():
+    for arch, kernel, name, sig, constexprs in _signature_variants():
         label = f"sm_{arch} {name}"
         try:
             src = ASTSource(fn=kernel, signature=sig, constexprs=constexprs)

@@ -8,7 +8,9 @@ over temperature.
 ``lse_forward(q, k, nq, nk, positive, inv_temp, pos_offset, precision) -> (loss, lse)``
     Each row's logits are {s_ij : j < n_k}, plus, when ``positive`` = (k_pos, n_pos) is given,
     the logit of row i against its own positive row k_pos[i]. The positive logit is column
-    (i + pos_offset) mod n_k, or that extra logit when ``pos_offset`` is None.
+    (i + pos_offset) mod n_k, or that extra logit when ``pos_offset`` is None. With neither
+    (``positive`` and ``pos_offset`` both None) there is no positive: s_pos = 0 and loss = lse
+    (the other ranks' block of a distributed loss).
     lse_i = logsumexp of the row's logits; loss_i = (m_i - s_pos_i) + log l_i with m_i the row
     max and l_i = sum exp(s - m_i). Taking the positive from the same arithmetic as the max
     makes a confident row's loss as exact as eager cross-entropy's (no lse - s_pos cancellation).

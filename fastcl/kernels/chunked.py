@@ -155,7 +155,7 @@ def _lse_forward(q, k, nq, nk, positive, inv_temp, pos_offset, with_grad):
         state.m.copy_(s_pos)
         state.l.fill_(1.0)
     else:
-        s_pos = torch.empty(n_q, dtype=qn.dtype, device=q.device)
+        s_pos = torch.zeros(n_q, dtype=qn.dtype, device=q.device)  # 0 without a positive
     for rows, cols in _tiles(n_q, n_k):
         i, j = rows.start, cols.start
         s = _logits(qn[i:rows.stop], kn[j:cols.stop], inv_temp)

@@ -124,6 +124,7 @@ def _lse_fwd_kernel(
     else:
         m = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l = tl.zeros([BLOCK_M], tl.float32)
+        s_pos = tl.zeros([BLOCK_M], tl.float32)  # stays 0 without a positive: loss = lse
     if POS_IN_COLUMNS:
         pos_col = (rows + pos_offset) % n_k
         s_pos = tl.zeros([BLOCK_M], tl.float32)

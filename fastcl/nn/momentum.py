@@ -104,7 +104,14 @@ class NegativeQueue(nn.Module):
         self.register_buffer("queue", queue.to(dtype))
         self.register_buffer("ptr", torch.zeros(1, dtype=torch.int64, device=device))
 
-    def push(self, keys: Tensor) -> None:
+    def push(self, keys: Tensor, distributed: bool = False) -> None:
+        """Enqueue ``keys`` (B, dim). With ``distributed=True`` every rank enqueues the keys of
+        all ranks in rank order (``torch.distributed`` all-gather), so that the queues of all
+        ranks stay identical."""
+        if distributed:
+            from fastcl import distributed as dist_mod
+
+            keys = dist_mod.all_gather_rows(keys)
         F.queue_push_(self.queue, self.ptr, keys)
 
     def negatives(self) -> Tensor:
