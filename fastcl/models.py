@@ -91,6 +91,8 @@ class SimCLR(nn.Module):
             ResNet-50's 2048 features).
         temperature: NT-Xent's τ. Default 0.5 (the paper's batch-4096 value; its table B.7
             prefers 0.1–0.2 at long schedules). Any positive float.
+        distributed: under ``torch.distributed`` (e.g. DDP), every rank's rows are the
+            negatives of every row, as in the paper's global batch (``fastcl.distributed``).
 
     The head is Linear → BN → ReLU → Linear, as in the paper's code. The two views run through
     the backbone as one concatenated batch, so BatchNorm sees both views' statistics (SimCLR's
@@ -99,17 +101,19 @@ class SimCLR(nn.Module):
     """
 
     def __init__(self, backbone: nn.Module, feature_dim: int, projection_dim: int = 128,
-                 hidden_dim: Optional[int] = None, temperature: float = 0.5):
+                 hidden_dim: Optional[int] = None, temperature: float = 0.5,
+                 distributed: bool = False):
         super().__init__()
         _check_backbone(backbone, feature_dim)
         self.temperature = F._check_temperature(temperature)
+        self.distributed = bool(distributed)
         self.encoder = backbone
         self.projector = mlp(feature_dim, hidden_dim or feature_dim, projection_dim, 2)
 
     def forward(self, x1: Tensor, x2: Tensor) -> Tensor:
         _check_views(x1, x2)
         z1, z2 = self.projector(self.encoder(torch.cat([x1, x2]))).chunk(2)
-        return F.nt_xent(z1, z2, temperature=self.temperature)
+        return F.nt_xent(z1, z2, temperature=self.temperature, distributed=self.distributed)
 
     def step_end(self, step=None, total_steps: Optional[int] = None) -> None:
         """Nothing to update (kept so that one training loop drives every model)."""
@@ -132,6 +136,9 @@ class MoCo(nn.Module):
         version: ``"v2"`` or ``"v3"``.
         hidden_dim: the heads' hidden width; default 2048 for v2 (its head: 2048 → 2048 → 128
             on ResNet-50, here ``feature_dim``-wide when that is smaller) and 4096 for v3.
+        distributed: under ``torch.distributed``: v2 pushes every rank's keys (in rank order,
+            the queues stay identical) and reduces the loss over the global batch; v3 takes
+            its in-batch negatives from every rank's keys, as the paper does across GPUs.
 
     v2: query = MLP head (Linear → ReLU → Linear) on the backbone; the key encoder is a
     ``MomentumEncoder`` copy of both, updated by fused EMA in ``step_end``. The loss is
@@ -150,11 +157,12 @@ class MoCo(nn.Module):
     def __init__(self, backbone: nn.Module, feature_dim: int, dim: int = 128,
                  queue_size: int = 65536, momentum: Optional[float] = None,
                  temperature: Optional[float] = None, version: str = "v2",
-                 hidden_dim: Optional[int] = None):
+                 hidden_dim: Optional[int] = None, distributed: bool = False):
         super().__init__()
         _check_backbone(backbone, feature_dim)
         F._check_choice(version, "version", ("v2", "v3"))
         self.version = version
+        self.distributed = bool(distributed)
         v2 = version == "v2"
         self.temperature = F._check_temperature(
             temperature if temperature is not None else (0.07 if v2 else 0.2))
@@ -184,12 +192,17 @@ class MoCo(nn.Module):
         if self.version == "v2":
             q = self._query(x1)
             k = self.key_encoder(x2)
-            loss = F.info_nce(q, k, self.queue.negatives(), temperature=tau)
-            self.queue.push(k)  # after the loss, before backward: safe (no copy kept)
+            loss = F.info_nce(q, k, self.queue.negatives(), temperature=tau,
+                              distributed=self.distributed)
+            # After the loss, before backward: safe (no copy kept). Every rank pushes every
+            # rank's keys when distributed: the queues stay identical.
+            self.queue.push(k, distributed=self.distributed)
             return loss
         q1, q2 = self._query(torch.cat([x1, x2])).chunk(2)
         k1, k2 = self.key_encoder(torch.cat([x1, x2])).chunk(2)
-        return (F.info_nce(q1, k2, temperature=tau) + F.info_nce(q2, k1, temperature=tau)) * (2 * tau)
+        d = self.distributed
+        return (F.info_nce(q1, k2, temperature=tau, distributed=d)
+                + F.info_nce(q2, k1, temperature=tau, distributed=d)) * (2 * tau)
 
     def momentum_at(self, step, total_steps: Optional[int]):
         """The EMA momentum ``step_end(step, total_steps)`` uses."""
@@ -220,6 +233,8 @@ class BYOL(nn.Module):
         momentum: the target's EMA momentum τ_base (the paper: 0.996).
         schedule: ``"cosine"`` (the paper: τ rises from ``momentum`` to 1 along a half cosine
             over ``total_steps``) or ``None`` (constant).
+        distributed: the loss value is the global batch's mean (BYOL has no negatives, so
+            nothing else changes; gradients follow ``fastcl.distributed``'s DDP convention).
 
     The loss is the paper's symmetrized normalized MSE, averaged over the batch:
     mean(2 - 2 cos(p1, z2') + 2 - 2 cos(p2, z1')), with no gradient into the target, from
@@ -230,8 +245,9 @@ class BYOL(nn.Module):
 
     def __init__(self, backbone: nn.Module, feature_dim: int, projection_dim: int = 256,
                  hidden_dim: int = 4096, momentum: float = 0.996,
-                 schedule: Optional[str] = "cosine"):
+                 schedule: Optional[str] = "cosine", distributed: bool = False):
         super().__init__()
+        self.distributed = bool(distributed)
         _check_backbone(backbone, feature_dim)
         if not 0.0 <= float(momentum) <= 1.0:
             raise ValueError(f"momentum must be in [0, 1], got {momentum}")
@@ -248,7 +264,12 @@ class BYOL(nn.Module):
         _check_views(x1, x2)
         p1, p2 = self.predictor(self.projector(self.encoder(torch.cat([x1, x2])))).chunk(2)
         z1, z2 = self.target(torch.cat([x1, x2])).chunk(2)
-        return (byol_loss(p1, z2) + byol_loss(p2, z1)).mean()
+        rows = byol_loss(p1, z2) + byol_loss(p2, z1)
+        if self.distributed:  # no cross-sample terms: only the mean is global
+            from fastcl import distributed as dist_mod
+
+            return dist_mod.reduce_value(rows, "mean", rows.dtype)
+        return rows.mean()
 
     def momentum_at(self, step, total_steps: Optional[int]):
         """The EMA momentum ``step_end(step, total_steps)`` uses."""

@@ -1,0 +1,265 @@
+"""``fastcl.distributed`` and the ``distributed=True`` flags, checked against one process holding
+the whole global batch.
+
+- In one process, on every backend: the per-rank row losses of ``fastcl.ops.distributed`` (own
+  block + the other ranks' rows) against the single-process losses, and their gradients summed
+  over the simulated ranks, which is what ``gather``'s backward delivers.
+- With 2 and 3 real processes (gloo on the CPU, ``torch.multiprocessing``): each rank computes
+  its shard's loss with ``distributed=True``; the parent compares every rank's loss and
+  gradients with the single-process ones, on even and uneven shards; the queue stays identical
+  across ranks through wrapping pushes; a short DDP SimCLR training matches single-process
+  training on the same global batches.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+import fastcl
+from fastcl import models, reference
+from fastcl.ops import distributed as dops
+
+TAU = 0.2
+D = 8
+# Rows per rank: even shards, and uneven ones (a smaller last batch).
+SHARDS = {2: {"even": [4, 4], "uneven": [5, 2]}, 3: {"even": [3, 3, 3], "uneven": [4, 1, 3]}}
+QUEUE_K = 10
+DDP_STEPS = 3
+
+
+def _offsets(sizes):
+    out = [0]
+    for s in sizes:
+        out.append(out[-1] + s)
+    return out
+
+
+def _global_inputs(n, seed, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(n, D, generator=g, dtype=torch.float64).to(dtype) for _ in range(4)]
+
+
+# ----------------------------------------------------------------- one process, simulated ----
+
+
+@pytest.mark.parametrize("sizes", [[3, 5, 4], [6], [2, 0, 3]], ids=["3-ranks", "1-rank",
+                                                                    "empty-rank"])
+def test_rank_blocks_reproduce_the_global_loss(backend, sizes):
+    """Each simulated rank's rows, against its own block plus the others' rows, equal the
+    single-process rows; gradients summed over ranks equal the single-process gradients."""
+    dtype = torch.float32 if backend.name == "triton" else torch.float64
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-12)
+    n = sum(sizes)
+    z1, z2, q, k = (x.to(backend.device).requires_grad_(True)
+                    for x in _global_inputs(n, seed=len(sizes), dtype=dtype))
+    w = torch.randn(2 * n, generator=torch.Generator().manual_seed(1), dtype=dtype)
+    w = w.to(backend.device)
+    ref_nt = reference.nt_xent(z1, z2, TAU, "none")
+    ref_ib = reference.info_nce(q, k, None, TAU, "none")
+    grads_ref = torch.autograd.grad((ref_nt * w).sum() + (ref_ib * w[:n]).sum(), [z1, z2, q, k])
+
+    off = _offsets(sizes)
+    blocks = [torch.cat([z1[off[r]:off[r + 1]], z2[off[r]:off[r + 1]]]) for r in range(len(sizes))
+              if sizes[r]]
+    full = torch.cat(blocks) if blocks else z1[:0]
+    total = 0.0
+    b_off = _offsets([2 * s for s in sizes])
+    for r, s in enumerate(sizes):
+        if s == 0:
+            continue
+        lo, hi = off[r], off[r + 1]
+        z = torch.cat([z1[lo:hi], z2[lo:hi]])
+        others = torch.cat([full[:b_off[r]], full[b_off[r + 1]:]])
+        rows = dops.nt_xent_rows(z, others, TAU)
+        expect = torch.cat([ref_nt[lo:hi], ref_nt[n + lo:n + hi]])
+        torch.testing.assert_close(rows, expect, **tol)
+        ib = dops.in_batch_rows(q[lo:hi], k[lo:hi], torch.cat([k[:lo], k[hi:]]), TAU)
+        torch.testing.assert_close(ib, ref_ib[lo:hi], **tol)
+        wr = torch.cat([w[lo:hi], w[n + lo:n + hi]])
+        total = total + (rows * wr).sum() + (ib * w[lo:hi]).sum()
+    grads = torch.autograd.grad(total, [z1, z2, q, k])
+    for a, b in zip(grads, grads_ref):
+        torch.testing.assert_close(a, b, **tol)
+
+
+def test_needs_a_process_group():
+    z = torch.randn(4, D)
+    with pytest.raises(RuntimeError, match="init_process_group"):
+        fastcl.nt_xent(z, z, distributed=True)
+    with pytest.raises(RuntimeError, match="init_process_group"):
+        fastcl.nn.NegativeQueue(8, D).push(z, distributed=True)
+    with fastcl.use_backend("reference"), pytest.raises(ValueError, match="reference"):
+        fastcl.info_nce(z, z, distributed=True)
+
+
+# ------------------------------------------------------------------- real processes --------
+
+
+def _ddp_model(seed=0):
+    torch.manual_seed(seed)
+    backbone = nn.Sequential(nn.Linear(D, 16), nn.ReLU(), nn.Linear(16, 12))
+    model = models.SimCLR(backbone, 12, projection_dim=6, hidden_dim=10, temperature=TAU)
+    # Without BatchNorm: DDP keeps BN statistics per rank (SyncBatchNorm would be needed), which
+    # a single process cannot reproduce.
+    model.projector = models.mlp(12, 10, 6, bn=False)
+    return model
+
+
+def _ddp_batches(n, seed=5):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(n, D, generator=g), torch.randn(n, D, generator=g))
+            for _ in range(DDP_STEPS)]
+
+
+def _shard(x, sizes, rank):
+    off = _offsets(sizes)
+    return x[off[rank]:off[rank + 1]]
+
+
+def _worker(rank, world, init_file, out_dir):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
+                            world_size=world, timeout=datetime.timedelta(seconds=120))
+    out = {}
+    try:
+        for kind, sizes in SHARDS[world].items():
+            n = sum(sizes)
+            z1g, z2g, qg, kg = _global_inputs(n, seed=world)
+            queue = torch.nn.functional.normalize(_global_inputs(7, seed=99)[0], dim=1)
+            z1, z2, q, k = (_shard(x, sizes, rank).clone().requires_grad_(True)
+                            for x in (z1g, z2g, qg, kg))
+            for reduction in ("mean", "sum"):
+                loss = fastcl.nt_xent(z1, z2, TAU, reduction, distributed=True)
+                g1, g2 = torch.autograd.grad(loss, [z1, z2])
+                out[f"nt_xent/{kind}/{reduction}"] = (loss.detach(), g1, g2)
+                loss = fastcl.info_nce(q, k, temperature=TAU, reduction=reduction,
+                                       distributed=True)
+                gq, gk = torch.autograd.grad(loss, [q, k])
+                out[f"in_batch/{kind}/{reduction}"] = (loss.detach(), gq, gk)
+            loss = fastcl.info_nce(q, k, queue, temperature=TAU, distributed=True)
+            out[f"queue/{kind}/mean"] = (loss.detach(), torch.autograd.grad(loss, q)[0])
+            rows = fastcl.nt_xent(z1, z2, TAU, "none", distributed=True)
+            out[f"nt_xent/{kind}/none"] = (rows.detach(),)
+            # The queue: uneven pushes that wrap around K=10.
+            torch.manual_seed(0)
+            nq = fastcl.nn.NegativeQueue(QUEUE_K, D)
+            for step in range(4):
+                keys = torch.full((sizes[rank], D), float(100 * step + 10 * rank))
+                keys += torch.arange(sizes[rank], dtype=torch.float32)[:, None]
+                nq.push(keys, distributed=True)
+            out[f"queue_state/{kind}"] = (nq.queue.clone(), nq.ptr.clone())
+        # DDP training: SimCLR, distributed NT-Xent, the same global batches as the parent.
+        model = torch.nn.parallel.DistributedDataParallel(_ddp_model())
+        model.module.distributed = True
+        opt = torch.optim.SGD(model.parameters(), lr=0.5)
+        sizes = SHARDS[world]["even"]
+        losses = []
+        for x1, x2 in _ddp_batches(sum(sizes)):
+            loss = model(_shard(x1, sizes, rank), _shard(x2, sizes, rank))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses.append(loss.detach())
+        out["ddp"] = (torch.stack(losses), {k: v.detach().clone()
+                                           for k, v in model.module.state_dict().items()})
+    finally:
+        torch.save(out, Path(out_dir) / f"rank{rank}.pt")
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module", params=[2, 3], ids=lambda w: f"world{w}")
+def ranks(request, tmp_path_factory):
+    """Run the worker on ``world`` gloo processes once per module; their saved results."""
+    world = request.param
+    tmp = tmp_path_factory.mktemp(f"dist{world}")
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    mp.spawn(_worker, args=(world, str(tmp / "init"), str(tmp)), nprocs=world, join=True)
+    return world, [torch.load(tmp / f"rank{r}.pt") for r in range(world)]
+
+
+def _single_process(kind_sizes, world):
+    """The single-process losses and input gradients of the global batch."""
+    n = sum(kind_sizes)
+    z1, z2, q, k = (x.clone().requires_grad_(True) for x in _global_inputs(n, seed=world))
+    queue = torch.nn.functional.normalize(_global_inputs(7, seed=99)[0], dim=1)
+    out = {}
+    for reduction in ("mean", "sum"):
+        loss = fastcl.nt_xent(z1, z2, TAU, reduction)
+        out[f"nt_xent/{reduction}"] = (loss.detach(), *torch.autograd.grad(loss, [z1, z2]))
+        loss = fastcl.info_nce(q, k, temperature=TAU, reduction=reduction)
+        out[f"in_batch/{reduction}"] = (loss.detach(), *torch.autograd.grad(loss, [q, k]))
+    loss = fastcl.info_nce(q, k, queue, temperature=TAU)
+    out["queue/mean"] = (loss.detach(), torch.autograd.grad(loss, q)[0])
+    out["nt_xent/none"] = (fastcl.nt_xent(z1, z2, TAU, "none").detach(),)
+    return out
+
+
+@pytest.mark.parametrize("kind", ["even", "uneven"])
+def test_loss_and_gradients_equal_the_single_process_ones(ranks, kind):
+    """Every rank returns the global loss; its shard's gradient is world_size times the
+    single-process gradient of its rows (DDP then averages to exactly that gradient)."""
+    world, results = ranks
+    sizes = SHARDS[world][kind]
+    ref = _single_process(sizes, world)
+    tol = dict(rtol=2e-5, atol=2e-6)
+    for rank, res in enumerate(results):
+        for name in ("nt_xent/mean", "nt_xent/sum", "in_batch/mean", "in_batch/sum",
+                     "queue/mean"):
+            loss, *grads = res[f"{name.split('/')[0]}/{kind}/{name.split('/')[1]}"]
+            ref_loss, *ref_grads = ref[name]
+            torch.testing.assert_close(loss, ref_loss, **tol, msg=f"{name} rank {rank}")
+            for g, rg in zip(grads, ref_grads):
+                torch.testing.assert_close(g, world * _shard(rg, sizes, rank), **tol,
+                                           msg=f"{name} gradient, rank {rank}")
+        rows, = res[f"nt_xent/{kind}/none"]
+        ref_rows, = ref["nt_xent/none"]
+        n = sum(sizes)
+        expect = torch.cat([_shard(ref_rows[:n], sizes, rank), _shard(ref_rows[n:], sizes, rank)])
+        torch.testing.assert_close(rows, expect, **tol)
+
+
+@pytest.mark.parametrize("kind", ["even", "uneven"])
+def test_queue_stays_identical_across_ranks(ranks, kind):
+    """Four uneven pushes into a queue of 10 (it wraps): every rank holds the queue a single
+    process gets by pushing all ranks' keys in rank order."""
+    world, results = ranks
+    sizes = SHARDS[world][kind]
+    torch.manual_seed(0)
+    single = fastcl.nn.NegativeQueue(QUEUE_K, D)
+    for step in range(4):
+        keys = torch.cat([torch.full((s, D), float(100 * step + 10 * r))
+                          + torch.arange(s, dtype=torch.float32)[:, None]
+                          for r, s in enumerate(sizes)])
+        single.push(keys)
+    for rank, res in enumerate(results):
+        queue, ptr = res[f"queue_state/{kind}"]
+        assert torch.equal(queue, single.queue), rank
+        assert torch.equal(ptr, single.ptr)
+    assert int(single.ptr) == (4 * sum(sizes)) % QUEUE_K
+
+
+def test_ddp_simclr_training_matches_one_process(ranks):
+    """DDP (gloo) SimCLR with distributed NT-Xent, 3 SGD steps on shards of the global batch,
+    against one process on the whole batch: the same losses and weights."""
+    world, results = ranks
+    model = _ddp_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    losses = []
+    for x1, x2 in _ddp_batches(sum(SHARDS[world]["even"])):
+        loss = model(x1, x2)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.detach())
+    for rank, res in enumerate(results):
+        ddp_losses, state = res["ddp"]
+        torch.testing.assert_close(ddp_losses, torch.stack(losses), rtol=1e-5, atol=1e-6)
+        for name, value in model.state_dict().items():
+            torch.testing.assert_close(state[name], value, rtol=1e-5, atol=1e-6, msg=name)
