@@ -85,11 +85,18 @@ class _Gather(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor):
         # Each rank holds the gradient of its own loss with respect to every shard; the shard's
-        # owner needs their sum over ranks. (An all-reduce: gloo has no reduce-scatter.)
-        grad = grad.contiguous().clone()
+        # owner needs their sum over ranks: a reduce-scatter on NCCL with equal shards, else an
+        # all-reduce (gloo has no reduce-scatter).
+        grad = grad.contiguous()
+        sizes, rank = ctx.sizes, ctx.rank
+        if dist.get_backend() == "nccl" and len(set(sizes)) == 1:
+            out = grad.new_empty((sizes[rank],) + tuple(grad.shape[1:]))
+            dist.reduce_scatter_tensor(out, grad)
+            return out, None, None
+        grad = grad.clone()
         dist.all_reduce(grad)
-        start = sum(ctx.sizes[:ctx.rank])
-        return grad[start:start + ctx.sizes[ctx.rank]], None, None
+        start = sum(sizes[:rank])
+        return grad[start:start + sizes[rank]], None, None
 
 
 def gather(x: Tensor) -> Tensor:

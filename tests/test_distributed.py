@@ -89,6 +89,24 @@ def test_rank_blocks_reproduce_the_global_loss(backend, sizes):
         torch.testing.assert_close(a, b, **tol)
 
 
+def test_lse_without_a_positive(backend):
+    """The kernel contract's positive-free mode (the other ranks' block): lse is the row
+    logsumexp over the columns alone, and loss = lse."""
+    from fastcl.ops._backend import implementation
+    from fastcl.ops.contrastive import _norm
+
+    dtype = torch.float32 if backend.name == "triton" else torch.float64
+    q, k = (x.to(backend.device) for x in _global_inputs(7, seed=3, dtype=dtype)[:2])
+    k = torch.cat([k, k[:4] * 2])  # 11 columns
+    loss, lse = implementation(q).lse_forward(q, k, _norm(q), _norm(k), None, 1 / TAU, None,
+                                              "ieee")
+    qn, kn = torch.nn.functional.normalize(q, dim=1), torch.nn.functional.normalize(k, dim=1)
+    expect = torch.logsumexp(qn @ kn.T / TAU, dim=1)
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(lse.to(dtype), expect, **tol)
+    torch.testing.assert_close(loss.to(dtype), expect, **tol)
+
+
 def test_needs_a_process_group():
     z = torch.randn(4, D)
     with pytest.raises(RuntimeError, match="init_process_group"):
