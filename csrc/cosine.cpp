@@ -79,6 +79,18 @@ void backward_rows(const AccOf<T>* gp, const T* pp, const T* zp, const AccOf<T>*
   });
 }
 
+// Calls f with a value of the storage type: float, double, Half or BFloat16.
+template <typename F>
+void dispatch(at::ScalarType type, const char* name, F&& f) {
+  switch (type) {
+    case at::kFloat: return f(float{});
+    case at::kDouble: return f(double{});
+    case at::kHalf: return f(c10::Half{});
+    case at::kBFloat16: return f(c10::BFloat16{});
+    default: TORCH_CHECK(false, name, ": floating-point inputs only, got ", type);
+  }
+}
+
 }  // namespace
 
 // (loss (B,), stats (B, 3) = [1 / max(|p|, eps), 1 / max(|z|, eps), cos]) in the accumulation
@@ -90,20 +102,12 @@ std::tuple<at::Tensor, at::Tensor> cosine_forward(const at::Tensor& p_in, const 
   const auto acc = p.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   at::Tensor loss = at::empty({b}, p.options().dtype(acc));
   at::Tensor stats = at::empty({b, 3}, p.options().dtype(acc));
-  switch (p.scalar_type()) {
-#define FASTCL_COSINE_FWD(T, ACC)                                                        \
-  forward_rows<T>(p.data_ptr<T>(), z.data_ptr<T>(), loss.data_ptr<ACC>(),                \
-                  stats.data_ptr<ACC>(), b, d);                                           \
-  break;
-    case at::kFloat: FASTCL_COSINE_FWD(float, float)
-    case at::kDouble: FASTCL_COSINE_FWD(double, double)
-    case at::kHalf: FASTCL_COSINE_FWD(c10::Half, float)
-    case at::kBFloat16: FASTCL_COSINE_FWD(c10::BFloat16, float)
-#undef FASTCL_COSINE_FWD
-    default:
-      TORCH_CHECK(false, "fastcl_cpu::cosine_forward: floating-point inputs only, got ",
-                  p.scalar_type());
-  }
+  dispatch(p.scalar_type(), "fastcl_cpu::cosine_forward", [&](auto tag) {
+    using T = decltype(tag);
+    using Acc = AccOf<T>;
+    forward_rows<T>(p.data_ptr<T>(), z.data_ptr<T>(), loss.data_ptr<Acc>(),
+                    stats.data_ptr<Acc>(), b, d);
+  });
   return {loss, stats};
 }
 
@@ -119,20 +123,12 @@ at::Tensor cosine_backward(const at::Tensor& g_in, const at::Tensor& p_in, const
   TORCH_CHECK(g.numel() == b && stats.numel() == 3 * b, "fastcl_cpu::cosine_backward: ", b,
               " rows expected");
   at::Tensor dp = at::empty({b, d}, p.options().dtype(acc));
-  switch (p.scalar_type()) {
-#define FASTCL_COSINE_BWD(T, ACC)                                                        \
-  backward_rows<T>(g.data_ptr<ACC>(), p.data_ptr<T>(), z.data_ptr<T>(),                  \
-                   stats.data_ptr<ACC>(), dp.data_ptr<ACC>(), b, d);                      \
-  break;
-    case at::kFloat: FASTCL_COSINE_BWD(float, float)
-    case at::kDouble: FASTCL_COSINE_BWD(double, double)
-    case at::kHalf: FASTCL_COSINE_BWD(c10::Half, float)
-    case at::kBFloat16: FASTCL_COSINE_BWD(c10::BFloat16, float)
-#undef FASTCL_COSINE_BWD
-    default:
-      TORCH_CHECK(false, "fastcl_cpu::cosine_backward: floating-point inputs only, got ",
-                  p.scalar_type());
-  }
+  dispatch(p.scalar_type(), "fastcl_cpu::cosine_backward", [&](auto tag) {
+    using T = decltype(tag);
+    using Acc = AccOf<T>;
+    backward_rows<T>(g.data_ptr<Acc>(), p.data_ptr<T>(), z.data_ptr<T>(), stats.data_ptr<Acc>(),
+                     dp.data_ptr<Acc>(), b, d);
+  });
   return dp;
 }
 
