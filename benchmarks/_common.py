@@ -8,6 +8,8 @@ Cases
     ``nt_xent``: ``z1, z2`` (N, D), both requiring grad, temperature 0.1.
     ``info_nce``: MoCo-style, ``query, key`` (N, D) requiring grad and a detached (M, D) queue
     as unpaired negatives, temperature 0.07.
+    ``in_batch``: CLIP-style one-directional InfoNCE (MoCo v3's ctr), ``query, key`` (N, D)
+    requiring grad, logits q_i . k_j over the batch, label i, temperature 0.07.
 
 Providers
     ``fastcl``: ``fastcl.nt_xent`` / ``fastcl.info_nce`` on the backend ``auto`` picks, forced,
@@ -22,6 +24,9 @@ Providers
     ``compile``: ``torch.compile(fastcl.reference.<loss>)`` with default options (one compiled
     object per loss, shared by every size, as in a training script: it recompiles once with
     dynamic shapes when a second size shows up).
+    ``inf_cl`` (``in_batch`` only, optional): Inf-CL's ``cal_inf_loss`` (tiled Triton kernels)
+    on the normalized inputs with scale 1/τ, where it can run: CUDA with the ``inf_cl`` package
+    installed (``inf_cl_status``). It is not a dependency.
 
 Modes
     ``full``: forward, then ``torch.autograd.grad`` of the loss w.r.t. every input that
@@ -56,9 +61,11 @@ MOCO_N, MOCO_M = 256, 16384
 NT_XENT_TAU = 0.1
 MOCO_TAU = 0.07
 N_BUFFERS = 3
+IN_BATCH_TAU = 0.07
 PROVIDERS = ("fastcl", "chunked", "reference", "compile", "peer")
+OPTIONAL_PROVIDERS = ("inf_cl",)  # in_batch only, where inf_cl_status() says it runs
 MODES = ("full", "forward", "backward")
-CASES = ("nt_xent", "info_nce")
+CASES = ("nt_xent", "info_nce", "in_batch")
 
 
 def devices() -> List[str]:
@@ -88,14 +95,51 @@ def _lightly_nt_xent(z1, z2, temperature):
 
 
 def _info_nce_pytorch(query, positive_key, negative_keys, temperature):
-    """info-nce-pytorch's info_nce with unpaired negatives, from its description."""
+    """info-nce-pytorch's info_nce, from its description: unpaired negatives (positive logit
+    first, then q @ negatives^T, label 0) or, without negatives, the in-batch q @ k^T, label i."""
     q = torch.nn.functional.normalize(query, dim=-1)
     k = torch.nn.functional.normalize(positive_key, dim=-1)
+    if negative_keys is None:
+        logits = q @ k.T / temperature
+        labels = torch.arange(len(logits), device=query.device)
+        return torch.nn.functional.cross_entropy(logits, labels)
     n = torch.nn.functional.normalize(negative_keys, dim=-1)
     positive = (q * k).sum(dim=1, keepdim=True)
     logits = torch.cat([positive, q @ n.T], dim=1) / temperature
     labels = torch.zeros(len(logits), dtype=torch.long, device=query.device)
     return torch.nn.functional.cross_entropy(logits, labels)
+
+
+def inf_cl_status(device: str) -> Optional[str]:
+    """None when Inf-CL's provider can run on ``device``, else why not."""
+    if device != "cuda":
+        return "Inf-CL's kernels need CUDA"
+    try:
+        import inf_cl  # noqa: F401
+    except Exception as exc:  # not installed, or broken
+        return f"Inf-CL is not installed ({type(exc).__name__}: {exc})"[:120]
+    return None
+
+
+def _inf_cl_head_dim(d: int) -> int:
+    """The largest head width Inf-CL accepts (256, 128, 64, 32 or 16) that divides D."""
+    for h in (256, 128, 64, 32, 16):
+        if d % h == 0:
+            return h
+    raise ValueError(f"Inf-CL needs D divisible by 16, got {d}")
+
+
+def _inf_cl_in_batch(query, positive_key, negative_keys, temperature):
+    """In-batch InfoNCE through Inf-CL's ``cal_inf_loss``: it takes normalized rows and a
+    logit scale, labels arange(N) by default, and returns the mean over the rows."""
+    from inf_cl import cal_inf_loss
+
+    if negative_keys is not None:
+        raise ValueError("Inf-CL's provider runs the in-batch case only")
+    q = torch.nn.functional.normalize(query, dim=-1)
+    k = torch.nn.functional.normalize(positive_key, dim=-1)
+    scale = torch.full((), 1.0 / temperature, dtype=torch.float32, device=query.device)
+    return cal_inf_loss(q, k, scale=scale, head_dim=_inf_cl_head_dim(q.shape[1]))
 
 
 def loss_fn(case: str, provider: str, device: str) -> Callable:
@@ -108,6 +152,10 @@ def loss_fn(case: str, provider: str, device: str) -> Callable:
         return _compiled(case)
     if provider == "peer":
         return _lightly_nt_xent if case == "nt_xent" else _info_nce_pytorch
+    if provider == "inf_cl":
+        if case != "in_batch":
+            raise ValueError("Inf-CL's provider runs the in_batch case only")
+        return _inf_cl_in_batch
     raise ValueError(f"unknown provider {provider!r}")
 
 
@@ -167,6 +215,9 @@ def make_inputs(
         q, k = leaf(n, d), leaf(n, d)
         queue = torch.nn.functional.normalize(torch.randn(m, d, generator=g), dim=1)
         return (q, k, queue.to(device, dtype), MOCO_TAU), (q, k)
+    if case == "in_batch":
+        q, k = leaf(n, d), leaf(n, d)
+        return (q, k, None, IN_BATCH_TAU), (q, k)
     raise ValueError(f"unknown case {case!r}")
 
 

@@ -1,4 +1,5 @@
-"""NT-Xent and MoCo-style InfoNCE: fastcl against the eager reference and torch.compile.
+"""NT-Xent, in-batch and MoCo-style InfoNCE: fastcl against the eager reference, torch.compile
+and the peers.
 
 pytest-benchmark (``cd <repo> && python -m pytest benchmarks --benchmark-only``)
     ``test_nt_xent``: fp32, D=128, N in {256, 1024, 4096} rows per view (plus 16384 for fastcl
@@ -8,9 +9,16 @@ pytest-benchmark (``cd <repo> && python -m pytest benchmarks --benchmark-only``)
     (``torch.compile(fastcl.reference.nt_xent)``); on CUDA the same grid runs again there.
     ``test_info_nce_moco``: query/key (256, 128) requiring grad against a detached
     (16384, 128) queue, same providers and modes.
-    Cases are grouped per (case, mode, device, N), so each pytest-benchmark table compares the
-    providers on the same work. ``extra_info`` holds ``peak_mem_mib`` (for the case's mode),
-    both peaks, the backend that ran, and the probe's method; see ``memory_probe.py``
+    ``test_in_batch``: CLIP-style in-batch InfoNCE (``fastcl.info_nce(q, k)``), N in {256,
+    1024, 4096}, same providers and modes; on CUDA also Inf-CL's ``cal_inf_loss`` (skipped,
+    saying why, where the ``inf_cl`` package is not installed: an optional peer, not a
+    dependency).
+    On CUDA every case runs for fp32, tf32 (``set_float32_matmul_precision("high")``) and bf16
+    inputs; on CPU for fp32.
+    Cases are grouped per (case, mode, device, N, dtype), so each pytest-benchmark table
+    compares the providers on the same work. ``extra_info`` holds ``peak_mem_mib`` (for the
+    case's mode), both peaks, the backend that ran, and the probe's method; see
+    ``memory_probe.py``
     (CPU: RSS growth over one step in a fresh subprocess; CUDA: max_memory_allocated growth).
     Rounds are few at large N (``benchmark.pedantic``, one warm-up round that also absorbs
     torch.compile's compilation); inputs rotate among 3 buffers (``_common.Step``).
@@ -29,6 +37,8 @@ from __future__ import annotations
 import os
 import sys
 
+import pytest
+
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import _common  # noqa: E402
@@ -42,44 +52,52 @@ def _rounds(n: int) -> int:
     return ROUNDS.get(n, 3 if n < 16384 else 2)
 
 
-def _nt_xent_params(config):
+def _configs(device):
+    """Input configurations (``_common.DTYPES``): fp32 on CPU; fp32, tf32 and bf16 on CUDA."""
+    return tuple(_common.DTYPES) if device == "cuda" else ("fp32",)
+
+
+def _params(config, case):
+    """(device, dtype config, mode, N, provider) for a case."""
+    large = config.getoption("--fastcl-size", "default") == "large" and case == "nt_xent"
+    sizes = {"nt_xent": _common.SIZES, "in_batch": _common.SIZES,
+             "info_nce": (_common.MOCO_N,)}[case]
     params = []
-    sizes = list(_common.SIZES)
-    large = config.getoption("--fastcl-size", "default") == "large"
     for device in _common.devices():
-        for mode in _common.MODES:
-            for n in sizes + (list(_common.LARGE_SIZES) if large else []):
-                providers = _common.PROVIDERS if n in sizes else ("fastcl",)
-                for provider in providers:
-                    params.append((device, mode, n, provider))
+        for dt in _configs(device):
+            for mode in _common.MODES:
+                for n in tuple(sizes) + (tuple(_common.LARGE_SIZES) if large else ()):
+                    providers = _common.PROVIDERS if n in sizes else ("fastcl",)
+                    if case == "in_batch" and device == "cuda":
+                        providers += ("inf_cl",)
+                    params += [(device, dt, mode, n, p) for p in providers]
     return params
 
 
+_CASE_OF = {"test_nt_xent": "nt_xent", "test_in_batch": "in_batch",
+            "test_info_nce_moco": "info_nce"}
+
+
 def pytest_generate_tests(metafunc):
-    if metafunc.function.__name__ == "test_nt_xent":
-        params = _nt_xent_params(metafunc.config)
+    case = _CASE_OF.get(metafunc.function.__name__)
+    if case is not None:
+        params = _params(metafunc.config, case)
         metafunc.parametrize(
-            "device,mode,n,provider", params,
-            ids=[f"{dev}-{mode}-N{n}-{prov}" for dev, mode, n, prov in params],
-        )
-    elif metafunc.function.__name__ == "test_info_nce_moco":
-        params = [(dev, mode, prov) for dev in _common.devices() for mode in _common.MODES
-                  for prov in _common.PROVIDERS]
-        metafunc.parametrize(
-            "device,mode,provider", params,
-            ids=[f"{dev}-{mode}-{prov}" for dev, mode, prov in params],
+            "device,dtype,mode,n,provider", params,
+            ids=[f"{dev}-{dt}-{mode}-N{n}-{prov}" for dev, dt, mode, n, prov in params],
         )
 
 
-def _run(benchmark, memory_probe, case, provider, n, mode, device, group, extra):
-    step = _common.make_step(case, provider, n, mode, device)
-    benchmark.group = group
+def _run(benchmark, memory_probe, case, provider, n, mode, device, dtype, group, extra):
+    step = _common.make_step(case, provider, n, mode, device, config=dtype)
+    benchmark.group = f"{group} {dtype}"
     benchmark.extra_info.update(
-        case=case, provider=provider, n=n, d=_common.D, mode=mode, device=device,
+        case=case, provider=provider, n=n, d=_common.D, mode=mode, device=device, dtype=dtype,
         backend=_common.backend_name(case, provider, device), n_buffers=_common.N_BUFFERS,
         **extra,
     )
-    if not benchmark.disabled:
+    # The memory probe measures fp32 inputs (a fresh process on CPU; on CUDA, this step).
+    if not benchmark.disabled and (dtype == "fp32" or device == "cuda"):
         mem = memory_probe(case, provider, n, device, step=step, mode=mode)
         if mem is not None:
             benchmark.extra_info["peak_mem_mib"] = mem.get(f"{mode}_mib")
@@ -89,15 +107,23 @@ def _run(benchmark, memory_probe, case, provider, n, mode, device, group, extra)
                        iterations=1, warmup_rounds=1)
 
 
-def test_nt_xent(benchmark, memory_probe, device, mode, n, provider):
-    _run(benchmark, memory_probe, "nt_xent", provider, n, mode, device,
+def test_nt_xent(benchmark, memory_probe, device, dtype, mode, n, provider):
+    _run(benchmark, memory_probe, "nt_xent", provider, n, mode, device, dtype,
          group=f"nt_xent {mode} {device} N={n} D={_common.D}",
          extra={"temperature": _common.NT_XENT_TAU})
 
 
-def test_info_nce_moco(benchmark, memory_probe, device, mode, provider):
-    n, m = _common.MOCO_N, _common.MOCO_M
-    _run(benchmark, memory_probe, "info_nce", provider, n, mode, device,
+def test_in_batch(benchmark, memory_probe, device, dtype, mode, n, provider):
+    if provider == "inf_cl" and _common.inf_cl_status(device):
+        pytest.skip(_common.inf_cl_status(device))  # an optional provider, absent here
+    _run(benchmark, memory_probe, "in_batch", provider, n, mode, device, dtype,
+         group=f"in_batch {mode} {device} N={n} D={_common.D}",
+         extra={"temperature": _common.IN_BATCH_TAU})
+
+
+def test_info_nce_moco(benchmark, memory_probe, device, dtype, mode, n, provider):
+    m = _common.MOCO_M
+    _run(benchmark, memory_probe, "info_nce", provider, n, mode, device, dtype,
          group=f"info_nce moco {mode} {device} N={n} M={m} D={_common.D}",
          extra={"m": m, "temperature": _common.MOCO_TAU, "queue_requires_grad": False})
 

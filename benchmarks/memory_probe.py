@@ -78,7 +78,8 @@ def _unique_graphs() -> int:
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--case", default="nt_xent", choices=_common.CASES)
-    p.add_argument("--provider", required=True, choices=_common.PROVIDERS)
+    p.add_argument("--provider", required=True,
+                   choices=_common.PROVIDERS + _common.OPTIONAL_PROVIDERS)
     p.add_argument("--n", type=int, required=True)
     p.add_argument("--d", type=int, default=_common.D)
     p.add_argument("--m", type=int, default=_common.MOCO_M, help="queue rows (info_nce)")

@@ -43,9 +43,10 @@ import _common  # noqa: E402
 import bench_ema  # noqa: E402
 import bench_queue  # noqa: E402
 
-LOSS_PROVIDERS = _common.PROVIDERS  # fastcl, chunked, reference, compile, peer
+# fastcl, chunked, reference, compile, peer, and inf_cl (in_batch only, optional)
+LOSS_PROVIDERS = _common.PROVIDERS + _common.OPTIONAL_PROVIDERS
 COLORS = {"fastcl": (31, 119, 180), "chunked": (44, 160, 44), "reference": (214, 39, 40),
-          "compile": (148, 103, 189), "peer": (255, 127, 14)}
+          "compile": (148, 103, 189), "peer": (255, 127, 14), "inf_cl": (140, 86, 75)}
 EAGER_MAX_N = 4096  # above this, the O(N^2) baselines are skipped (several GiB each)
 
 
@@ -67,7 +68,8 @@ def _gemm_rate(device: str, config: str = "fp32") -> float:
 
 def _loss_flops(case: str, n: int) -> float:
     """3 products (eager forward + backward) over the case's logits, D = 128."""
-    rows, cols = (2 * n, 2 * n) if case == "nt_xent" else (n, _common.MOCO_M + 1)
+    rows, cols = {"nt_xent": (2 * n, 2 * n), "in_batch": (n, n)}.get(
+        case, (n, _common.MOCO_M + 1))
     return 3 * 2 * rows * cols * _common.D
 
 
@@ -81,8 +83,17 @@ def _time_losses(work, device, rounds, memory, configs=("fp32",)):
 def _time_loss_config(work, device, rounds, memory, config):
     rows = []
     for case, n in work:
-        providers = [p for p in LOSS_PROVIDERS if n <= EAGER_MAX_N or p in ("fastcl", "chunked")]
-        skipped = {p: f"skipped: O(N^2) at N={n}" for p in LOSS_PROVIDERS if p not in providers}
+        providers = [p for p in _common.PROVIDERS
+                     if n <= EAGER_MAX_N or p in ("fastcl", "chunked")]
+        skipped = {p: f"skipped: O(N^2) at N={n}" for p in _common.PROVIDERS
+                   if p not in providers}
+        why = _common.inf_cl_status(device)  # Inf-CL, the optional peer: in_batch only
+        if case != "in_batch":
+            skipped["inf_cl"] = "n/a"
+        elif why:
+            skipped["inf_cl"] = f"skipped: {why}"
+        elif n <= EAGER_MAX_N:
+            providers.append("inf_cl")
         mem = {}
         if memory and device == "cpu" and config == "fp32":  # the probe runs fp32 inputs
             for p in providers:
@@ -221,7 +232,7 @@ def format_report(info, rows, extra, gemm) -> str:
     lines = [f"# fastcl performance report, {info['date']}, device {info['device']}",
              "# " + ", ".join(f"{k}={v}" for k, v in info.items() if k != "date"),
              f"# measured GEMM rate (2048^3), GFLOP/s: {rates}", ""]
-    others = ("reference", "compile", "peer", "chunked")
+    others = ("reference", "compile", "peer", "inf_cl", "chunked")
     header = ("dtype", "case", "N", "mode", *LOSS_PROVIDERS, *(f"{p}/fastcl" for p in others),
               "TFLOP/s", "of floor", *(f"mem {p}" for p in LOSS_PROVIDERS))
     table = [header]
@@ -247,6 +258,9 @@ def format_report(info, rows, extra, gemm) -> str:
             lines.append("  ".join("-" * w for w in widths))
     lines.append("# ratios > 1: fastcl faster. TFLOP/s counts eager's 3 products; 'of floor' is "
                  "the share of the measured GEMM rate they reach.")
+    reasons = sorted({(p, st) for r in rows for p, st in r["status"].items() if st != "n/a"})
+    for p, st in reasons:  # why a provider has no time: skipped, out of memory, failed
+        lines.append(f"# {p}: {st}")
     if extra:
         ema, q = extra["ema"], extra["queue"]
         lines += ["", f"EMA, ResNet-50 shapes ({ema['params']:,} floats; floor = flat lerp_):"]
@@ -300,7 +314,7 @@ def main(argv=None) -> int:
                                                           else argv)}
     gemm = {c: _gemm_rate(a.device, c) for c in configs}
     work = [("nt_xent", n) for n in sizes] + [("info_nce", _common.MOCO_N if not a.quick
-                                               else 64)]
+                                               else 64), ("in_batch", 1024 if not a.quick else 64)]
     rows = _time_losses(work, a.device, rounds, memory, configs)
     extra = None if a.quick else _time_ema_queue(a.device, rounds * 3)
     report = format_report(info, rows, extra, gemm)

@@ -11,10 +11,10 @@ holding a (global × global) or (local × global) similarity matrix:
   kernels run twice per rank: once over the rank's own block (where its self-similarities and
   positives are), once over the other ranks' rows (negatives only); the two row statistics are
   merged exactly (log-sum-exp). Memory per rank: the gathered (2N, D) embeddings plus O(tile²).
-- ``info_nce(q, k, negatives, temperature)``: with in-batch negatives (MoCo v3), the keys of
-  every rank are the columns, the positive of local row i is its own key; with a queue
-  (MoCo v2) or paired negatives, each row's logits are already local, and only the reduction
-  is global.
+- ``info_nce(q, k, temperature)``: in-batch negatives (MoCo v3): the keys of every rank are
+  the columns, the positive of local row i is its own key. (With a queue, as in MoCo v2, or
+  paired negatives, each row's logits are already local: ``fastcl.info_nce(...,
+  distributed=True)`` then only reduces over the global batch, with ``reduce_value``.)
 - ``all_gather_rows(x)``: the same gather without autograd (the keys a MoCo queue enqueues).
 
 Reduction and gradients. ``"mean"`` and ``"sum"`` return, on every rank, the value over the
@@ -30,7 +30,7 @@ shards work; this runs eagerly (torch.compile breaks the graph here).
 """
 from __future__ import annotations
 
-from typing import List, Optional, Tuple
+from typing import List, Tuple
 
 import torch
 import torch.distributed as dist
@@ -151,16 +151,13 @@ def nt_xent(z1: Tensor, z2: Tensor, temperature: float, reduction: str = "mean")
     return reduce_value(rows, reduction, z1.dtype)
 
 
-def info_nce(query: Tensor, positive_key: Tensor, negative_keys: Optional[Tensor],
-             temperature: float, reduction: str = "mean", negative_mode: str = "unpaired",
-             local_rows=None) -> Tensor:
-    """InfoNCE over the global batch; see the module docstring. ``local_rows`` computes the
-    per-row losses for negatives that are already shared (queue, paired)."""
+def info_nce(query: Tensor, positive_key: Tensor, temperature: float,
+             reduction: str = "mean") -> Tensor:
+    """In-batch InfoNCE over the global batch: every rank's keys are the columns, the positive
+    of a local query is its own key (see the module docstring). Arguments are checked by
+    ``fastcl.info_nce``, which also handles given negatives (local rows, global reduction)."""
     from fastcl.ops import distributed as dops
 
-    if negative_keys is None:
-        keys, start, end = _gather_with_offsets(positive_key)
-        rows = dops.in_batch_rows(query, positive_key, _others(keys, start, end), temperature)
-    else:
-        rows = local_rows()
+    keys, start, end = _gather_with_offsets(positive_key)
+    rows = dops.in_batch_rows(query, positive_key, _others(keys, start, end), temperature)
     return reduce_value(rows, reduction, query.dtype)

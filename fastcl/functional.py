@@ -172,10 +172,11 @@ def info_nce(
         _check_same(negative_keys, "negative_keys", query, "query")
     if distributed:
         _check_distributed_backend()
-        return _dist().info_nce(
-            query, positive_key, negative_keys, tau, reduction, negative_mode,
-            local_rows=lambda: _info_nce_rows(query, positive_key, negative_keys, tau,
-                                              negative_mode))
+        if negative_keys is None:  # every rank's keys are the columns
+            return _dist().info_nce(query, positive_key, tau, reduction)
+        # Given negatives (a queue all ranks share, or paired): the rows are local.
+        rows = _info_nce_rows(query, positive_key, negative_keys, tau, negative_mode)
+        return _dist().reduce_value(rows, reduction, query.dtype)
     if _config.get_backend() == "reference":
         return reference.info_nce(query, positive_key, negative_keys, tau, reduction, negative_mode)
     return _reduce(_info_nce_rows(query, positive_key, negative_keys, tau, negative_mode),

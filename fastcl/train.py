@@ -1,6 +1,7 @@
 """The main job: self-supervised pre-training on a real dataset, then a linear probe and kNN.
 
-    python -m fastcl.train                       # SimCLR on scikit-learn's digits, ~1-2 min on 2 CPU cores
+    python -m fastcl.train                       # SimCLR on scikit-learn's digits, ~1 min
+                                                 # on 2 CPU cores
     python -m fastcl.train --method moco         # MoCo v2 (--moco-version v3 for v3), or byol
     python -m fastcl.train --data x.npy --labels y.npy --device cuda
 

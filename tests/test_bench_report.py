@@ -22,11 +22,14 @@ def test_report_quick_run_writes_table_json_and_png(tmp_path):
     results = json.loads((tmp_path / "results.json").read_text())
     losses = results["losses"]
     assert {(r["dtype"], r["case"], r["mode"]) for r in losses} == {
-        (dt, c, m) for dt in ("fp32", "bf16") for c in ("nt_xent", "info_nce")
+        (dt, c, m) for dt in ("fp32", "bf16") for c in ("nt_xent", "info_nce", "in_batch")
         for m in ("forward", "backward", "full")}
     for r in losses:  # every provider timed, none silently missing
         assert set(r["median_s"]) == {"fastcl", "chunked", "reference", "compile", "peer"}, r
         assert all(t > 0 for t in r["median_s"].values())
+        if r["case"] == "in_batch":  # the optional peer is marked, with the reason
+            assert r["status"]["inf_cl"].startswith("skipped: Inf-CL's kernels need CUDA")
+    assert "skipped" in report
     png = (tmp_path / "plot.png").read_bytes()
     assert png.startswith(b"\x89PNG\r\n\x1a\n") and b"IEND" in png[-12:]
 
@@ -63,3 +66,35 @@ def test_report_rejects_unknown_dtype(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "fastcl.bench", "--quick", "--dtypes", "fp8",
                            "--out", str(tmp_path)], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "fp8" in proc.stderr
+
+
+def test_inf_cl_provider_maps_the_in_batch_case(monkeypatch):
+    """The optional Inf-CL provider, against a stand-in ``inf_cl`` module that computes what
+    ``cal_inf_loss`` documents (mean cross-entropy of scale * q @ k^T, labels arange, rows
+    normalized by the caller, D split into heads of ``head_dim``): it must give
+    ``fastcl.info_nce(q, k)``, so the provider times the same loss."""
+    import types
+
+    import torch
+
+    import fastcl
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "benchmarks"))
+    import _common
+
+    calls = []
+
+    def cal_inf_loss(q, k, labels=None, scale=None, head_dim=256):
+        calls.append(head_dim)
+        assert q.shape[1] % head_dim == 0
+        torch.testing.assert_close(q.norm(dim=1), torch.ones(len(q)))  # normalized by caller
+        labels = torch.arange(len(q)) if labels is None else labels
+        return torch.nn.functional.cross_entropy(scale * q @ k.T, labels)
+
+    monkeypatch.setitem(sys.modules, "inf_cl", types.SimpleNamespace(cal_inf_loss=cal_inf_loss))
+    assert _common.inf_cl_status("cuda") is None
+    assert _common.inf_cl_status("cpu") == "Inf-CL's kernels need CUDA"
+    (q, k, neg, tau), _ = _common.make_inputs("in_batch", 16, d=96)
+    loss = _common.loss_fn("in_batch", "inf_cl", "cpu")(q, k, neg, tau)
+    torch.testing.assert_close(loss, fastcl.info_nce(q, k, temperature=tau))
+    assert calls == [32]  # the largest of 256, 128, 64, 32, 16 dividing D = 96
