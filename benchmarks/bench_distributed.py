@@ -42,18 +42,10 @@ import torch.distributed as dist  # noqa: E402
 import torch.multiprocessing as mp  # noqa: E402
 
 import _common  # noqa: E402
+from memory_probe import _reset_hwm, _status_kib  # noqa: E402
 
 PROVIDERS = ("fastcl", "gather_all", "gather_local")
 TAU = 0.2
-PROBE_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "131072"}
-
-
-def _kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise KeyError(field)
 
 
 def _eager_nt_xent(z, row_lo, row_hi, temperature):
@@ -127,12 +119,12 @@ def _worker(rank, world, init_file, provider, n, d, steps, out_file):
         times.append(time.perf_counter() - t0)
     z1.grad = z2.grad = None
     dist.barrier()
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    base = _kib("VmRSS")
+    if not _reset_hwm():
+        raise RuntimeError("peak memory needs a writable /proc/self/clear_refs (Linux)")
+    base = _status_kib("VmRSS")
     loss = fn()
     loss.backward()
-    peak_mib = (_kib("VmHWM") - base) / 1024
+    peak_mib = (_status_kib("VmHWM") - base) / 1024
     gathered = 2 * n * d * 4  # the (2N, D) float32 embeddings, all ranks' blocks
     # gloo: fastcl's backward all-reduces dZ (a ring all-reduce receives 2x its share); on NCCL
     # it reduce-scatters, as the others do.
@@ -148,7 +140,7 @@ def _worker(rank, world, init_file, provider, n, d, steps, out_file):
 def run(provider: str, world: int, n: int, d: int, steps: int):
     """Per-rank results of one provider in a fresh process group."""
     with tempfile.TemporaryDirectory() as tmp:
-        for k, v in PROBE_ENV.items():
+        for k, v in _common.PROBE_ENV.items():
             os.environ.setdefault(k, v)
         os.environ.setdefault("OMP_NUM_THREADS", "1")
         out = os.path.join(tmp, "out")
