@@ -25,8 +25,10 @@ gradient a single process would compute on the global batch (tested). ``"none"``
 rank's rows; gradients flowing back through them are summed over ranks (``gather``'s rule).
 
 Requires an initialized default process group (``torch.distributed.init_process_group``). Each
-call exchanges the shards' sizes first (one small all-gather read on the host) so that uneven
-shards work; this runs eagerly (torch.compile breaks the graph here).
+call exchanges the shards' sizes first (small all-gathers read on the host) so that uneven
+shards work, and so that a rank with an empty batch makes every rank raise the same error
+instead of leaving the others waiting; this runs eagerly (torch.compile breaks the graph
+here).
 """
 from __future__ import annotations
 
@@ -36,7 +38,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-__all__ = ["gather", "all_gather_rows", "nt_xent", "info_nce", "world", "reduce_value"]
+__all__ = ["gather", "all_gather_rows", "nt_xent", "info_nce", "world", "reduce_value",
+           "check_shards"]
 
 
 def world() -> Tuple[int, int]:
@@ -67,6 +70,19 @@ def _all_gather_padded(x: Tensor, sizes: List[int]) -> Tensor:
     parts = [torch.empty_like(xp) for _ in sizes]
     dist.all_gather(parts, xp)
     return torch.cat([p[:s] for p, s in zip(parts, sizes)])
+
+
+def check_shards(x, name: str) -> None:
+    """Every rank calls this first: a rank whose ``name`` has no rows makes every rank raise
+    the same error (one rank raising alone would leave the others waiting in a collective)."""
+    _, rank = world()
+    n = x.shape[0] if isinstance(x, Tensor) and x.dim() > 0 else 0
+    device = x.device if isinstance(x, Tensor) else torch.device("cpu")
+    sizes = _sizes(n, device)
+    empty = [r for r, s in enumerate(sizes) if s == 0]
+    if empty:
+        raise ValueError(f"{name} is empty on rank(s) {empty} (rows per rank: {sizes}); with "
+                         "distributed=True every rank needs at least one row")
 
 
 def all_gather_rows(x: Tensor) -> Tensor:

@@ -95,6 +95,9 @@ def nt_xent(z1: Tensor, z2: Tensor, temperature: float = 0.5, reduction: str = "
     itself as a negative. Memory is O(N*D). The loss is computed in float32 (float64 for float64
     inputs) and returned in the input dtype.
     """
+    if distributed:
+        _check_distributed_backend()
+        _dist().check_shards(z1, "z1")  # all ranks together, before any local error
     _check_tensor(z1, "z1", 2)
     _check_tensor(z2, "z2", 2)
     _check_same(z2, "z2", z1, "z1")
@@ -105,7 +108,6 @@ def nt_xent(z1: Tensor, z2: Tensor, temperature: float = 0.5, reduction: str = "
     tau = _check_temperature(temperature)
     _check_choice(reduction, "reduction", _REDUCTIONS)
     if distributed:
-        _check_distributed_backend()
         return _dist().nt_xent(z1, z2, tau, reduction)
     if _config.get_backend() == "reference":
         return reference.nt_xent(z1, z2, tau, reduction)
@@ -148,6 +150,9 @@ def info_nce(
     All vectors are L2-normalized inside. Computed in float32 (float64 for float64 inputs) and
     returned in the input dtype.
     """
+    if distributed:
+        _check_distributed_backend()
+        _dist().check_shards(query, "query")  # all ranks together, before any local error
     _check_tensor(query, "query", 2)
     _check_tensor(positive_key, "positive_key", 2)
     _check_same(positive_key, "positive_key", query, "query")
@@ -171,7 +176,6 @@ def info_nce(
                 )
         _check_same(negative_keys, "negative_keys", query, "query")
     if distributed:
-        _check_distributed_backend()
         if negative_keys is None:  # every rank's keys are the columns
             return _dist().info_nce(query, positive_key, tau, reduction)
         # Given negatives (a queue all ranks share, or paired): the rows are local.

@@ -173,6 +173,15 @@ def _worker(rank, world, init_file, out_dir):
                 keys += torch.arange(sizes[rank], dtype=torch.float32)[:, None]
                 nq.push(keys, distributed=True)
             out[f"queue_state/{kind}"] = (nq.queue.clone(), nq.ptr.clone())
+        # An empty shard on the last rank: every rank raises the same error, none hangs.
+        z = torch.randn(0 if rank == world - 1 else 3, D)
+        for name, call in (("z1", lambda: fastcl.nt_xent(z, z, TAU, distributed=True)),
+                           ("query", lambda: fastcl.info_nce(z, z, distributed=True))):
+            try:
+                call()
+                out[f"empty/{name}"] = "no error"
+            except ValueError as exc:
+                out[f"empty/{name}"] = str(exc)
         # DDP training: SimCLR, distributed NT-Xent, the same global batches as the parent.
         model = torch.nn.parallel.DistributedDataParallel(_ddp_model())
         model.module.distributed = True
@@ -261,6 +270,14 @@ def test_queue_stays_identical_across_ranks(ranks, kind):
         assert torch.equal(queue, single.queue), rank
         assert torch.equal(ptr, single.ptr)
     assert int(single.ptr) == (4 * sum(sizes)) % QUEUE_K
+
+
+def test_an_empty_shard_is_rejected_on_every_rank(ranks):
+    world, results = ranks
+    for rank, res in enumerate(results):
+        for name in ("z1", "query"):
+            msg = res[f"empty/{name}"]
+            assert msg.startswith(f"{name} is empty on rank(s) [{world - 1}]"), (rank, msg)
 
 
 def test_ddp_simclr_training_matches_one_process(ranks):
