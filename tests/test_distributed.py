@@ -173,6 +173,16 @@ def _worker(rank, world, init_file, out_dir):
                 keys += torch.arange(sizes[rank], dtype=torch.float32)[:, None]
                 nq.push(keys, distributed=True)
             out[f"queue_state/{kind}"] = (nq.queue.clone(), nq.ptr.clone())
+        # gather itself, uneven: rank r holds r + 1 rows of value r; each rank's loss weights
+        # the gathered rows by w (the same on every rank), so each shard's gradient is the
+        # sum over ranks: world * w[its rows].
+        from fastcl import distributed as fdist
+
+        x = torch.full((rank + 1, 2), float(rank), requires_grad=True)
+        y = fdist.gather(x)
+        w = torch.arange(y.numel(), dtype=torch.float32).reshape(y.shape)
+        (y * w).sum().backward()
+        out["gather"] = (y.detach(), x.grad)
         # An empty shard on the last rank: every rank raises the same error, none hangs.
         z = torch.randn(0 if rank == world - 1 else 3, D)
         for name, call in (("z1", lambda: fastcl.nt_xent(z, z, TAU, distributed=True)),
@@ -270,6 +280,17 @@ def test_queue_stays_identical_across_ranks(ranks, kind):
         assert torch.equal(queue, single.queue), rank
         assert torch.equal(ptr, single.ptr)
     assert int(single.ptr) == (4 * sum(sizes)) % QUEUE_K
+
+
+def test_gather_concatenates_in_rank_order_and_sums_gradients(ranks):
+    world, results = ranks
+    sizes = [r + 1 for r in range(world)]
+    expect = torch.cat([torch.full((s, 2), float(r)) for r, s in enumerate(sizes)])
+    w = torch.arange(expect.numel(), dtype=torch.float32).reshape(expect.shape)
+    for rank, res in enumerate(results):
+        y, grad = res["gather"]
+        assert torch.equal(y, expect)
+        assert torch.equal(grad, world * _shard(w, sizes, rank))
 
 
 def test_an_empty_shard_is_rejected_on_every_rank(ranks):
