@@ -101,3 +101,11 @@ def test_entry_points():
     assert script.exists(), f"{script} missing: reinstall with pip install -e '.[test,train]'"
     r = subprocess.run([str(script), "--help"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and "--method" in r.stdout
+
+
+def test_compiled_run(tmp_path):
+    """``--compile``: the model's forward under torch.compile(fullgraph=True) trains too."""
+    assert train.main(["--compile", "--out", str(tmp_path), *SHORT]) == 0
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["settings"]["compile"] is True
+    assert all(np.isfinite(metrics["loss_per_epoch"]))
