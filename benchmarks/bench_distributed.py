@@ -2,6 +2,7 @@
 
     python benchmarks/bench_distributed.py [--world 2] [--sizes 1024,4096] [--d 128] [--steps 5]
         [--providers fastcl,gather_all,gather_local]
+    python -m pytest benchmarks/bench_distributed.py --benchmark-only   # one rank's share
 
 Each provider runs in its own fresh set of ``--world`` processes (``torch.multiprocessing``,
 gloo, one thread each). The global batch is N pairs (2N rows), each rank holding N / world.
@@ -37,6 +38,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+import pytest  # noqa: E402
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 import torch.multiprocessing as mp  # noqa: E402
@@ -147,6 +149,65 @@ def run(provider: str, world: int, n: int, d: int, steps: int):
         mp.spawn(_worker, args=(world, os.path.join(tmp, "init"), provider, n, d, steps, out),
                  nprocs=world, join=True)
         return [json.load(open(f"{out}.{r}")) for r in range(world)]
+
+
+# ------------------------------------------------------ pytest-benchmark: one rank's share ----
+
+
+def _share_inputs(n_pairs: int, d: int, seed: int = 0):
+    """World 2 in one process: rank 0's (N, D) rows = [z1; z2] of its N/2 pairs, and the
+    other rank's N rows, both requiring grad."""
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(n_pairs, d, generator=g).requires_grad_(True)
+    others = torch.randn(n_pairs, d, generator=g).requires_grad_(True)
+    return z, others
+
+
+def _eager_share(z, others, temperature=TAU):
+    """Rank 0's rows against every row, eagerly: lightly's gathered NT-Xent, (N × 2N) logits."""
+    n = z.shape[0] // 2
+    full = torch.nn.functional.normalize(torch.cat([z, others]), dim=1)
+    logits = full[:2 * n] @ full.T / temperature
+    rows = torch.arange(2 * n)
+    logits[rows, rows] = float("-inf")
+    return torch.nn.functional.cross_entropy(logits, (rows + n) % (2 * n))
+
+
+_compiled_share = None
+
+
+def share_step(provider: str, n_pairs: int, d: int = 128):
+    """Forward + backward of rank 0's share (mean over its rows), for ``provider``."""
+    global _compiled_share
+    from fastcl.ops import distributed as dops
+
+    z, others = _share_inputs(n_pairs, d)
+    if provider == "fastcl":
+        fn = lambda: dops.nt_xent_rows(z, others, TAU).mean()  # noqa: E731
+    elif provider == "eager":
+        fn = lambda: _eager_share(z, others)  # noqa: E731
+    elif provider == "compile":
+        _compiled_share = _compiled_share or torch.compile(_eager_share)
+        fn = lambda: _compiled_share(z, others)  # noqa: E731
+    else:
+        raise ValueError(provider)
+    return lambda: torch.autograd.grad(fn(), [z, others])
+
+
+@pytest.mark.parametrize("n_pairs", (1024, 4096))
+@pytest.mark.parametrize("provider", ("fastcl", "eager", "compile"))
+def test_rank_share(benchmark, provider, n_pairs):
+    """One rank's share of distributed NT-Xent at world size 2, in one process (no
+    communication): its rows against its own block and the other rank's rows. fastcl's
+    kernels (``fastcl.ops.distributed``) against the eager (N × 2N) formulation and
+    torch.compile of it. The multi-process run with memory and bytes is ``main()``."""
+    import fastcl
+
+    benchmark.group = f"distributed NT-Xent, one rank's share, {n_pairs} pairs, world 2"
+    benchmark.extra_info.update(provider=provider, n_pairs=n_pairs, d=128, world=2)
+    with fastcl.use_backend("cpp"):
+        step = share_step(provider, n_pairs)
+        benchmark.pedantic(step, rounds=8 if n_pairs <= 1024 else 3, warmup_rounds=1)
 
 
 def main(argv=None) -> int:

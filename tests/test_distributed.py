@@ -19,6 +19,8 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
+from hypothesis import given
+from hypothesis import strategies as st
 import torch.multiprocessing as mp
 from torch import nn
 
@@ -49,20 +51,21 @@ def _global_inputs(n, seed, dtype=torch.float32):
 # ----------------------------------------------------------------- one process, simulated ----
 
 
-@pytest.mark.parametrize("sizes", [[3, 5, 4], [6], [2, 0, 3]], ids=["3-ranks", "1-rank",
-                                                                    "empty-rank"])
-def test_rank_blocks_reproduce_the_global_loss(backend, sizes):
+@given(sizes=st.lists(st.integers(0, 6), min_size=1, max_size=4).filter(lambda s: sum(s) > 0),
+       seed=st.integers(0, 2**31 - 1), tau=st.sampled_from([0.05, 0.2, 1.0]))
+def test_rank_blocks_reproduce_the_global_loss(backend, sizes, seed, tau):
     """Each simulated rank's rows, against its own block plus the others' rows, equal the
-    single-process rows; gradients summed over ranks equal the single-process gradients."""
+    single-process rows; gradients summed over ranks equal the single-process gradients
+    (random shard sizes, empty shards included)."""
     dtype = torch.float32 if backend.name == "triton" else torch.float64
     tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-12)
     n = sum(sizes)
     z1, z2, q, k = (x.to(backend.device).requires_grad_(True)
-                    for x in _global_inputs(n, seed=len(sizes), dtype=dtype))
+                    for x in _global_inputs(n, seed=seed % 1000, dtype=dtype))
     w = torch.randn(2 * n, generator=torch.Generator().manual_seed(1), dtype=dtype)
     w = w.to(backend.device)
-    ref_nt = reference.nt_xent(z1, z2, TAU, "none")
-    ref_ib = reference.info_nce(q, k, None, TAU, "none")
+    ref_nt = reference.nt_xent(z1, z2, tau, "none")
+    ref_ib = reference.info_nce(q, k, None, tau, "none")
     grads_ref = torch.autograd.grad((ref_nt * w).sum() + (ref_ib * w[:n]).sum(), [z1, z2, q, k])
 
     off = _offsets(sizes)
@@ -77,10 +80,10 @@ def test_rank_blocks_reproduce_the_global_loss(backend, sizes):
         lo, hi = off[r], off[r + 1]
         z = torch.cat([z1[lo:hi], z2[lo:hi]])
         others = torch.cat([full[:b_off[r]], full[b_off[r + 1]:]])
-        rows = dops.nt_xent_rows(z, others, TAU)
+        rows = dops.nt_xent_rows(z, others, tau)
         expect = torch.cat([ref_nt[lo:hi], ref_nt[n + lo:n + hi]])
         torch.testing.assert_close(rows, expect, **tol)
-        ib = dops.in_batch_rows(q[lo:hi], k[lo:hi], torch.cat([k[:lo], k[hi:]]), TAU)
+        ib = dops.in_batch_rows(q[lo:hi], k[lo:hi], torch.cat([k[:lo], k[hi:]]), tau)
         torch.testing.assert_close(ib, ref_ib[lo:hi], **tol)
         wr = torch.cat([w[lo:hi], w[n + lo:n + hi]])
         total = total + (rows * wr).sum() + (ib * w[lo:hi]).sum()
