@@ -32,7 +32,7 @@ here).
 """
 from __future__ import annotations
 
-from typing import List, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -72,9 +72,10 @@ def _all_gather_padded(x: Tensor, sizes: List[int]) -> Tensor:
     return torch.cat([p[:s] for p, s in zip(parts, sizes)])
 
 
-def check_shards(x, name: str) -> None:
+def check_shards(x, name: str) -> List[int]:
     """Every rank calls this first: a rank whose ``name`` has no rows makes every rank raise
-    the same error (one rank raising alone would leave the others waiting in a collective)."""
+    the same error (one rank raising alone would leave the others waiting in a collective).
+    Returns every rank's number of rows, for the gathers that follow."""
     _, rank = world()
     n = x.shape[0] if isinstance(x, Tensor) and x.dim() > 0 else 0
     device = x.device if isinstance(x, Tensor) else torch.device("cpu")
@@ -83,6 +84,7 @@ def check_shards(x, name: str) -> None:
     if empty:
         raise ValueError(f"{name} is empty on rank(s) {empty} (rows per rank: {sizes}); with "
                          "distributed=True every rank needs at least one row")
+    return sizes
 
 
 def all_gather_rows(x: Tensor) -> Tensor:
@@ -122,10 +124,10 @@ def gather(x: Tensor) -> Tensor:
     return _Gather.apply(x, _sizes(x.shape[0], x.device), rank)
 
 
-def _gather_with_offsets(x: Tensor) -> Tuple[Tensor, int, int]:
-    """(gathered rows, start and end of this rank's block in them)."""
+def _gather_with_offsets(x: Tensor, sizes: List[int]) -> Tuple[Tensor, int, int]:
+    """(gathered rows, start and end of this rank's block in them); ``sizes``: every rank's
+    rows of x."""
     _, rank = world()
-    sizes = _sizes(x.shape[0], x.device)
     start = sum(sizes[:rank])
     return _Gather.apply(x, sizes, rank), start, start + sizes[rank]
 
@@ -156,24 +158,29 @@ def reduce_value(rows: Tensor, reduction: str, dtype: torch.dtype) -> Tensor:
     return (scaled + (value - scaled).detach()).to(dtype)
 
 
-def nt_xent(z1: Tensor, z2: Tensor, temperature: float, reduction: str = "mean") -> Tensor:
+def nt_xent(z1: Tensor, z2: Tensor, temperature: float, reduction: str = "mean",
+            sizes: Optional[List[int]] = None) -> Tensor:
     """NT-Xent over the global batch (every rank's z1 and z2 rows); see the module docstring.
-    Arguments are checked by ``fastcl.nt_xent``."""
+    Arguments are checked by ``fastcl.nt_xent``; ``sizes`` (every rank's rows of z1) is
+    exchanged here unless given."""
     from fastcl.ops import distributed as dops
 
+    sizes = sizes if sizes is not None else _sizes(z1.shape[0], z1.device)
     z = torch.cat([z1, z2])
-    full, start, end = _gather_with_offsets(z)
+    full, start, end = _gather_with_offsets(z, [2 * n for n in sizes])
     rows = dops.nt_xent_rows(z, _others(full, start, end), temperature)
     return reduce_value(rows, reduction, z1.dtype)
 
 
 def info_nce(query: Tensor, positive_key: Tensor, temperature: float,
-             reduction: str = "mean") -> Tensor:
+             reduction: str = "mean", sizes: Optional[List[int]] = None) -> Tensor:
     """In-batch InfoNCE over the global batch: every rank's keys are the columns, the positive
     of a local query is its own key (see the module docstring). Arguments are checked by
-    ``fastcl.info_nce``, which also handles given negatives (local rows, global reduction)."""
+    ``fastcl.info_nce``, which also handles given negatives (local rows, global reduction);
+    ``sizes`` (every rank's rows) is exchanged here unless given."""
     from fastcl.ops import distributed as dops
 
-    keys, start, end = _gather_with_offsets(positive_key)
+    sizes = sizes if sizes is not None else _sizes(query.shape[0], query.device)
+    keys, start, end = _gather_with_offsets(positive_key, sizes)
     rows = dops.in_batch_rows(query, positive_key, _others(keys, start, end), temperature)
     return reduce_value(rows, reduction, query.dtype)

@@ -97,7 +97,7 @@ def nt_xent(z1: Tensor, z2: Tensor, temperature: float = 0.5, reduction: str = "
     """
     if distributed:
         _check_distributed_backend()
-        _dist().check_shards(z1, "z1")  # all ranks together, before any local error
+        sizes = _dist().check_shards(z1, "z1")  # all ranks together, before local errors
     _check_tensor(z1, "z1", 2)
     _check_tensor(z2, "z2", 2)
     _check_same(z2, "z2", z1, "z1")
@@ -108,7 +108,7 @@ def nt_xent(z1: Tensor, z2: Tensor, temperature: float = 0.5, reduction: str = "
     tau = _check_temperature(temperature)
     _check_choice(reduction, "reduction", _REDUCTIONS)
     if distributed:
-        return _dist().nt_xent(z1, z2, tau, reduction)
+        return _dist().nt_xent(z1, z2, tau, reduction, sizes)
     if _config.get_backend() == "reference":
         return reference.nt_xent(z1, z2, tau, reduction)
 
@@ -152,7 +152,7 @@ def info_nce(
     """
     if distributed:
         _check_distributed_backend()
-        _dist().check_shards(query, "query")  # all ranks together, before any local error
+        sizes = _dist().check_shards(query, "query")  # all ranks together, before local errors
     _check_tensor(query, "query", 2)
     _check_tensor(positive_key, "positive_key", 2)
     _check_same(positive_key, "positive_key", query, "query")
@@ -177,7 +177,7 @@ def info_nce(
         _check_same(negative_keys, "negative_keys", query, "query")
     if distributed:
         if negative_keys is None:  # every rank's keys are the columns
-            return _dist().info_nce(query, positive_key, tau, reduction)
+            return _dist().info_nce(query, positive_key, tau, reduction, sizes)
         # Given negatives (a queue all ranks share, or paired): the rows are local.
         rows = _info_nce_rows(query, positive_key, negative_keys, tau, negative_mode)
         return _dist().reduce_value(rows, reduction, query.dtype)
