@@ -167,8 +167,7 @@ class MoCo(nn.Module):
         self.temperature = F._check_temperature(
             temperature if temperature is not None else (0.07 if v2 else 0.2))
         self.base_momentum = float(momentum if momentum is not None else (0.999 if v2 else 0.99))
-        if not 0.0 <= self.base_momentum <= 1.0:
-            raise ValueError(f"momentum must be in [0, 1], got {momentum}")
+        F._momentum_tensor(self.base_momentum)  # checks it is in [0, 1]
         self.encoder = backbone
         if v2:
             hidden = hidden_dim or min(2048, feature_dim)
@@ -249,10 +248,9 @@ class BYOL(nn.Module):
         super().__init__()
         self.distributed = bool(distributed)
         _check_backbone(backbone, feature_dim)
-        if not 0.0 <= float(momentum) <= 1.0:
-            raise ValueError(f"momentum must be in [0, 1], got {momentum}")
-        F._check_choice(schedule, "schedule", ("cosine", None))
         self.base_momentum = float(momentum)
+        F._momentum_tensor(self.base_momentum)  # checks it is in [0, 1]
+        F._check_choice(schedule, "schedule", ("cosine", None))
         self.schedule = schedule
         self.encoder = backbone
         self.projector = mlp(feature_dim, hidden_dim, projection_dim, 2)
