@@ -19,25 +19,31 @@ import torch
 from torch import Tensor
 
 from fastcl.ops._backend import implementation
+from fastcl.ops.contrastive import _acc_dtype
 
 
-@torch.library.custom_op("fastcl::cosine_loss", mutates_args=())
-def cosine_loss(p: Tensor, z: Tensor) -> Tuple[Tensor, Tensor]:
+def _forward(p: Tensor, z: Tensor) -> Tuple[Tensor, Tensor]:
+    """(loss, stats) from the backend kernel, in the accumulation dtype."""
     loss, stats = implementation(p, "cosine").cosine_forward(p, z)
-    acc = torch.float64 if p.dtype == torch.float64 else torch.float32
-    return loss.to(acc), stats.to(acc)
+    return loss.to(_acc_dtype(p)), stats.to(_acc_dtype(p))
+
+
+def _backward_impl(grad_loss: Tensor, p: Tensor, z: Tensor, stats: Tensor) -> Tensor:
+    """dp from the backend kernel, in p's dtype."""
+    return implementation(p, "cosine").cosine_backward(grad_loss, p, z, stats).to(p.dtype)
+
+
+cosine_loss = torch.library.custom_op("fastcl::cosine_loss", mutates_args=())(_forward)
 
 
 @cosine_loss.register_fake
 def _(p, z):
-    acc = torch.float64 if p.dtype == torch.float64 else torch.float32
+    acc = _acc_dtype(p)
     return p.new_empty(p.shape[0], dtype=acc), p.new_empty((p.shape[0], 3), dtype=acc)
 
 
-@torch.library.custom_op("fastcl::cosine_loss_backward", mutates_args=())
-def cosine_loss_backward(grad_loss: Tensor, p: Tensor, z: Tensor, stats: Tensor) -> Tensor:
-    dp = implementation(p, "cosine").cosine_backward(grad_loss, p, z, stats)
-    return dp.to(p.dtype)
+cosine_loss_backward = torch.library.custom_op("fastcl::cosine_loss_backward",
+                                               mutates_args=())(_backward_impl)
 
 
 @cosine_loss_backward.register_fake
@@ -69,18 +75,14 @@ class _EagerCosineLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, p, z):
-        impl = implementation(p, "cosine")
-        loss, stats = impl.cosine_forward(p, z)
-        acc = torch.float64 if p.dtype == torch.float64 else torch.float32
-        ctx.impl = impl
+        loss, stats = _forward(p, z)
         ctx.save_for_backward(p, z, stats)
-        return loss.to(acc)
+        return loss
 
     @staticmethod
     def backward(ctx, grad_loss):
         p, z, stats = ctx.saved_tensors
-        dp = ctx.impl.cosine_backward(grad_loss.contiguous(), p, z, stats)
-        return dp.to(p.dtype), None
+        return _backward_impl(grad_loss.contiguous(), p, z, stats), None
 
 
 def cosine(p: Tensor, z: Tensor) -> Tensor:
