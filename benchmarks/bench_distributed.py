@@ -50,14 +50,16 @@ PROVIDERS = ("fastcl", "gather_all", "gather_local")
 TAU = 0.2
 
 
-def _eager_nt_xent(z, row_lo, row_hi, temperature):
-    """NT-Xent rows [row_lo, row_hi) of the global (2N, D) batch z (ordered by rank blocks
-    [z1_r; z2_r]), mean over those rows: an eager (rows × 2N) logit matrix."""
+def _eager_nt_xent(z, row_lo, row_hi, n_local, temperature=TAU):
+    """NT-Xent mean over rows [row_lo, row_hi) of the global (2N, D) batch z, ordered by rank
+    blocks [z1_r; z2_r] of 2 * n_local rows: an eager (rows × 2N) logit matrix, self excluded.
+    Row j's partner in its block is j + n_local in the first half, else j - n_local."""
     zn = torch.nn.functional.normalize(z, dim=1)
     logits = zn[row_lo:row_hi] @ zn.T / temperature
-    idx = torch.arange(row_lo, row_hi)
-    logits[torch.arange(row_hi - row_lo), idx] = float("-inf")
-    return logits, idx
+    j = torch.arange(row_lo, row_hi)
+    logits[torch.arange(row_hi - row_lo), j] = float("-inf")
+    partner = torch.where(j % (2 * n_local) < n_local, j + n_local, j - n_local)
+    return torch.nn.functional.cross_entropy(logits, partner)
 
 
 def _step_fn(provider, rank, world, z1, z2):
@@ -78,26 +80,17 @@ def _step_fn(provider, rank, world, z1, z2):
         blocks = all_gather(torch.cat([z1, z2]))  # rank blocks [z1_r; z2_r], with gradient
         return torch.cat(blocks)
 
-    def positives(lo, hi):
-        # Row j of block r = j // (2n): its partner is j + n if in the first half, else j - n.
-        j = torch.arange(lo, hi)
-        within = j % (2 * n_local)
-        return torch.where(within < n_local, j + n_local, j - n_local)
-
     if provider == "gather_all":
-        def step():
+        def step():  # every rank computes the whole global loss
             z = global_rows()
-            logits, _ = _eager_nt_xent(z, 0, z.shape[0], TAU)
-            return torch.nn.functional.cross_entropy(logits, positives(0, z.shape[0]))
+            return _eager_nt_xent(z, 0, z.shape[0], n_local)
         return step
 
     def step():  # gather_local: this rank's rows against every row
-        z = global_rows()
         lo, hi = rank * 2 * n_local, (rank + 1) * 2 * n_local
-        logits, _ = _eager_nt_xent(z, lo, hi, TAU)
         # The local mean: with the gather's summing backward and DDP's averaging, the global
         # mean's gradient (fastcl's convention too).
-        return torch.nn.functional.cross_entropy(logits, positives(lo, hi))
+        return _eager_nt_xent(global_rows(), lo, hi, n_local)
     return step
 
 
@@ -166,11 +159,7 @@ def _share_inputs(n_pairs: int, d: int, seed: int = 0):
 def _eager_share(z, others, temperature=TAU):
     """Rank 0's rows against every row, eagerly: lightly's gathered NT-Xent, (N × 2N) logits."""
     n = z.shape[0] // 2
-    full = torch.nn.functional.normalize(torch.cat([z, others]), dim=1)
-    logits = full[:2 * n] @ full.T / temperature
-    rows = torch.arange(2 * n)
-    logits[rows, rows] = float("-inf")
-    return torch.nn.functional.cross_entropy(logits, (rows + n) % (2 * n))
+    return _eager_nt_xent(torch.cat([z, others]), 0, 2 * n, n, temperature)
 
 
 _compiled_share = None
