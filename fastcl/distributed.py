@@ -137,9 +137,11 @@ def _others(full: Tensor, start: int, end: int) -> Tensor:
     return torch.cat([full[:start], full[end:]])
 
 
-def reduce_value(rows: Tensor, reduction: str, dtype: torch.dtype) -> Tensor:
+def reduce_value(rows: Tensor, reduction: str, dtype: Optional[torch.dtype] = None) -> Tensor:
     """Per-row local losses → the global reduction, with DDP's gradient convention (module
-    docstring): the value is global; the gradient is world_size × d(value)/d(shard)."""
+    docstring): the value is global; the gradient is world_size × d(value)/d(shard). Returned
+    in ``dtype``, by default the rows' own (fastcl's losses: the accumulation dtype)."""
+    dtype = dtype or rows.dtype
     if reduction == "none":
         return rows.to(dtype)
     size, _ = world()
@@ -169,7 +171,7 @@ def nt_xent(z1: Tensor, z2: Tensor, temperature: float, reduction: str = "mean",
     z = torch.cat([z1, z2])
     full, start, end = _gather_with_offsets(z, [2 * n for n in sizes])
     rows = dops.nt_xent_rows(z, _others(full, start, end), temperature)
-    return reduce_value(rows, reduction, z1.dtype)
+    return reduce_value(rows, reduction)
 
 
 def info_nce(query: Tensor, positive_key: Tensor, temperature: float,
@@ -183,4 +185,4 @@ def info_nce(query: Tensor, positive_key: Tensor, temperature: float,
     sizes = sizes if sizes is not None else _sizes(query.shape[0], query.device)
     keys, start, end = _gather_with_offsets(positive_key, sizes)
     rows = dops.in_batch_rows(query, positive_key, _others(keys, start, end), temperature)
-    return reduce_value(rows, reduction, query.dtype)
+    return reduce_value(rows, reduction)

@@ -1,13 +1,26 @@
 """fastcl's public functions: argument checks, reduction and dtype policy over the fused ops.
 
-Dtype policy: any floating dtype in; similarities, logsumexp and the reduction are computed in
-float32 (float64 for float64 inputs); the loss comes back in the input dtype, and gradients in
-the dtype of each input.
+Dtype policy (every loss, every reduction, single- and multi-process):
+
+- inputs of any floating dtype, and they may differ (a bfloat16 query beside a float32 queue
+  under autocast): they are promoted to a common dtype (``torch.promote_types``; float32 for
+  bfloat16 with float16);
+- accumulation is in float64 when any input is float64, otherwise in float32;
+- the loss (for ``reduction="none"`` too) comes back in that accumulation dtype, so a bfloat16
+  or float16 input gives a float32 loss, inside and outside autocast, as PyTorch's own
+  ``cross_entropy`` under autocast does;
+- each gradient comes back in its input's dtype.
+
+Higher-order gradients: the fused ops' backward passes are kernels, not differentiable
+graphs. A backward with ``create_graph=True`` through them raises a ``RuntimeError`` naming
+the op, at the first backward (never a silently wrong second derivative).
 """
 from __future__ import annotations
 
+import functools
 import math
-from typing import Optional
+import numbers
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -22,38 +35,57 @@ _NEGATIVE_MODES = ("unpaired", "paired")
 # ------------------------------------------------------------------ argument checks -------
 
 
-def _check_tensor(x, name: str, ndim: int) -> None:
+def _check_tensor(x, name: str, ndim: int, shape: str = "", hint: str = "") -> None:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
     if not x.is_floating_point():
         raise TypeError(f"{name} must have a floating-point dtype, got {x.dtype}")
     if x.dim() != ndim:
-        shape = "(N, D)" if ndim == 2 else "(N, M, D)"
-        raise ValueError(f"{name} must be {ndim}-dimensional {shape}, got shape {tuple(x.shape)}")
+        shape = shape or ("(N, D)" if ndim == 2 else "(N, M, D)")
+        raise ValueError(f"{name} must be {ndim}-dimensional {shape}, got shape "
+                         f"{tuple(x.shape)}{hint}")
     if x.shape[0] == 0:
         raise ValueError(f"{name} is an empty batch (shape {tuple(x.shape)})")
     if x.shape[-1] == 0:
         raise ValueError(f"{name} has zero features (shape {tuple(x.shape)})")
 
 
-def _check_same(x: Tensor, name: str, ref: Tensor, ref_name: str) -> None:
+def _check_same(x: Tensor, name: str, ref: Tensor, ref_name: str, hint: str = "") -> None:
+    """Same device and feature count (dtypes may differ: see the module's dtype policy)."""
     if x.device != ref.device:
         raise ValueError(f"{name} is on {x.device} but {ref_name} is on {ref.device}")
-    if x.dtype != ref.dtype:
-        raise TypeError(f"{name} has dtype {x.dtype} but {ref_name} has dtype {ref.dtype}")
     if x.shape[-1] != ref.shape[-1]:
         raise ValueError(
             f"{name} has {x.shape[-1]} features but {ref_name} has {ref.shape[-1]} "
-            f"(shapes {tuple(x.shape)} and {tuple(ref.shape)})"
+            f"(shapes {tuple(x.shape)} and {tuple(ref.shape)}){hint}"
         )
+
+
+def acc_dtype(*tensors: Tensor) -> torch.dtype:
+    """The accumulation dtype of a call: float64 if any input is float64, else float32. The
+    losses come back in it."""
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def _promote(*tensors: Tensor) -> Tuple[Tensor, ...]:
+    """The inputs in one common floating dtype (``torch.promote_types``: a bfloat16 query with
+    a float32 queue runs in float32). Inputs already in it pass unchanged (no copy); the casts
+    are differentiable, so each gradient comes back in its input's dtype."""
+    dtype = functools.reduce(torch.promote_types, (t.dtype for t in tensors))
+    return tuple(t if t.dtype == dtype else t.to(dtype) for t in tensors)
 
 
 def _check_temperature(temperature) -> float:
-    """A positive, finite Python number (symbolic floats under torch.compile pass through)."""
+    """A positive, finite real number: a Python float or int, or a NumPy scalar (converted to
+    a Python float). Symbolic floats under torch.compile pass through unconverted."""
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
-        raise TypeError(
-            f"temperature must be a Python float, got {type(temperature).__name__}"
-        )
+        if (isinstance(temperature, numbers.Real) and not isinstance(temperature, bool)
+                and not isinstance(temperature, Tensor)):
+            temperature = float(temperature)  # np.float32, np.int64, ...
+        else:
+            raise TypeError(
+                f"temperature must be a Python float, got {type(temperature).__name__}"
+            )
     # One chained comparison (False for NaN) rather than math.isfinite, which torch.compile
     # cannot trace for a symbolic float.
     if not 0.0 < temperature < math.inf:
@@ -66,15 +98,25 @@ def _check_choice(value, name: str, choices) -> None:
         raise ValueError(f"{name} must be one of {choices}, got {value!r}")
 
 
-def _reduce(loss: Tensor, reduction: str, dtype: torch.dtype) -> Tensor:
+def _reduce(loss: Tensor, reduction: str) -> Tensor:
+    """Per-row losses (in the accumulation dtype) reduced; the dtype is kept."""
     if reduction == "mean":
-        loss = loss.mean()
-    elif reduction == "sum":
-        loss = loss.sum()
-    return loss.to(dtype)
+        return loss.mean()
+    if reduction == "sum":
+        return loss.sum()
+    return loss
 
 
 # ------------------------------------------------------------------------- losses ---------
+
+
+_LABELS_HINT = (
+    "nt_xent takes two views, z1 and z2, each (N, D) embeddings of the same N samples (row i "
+    "of z1 and row i of z2 are the positive pair). It looks like it was called as "
+    "pytorch-metric-learning's loss(embeddings, labels): for two views whose labels are "
+    "arange(N) repeated twice (SelfSupervisedLoss), call nt_xent(embeddings[:N], "
+    "embeddings[N:]); labels with several positives per anchor are not supported yet"
+)
 
 
 def nt_xent(z1: Tensor, z2: Tensor, temperature: float = 0.5, reduction: str = "mean",
@@ -82,9 +124,10 @@ def nt_xent(z1: Tensor, z2: Tensor, temperature: float = 0.5, reduction: str = "
     """SimCLR's NT-Xent loss, fused: the (2N x 2N) similarity matrix is never stored.
 
     Args:
-        z1, z2: (N, D) embeddings of two views of the same N samples, any floating dtype
-            (both the same), any strides. They are L2-normalized inside.
-        temperature: a positive Python float; the logits are cosine similarities / temperature.
+        z1, z2: (N, D) embeddings of two views of the same N samples, any floating dtype (they
+            may differ), any strides. They are L2-normalized inside.
+        temperature: a positive real number (Python or NumPy scalar); the logits are cosine
+            similarities / temperature.
         reduction: ``"mean"`` (over the 2N rows, as lightly's ``NTXentLoss``), ``"sum"`` or
             ``"none"`` (the 2N per-row losses, ordered [z1 rows; z2 rows]).
         distributed: the global batch is every rank's z1, z2 (``torch.distributed``): each
@@ -92,13 +135,17 @@ def nt_xent(z1: Tensor, z2: Tensor, temperature: float = 0.5, reduction: str = "
             the global batch; gradients follow DDP's convention (``fastcl.distributed``).
 
     Row i of ``cat([z1, z2])`` has its positive at i + N (mod 2N) and every other row except
-    itself as a negative. Memory is O(N*D). The loss is computed in float32 (float64 for float64
-    inputs) and returned in the input dtype.
+    itself as a negative. Memory is O(N*D). The loss is computed and returned in float32
+    (float64 if an input is float64), also for bfloat16 and float16 inputs; gradients come
+    back in each input's dtype. Not twice differentiable (``create_graph=True`` raises).
     """
     if distributed:
         _check_distributed_backend()
         sizes = _dist().check_shards(z1, "z1")  # all ranks together, before local errors
     _check_tensor(z1, "z1", 2)
+    if (isinstance(z2, Tensor) and z2.dim() == 1 and not z2.is_floating_point()
+            and isinstance(z1, Tensor) and z2.shape[0] == z1.shape[0]):
+        raise TypeError(f"{_LABELS_HINT} (got an integer z2 of shape {tuple(z2.shape)})")
     _check_tensor(z2, "z2", 2)
     _check_same(z2, "z2", z1, "z1")
     if z1.shape != z2.shape:
@@ -107,13 +154,14 @@ def nt_xent(z1: Tensor, z2: Tensor, temperature: float = 0.5, reduction: str = "
         )
     tau = _check_temperature(temperature)
     _check_choice(reduction, "reduction", _REDUCTIONS)
+    z1, z2 = _promote(z1, z2)
     if distributed:
         return _dist().nt_xent(z1, z2, tau, reduction, sizes)
     if _config.get_backend() == "reference":
         return reference.nt_xent(z1, z2, tau, reduction)
 
     loss, _ = ops.nt_xent(torch.cat([z1, z2]), ops.temperature_tensor(tau))
-    return _reduce(loss, reduction, z1.dtype)
+    return _reduce(loss, reduction)
 
 
 def info_nce(
@@ -128,18 +176,21 @@ def info_nce(
     """InfoNCE with the semantics of info-nce-pytorch's ``info_nce``, fused.
 
     Args:
-        query: (N, D).
-        positive_key: (N, D); row i is query i's positive.
+        query: (N, D); or a single (D,) query with a (D,) positive and (M, D) negatives in
+            unpaired mode (the textbook form -log(e^{q.k+/t} / (e^{q.k+/t} + sum_j
+            e^{q.k-_j/t}))), which returns that one query's 0-dim loss.
+        positive_key: (N, D) (or (D,) with a (D,) query); row i is query i's positive.
         negative_keys: one of
             - ``None``: in-batch negatives, one-directional: logits q_i . k_j over all j,
               label i (an N-way classification per row);
             - (M, D) with ``negative_mode="unpaired"``: negatives shared by every query, e.g. a
-              MoCo queue. Logits [q_i . k_i, q_i . neg_j], label 0. Fused: no (N, M) matrix is
-              stored, and no gradient is computed for negatives that don't require one;
+              MoCo queue (one key per row; pass ``queue.T`` for a FAIR-style (D, K) buffer).
+              Logits [q_i . k_i, q_i . neg_j], label 0. Fused: no (N, M) matrix is stored, and
+              no gradient is computed for negatives that don't require one;
             - (N, M, D) with ``negative_mode="paired"``: row i's own M negatives. Computed
               with a batched matrix product in PyTorch: its (N, M) logits are D times smaller
               than the input itself, so fusing it would save little.
-        temperature: a positive Python float.
+        temperature: a positive real number (Python or NumPy scalar).
         reduction: ``"mean"``, ``"sum"`` or ``"none"`` (N per-row losses).
         negative_mode: ``"unpaired"`` or ``"paired"``; only read when negatives are given.
         distributed: the global batch is every rank's rows (``torch.distributed``). In-batch
@@ -147,12 +198,18 @@ def info_nce(
             negatives (a queue every rank holds the same) the rows are local and only the
             reduction is global. Gradients follow DDP's convention (``fastcl.distributed``).
 
-    All vectors are L2-normalized inside. Computed in float32 (float64 for float64 inputs) and
-    returned in the input dtype.
+    All vectors are L2-normalized inside. The three inputs may have different floating dtypes
+    (a bfloat16 query beside a float32 queue under autocast): the loss is computed and returned
+    in float32 (float64 if an input is float64), and each gradient comes back in its input's
+    dtype. Not twice differentiable (``create_graph=True`` raises), except in paired mode.
     """
     if distributed:
         _check_distributed_backend()
         sizes = _dist().check_shards(query, "query")  # all ranks together, before local errors
+    single = isinstance(query, Tensor) and query.dim() == 1
+    if single:
+        query, positive_key = _single_query(query, positive_key, negative_keys, negative_mode,
+                                            distributed)
     _check_tensor(query, "query", 2)
     _check_tensor(positive_key, "positive_key", 2)
     _check_same(positive_key, "positive_key", query, "query")
@@ -166,25 +223,57 @@ def info_nce(
     _check_choice(negative_mode, "negative_mode", _NEGATIVE_MODES)
     if negative_keys is not None:
         if negative_mode == "unpaired":
-            _check_tensor(negative_keys, "negative_keys", 2)
+            _check_tensor(negative_keys, "negative_keys", 2, "(M, D) in unpaired mode",
+                          "; for per-query negatives (N, M, D) pass negative_mode='paired'"
+                          if isinstance(negative_keys, Tensor) and negative_keys.dim() == 3
+                          else "")
+            transposed = (negative_keys.shape[0] == query.shape[1]
+                          and negative_keys.shape[1] != query.shape[1])
+            _check_same(negative_keys, "negative_keys", query, "query",
+                        "; negative_keys is (M, D), one key per row: for a FAIR-style (D, K) "
+                        "queue buffer pass its transpose, queue.T (no copy)" if transposed
+                        else "")
         else:
-            _check_tensor(negative_keys, "negative_keys", 3)
+            _check_tensor(negative_keys, "negative_keys", 3, "(N, M, D) in paired mode")
             if negative_keys.shape[0] != query.shape[0]:
                 raise ValueError(
                     "negative_keys in paired mode must be (N, M, D) with N = query rows, got "
                     f"shape {tuple(negative_keys.shape)} for {query.shape[0]} queries"
                 )
-        _check_same(negative_keys, "negative_keys", query, "query")
+            _check_same(negative_keys, "negative_keys", query, "query")
+        query, positive_key, negative_keys = _promote(query, positive_key, negative_keys)
+    else:
+        query, positive_key = _promote(query, positive_key)
     if distributed:
         if negative_keys is None:  # every rank's keys are the columns
             return _dist().info_nce(query, positive_key, tau, reduction, sizes)
         # Given negatives (a queue all ranks share, or paired): the rows are local.
         rows = _info_nce_rows(query, positive_key, negative_keys, tau, negative_mode)
-        return _dist().reduce_value(rows, reduction, query.dtype)
+        return _dist().reduce_value(rows, reduction)
     if _config.get_backend() == "reference":
-        return reference.info_nce(query, positive_key, negative_keys, tau, reduction, negative_mode)
-    return _reduce(_info_nce_rows(query, positive_key, negative_keys, tau, negative_mode),
-                   reduction, query.dtype)
+        loss = reference.info_nce(query, positive_key, negative_keys, tau,
+                                  "sum" if single else reduction, negative_mode)
+    else:
+        loss = _reduce(_info_nce_rows(query, positive_key, negative_keys, tau, negative_mode),
+                       "sum" if single else reduction)
+    return loss
+
+
+def _single_query(query: Tensor, positive_key, negative_keys, negative_mode: str,
+                  distributed: bool):
+    """The (D,) query form: checked, and returned as a batch of one, (1, D) and (1, D)."""
+    if negative_keys is None or negative_mode != "unpaired" or distributed:
+        raise ValueError(
+            f"query has shape {tuple(query.shape)}: a single (D,) query is accepted only with "
+            "a (D,) positive_key and (M, D) negative_keys in unpaired mode, without "
+            "distributed=True; otherwise query must be (N, D)"
+        )
+    if not isinstance(positive_key, Tensor) or positive_key.dim() != 1:
+        raise ValueError(
+            f"query is a single (D,) vector, so positive_key must be (D,) too, got "
+            f"{tuple(positive_key.shape) if isinstance(positive_key, Tensor) else type(positive_key).__name__}"
+        )
+    return query.unsqueeze(0), positive_key.unsqueeze(0)
 
 
 def _info_nce_rows(query, positive_key, negative_keys, tau, negative_mode) -> Tensor:
@@ -231,14 +320,17 @@ def byol_loss(p: Tensor, z: Tensor, reduction: str = "none") -> Tensor:
 
     Args:
         p: (B, F) predictions of the online network.
-        z: (B, F) projections of the target network, same dtype and device. Treated as a
-            constant: it gets no gradient (BYOL's stop-gradient), whether or not it requires one.
+        z: (B, F) projections of the target network, on p's device (its floating dtype may
+            differ: both are promoted to a common one). Treated as a constant: it gets no
+            gradient (BYOL's stop-gradient), whether or not it requires one.
         reduction: ``"none"`` (default: the B per-row losses), ``"mean"`` or ``"sum"``.
 
     As BYOL's code computes it, ``2 - 2 * (F.normalize(p) * F.normalize(z)).sum(1)``: norms
     clamped at 1e-12, so a zero row gives 2 and a finite gradient. One pass over
-    p and z forward and one backward (C++ on CPU, Triton on CUDA), in float32 (float64 for
-    float64); returned in p's dtype.
+    p and z forward and one backward (C++ on CPU, Triton on CUDA), in float32 (float64 if an
+    input is float64), and returned in that dtype (float32 for bfloat16 and float16 inputs);
+    p's gradient comes back in p's dtype. Not twice differentiable (``create_graph=True``
+    raises).
     """
     _check_tensor(p, "p", 2)
     _check_tensor(z, "z", 2)
@@ -247,9 +339,10 @@ def byol_loss(p: Tensor, z: Tensor, reduction: str = "none") -> Tensor:
         raise ValueError(f"p and z must have the same shape, got {tuple(p.shape)} and "
                          f"{tuple(z.shape)}")
     _check_choice(reduction, "reduction", _REDUCTIONS)
+    p, z = _promote(p, z.detach())
     if _config.get_backend() == "reference":
         return reference.byol_loss(p, z, reduction)
-    return _reduce(ops.cosine(p, z.detach()), reduction, p.dtype)
+    return _reduce(ops.cosine(p, z), reduction)
 
 
 # ------------------------------------------------------------------------- momentum -------
@@ -440,8 +533,12 @@ def queue_push_(queue: Tensor, ptr: Tensor, keys: Tensor) -> None:
         raise ValueError(f"keys must be a 2-D tensor (B, D), got shape "
                          f"{tuple(getattr(keys, 'shape', ()))}")
     if keys.shape[1] != queue.shape[1]:
+        hint = ("; the queue is (K, D), one key per row: store a FAIR-style (D, K) buffer "
+                "transposed (queue = buffer.T.contiguous()) and pass queue.T where a (D, K) "
+                "view is wanted" if keys.shape[1] == queue.shape[0] else "")
         raise ValueError(f"keys have {keys.shape[1]} features but the queue has "
-                         f"{queue.shape[1]}")
+                         f"{queue.shape[1]} (queue {tuple(queue.shape)}, keys "
+                         f"{tuple(keys.shape)}){hint}")
     for name, x in (("ptr", ptr), ("keys", keys)):
         if x.device != queue.device:
             raise ValueError(f"{name} is on {x.device} but queue is on {queue.device}")

@@ -1,8 +1,10 @@
 """Pure-PyTorch references: the oracle every fastcl op is tested against.
 
 Readable, eager, O(N^2) memory. Computed in float32 for float32/bfloat16/float16 inputs and in
-float64 for float64 inputs; the result is cast back to the input dtype. No input checking here
-(``fastcl.functional`` does it), and nothing from fastcl's fast paths is imported.
+float64 for float64 inputs, and returned in that dtype (fastcl's dtype policy: a 16-bit input
+gives a float32 loss; gradients come back in each input's dtype through the casts). Inputs of
+one dtype are expected (``fastcl.functional`` promotes mixed ones first). No input checking
+here (``fastcl.functional`` does it), and nothing from fastcl's fast paths is imported.
 """
 from __future__ import annotations
 
@@ -46,7 +48,7 @@ def nt_xent(
     dtype = _compute_dtype(z1)
     logits, labels = nt_xent_logits(z1.to(dtype), z2.to(dtype), temperature)
     loss = F.cross_entropy(logits, labels, reduction="none")
-    return _reduce(loss, reduction).to(z1.dtype)
+    return _reduce(loss, reduction)
 
 
 def info_nce_logits(query, positive_key, negative_keys, temperature, negative_mode="unpaired"):
@@ -89,7 +91,7 @@ def info_nce(
         None if negative_keys is None else negative_keys.to(dtype), temperature, negative_mode,
     )
     loss = F.cross_entropy(logits, labels, reduction="none")
-    return _reduce(loss, reduction).to(query.dtype)
+    return _reduce(loss, reduction)
 
 
 # ------------------------------------------------------------------------- momentum -------
@@ -100,7 +102,7 @@ def byol_loss(p: torch.Tensor, z: torch.Tensor, reduction: str = "none") -> torc
     detached (equal to ||normalize(p) - normalize(z)||² except at zero rows)."""
     acc = _compute_dtype(p)
     cos = (F.normalize(p.to(acc), dim=1) * F.normalize(z.detach().to(acc), dim=1)).sum(1)
-    return _reduce(2 - 2 * cos, reduction).to(p.dtype)
+    return _reduce(2 - 2 * cos, reduction)
 
 
 def ema_(targets, sources, momentum: float) -> None:

@@ -7,8 +7,8 @@
 
 The oracle is ``fastcl.reference.info_nce`` in float64; values and gradients (wrt query,
 positive_key and negative_keys, whichever require grad) must obey the flash-attention rule
-against eager PyTorch in the input dtype (``tolerances.eager_info_nce``, info-nce-pytorch's
-formula). Helpers shared with the NT-Xent tests live in ``test_nt_xent``.
+against eager PyTorch from the same inputs with float32 logits (``tolerances.eager_info_nce``,
+info-nce-pytorch's formula). Helpers shared with the NT-Xent tests live in ``test_nt_xent``.
 """
 from __future__ import annotations
 
@@ -225,8 +225,8 @@ def test_near_collapsed_embeddings_at_low_temperature(backend, data, seed, mode)
        temperature=st.sampled_from([0.05, 0.1, 0.5, 1.0, 2.0]),
        dtype=st.sampled_from([torch.float32, torch.bfloat16]))
 def test_reductions_are_consistent(backend, data, seed, mode, temperature, dtype):
-    """reduction="none" gives N per-row losses in the input dtype; "mean" and "sum" equal their
-    mean and sum (up to the one rounding of the rows to the input dtype)."""
+    """reduction="none" gives N per-row losses in float32, also for bfloat16 inputs (the loss is
+    never rounded to 16 bits); "mean" and "sum" equal their float32 mean and sum."""
     n = _queries(backend, data)
     d = data.draw(st.integers(1, 40 if backend.small else 130), label="d")
     m = _negatives(backend, data, mode)
@@ -236,9 +236,9 @@ def test_reductions_are_consistent(backend, data, seed, mode, temperature, dtype
         rows = _fns(mode, temperature, "none")[0](*tensors)
         mean = _fns(mode, temperature, "mean")[0](*tensors)
         total = _fns(mode, temperature, "sum")[0](*tensors)
-    assert rows.shape == (n,) and rows.dtype == dtype
-    assert mean.shape == () and total.shape == () and mean.dtype == total.dtype == dtype
-    eps = torch.finfo(dtype).eps
+    assert rows.shape == (n,) and rows.dtype == torch.float32
+    assert mean.shape == () and total.shape == () and mean.dtype == total.dtype == torch.float32
+    eps = torch.finfo(torch.float32).eps
     r = rows.double()
     tol_mean = 2 * eps * r.abs().mean().item() + 2 * eps * r.abs().max().item() + 1e-7
     tol_sum = 2 * eps * r.abs().sum().item() + 2 * eps * n * r.abs().max().item() + 1e-6
@@ -315,3 +315,45 @@ def test_one_feature_at_low_temperature(backend, mode, seed):
     tensors = _make_inputs(gen, mode, 2, 3, 1, torch.float32, backend.device)
     fast, oracle, eager = _fns(mode, 0.01, "none")
     check_against_oracle(fast, oracle, eager, tensors, (True,) * len(tensors), torch.float32, gen)
+
+
+# ------------------------------------------------------------ the textbook single query ----
+
+
+def test_single_query_is_the_textbook_formula(backend):
+    """A (D,) query with a (D,) positive and (M, D) negatives (unpaired): the scalar
+    L = -log(exp(q.k+/t) / (exp(q.k+/t) + sum_j exp(q.k-_j/t))) of L2-normalized vectors, in
+    float32, with gradients of the inputs' shapes, against that formula in float64."""
+    d, m, tau = 24, 37, 0.1
+    gen = torch.Generator().manual_seed(11)
+    q, k = (torch.randn(d, generator=gen, dtype=torch.float64) for _ in range(2))
+    neg = torch.randn(m, d, generator=gen, dtype=torch.float64)
+    fast_in = [t.float().to(backend.device).requires_grad_() for t in (q, k, neg)]
+    ora_in = [t.float().double().requires_grad_() for t in (q, k, neg)]
+
+    def textbook(q, k, neg):
+        q, k, neg = (t / t.norm(dim=-1, keepdim=True) for t in (q, k, neg))
+        pos = torch.exp(q @ k / tau)
+        return -torch.log(pos / (pos + torch.exp(neg @ q / tau).sum()))
+
+    for reduction in ("mean", "sum", "none"):
+        loss = fastcl.info_nce(*fast_in, temperature=tau, reduction=reduction)
+        assert loss.shape == () and loss.dtype == torch.float32
+        expect = textbook(*ora_in)
+        torch.testing.assert_close(loss.double().cpu(), expect, rtol=1e-5, atol=1e-6)
+        grads = torch.autograd.grad(loss, fast_in)
+        expect_grads = torch.autograd.grad(expect, ora_in)
+        for g, ge, x in zip(grads, expect_grads, fast_in):
+            assert g.shape == x.shape
+            torch.testing.assert_close(g.double().cpu(), ge, rtol=1e-4, atol=1e-6)
+
+
+def test_single_query_elsewhere_is_a_clear_error():
+    q, k = torch.randn(8), torch.randn(8)
+    for neg, mode in [(None, "unpaired"), (torch.randn(1, 3, 8), "paired")]:
+        with pytest.raises(ValueError, match=r"single \(D,\) query.*unpaired mode"):
+            fastcl.info_nce(q, k, neg, negative_mode=mode)
+    with pytest.raises(ValueError, match=r"positive_key must be \(D,\)"):
+        fastcl.info_nce(q, torch.randn(1, 8), torch.randn(5, 8))
+    with pytest.raises(ValueError, match="negative_keys must be 2-dimensional"):
+        fastcl.info_nce(q, k, torch.randn(8))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import math
 
 import pytest
 import torch
@@ -396,3 +397,25 @@ def test_triton_ema_leaves_float64_and_strided_pairs_to_pytorch_exactly():
     with fastcl.use_backend("triton"):
         fastcl.ema_(targets, sources, torch.tensor(0.9999, dtype=torch.float64))
     _assert_ema_close(targets, expected, originals, sources, 0.9999)
+
+
+def _lightly_cosine_schedule(step, max_steps, start_value, end_value):
+    """lightly.utils.scheduler.cosine_schedule's formula (period=None), written out: it
+    divides by max_steps - 1 and gives end_value at step == max_steps - 1 and max_steps."""
+    if max_steps == 1 or step == max_steps:
+        return end_value
+    return end_value - (end_value - start_value) * (math.cos(math.pi * step / (max_steps - 1))
+                                                    + 1) / 2
+
+
+@pytest.mark.parametrize("max_steps", [2, 3, 10, 1000])
+def test_cosine_momentum_equals_lightly_with_max_steps_minus_one(max_steps):
+    """The README's swap: lightly's cosine_schedule(step, max_steps, 0.996, 1) is
+    cosine_momentum(step, max_steps - 1, 0.996, 1.0) for 0 <= step <= max_steps. (With
+    total_steps = max_steps the two differ: 0.996824 against lightly's 0.997 at step 3 of 10.)"""
+    for step in range(max_steps + 1):
+        assert fastcl.cosine_momentum(step, max_steps - 1, 0.996, 1.0) == pytest.approx(
+            _lightly_cosine_schedule(step, max_steps, 0.996, 1.0), abs=1e-15)
+    if max_steps == 10:
+        assert fastcl.cosine_momentum(3, 10, 0.996) == pytest.approx(0.996824, abs=1e-6)
+        assert _lightly_cosine_schedule(3, 10, 0.996, 1.0) == pytest.approx(0.997, abs=1e-12)

@@ -1,8 +1,14 @@
 """Tolerance rule (after flash-attention's tests) and eager same-dtype baselines.
 
 A fastcl result is compared with the float64 reference. Its error may be at most twice the
-error that plain eager PyTorch makes in the input dtype (the "baseline"), plus a small atol:
-fastcl must be as accurate as what users run today, whatever the dtype.
+error of plain eager PyTorch (the "baseline"), plus a small atol: fastcl must be as accurate as
+what users run today, whatever the dtype.
+
+The baseline computes from the same inputs as fastcl (already rounded to their dtype) with
+logits in the accumulation dtype: float32 for float32, bfloat16 and float16 inputs (as
+autocast runs ``cross_entropy``), float64 for float64. Its loss is in that dtype and its
+gradients, through the cast, in each input's dtype, as fastcl's are. The atol of a loss is
+that of its accumulation dtype (``acc``); the atol of a gradient that of its input's dtype.
 """
 from __future__ import annotations
 
@@ -16,17 +22,28 @@ from fastcl import reference
 ATOL = {torch.float64: 1e-10, torch.float32: 2e-6, torch.bfloat16: 2e-2, torch.float16: 5e-3}
 
 
+def acc(dtype: torch.dtype) -> torch.dtype:
+    """The accumulation dtype of inputs in ``dtype`` (and of fastcl's loss)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _widen(*xs):
+    return [None if x is None else x.to(acc(x.dtype)) for x in xs]
+
+
 def eager_nt_xent(z1, z2, temperature, reduction="mean"):
-    """NT-Xent as lightly computes it: the reference's formula, entirely in the input dtype."""
-    logits, labels = reference.nt_xent_logits(z1, z2, temperature)
+    """NT-Xent as lightly computes it (the reference's formula), from the inputs as given with
+    logits in the accumulation dtype."""
+    logits, labels = reference.nt_xent_logits(*_widen(z1, z2), temperature)
     return F.cross_entropy(logits, labels, reduction=reduction)
 
 
 def eager_info_nce(query, positive_key, negative_keys, temperature, reduction="mean",
                    negative_mode="unpaired"):
-    """info-nce-pytorch's formulation (the reference's), entirely in the input dtype."""
-    logits, labels = reference.info_nce_logits(query, positive_key, negative_keys, temperature,
-                                               negative_mode)
+    """info-nce-pytorch's formulation (the reference's), from the inputs as given with logits
+    in the accumulation dtype."""
+    logits, labels = reference.info_nce_logits(*_widen(query, positive_key, negative_keys),
+                                               temperature, negative_mode)
     return F.cross_entropy(logits, labels, reduction=reduction)
 
 

@@ -138,3 +138,19 @@ def implementation(t: torch.Tensor, family: str = "contrastive") -> ModuleType:
 def dot_precision() -> str:
     """'ieee' or 'tf32' for float32 products, following torch.get_float32_matmul_precision()."""
     return "ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32"
+
+
+def refuse_double_backward(what: str) -> None:
+    """Called first in every fused op's backward. The backward passes are kernels, not
+    differentiable graphs: a backward with ``create_graph=True`` (the only case in which
+    autograd runs a backward with grad mode on) would give a second derivative that is
+    silently disconnected or wrong, so it is refused here, at the first backward."""
+    if torch.is_grad_enabled():
+        raise RuntimeError(
+            f"{what} does not support double backward: its backward is a fused kernel, not a "
+            "differentiable graph, so create_graph=True (torch.autograd.grad(..., "
+            "create_graph=True), gradient penalties, Hessian-vector products) cannot give its "
+            "second derivative. Compute the first gradient without create_graph=True, or "
+            "use FASTCL_BACKEND=reference (the plain PyTorch formulas; single process) for "
+            "higher-order gradients"
+        )

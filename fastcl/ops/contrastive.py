@@ -37,7 +37,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from fastcl.ops._backend import dot_precision, implementation
+from fastcl.ops._backend import dot_precision, implementation, refuse_double_backward
 
 _EPS = 1e-12  # as F.normalize
 
@@ -154,6 +154,7 @@ def _nt_xent_setup(ctx, inputs, output):
 
 
 def _nt_xent_backward(ctx, grad_loss, _grad_lse):
+    refuse_double_backward("fastcl.nt_xent (op fastcl::nt_xent)")
     z, loss, lse, temperature = ctx.saved_tensors
     return nt_xent_backward(_grad_or_zeros(grad_loss, loss), z, loss, lse, temperature), None
 
@@ -279,6 +280,7 @@ def _info_nce_setup(ctx, inputs, output):
 
 
 def _info_nce_backward(ctx, grad_loss, _grad_lse, _grad_q_rows):
+    refuse_double_backward("fastcl.info_nce (op fastcl::info_nce)")
     q, k, negatives, loss, lse, temperature, q_rows = ctx.saved_tensors
     need_q, need_k, need_neg = ctx.needs_input_grad[:3]
     need_neg = bool(need_neg and ctx.has_negatives)

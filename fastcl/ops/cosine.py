@@ -18,7 +18,7 @@ from typing import Tuple
 import torch
 from torch import Tensor
 
-from fastcl.ops._backend import implementation
+from fastcl.ops._backend import implementation, refuse_double_backward
 from fastcl.ops.contrastive import _acc_dtype
 
 
@@ -58,7 +58,11 @@ def _setup(ctx, inputs, output):
     ctx.save_for_backward(p, z, stats)
 
 
+_WHAT = "fastcl.byol_loss (op fastcl::cosine_loss)"
+
+
 def _backward(ctx, grad_loss, _grad_stats):
+    refuse_double_backward(_WHAT)
     p, z, stats = ctx.saved_tensors
     if grad_loss is None:
         grad_loss = torch.zeros(p.shape[0], dtype=stats.dtype, device=p.device)
@@ -81,6 +85,7 @@ class _EagerCosineLoss(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss):
+        refuse_double_backward(_WHAT)
         p, z, stats = ctx.saved_tensors
         return _backward_impl(grad_loss.contiguous(), p, z, stats), None
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from fastcl.ops._backend import dot_precision, implementation
+from fastcl.ops._backend import dot_precision, implementation, refuse_double_backward
 from fastcl.ops.contrastive import _norm, _normalize_backward, _normalized, _positive_weight
 
 
@@ -56,6 +56,7 @@ class _NTXentRows(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: Tensor):
+        refuse_double_backward("fastcl.nt_xent(distributed=True)")
         z, others, nz, n_o, loss, lse = ctx.saved_tensors
         impl, inv_temp, precision = ctx.impl, ctx.inv_temp, ctx.precision
         g = grad.to(nz.dtype).contiguous()
@@ -92,6 +93,7 @@ class _InBatchRows(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: Tensor):
+        refuse_double_backward("fastcl.info_nce(distributed=True)")
         q, k, others, nq, nk, n_o, loss, lse = ctx.saved_tensors
         impl, inv_temp, precision = ctx.impl, ctx.inv_temp, ctx.precision
         need_q, need_k, need_o = ctx.needs_input_grad[:3]
