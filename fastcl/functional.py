@@ -97,7 +97,8 @@ def nt_xent(z1: Tensor, z2: Tensor, temperature: float = 0.5, reduction: str = "
     """
     if distributed:
         _check_distributed_backend()
-        sizes = _dist().check_shards(z1, "z1")  # all ranks together, before local errors
+        sizes = _dist().check_ranks("fastcl.nt_xent", "z1", z1, z2=z2, temperature=temperature,
+                                    reduction=reduction)  # all ranks together, before local errors
     _check_tensor(z1, "z1", 2)
     _check_tensor(z2, "z2", 2)
     _check_same(z2, "z2", z1, "z1")
@@ -152,7 +153,10 @@ def info_nce(
     """
     if distributed:
         _check_distributed_backend()
-        sizes = _dist().check_shards(query, "query")  # all ranks together, before local errors
+        sizes = _dist().check_ranks(  # all ranks together, before local errors
+            "fastcl.info_nce", "query", query, positive_key=positive_key,
+            negative_keys=negative_keys, temperature=temperature, reduction=reduction,
+            negative_mode=negative_mode)
     _check_tensor(query, "query", 2)
     _check_tensor(positive_key, "positive_key", 2)
     _check_same(positive_key, "positive_key", query, "query")
