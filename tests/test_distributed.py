@@ -132,6 +132,28 @@ def test_needs_a_process_group():
         fastcl.info_nce(z, z, distributed=True)
 
 
+def test_descriptor_disagreements_in_one_process():
+    """The messages ``check_ranks`` builds from the ranks' descriptors: a tensor's shape is not
+    compared when its number of dimensions differs, NaN matches NaN (every rank then fails the
+    local check alike), and a string outside its choices is shown as such."""
+    from fastcl.distributed import _disagreements, _record
+
+    def desc(**fields):
+        return [0.0, 3.0] + [v for name, value in fields.items() for v in _record(name, value)]
+
+    a = desc(negative_keys=torch.zeros(3, 5, D), temperature=float("nan"), reduction="mean")
+    b = desc(negative_keys=torch.zeros(3, D, dtype=torch.float16), temperature=float("nan"),
+             reduction="avg")
+    assert _disagreements([a, b, a], ["negative_keys", "temperature", "reduction"]) == [
+        "dimensions (negative_keys.dim()): rank 0 has 3, rank 1 has 2, rank 2 has 3",
+        "dtype (negative_keys.dtype): rank 0 has torch.float32, rank 1 has torch.float16, "
+        "rank 2 has torch.float32",
+        "reduction: rank 0 has 'mean', rank 1 has none of ('mean', 'sum', 'none'), "
+        "rank 2 has 'mean'",
+    ]
+    assert _disagreements([a, a], ["negative_keys", "temperature", "reduction"]) == []
+
+
 # ------------------------------------------------------------------- real processes --------
 
 
