@@ -24,14 +24,33 @@ DistributedDataParallel averages gradients over ranks, so a DDP step then applie
 gradient a single process would compute on the global batch (tested). ``"none"`` returns this
 rank's rows; gradients flowing back through them are summed over ranks (``gather``'s rule).
 
-Requires an initialized default process group (``torch.distributed.init_process_group``). Each
-call exchanges the shards' sizes first (small all-gathers read on the host) so that uneven
-shards work, and so that a rank with an empty batch makes every rank raise the same error
-instead of leaving the others waiting; this runs eagerly (torch.compile breaks the graph
-here).
+Requires an initialized default process group (``torch.distributed.init_process_group``).
+
+The ranks' agreement. Each call first exchanges a small descriptor of its arguments (one
+all-gather of a few float64 numbers, read on the host: ``check_ranks``): every rank's rows, so
+that uneven shards work, and everything else that must be the same on every rank: the call
+itself, the feature dimension and dtype of each tensor, the temperature (exactly), the
+reduction, whether negatives are given and their shape. When the ranks disagree, or a rank has
+an empty batch, every rank raises the same ``ValueError`` naming what differs and each rank's
+value, e.g. ``distributed=True: the ranks disagree on features (z1.shape[1]): rank 0 has 128,
+rank 1 has 96``, instead of one rank crashing in the backend and the others waiting, or the
+ranks silently mixing two temperatures into one loss. This runs eagerly (torch.compile breaks
+the graph here).
+
+What this cannot catch: ``distributed=True`` on some ranks only. A rank that passes it waits in
+the exchange for ranks that never join it, and nothing tells it so: it blocks until the process
+group's timeout (``init_process_group(timeout=...)``; 30 minutes by default on gloo), then fails
+with the backend's timeout error. Pass the same ``distributed`` flag on every rank (e.g. derive
+it from ``torch.distributed.is_initialized()`` or the world size, never from a per-rank
+condition); the same holds for a call that some ranks skip. The local argument checks that
+follow the exchange mostly depend only on what it compares, so they raise on every rank or on
+none; those that compare a rank's own arguments with each other (``z2``'s rows against
+``z1``'s, devices) can still raise on one rank alone, and the others then wait in the gather.
 """
 from __future__ import annotations
 
+import math
+import numbers
 from typing import List, Optional, Tuple
 
 import torch
@@ -39,7 +58,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 __all__ = ["gather", "all_gather_rows", "nt_xent", "info_nce", "world", "reduce_value",
-           "check_shards"]
+           "check_ranks", "check_shards"]
 
 
 def world() -> Tuple[int, int]:
@@ -50,15 +69,6 @@ def world() -> Tuple[int, int]:
             "torch.distributed.init_process_group(...) first (or pass distributed=False)"
         )
     return dist.get_world_size(), dist.get_rank()
-
-
-def _sizes(n: int, device: torch.device) -> List[int]:
-    """Every rank's number of rows (one tiny all-gather, read on the host)."""
-    size, _ = world()
-    mine = torch.tensor([n], dtype=torch.int64, device=device)
-    out = [torch.empty_like(mine) for _ in range(size)]
-    dist.all_gather(out, mine)
-    return [int(t) for t in torch.cat(out).tolist()]
 
 
 def _all_gather_padded(x: Tensor, sizes: List[int]) -> Tensor:
@@ -72,26 +82,175 @@ def _all_gather_padded(x: Tensor, sizes: List[int]) -> Tensor:
     return torch.cat([p[:s] for p, s in zip(parts, sizes)])
 
 
-def check_shards(x, name: str) -> List[int]:
-    """Every rank calls this first: a rank whose ``name`` has no rows makes every rank raise
-    the same error (one rank raising alone would leave the others waiting in a collective).
-    Returns every rank's number of rows, for the gathers that follow."""
-    _, rank = world()
-    n = x.shape[0] if isinstance(x, Tensor) and x.dim() > 0 else 0
-    device = x.device if isinstance(x, Tensor) else torch.device("cpu")
-    sizes = _sizes(n, device)
+# ------------------------------------------------------------ the ranks' agreement check ----
+#
+# Every host-side exchange of this module is one all-gather of a fixed-length float64
+# descriptor: the call, this rank's rows, then one fixed-size record per argument. Fixed length
+# so that ranks in different calls still complete the collective (and get a clear error)
+# instead of aborting in the backend on mismatched sizes.
+
+_CALLS = ("fastcl.nt_xent", "fastcl.info_nce", "fastcl.distributed.nt_xent",
+          "fastcl.distributed.info_nce", "fastcl.distributed.gather",
+          "fastcl.distributed.all_gather_rows", "NegativeQueue.push")
+# String arguments are sent as their index in these choices (-1: none of them).
+_CHOICES = {"reduction": ("mean", "sum", "none"), "negative_mode": ("unpaired", "paired")}
+# dtypes by name (not by torch object) so that the index does not depend on the torch version.
+_DTYPE_NAMES = ("float32", "float64", "float16", "bfloat16", "float8_e4m3fn", "float8_e5m2",
+                "float8_e4m3fnuz", "float8_e5m2fnuz", "complex32", "complex64", "complex128",
+                "bool", "uint8", "int8", "int16", "int32", "int64", "uint16", "uint32", "uint64")
+# A record: [kind, a, b, c, d, e]; for a tensor a = dim(), b = dtype index, c.. = shape[1:4].
+_NONE, _NUMBER, _STR, _TENSOR, _BOOL, _OTHER = range(6)
+_RECORD = 6
+_MAX_FIELDS = 10
+_LENGTH = 2 + _RECORD * _MAX_FIELDS
+
+
+def _record(field: str, value) -> List[float]:
+    nan = math.nan
+    if value is None:
+        return [_NONE, nan, nan, nan, nan, nan]
+    if isinstance(value, bool):
+        return [_BOOL, float(value), nan, nan, nan, nan]
+    if isinstance(value, Tensor):
+        name = str(value.dtype).replace("torch.", "")
+        dtype = _DTYPE_NAMES.index(name) if name in _DTYPE_NAMES else -1
+        dims = [float(s) for s in value.shape[1:4]]
+        return [_TENSOR, float(value.dim()), float(dtype)] + dims + [nan] * (3 - len(dims))
+    if isinstance(value, numbers.Real):  # Python and NumPy numbers
+        try:
+            number = float(value)  # a Python float exactly (the descriptor is float64)
+        except OverflowError:
+            return [_OTHER, nan, nan, nan, nan, nan]
+        return [_NUMBER, number, nan, nan, nan, nan]
+    if isinstance(value, str):
+        choices = _CHOICES.get(field, ())
+        return [_STR, float(choices.index(value) if value in choices else -1), nan, nan, nan, nan]
+    return [_OTHER, nan, nan, nan, nan, nan]
+
+
+def _same(a: float, b: float) -> bool:
+    return a == b or (a != a and b != b)  # NaN (an unused slot, or a NaN argument) matches NaN
+
+
+def _show(field: str, kind: float, slot: int, value: float) -> str:
+    """One rank's value of one slot of a record, for the error message."""
+    if slot == 0:
+        return {_NONE: "None", _NUMBER: "a number", _STR: "a string", _TENSOR: "a tensor",
+                _BOOL: "a bool", _OTHER: "another type"}[int(kind)]
+    if kind == _NUMBER:
+        return repr(value)
+    if kind == _BOOL:
+        return repr(bool(value))
+    if kind == _STR:
+        choices = _CHOICES.get(field, ())
+        return repr(choices[int(value)]) if value >= 0 else f"none of {choices}"
+    if slot == 2:  # a tensor's dtype
+        return f"torch.{_DTYPE_NAMES[int(value)]}" if value >= 0 else "another dtype"
+    return str(int(value))
+
+
+def _label(field: str, kind: float, slot: int, ndim: int) -> str:
+    if kind != _TENSOR or slot == 0:
+        return field
+    if slot == 1:
+        return f"dimensions ({field}.dim())"
+    if slot == 2:
+        return f"dtype ({field}.dtype)"
+    dim = slot - 2
+    return f"features ({field}.shape[{dim}])" if dim == ndim - 1 else f"{field}.shape[{dim}]"
+
+
+def _disagreements(descs: List[List[float]], fields: List[str]) -> List[str]:
+    """'what (label): rank 0 has .., rank 1 has ..' for each slot the ranks disagree on; a
+    tensor's shape is compared only when the ranks agree on its number of dimensions."""
+    out = []
+
+    def differ(slot):
+        return any(not _same(d[slot], descs[0][slot]) for d in descs)
+
+    for i, field in enumerate(fields):
+        base = 2 + _RECORD * i
+        if differ(base):
+            slots = [0]
+        else:
+            kind = descs[0][base]
+            slots = [s for s in range(1, _RECORD) if differ(base + s)]
+            if kind == _TENSOR and 1 in slots:
+                slots = [1] + [s for s in slots if s == 2]
+        for s in slots:
+            kind = descs[0][base]
+            ndim = int(descs[0][base + 1]) if kind == _TENSOR else 0
+            values = ", ".join(
+                f"rank {r} has {_show(field, d[base], s, d[base + s])}"
+                for r, d in enumerate(descs))
+            out.append(f"{_label(field, kind, s, ndim)}: {values}")
+    return out
+
+
+def check_ranks(call: str, name: str, x, *, empty_ok: bool = False, **fields) -> List[int]:
+    """Every rank calls this first, before any local argument check: one all-gather (read on
+    the host) of a small descriptor of the call, of ``x`` (``name``) and of ``fields`` (the
+    other arguments: tensors by dim, dtype and shape after the rows; numbers, exactly; strings
+    of ``_CHOICES``). Returns every rank's number of rows of ``x``.
+
+    Raises the same ``ValueError`` on every rank when the ranks are in different calls, when
+    they disagree on anything but the rows (e.g. ``distributed=True: the ranks disagree on
+    features (z1.shape[1]): rank 0 has 128, rank 1 has 96``), or, unless ``empty_ok``, when a
+    rank's ``x`` has no rows. Malformed arguments (not tensors, wrong dims) still give a
+    descriptor, so no rank raises alone before the collective; identical malformed arguments
+    on every rank pass, and the local checks that follow then raise on every rank.
+    """
+    size, _ = world()
+    names = [name] + list(fields)
+    if len(names) > _MAX_FIELDS:
+        raise ValueError(f"check_ranks takes at most {_MAX_FIELDS} arguments")
+    desc = [float(_CALLS.index(call)),
+            float(x.shape[0]) if isinstance(x, Tensor) and x.dim() > 0 else 0.0]
+    desc += _record(name, x)
+    for field, value in fields.items():
+        desc += _record(field, value)
+    desc += [math.nan] * (_LENGTH - len(desc))
+    device = next((t.device for t in [x, *fields.values()] if isinstance(t, Tensor)),
+                  torch.device("cpu"))
+    mine = torch.tensor(desc, dtype=torch.float64, device=device)
+    out = [torch.empty_like(mine) for _ in range(size)]
+    dist.all_gather(out, mine)
+    descs = torch.stack(out).cpu().tolist()
+    if any(d[0] != descs[0][0] for d in descs):
+        where = ", ".join(f"rank {r} in {_CALLS[int(d[0])]}" for r, d in enumerate(descs))
+        raise ValueError(f"distributed=True: the ranks are in different calls: {where}")
+    differ = _disagreements(descs, names)
+    if differ:
+        raise ValueError("distributed=True: the ranks disagree on " + "; ".join(differ))
+    sizes = [int(d[1]) for d in descs]
     empty = [r for r, s in enumerate(sizes) if s == 0]
-    if empty:
+    if empty and not empty_ok and isinstance(x, Tensor) and x.dim() > 0:
         raise ValueError(f"{name} is empty on rank(s) {empty} (rows per rank: {sizes}); with "
                          "distributed=True every rank needs at least one row")
     return sizes
 
 
-def all_gather_rows(x: Tensor) -> Tensor:
-    """All ranks' rows of ``x`` in rank order, without autograd (e.g. keys for a shared queue)."""
-    world()
+def check_shards(x, name: str) -> List[int]:
+    """``check_ranks`` on ``x`` alone (its rows, dim and dtype); kept for existing callers."""
+    return check_ranks("fastcl.distributed.gather", name, x)
+
+
+def all_gather_rows(x: Tensor, sizes: Optional[List[int]] = None) -> Tensor:
+    """All ranks' rows of ``x`` in rank order, without autograd (e.g. keys for a shared queue).
+    ``sizes`` (every rank's rows, from ``check_ranks``) is exchanged here unless given; the
+    ranks must agree on everything but the rows (e.g. the features and dtype)."""
+    if sizes is None:
+        sizes = check_ranks("fastcl.distributed.all_gather_rows", "x", x, empty_ok=True)
+    _check_rows_tensor(x, "x")
     with torch.no_grad():
-        return _all_gather_padded(x.detach(), _sizes(x.shape[0], x.device))
+        return _all_gather_padded(x.detach(), sizes)
+
+
+def _check_rows_tensor(x, name: str) -> None:
+    """After ``check_ranks``: the same on every rank, so every rank raises it or none."""
+    if not isinstance(x, Tensor) or x.dim() == 0:
+        raise TypeError(f"{name} must be a tensor with at least one dimension, got "
+                        f"{type(x).__name__ if not isinstance(x, Tensor) else 'a 0-dim tensor'}")
 
 
 class _Gather(torch.autograd.Function):
@@ -120,8 +279,9 @@ class _Gather(torch.autograd.Function):
 def gather(x: Tensor) -> Tensor:
     """All ranks' rows of ``x`` (dim 0) in rank order, differentiable: the gradient that reaches
     each rank's ``x`` is the sum over ranks of the gradients computed for it."""
-    _, rank = world()
-    return _Gather.apply(x, _sizes(x.shape[0], x.device), rank)
+    sizes = check_ranks("fastcl.distributed.gather", "x", x, empty_ok=True)
+    _check_rows_tensor(x, "x")
+    return _Gather.apply(x, sizes, world()[1])
 
 
 def _gather_with_offsets(x: Tensor, sizes: List[int]) -> Tuple[Tensor, int, int]:
@@ -167,7 +327,9 @@ def nt_xent(z1: Tensor, z2: Tensor, temperature: float, reduction: str = "mean",
     exchanged here unless given."""
     from fastcl.ops import distributed as dops
 
-    sizes = sizes if sizes is not None else _sizes(z1.shape[0], z1.device)
+    if sizes is None:
+        sizes = check_ranks("fastcl.distributed.nt_xent", "z1", z1, z2=z2,
+                            temperature=temperature, reduction=reduction)
     z = torch.cat([z1, z2])
     full, start, end = _gather_with_offsets(z, [2 * n for n in sizes])
     rows = dops.nt_xent_rows(z, _others(full, start, end), temperature)
@@ -182,7 +344,10 @@ def info_nce(query: Tensor, positive_key: Tensor, temperature: float,
     ``sizes`` (every rank's rows) is exchanged here unless given."""
     from fastcl.ops import distributed as dops
 
-    sizes = sizes if sizes is not None else _sizes(query.shape[0], query.device)
+    if sizes is None:
+        sizes = check_ranks("fastcl.distributed.info_nce", "query", query,
+                            positive_key=positive_key, temperature=temperature,
+                            reduction=reduction)
     keys, start, end = _gather_with_offsets(positive_key, sizes)
     rows = dops.in_batch_rows(query, positive_key, _others(keys, start, end), temperature)
     return reduce_value(rows, reduction)

@@ -141,7 +141,8 @@ def nt_xent(z1: Tensor, z2: Tensor, temperature: float = 0.5, reduction: str = "
     """
     if distributed:
         _check_distributed_backend()
-        sizes = _dist().check_shards(z1, "z1")  # all ranks together, before local errors
+        sizes = _dist().check_ranks("fastcl.nt_xent", "z1", z1, z2=z2, temperature=temperature,
+                                    reduction=reduction)  # all ranks together, before local errors
     _check_tensor(z1, "z1", 2)
     if (isinstance(z2, Tensor) and z2.dim() == 1 and not z2.is_floating_point()
             and isinstance(z1, Tensor) and z2.shape[0] == z1.shape[0]):
@@ -205,7 +206,10 @@ def info_nce(
     """
     if distributed:
         _check_distributed_backend()
-        sizes = _dist().check_shards(query, "query")  # all ranks together, before local errors
+        sizes = _dist().check_ranks(  # all ranks together, before local errors
+            "fastcl.info_nce", "query", query, positive_key=positive_key,
+            negative_keys=negative_keys, temperature=temperature, reduction=reduction,
+            negative_mode=negative_mode)
     single = isinstance(query, Tensor) and query.dim() == 1
     if single:
         query, positive_key = _single_query(query, positive_key, negative_keys, negative_mode,

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -129,6 +130,28 @@ def test_needs_a_process_group():
         fastcl.nn.NegativeQueue(8, D).push(z, distributed=True)
     with fastcl.use_backend("reference"), pytest.raises(ValueError, match="reference"):
         fastcl.info_nce(z, z, distributed=True)
+
+
+def test_descriptor_disagreements_in_one_process():
+    """The messages ``check_ranks`` builds from the ranks' descriptors: a tensor's shape is not
+    compared when its number of dimensions differs, NaN matches NaN (every rank then fails the
+    local check alike), and a string outside its choices is shown as such."""
+    from fastcl.distributed import _disagreements, _record
+
+    def desc(**fields):
+        return [0.0, 3.0] + [v for name, value in fields.items() for v in _record(name, value)]
+
+    a = desc(negative_keys=torch.zeros(3, 5, D), temperature=float("nan"), reduction="mean")
+    b = desc(negative_keys=torch.zeros(3, D, dtype=torch.float16), temperature=float("nan"),
+             reduction="avg")
+    assert _disagreements([a, b, a], ["negative_keys", "temperature", "reduction"]) == [
+        "dimensions (negative_keys.dim()): rank 0 has 3, rank 1 has 2, rank 2 has 3",
+        "dtype (negative_keys.dtype): rank 0 has torch.float32, rank 1 has torch.float16, "
+        "rank 2 has torch.float32",
+        "reduction: rank 0 has 'mean', rank 1 has none of ('mean', 'sum', 'none'), "
+        "rank 2 has 'mean'",
+    ]
+    assert _disagreements([a, a], ["negative_keys", "temperature", "reduction"]) == []
 
 
 # ------------------------------------------------------------------- real processes --------
@@ -333,3 +356,145 @@ def test_ddp_simclr_training_matches_one_process(ranks):
         torch.testing.assert_close(ddp_losses, torch.stack(losses), rtol=1e-5, atol=1e-6)
         for name, value in model.state_dict().items():
             torch.testing.assert_close(state[name], value, rtol=1e-5, atol=1e-6, msg=name)
+
+
+# ------------------------------------------------------- ranks that disagree (real processes) --
+#
+# Rank 1 passes something different from the other ranks. Before the ranks exchanged a
+# descriptor of their arguments, a different feature dimension or dtype aborted rank 1 in gloo
+# (EnforceNotMet, exit -6) while the others waited, and a different temperature or reduction
+# returned a silently mixed loss. Now every rank raises the same ValueError.
+
+def _disagreement_cases(rank):
+    """name -> a call whose arguments differ on rank 1 only."""
+    odd = rank == 1
+    g = torch.Generator().manual_seed(7)
+    z1, z2, q, k = (torch.randn(3 + rank, D, generator=g) for _ in range(4))
+    queue = torch.randn(5, D, generator=g)
+    narrow = torch.randn(3, D - 2, generator=g)
+    return {
+        "nt_xent/features": lambda: fastcl.nt_xent(narrow if odd else z1, narrow if odd else z2,
+                                                    TAU, distributed=True),
+        "nt_xent/dtype": lambda: fastcl.nt_xent(z1.double() if odd else z1,
+                                                 z2.double() if odd else z2, TAU,
+                                                 distributed=True),
+        "nt_xent/temperature": lambda: fastcl.nt_xent(z1, z2, 0.5 if odd else TAU,
+                                                       distributed=True),
+        "nt_xent/reduction": lambda: fastcl.nt_xent(z1, z2, TAU, "sum" if odd else "mean",
+                                                     distributed=True),
+        "info_nce/features": lambda: fastcl.info_nce(narrow if odd else q, narrow if odd else k,
+                                                      temperature=TAU, distributed=True),
+        "info_nce/dtype": lambda: fastcl.info_nce(q.double() if odd else q,
+                                                   k.double() if odd else k, temperature=TAU,
+                                                   distributed=True),
+        "info_nce/temperature": lambda: fastcl.info_nce(q, k, temperature=0.5 if odd else TAU,
+                                                         distributed=True),
+        "info_nce/reduction": lambda: fastcl.info_nce(q, k, temperature=TAU,
+                                                       reduction="none" if odd else "mean",
+                                                       distributed=True),
+        "info_nce/negatives": lambda: fastcl.info_nce(q, k, None if odd else queue,
+                                                       temperature=TAU, distributed=True),
+        "info_nce/negative_features": lambda: fastcl.info_nce(
+            q, k, queue[:, :-1] if odd else queue, temperature=TAU, distributed=True),
+        "calls": lambda: (fastcl.info_nce(q, k, temperature=TAU, distributed=True) if odd
+                          else fastcl.nt_xent(z1, z2, TAU, distributed=True)),
+        "not_a_tensor": lambda: fastcl.nt_xent(z1.tolist() if odd else z1, z2, TAU,
+                                                distributed=True),
+        "queue_push/features": lambda: fastcl.nn.NegativeQueue(4, D - 2 if odd else D).push(
+            narrow if odd else z1, distributed=True),
+        "queue_push/dtype": lambda: fastcl.nn.NegativeQueue(4, D).push(
+            z1.double() if odd else z1, distributed=True),
+    }
+
+
+def _disagreement_worker(rank, world, init_file, out_dir):
+    torch.set_num_threads(1)
+    # A short process-group timeout: a rank left waiting fails the run instead of hanging it.
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
+                            world_size=world, timeout=datetime.timedelta(seconds=30))
+    out = {}
+    try:
+        for name, call in _disagreement_cases(rank).items():
+            try:
+                call()
+                out[name] = "no error"
+            except Exception as exc:  # noqa: BLE001 (the test compares every rank's outcome)
+                out[name] = f"{type(exc).__name__}: {exc}"
+        # The ranks are still in step: an agreeing call works.
+        z = torch.randn(3, D, generator=torch.Generator().manual_seed(1))
+        out["after"] = fastcl.nt_xent(z, z.flip(0), TAU, distributed=True)
+    finally:
+        torch.save(out, Path(out_dir) / f"rank{rank}.pt")
+        dist.destroy_process_group()
+
+
+def _spawn_with_deadline(fn, world, tmp, seconds):
+    """Run fn on ``world`` processes; fail (killing them) if they are not done in ``seconds``."""
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    ctx = mp.spawn(fn, args=(world, str(tmp / "init"), str(tmp)), nprocs=world, join=False)
+    deadline = time.monotonic() + seconds
+    while not ctx.join(timeout=max(0.0, deadline - time.monotonic())):
+        if time.monotonic() >= deadline:
+            for p in ctx.processes:
+                if p.is_alive():
+                    p.kill()
+            pytest.fail(f"the {world} ranks were still running after {seconds} s (a hang)")
+    return [torch.load(tmp / f"rank{r}.pt") for r in range(world)]
+
+
+@pytest.fixture(scope="module", params=[2, 3], ids=lambda w: f"world{w}")
+def disagreeing_ranks(request, tmp_path_factory):
+    world = request.param
+    tmp = tmp_path_factory.mktemp(f"disagree{world}")
+    return world, _spawn_with_deadline(_disagreement_worker, world, tmp, seconds=120)
+
+
+def _values(world, odd, even):
+    return ", ".join(f"rank {r} has {odd if r == 1 else even}" for r in range(world))
+
+
+def _expected_messages(world):
+    v = lambda odd, even: _values(world, odd, even)  # noqa: E731
+    head = "ValueError: distributed=True: the ranks disagree on "
+    f32, f64 = "torch.float32", "torch.float64"
+    return {
+        "nt_xent/features": f"{head}features (z1.shape[1]): {v(D - 2, D)}; "
+                            f"features (z2.shape[1]): {v(D - 2, D)}",
+        "nt_xent/dtype": f"{head}dtype (z1.dtype): {v(f64, f32)}; dtype (z2.dtype): {v(f64, f32)}",
+        "nt_xent/temperature": f"{head}temperature: {v(0.5, TAU)}",
+        "nt_xent/reduction": f"{head}reduction: {v(repr('sum'), repr('mean'))}",
+        "info_nce/features": f"{head}features (query.shape[1]): {v(D - 2, D)}; "
+                             f"features (positive_key.shape[1]): {v(D - 2, D)}",
+        "info_nce/dtype": f"{head}dtype (query.dtype): {v(f64, f32)}; "
+                          f"dtype (positive_key.dtype): {v(f64, f32)}",
+        "info_nce/temperature": f"{head}temperature: {v(0.5, TAU)}",
+        "info_nce/reduction": f"{head}reduction: {v(repr('none'), repr('mean'))}",
+        "info_nce/negatives": f"{head}negative_keys: {v('None', 'a tensor')}",
+        "info_nce/negative_features": f"{head}features (negative_keys.shape[1]): "
+                                      f"{v(D - 1, D)}",
+        "calls": "ValueError: distributed=True: the ranks are in different calls: "
+                 + _values(world, "in fastcl.info_nce", "in fastcl.nt_xent").replace(" has ", " "),
+        "not_a_tensor": f"{head}z1: {v('another type', 'a tensor')}",
+        "queue_push/features": f"{head}features (keys.shape[1]): {v(D - 2, D)}; "
+                               f"features (queue.shape[1]): {v(D - 2, D)}",
+        "queue_push/dtype": f"{head}dtype (keys.dtype): {v(f64, f32)}",
+    }
+
+
+@pytest.mark.parametrize("case", sorted(_expected_messages(2)))
+def test_ranks_that_disagree_all_raise_the_same_error(disagreeing_ranks, case):
+    """A different feature dimension, dtype, temperature, reduction, negatives, call or argument
+    type on rank 1: every rank raises the same ValueError, naming the argument and each rank's
+    value; none crashes or hangs (the run has a deadline, the process group a short timeout)."""
+    world, results = disagreeing_ranks
+    expect = _expected_messages(world)[case]
+    for rank, res in enumerate(results):
+        assert res[case] == expect, (rank, res[case])
+
+
+def test_ranks_stay_in_step_after_a_disagreement(disagreeing_ranks):
+    world, results = disagreeing_ranks
+    z = torch.randn(3, D, generator=torch.Generator().manual_seed(1))
+    expect = fastcl.nt_xent(torch.cat([z] * world), torch.cat([z.flip(0)] * world), TAU)
+    for res in results:
+        torch.testing.assert_close(res["after"], expect)

@@ -107,11 +107,14 @@ class NegativeQueue(nn.Module):
     def push(self, keys: Tensor, distributed: bool = False) -> None:
         """Enqueue ``keys`` (B, dim). With ``distributed=True`` every rank enqueues the keys of
         all ranks in rank order (``torch.distributed`` all-gather), so that the queues of all
-        ranks stay identical."""
+        ranks stay identical. If the ranks' keys, or their queues, differ in features or dtype,
+        every rank raises the same ``ValueError``."""
         if distributed:
             from fastcl import distributed as dist_mod
 
-            keys = dist_mod.all_gather_rows(keys)
+            sizes = dist_mod.check_ranks("NegativeQueue.push", "keys", keys, empty_ok=True,
+                                         queue=self.queue)
+            keys = dist_mod.all_gather_rows(keys, sizes)
         F.queue_push_(self.queue, self.ptr, keys)
 
     def negatives(self) -> Tensor:
