@@ -497,6 +497,9 @@ def cosine_momentum(step, total_steps: int, base: float, final: float = 1.0):
     """
     if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps <= 0:
         raise ValueError(f"total_steps must be a positive int, got {total_steps!r}")
+    for name, v in (("base", base), ("final", final)):
+        if isinstance(v, bool) or not isinstance(v, numbers.Real):
+            raise TypeError(f"{name} must be a float, got {type(v).__name__}")
     if not 0.0 <= base <= 1.0 or not 0.0 <= final <= 1.0:
         raise ValueError(f"base and final must be in [0, 1], got {base} and {final}")
     if isinstance(step, Tensor):

@@ -166,8 +166,9 @@ class MoCo(nn.Module):
         v2 = version == "v2"
         self.temperature = F._check_temperature(
             temperature if temperature is not None else (0.07 if v2 else 0.2))
-        self.base_momentum = float(momentum if momentum is not None else (0.999 if v2 else 0.99))
-        F._momentum_tensor(self.base_momentum)  # checks it is in [0, 1]
+        momentum = momentum if momentum is not None else (0.999 if v2 else 0.99)
+        F._momentum_tensor(momentum)  # checks it is a number in [0, 1]
+        self.base_momentum = float(momentum)
         self.encoder = backbone
         if v2:
             hidden = hidden_dim or min(2048, feature_dim)
@@ -248,8 +249,8 @@ class BYOL(nn.Module):
         super().__init__()
         self.distributed = bool(distributed)
         _check_backbone(backbone, feature_dim)
+        F._momentum_tensor(momentum)  # checks it is a number in [0, 1]
         self.base_momentum = float(momentum)
-        F._momentum_tensor(self.base_momentum)  # checks it is in [0, 1]
         F._check_choice(schedule, "schedule", ("cosine", None))
         self.schedule = schedule
         self.encoder = backbone

@@ -497,3 +497,17 @@ def test_auto_routes_float64_on_cuda_to_chunked():
 
     with fastcl.use_backend("auto"):
         assert _backend.implementation(_cuda_like(torch.float64)) is chunked
+
+
+def test_momentum_arguments_of_the_wrong_type_name_the_argument():
+    """Wrong types reach a TypeError naming the argument, not a failure inside a comparison."""
+    cases = [
+        (lambda: fastcl.cosine_momentum(1, 10, None), "base"),
+        (lambda: fastcl.cosine_momentum(1, 10, 0.9, "1"), "final"),
+        (lambda: fastcl.nn.NegativeQueue(4, 2, dtype="float32"), "dtype"),
+        (lambda: fastcl.models.MoCo(torch.nn.Linear(2, 2), 2, momentum="x"), "momentum"),
+        (lambda: fastcl.models.BYOL(torch.nn.Linear(2, 2), 2, momentum="x"), "momentum"),
+    ]
+    for call, name in cases:
+        with pytest.raises(TypeError, match=rf"\b{name}\b"):
+            call()

@@ -98,8 +98,8 @@ class NegativeQueue(nn.Module):
         for name, v in (("size", size), ("dim", dim)):
             if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
                 raise ValueError(f"{name} must be a positive int, got {v!r}")
-        if not dtype.is_floating_point:
-            raise TypeError(f"dtype must be floating-point, got {dtype}")
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise TypeError(f"dtype must be a floating-point torch.dtype, got {dtype!r}")
         queue = torch.nn.functional.normalize(torch.randn(size, dim, device=device), dim=1)
         self.register_buffer("queue", queue.to(dtype))
         self.register_buffer("ptr", torch.zeros(1, dtype=torch.int64, device=device))
