@@ -88,6 +88,21 @@ at::Tensor row_vector(const at::Tensor& v, const at::Tensor& like_norm, int64_t 
   return v.to(like_norm.scalar_type()).contiguous();
 }
 
+// A row lse (float64, or the norms' dtype) as hi + lo in the norms' dtype, hi the nearest float
+// and lo the rest. Softmax weights are exp((s - hi) - lo): s - hi is exact wherever the weight
+// is not negligible (s within a factor 2 of hi), so lse carries no rounding of its own into
+// them. That rounding, half an ulp of |lse| ~ 1/tau, would shift every weight of a row by up
+// to 5e-4 at tau = 1e-4 in float32: a one-hot row's weight 1/l would come out exp(-log l
+// rounded to a multiple of 1e-3), eager's ~1e-7 error made ~1e4 times larger.
+std::pair<at::Tensor, at::Tensor> split_lse(const at::Tensor& lse, const at::Tensor& like_norm,
+                                            int64_t n, const char* name) {
+  TORCH_CHECK(lse.dim() == 1 && lse.size(0) == n, "fastcl_cpu: ", name, " must have shape (", n,
+              ",)");
+  auto hi = lse.to(like_norm.scalar_type()).contiguous();
+  auto lo = (lse.to(at::kDouble) - hi.to(at::kDouble)).to(like_norm.scalar_type()).contiguous();
+  return {hi, lo};
+}
+
 // Per-thread scratch: one tile of logits plus a few tile-length vectors.
 template <typename T>
 struct Scratch {
@@ -168,8 +183,11 @@ template <typename T>
 std::tuple<at::Tensor, at::Tensor> finish(const at::Tensor& m, const at::Tensor& l,
                                           const at::Tensor& s_pos) {
   // loss = (m - s_pos) + log l: exact when the positive is the max (no lse - s_pos cancellation).
-  auto log_l = at::log(l).to(m.scalar_type());
-  return {(m - s_pos) + log_l, m + log_l};
+  // lse = m + log l in float64 (l is float64 already): rounded to a float of size ~1/tau it
+  // would shift every softmax weight of the backward by up to half an ulp of 1/tau (see
+  // split_lse).
+  auto log_l = at::log(l);
+  return {(m - s_pos) + log_l.to(m.scalar_type()), m.to(at::kDouble) + log_l};
 }
 
 // Block pairs of the symmetric NT-Xent schedule. Round 0 holds the diagonal tiles (I, I); the
@@ -352,9 +370,10 @@ at::Tensor nt_xent_grad_impl(const at::Tensor& z, const at::Tensor& nz, const at
   const auto zh = normalized(z, nz);
   const int64_t n = zh.size(0), d = zh.size(1), half = n / 2;
   const auto opts = zh.options();
-  const auto lse_t = row_vector(lse_in, nz, n, "lse");
+  const auto [lse_t, lo_t] = split_lse(lse_in, nz, n, "lse");
   const auto g_t = row_vector(g_in, nz, n, "g");
   const T* lse = lse_t.data_ptr<T>();
+  const T* lo = lo_t.data_ptr<T>();
   const T* g = g_t.data_ptr<T>();
   auto out = at::zeros({n, d}, opts);
   const T* zp = zh.data_ptr<T>();
@@ -368,9 +387,9 @@ at::Tensor nt_xent_grad_impl(const at::Tensor& z, const at::Tensor& nz, const at
       for (int64_t r = 0; r < rows; ++r) {
         T* wr = w + r * cols;
         wr[r] = neg_inf<T>();  // self-similarity: excluded, and exp must not overflow
-        const T shift = lse[i0 + r], gr = g[i0 + r];
+        const T shift = lse[i0 + r], lo_r = lo[i0 + r], gr = g[i0 + r];
 #pragma omp simd
-        for (int64_t c = 0; c < cols; ++c) wr[c] = gr * exp_f(wr[c] - shift);
+        for (int64_t c = 0; c < cols; ++c) wr[c] = gr * exp_f((wr[c] - shift) - lo_r);
       }
       for (int64_t r = 0; r < rows; ++r)
         for (int64_t c = r + 1; c < cols; ++c) {
@@ -381,6 +400,7 @@ at::Tensor nt_xent_grad_impl(const at::Tensor& z, const at::Tensor& nz, const at
     } else {
       // W_rc = g_i P_ij + g_j P_ji: S is symmetric, so both come from this tile.
       const T* lj = lse + j0;
+      const T* loj = lo + j0;
       const T* gj = g + j0;
       if (fast) {
         // P_ji = P_ij * exp(lse_i - ref) * exp(ref - lse_j): one exp a logit, and the products
@@ -390,25 +410,25 @@ at::Tensor nt_xent_grad_impl(const at::Tensor& z, const at::Tensor& nz, const at
         T ref = neg_inf<T>();
         for (int64_t r = 0; r < rows; ++r) ref = std::max(ref, lse[i0 + r]);
         for (int64_t c = 0; c < cols; ++c) ref = std::max(ref, lj[c]);
-        for (int64_t r = 0; r < rows; ++r) row_a[r] = exp_f(lse[i0 + r] - ref);
-        for (int64_t c = 0; c < cols; ++c) col_b[c] = exp_f(ref - lj[c]);
+        for (int64_t r = 0; r < rows; ++r) row_a[r] = exp_f((lse[i0 + r] - ref) + lo[i0 + r]);
+        for (int64_t c = 0; c < cols; ++c) col_b[c] = exp_f((ref - lj[c]) - loj[c]);
         for (int64_t r = 0; r < rows; ++r) {
           T* wr = w + r * cols;
-          const T shift = lse[i0 + r], gr = g[i0 + r], a = row_a[r];
+          const T shift = lse[i0 + r], lo_r = lo[i0 + r], gr = g[i0 + r], a = row_a[r];
 #pragma omp simd
           for (int64_t c = 0; c < cols; ++c) {
-            const T e = exp_f(wr[c] - shift);
+            const T e = exp_f((wr[c] - shift) - lo_r);
             wr[c] = gr * e + ((e * a) * col_b[c]) * gj[c];
           }
         }
       } else {
         for (int64_t r = 0; r < rows; ++r) {
           T* wr = w + r * cols;
-          const T shift = lse[i0 + r], gr = g[i0 + r];
+          const T shift = lse[i0 + r], lo_r = lo[i0 + r], gr = g[i0 + r];
 #pragma omp simd
           for (int64_t c = 0; c < cols; ++c) {
             const T s = wr[c];
-            wr[c] = gr * exp_f(s - shift) + gj[c] * exp_f(s - lj[c]);
+            wr[c] = gr * exp_f((s - shift) - lo_r) + gj[c] * exp_f((s - lj[c]) - loj[c]);
           }
         }
       }
@@ -525,37 +545,77 @@ at::Tensor grad_accumulate_impl(const at::Tensor& a, const at::Tensor& b, const 
   const int64_t nr = ah.size(0), nc = bh.size(0), d = ah.size(1);
   const auto opts = ah.options();
   const bool by_row = lse_a.has_value();
-  const auto lse_t =
-      by_row ? row_vector(*lse_a, na, nr, "lse_a") : row_vector(*lse_b, na, nc, "lse_b");
+  const auto [lse_t, lo_t] =
+      by_row ? split_lse(*lse_a, na, nr, "lse_a") : split_lse(*lse_b, na, nc, "lse_b");
   const auto g_t = by_row ? row_vector(*g_a, na, nr, "g_a") : row_vector(*g_b, na, nc, "g_b");
   const T* lse = lse_t.data_ptr<T>();
+  const T* lo = lo_t.data_ptr<T>();
   const T* g = g_t.data_ptr<T>();
   auto out = at::zeros({nr, d}, opts);
   const T* ap = ah.data_ptr<T>();
   const T* bp = bh.data_ptr<T>();
   T* op = out.data_ptr<T>();
 
-  auto tile_fn = [&](int64_t i0, int64_t rows, int64_t j0, int64_t cols, T* w) {
-    for (int64_t r = 0; r < rows; ++r) {
-      T* wr = w + r * cols;
-      if (by_row) {
-        const T shift = lse[i0 + r], gr = g[i0 + r];
+  if (by_row) {
+    // The tiles of lse_forward(a, b): each logit is the float its row's lse was taken from.
+    auto tile_fn = [&](int64_t i0, int64_t rows, int64_t j0, int64_t cols, T* w) {
+      for (int64_t r = 0; r < rows; ++r) {
+        T* wr = w + r * cols;
+        const T shift = lse[i0 + r], lo_r = lo[i0 + r], gr = g[i0 + r];
 #pragma omp simd
-        for (int64_t c = 0; c < cols; ++c) wr[c] = gr * exp_f(wr[c] - shift);
-      } else {
-        const T* lc = lse + j0;
-        const T* gc = g + j0;
-#pragma omp simd
-        for (int64_t c = 0; c < cols; ++c) wr[c] = gc[c] * exp_f(wr[c] - lc[c]);
+        for (int64_t c = 0; c < cols; ++c) wr[c] = gr * exp_f((wr[c] - shift) - lo_r);
+        if (pos_offset.has_value()) {
+          const int64_t c = (i0 + r + *pos_offset) % nc - j0;
+          if (c >= 0 && c < cols) wr[c] = 0;  // the positive: added by the caller
+        }
       }
-      if (pos_offset.has_value()) {
-        const int64_t c = (i0 + r + *pos_offset) % nc - j0;
-        if (c >= 0 && c < cols) wr[c] = 0;  // the positive: added by the caller
+      accumulate_tile(op + i0 * d, w, rows, cols, false, bp + j0 * d, d, opts);
+    };
+    for_each_row_block(ap, nr, bp, nc, d, inv_temp, tile, opts, tile_fn,
+                       [](int64_t, int64_t) {});
+    return out.mul_(inv_temp);
+  }
+
+  // The lse belongs to b's rows (dk, dneg): the logits must be the very floats that
+  // lse_forward(b, a) exponentiated, and a BLAS product's rounding may depend on its shape and
+  // on which operand comes first (thin edge tiles go through other kernels). So the tiles here
+  // are that forward's own products, b's row blocks against a's column tiles, transposed when
+  // accumulated. Threads share out a's column tiles: each owns its rows of out. Several row
+  // blocks (up to kGroupRows rows) are stacked before each accumulation, so that its inner
+  // dimension is not just one (possibly 16-row) block.
+  constexpr int64_t kGroupRows = 256;
+  const int64_t rb = row_block(nc, tile), cw = kColumnTiles * tile;
+  const int64_t group = std::max<int64_t>(1, kGroupRows / rb) * rb;
+  const int64_t chunks = (nr + cw - 1) / cw;
+  Scratch<T> scratch(at::get_num_threads(), group, cw);
+  at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+    T* w = scratch.tile();
+    for (int64_t ch = c0; ch < c1; ++ch) {
+      const int64_t j0 = ch * cw, cols = std::min(cw, nr - j0);
+      for (int64_t g0 = 0; g0 < nc; g0 += group) {
+        const int64_t g_rows = std::min(group, nc - g0);
+        for (int64_t i0 = g0; i0 < g0 + g_rows; i0 += rb) {
+          const int64_t rows = std::min(rb, nc - i0);
+          // Row-major rows x cols at row i0 - g0 of the stack: the forward's own call and layout.
+          logits_tile(bp + i0 * d, rows, ap + j0 * d, cols, d, inv_temp, w + (i0 - g0) * cols,
+                      opts);
+        }
+        for (int64_t r = 0; r < g_rows; ++r) {
+          T* wr = w + r * cols;
+          const T shift = lse[g0 + r], lo_r = lo[g0 + r], gr = g[g0 + r];
+#pragma omp simd
+          for (int64_t c = 0; c < cols; ++c) wr[c] = gr * exp_f((wr[c] - shift) - lo_r);
+        }
+        if (pos_offset.has_value()) {
+          for (int64_t c = 0; c < cols; ++c) {
+            const int64_t r = (j0 + c + *pos_offset) % nc - g0;
+            if (r >= 0 && r < g_rows) w[r * cols + c] = 0;  // the positive: added by the caller
+          }
+        }
+        accumulate_tile(op + j0 * d, w, cols, g_rows, true, bp + g0 * d, d, opts);
       }
     }
-    accumulate_tile(op + i0 * d, w, rows, cols, false, bp + j0 * d, d, opts);
-  };
-  for_each_row_block(ap, nr, bp, nc, d, inv_temp, tile, opts, tile_fn, [](int64_t, int64_t) {});
+  });
   return out.mul_(inv_temp);
 }
 

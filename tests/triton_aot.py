@@ -27,6 +27,7 @@ from fastcl.kernels import triton_momentum as tm  # noqa: E402
 
 _PTR = {torch.float32: "*fp32", torch.bfloat16: "*bf16", torch.float16: "*fp16"}
 _INPUT_PTRS = {"Q", "K", "KP", "A", "B"}
+_LSE_PTRS = {"LSE", "LSE_A", "LSE_B"}
 _OPTIONS = ("num_warps", "num_stages")
 
 # (positive_rows, exclude_diag, pos_in_columns): NT-Xent, in-batch InfoNCE, InfoNCE with a queue,
@@ -117,6 +118,8 @@ def _signature(kernel, dtype, constexprs):
             sig[arg] = "constexpr"
         elif arg in _INPUT_PTRS:
             sig[arg] = _PTR[dtype]
+        elif arg in _LSE_PTRS:  # the row lse is float64 (see triton_contrastive)
+            sig[arg] = "*fp64"
         elif arg.isupper():
             sig[arg] = "*fp32"
         elif arg == "inv_temp":

@@ -14,6 +14,7 @@ over temperature.
     lse_i = logsumexp of the row's logits; loss_i = (m_i - s_pos_i) + log l_i with m_i the row
     max and l_i = sum exp(s - m_i). Taking the positive from the same arithmetic as the max
     makes a confident row's loss as exact as eager cross-entropy's (no lse - s_pos cancellation).
+    lse is float64 whatever the inputs' dtype (loss is float32, or float64 for float64).
 ``lse_forward_with_grad(q, k, nq, nk, positive, inv_temp, pos_offset, precision) -> (loss, lse, v)``
     Optional (``cpp``, ``chunked``): ``lse_forward`` plus v_i = inv_temp * sum_j P_ij khat_j over
     the non-positive columns (P = exp(s - lse)), accumulated online as FlashAttention accumulates
@@ -31,6 +32,13 @@ over temperature.
 ``nt_xent_grad(z, nz, lse, g, inv_temp, precision) -> out``
     d/d zhat of sum_i g_i lse_i over the non-positive pairs, by symmetry: out = inv_temp *
     sum_j (g_i P_ij + g_j P_ji) zhat_j, diagonal and positive pairs skipped.
+
+Low temperatures (tested down to tau = 1e-4 in float32, tests/test_temperature.py): logits are
+~1/tau, and one float32 ulp of them (~1e-3 at 1e-4) is as large as the differences the softmax
+weights depend on. The backward passes therefore (1) take each logit from the very product the
+forward's lse came from (same tile, same operand order: a BLAS product's rounding may depend on
+its shape and on which operand comes first), and (2) exponentiate (s - hi) - lo with the float64
+lse = hi + lo, hi its nearest float, never s - (lse rounded to a float of size 1/tau).
 
 None ever holds the full similarity matrix. ``triton_contrastive`` holds the Triton kernels
 (imported lazily so that ``TRITON_INTERPRET`` can be set first), ``chunked`` a tiled PyTorch

@@ -11,7 +11,14 @@ NT-Xent uses the symmetry of its similarity matrix: only tiles on and above the 
 computed, and each gives both its rows' and its columns' contributions. Forward + backward then
 cost 2 matrix products instead of 3, and half the exponentials.
 
-Computation is in float32 (float64 for float64 inputs). See ``fastcl.kernels`` for the contract.
+Computation is in float32 (float64 for float64 inputs); the row lse is returned in float64.
+See ``fastcl.kernels`` for the contract.
+
+Low temperatures (logits ~ 1/tau, one float32 ulp ~ 1e-3 at tau = 1e-4) need two things of the
+backward: each logit must be the very float the forward's lse saw (the backward's products are
+the forward's own calls, same operands in the same order: a BLAS product's rounding may depend
+on its shape and operand order), and the lse must not be rounded to a float of size 1/tau
+(softmax weights are exp((s - hi) - lo) with lse = hi + lo).
 """
 from __future__ import annotations
 
@@ -55,9 +62,21 @@ class _OnlineLSE:
         self.m[sl] = m_new
 
     def result(self, s_pos: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        """(loss, lse) with loss = (m - s_pos) + log l: exact when the positive is the max."""
+        """(loss, lse) with loss = (m - s_pos) + log l: exact when the positive is the max;
+        lse in float64 (see the module doc)."""
         log_l = torch.log(self.l)
-        return (self.m - s_pos) + log_l, self.m + log_l
+        return (self.m - s_pos) + log_l, self.m.double() + log_l.double()
+
+
+def _split(lse: torch.Tensor, dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
+    """lse (float64, or ``dtype``) as hi + lo in ``dtype``, hi the nearest float."""
+    hi = lse.to(dtype)
+    return hi, (lse.double() - hi.double()).to(dtype)
+
+
+def _weights(s: torch.Tensor, hi: torch.Tensor, lo: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """g exp((s - hi) - lo) (broadcasting), consuming s: s - hi is exact where it matters."""
+    return s.sub_(hi).sub_(lo).exp_().mul_(g)
 
 
 def _tiles(n_rows: int, n_cols: int, upper: bool = False):
@@ -104,16 +123,23 @@ def nt_xent_forward(z, nz, inv_temp: float, precision: str = "ieee"):
 def nt_xent_grad(z, nz, lse, g, inv_temp: float, precision: str = "ieee"):
     n = z.shape[0]
     zh = _normalized(z, nz)
-    lse, g = lse.to(zh.dtype), g.to(zh.dtype)
+    (hi, lo), g = _split(lse, zh.dtype), g.to(zh.dtype)
     out = torch.zeros_like(zh)
     for rows, cols in _tiles(n, n, upper=True):
         i, j = rows.start, cols.start
-        s = _logits(zh[i:rows.stop], zh[j:cols.stop], inv_temp)
-        if i == j:  # self-similarity can exceed the lse by ~2/tau: keep exp from overflowing
-            s.fill_diagonal_(_NEG_INF)
+        r_sl, c_sl = slice(i, rows.stop), slice(j, cols.stop)
+        s = _logits(zh[r_sl], zh[c_sl], inv_temp)
         # W_ij = g_i P_ij + g_j P_ji; S is symmetric, so both come from this tile.
-        w = torch.sub(s, lse[i:rows.stop, None]).exp_().mul_(g[i:rows.stop, None])
-        w.add_(s.sub_(lse[None, j:cols.stop]).exp_().mul_(g[None, j:cols.stop]))
+        if i == j:
+            # The forward took row r's logits from row r of this tile, and a product need not
+            # be bitwise symmetric: W = E + E^T with E_rc = g_r P_rc from the rows' own floats.
+            # Self-similarity can exceed the lse by ~2/tau: keep exp from overflowing.
+            s.fill_diagonal_(_NEG_INF)
+            w = _weights(s, hi[r_sl, None], lo[r_sl, None], g[r_sl, None])
+            w = w + w.T
+        else:
+            w = _weights(s.clone(), hi[r_sl, None], lo[r_sl, None], g[r_sl, None])
+            w.add_(_weights(s, hi[None, c_sl], lo[None, c_sl], g[None, c_sl]))
         w[_pos_in_tile(rows, cols, n // 2, n)] = 0.0  # positive pairs: added by the caller
         out[i:rows.stop].addmm_(w, zh[j:cols.stop])
         if i != j:
@@ -197,16 +223,19 @@ def grad_accumulate(
     acc = an.dtype
     n_a, n_b = a.shape[0], b.shape[0]
     out = torch.zeros_like(an)
+    by_row = lse_a is not None
+    hi, lo = _split(lse_a if by_row else lse_b, acc)
+    g = (g_a if by_row else g_b).to(acc)
     for rows, cols in _tiles(n_a, n_b):
         i, j = rows.start, cols.start
-        s = _logits(an[i:rows.stop], bn[j:cols.stop], inv_temp)
-        if lse_a is not None:
-            w = s.sub_(lse_a[i:rows.stop, None].to(acc)).exp_()
-            w.mul_(g_a[i:rows.stop, None].to(acc))
-        else:
-            w = s.sub_(lse_b[None, j:cols.stop].to(acc)).exp_()
-            w.mul_(g_b[None, j:cols.stop].to(acc))
+        r_sl, c_sl = slice(i, rows.stop), slice(j, cols.stop)
+        if by_row:  # the tile of lse_forward(a, b)
+            s = _logits(an[r_sl], bn[c_sl], inv_temp)
+            w = _weights(s, hi[r_sl, None], lo[r_sl, None], g[r_sl, None])
+        else:  # the tile of lse_forward(b, a): the very product its lse was taken from
+            s = _logits(bn[c_sl], an[r_sl], inv_temp)
+            w = _weights(s, hi[c_sl, None], lo[c_sl, None], g[c_sl, None]).T
         if pos_offset is not None:
             w[_pos_in_tile(rows, cols, pos_offset, n_b)] = 0.0
-        out[i:rows.stop].addmm_(w, bn[j:cols.stop])
+        out[r_sl].addmm_(w, bn[c_sl])
     return out.mul_(inv_temp)

@@ -11,7 +11,12 @@ PyTorch's F.normalize-then-matmul; bf16/fp16 tiles go to the matrix units raw an
 products are scaled, s_ij = (q_i . k_j) / (|q_i| |k_j|) / tau, which keeps them as accurate as the
 float32 accumulator allows. Logits stay in natural
 units (exp/log, not exp2 with a folded log2(e)): one rounding fewer per logit, which matters at
-low temperature where one ulp of a logit is the size of a confident row's loss.
+low temperature where one ulp of a logit is the size of a confident row's loss. For the same
+reason the row lse is stored in float64 and the backward exponentiates (s - hi) - lo with
+lse = hi + lo (hi its nearest float32): rounded to float32, an lse of size 1/tau would move
+every softmax weight of its row by up to half an ulp of 1/tau (5e-4 at tau = 1e-4). Each logit
+comes from the same tile code in forward and backward (a . b and b . a are the same sum of the
+same products).
 
 See ``fastcl.kernels`` for the contract the launchers fulfil.
 """
@@ -170,7 +175,14 @@ def _lse_fwd_kernel(
 
     log_l = tl.log(l)
     tl.store(LOSS + rows, (m - s_pos) + log_l, mask=row_ok)
-    tl.store(LSE + rows, m + log_l, mask=row_ok)
+    tl.store(LSE + rows, m.to(tl.float64) + log_l.to(tl.float64), mask=row_ok)
+
+
+@triton.jit
+def _split_lse(lse):
+    """A float64 lse as (hi, lo), float32: hi the nearest float, lo the rest."""
+    hi = lse.to(tl.float32)
+    return hi, (lse - hi.to(tl.float64)).to(tl.float32)
 
 
 @triton.jit
@@ -206,7 +218,7 @@ def _grad_kernel(
     if POS_IN_COLUMNS:
         pos_col = (rows + pos_offset) % n_b
     if USE_A:
-        lse_a = tl.load(LSE_A + rows, mask=row_ok, other=0.0)
+        hi_a, lo_a = _split_lse(tl.load(LSE_A + rows, mask=row_ok, other=0.0))
         g_a = tl.load(G_A + rows, mask=row_ok, other=0.0)
 
     out = tl.zeros([BLOCK_M, BLOCK_DO], tl.float32)
@@ -227,12 +239,13 @@ def _grad_kernel(
         # lse by ~2/tau, so exponentiating it first would overflow).
         s = tl.where(valid, s, float("-inf"))
         w = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        # exp((s - hi) - lo): s - hi is exact wherever the weight is not negligible.
         if USE_A:
-            w += g_a[:, None] * tl.exp(s - lse_a[:, None])
+            w += g_a[:, None] * tl.exp((s - hi_a[:, None]) - lo_a[:, None])
         if USE_B:
-            lse_b = tl.load(LSE_B + cols, mask=col_ok, other=0.0)
+            hi_b, lo_b = _split_lse(tl.load(LSE_B + cols, mask=col_ok, other=0.0))
             g_b = tl.load(G_B + cols, mask=col_ok, other=0.0)
-            w += g_b[None, :] * tl.exp(s - lse_b[None, :])
+            w += g_b[None, :] * tl.exp((s - hi_b[None, :]) - lo_b[None, :])
         w = w / nb[None, :]
         b_out = tl.load(
             B + cols64[:, None] * stride_bm + d_out[None, :] * stride_bd,
@@ -297,7 +310,7 @@ def _lse(q, k, nq, nk, positive, inv_temp, exclude_diag, pos_offset, precision):
     meta = lse_meta(q.dtype, d, q.is_cuda, positive is not None, exclude_diag,
                     pos_offset is not None, precision)
     loss = torch.empty(n_q, dtype=torch.float32, device=q.device)
-    lse = torch.empty(n_q, dtype=torch.float32, device=q.device)
+    lse = torch.empty(n_q, dtype=torch.float64, device=q.device)
     grid = (triton.cdiv(n_q, meta["BLOCK_M"]),)
     kp, n_p = positive if positive is not None else (q, nq)
     _lse_fwd_kernel[grid](
@@ -318,10 +331,12 @@ def _grad(a, b, na, nb, lse_a, g_a, lse_b, g_b, inv_temp, exclude_diag, pos_offs
     out = torch.empty(n_a, d, dtype=torch.float32, device=a.device)
     grid = (triton.cdiv(n_a, meta["BLOCK_M"]), triton.cdiv(d, meta["BLOCK_DO"]))
     dummy = na
+    lse_a = lse_a.to(torch.float64).contiguous() if lse_a is not None else dummy
+    lse_b = lse_b.to(torch.float64).contiguous() if lse_b is not None else dummy
     _grad_kernel[grid](
         a, b, na, nb,
-        lse_a if lse_a is not None else dummy, g_a if g_a is not None else dummy,
-        lse_b if lse_b is not None else dummy, g_b if g_b is not None else dummy,
+        lse_a, g_a if g_a is not None else dummy,
+        lse_b, g_b if g_b is not None else dummy,
         out,
         n_a, n_b, d, pos_offset or 0,
         a.stride(0), a.stride(1), b.stride(0), b.stride(1), out.stride(0),

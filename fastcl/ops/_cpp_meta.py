@@ -3,7 +3,7 @@
 fastcl's public ops call these from inside their own implementations, so tracing never reaches
 them; the fakes exist so that the operators pass ``torch.library.opcheck`` on their own and can
 be traced if called directly. Shapes only: the outputs are in the norms' dtype (float32, or
-float64 for float64 inputs).
+float64 for float64 inputs), except the row lse, always float64 (see csrc/contrastive.cpp).
 """
 from __future__ import annotations
 
@@ -16,6 +16,10 @@ def _rows(x: torch.Tensor, norm: torch.Tensor) -> torch.Tensor:
     return norm.new_empty(x.shape[0])
 
 
+def _lse(x: torch.Tensor, norm: torch.Tensor) -> torch.Tensor:
+    return norm.new_empty(x.shape[0], dtype=torch.float64)
+
+
 def register() -> None:
     global _registered
     if _registered:
@@ -24,7 +28,7 @@ def register() -> None:
 
     @torch.library.register_fake("fastcl_cpu::nt_xent_forward")
     def _(z, nz, inv_temp, tile):
-        return _rows(z, nz), _rows(z, nz)
+        return _rows(z, nz), _lse(z, nz)
 
     @torch.library.register_fake("fastcl_cpu::nt_xent_grad")
     def _(z, nz, lse, g, inv_temp, tile):
@@ -33,7 +37,7 @@ def register() -> None:
     @torch.library.register_fake("fastcl_cpu::lse_forward")
     def _(q, k, nq, nk, k_pos, n_pos, inv_temp, pos_offset, with_grad, tile):
         v = nq.new_empty(q.shape) if with_grad else nq.new_empty(0)
-        return _rows(q, nq), _rows(q, nq), v
+        return _rows(q, nq), _lse(q, nq), v
 
     @torch.library.register_fake("fastcl_cpu::ema_")
     def _(targets, sources, momentum):

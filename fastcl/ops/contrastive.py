@@ -21,6 +21,12 @@ gradient). Row i's loss is -log softmax of its positive logit:
     without atomics (deterministic). A gradient that is not needed (e.g. a detached queue) is
     not computed and comes back empty.
 
+The per-row lse is float64 whatever the inputs' dtype: at low temperature it is ~1/tau, and
+rounded to a float32 of that size (one ulp ~ 1e-3 at tau = 1e-4) it would shift every softmax
+weight of the backward by up to that much; the kernels split it into a float and a remainder and
+exponentiate (s - hi) - lo. Logits are recomputed in the backward by the forward's own products,
+so that each is the very float the forward's lse saw.
+
 The weight of the positive logit in the gradient, exp(-loss) - 1, is formed here with
 ``expm1`` from the exact per-row loss rather than in the tiles: eager cross-entropy's precision,
 with no cancellation when the positive dominates (small loss, low temperature).
@@ -80,6 +86,10 @@ def _rows_like(x: Tensor, dtype: Optional[torch.dtype] = None) -> Tensor:
     return x.new_empty(x.shape[0], dtype=dtype or _acc_dtype(x))
 
 
+def _lse_like(x: Tensor) -> Tensor:
+    return x.new_empty(x.shape[0], dtype=torch.float64)
+
+
 def _empty_rows(x: Tensor) -> Tensor:
     """Fake output: a contiguous tensor shaped like x (the real gradients are row-major)."""
     return x.new_empty(x.shape)
@@ -116,12 +126,12 @@ def _grad_or_zeros(grad_loss: Optional[Tensor], like: Tensor) -> Tensor:
 def nt_xent(z: Tensor, temperature: Tensor) -> Tuple[Tensor, Tensor]:
     nz = _norm(z)
     loss, lse = implementation(z).nt_xent_forward(z, nz, _inv_temp(temperature), dot_precision())
-    return loss.to(nz.dtype), lse.to(nz.dtype)
+    return loss.to(nz.dtype), lse.to(torch.float64)
 
 
 @nt_xent.register_fake
 def _(z: Tensor, temperature: Tensor) -> Tuple[Tensor, Tensor]:
-    return _rows_like(z), _rows_like(z)
+    return _rows_like(z), _lse_like(z)
 
 
 @torch.library.custom_op("fastcl::nt_xent_backward", mutates_args=())
@@ -133,7 +143,7 @@ def nt_xent_backward(
     inv_temp = _inv_temp(temperature)
     n = z.shape[0] // 2
     g = grad_loss.to(nz.dtype).contiguous()
-    lse = lse.to(nz.dtype).contiguous()
+    lse = lse.to(torch.float64).contiguous()
     d_hat = implementation(z).nt_xent_grad(z, nz, lse, g, inv_temp, dot_precision())
     # The positive pairs (i, i + N) are symmetric: both rows' weights land on each of them.
     c = _positive_weight(g, loss.to(nz.dtype))
@@ -188,16 +198,16 @@ def info_nce(
                                      precision)
         if need_q:  # the backward's dq pass with g = 1, run now: v is linear in g
             ones = torch.ones_like(lse, dtype=nq.dtype)
-            q_rows = impl.grad_accumulate(q, cols, nq, n_cols, lse.to(nq.dtype), ones, None,
-                                          None, inv_temp, pos_offset, precision)
-    return loss.to(nq.dtype), lse.to(nq.dtype), q_rows.to(nq.dtype).contiguous()
+            q_rows = impl.grad_accumulate(q, cols, nq, n_cols, lse, ones, None, None,
+                                          inv_temp, pos_offset, precision)
+    return loss.to(nq.dtype), lse.to(torch.float64), q_rows.to(nq.dtype).contiguous()
 
 
 @info_nce.register_fake
 def _(q, k, negatives, temperature, need_q=False):
     acc = _acc_dtype(q)
     q_rows = q.new_empty(q.shape, dtype=acc) if need_q else q.new_empty(0, dtype=acc)
-    return _rows_like(q), _rows_like(q), q_rows
+    return _rows_like(q), _lse_like(q), q_rows
 
 
 @torch.library.custom_op("fastcl::info_nce_backward", mutates_args=())
@@ -220,7 +230,7 @@ def info_nce_backward(
     precision = dot_precision()
     nq, nk = _norm(q), _norm(k)
     g = grad_loss.to(nq.dtype).contiguous()
-    lse = lse.to(nq.dtype).contiguous()
+    lse = lse.to(torch.float64).contiguous()
     c = (_positive_weight(g, loss.to(nq.dtype)) * inv_temp)[:, None]
     # Distinct empty tensors: a custom op's outputs may not alias each other.
     dq, dk, dneg = q.new_empty(0), q.new_empty(0), q.new_empty(0)

@@ -29,7 +29,7 @@ def _merge(loss_own: Tensor, lse_own: Tensor, lse_other) -> tuple:
     if lse_other is None:
         return loss_own, lse_own
     delta = torch.nn.functional.softplus(lse_other - lse_own, threshold=50.0)
-    return loss_own + delta, lse_own + delta
+    return loss_own + delta.to(loss_own.dtype), lse_own + delta
 
 
 def _other_lse(impl, x: Tensor, nx: Tensor, others: Tensor, inv_temp: float, precision: str):
@@ -38,7 +38,7 @@ def _other_lse(impl, x: Tensor, nx: Tensor, others: Tensor, inv_temp: float, pre
         return None, None
     n_o = _norm(others)
     _, lse = impl.lse_forward(x, others, nx, n_o, None, inv_temp, None, precision)
-    return lse.to(nx.dtype), n_o
+    return lse.to(torch.float64), n_o
 
 
 class _NTXentRows(torch.autograd.Function):
@@ -49,7 +49,7 @@ class _NTXentRows(torch.autograd.Function):
         nz = _norm(z)
         loss, lse = impl.nt_xent_forward(z, nz, inv_temp, precision)
         lse_o, n_o = _other_lse(impl, z, nz, others, inv_temp, precision)
-        loss, lse = _merge(loss.to(nz.dtype), lse.to(nz.dtype), lse_o)
+        loss, lse = _merge(loss.to(nz.dtype), lse.to(torch.float64), lse_o)
         ctx.impl, ctx.inv_temp, ctx.precision = impl, inv_temp, precision
         ctx.save_for_backward(z, others, nz, n_o if n_o is not None else nz, loss, lse)
         return loss
@@ -86,7 +86,7 @@ class _InBatchRows(torch.autograd.Function):
         nq, nk = _norm(q), _norm(k)
         loss, lse = impl.lse_forward(q, k, nq, nk, None, inv_temp, 0, precision)
         lse_o, n_o = _other_lse(impl, q, nq, others, inv_temp, precision)
-        loss, lse = _merge(loss.to(nq.dtype), lse.to(nq.dtype), lse_o)
+        loss, lse = _merge(loss.to(nq.dtype), lse.to(torch.float64), lse_o)
         ctx.impl, ctx.inv_temp, ctx.precision = impl, inv_temp, precision
         ctx.save_for_backward(q, k, others, nq, nk, n_o if n_o is not None else nq, loss, lse)
         return loss
