@@ -68,6 +68,11 @@ def queue_push_(queue, ptr, keys) -> None:
     _ops.queue_push_(queue, ptr, keys)
 
 
+# fastcl.queue_push_'s eager fast path (fastcl.ops.momentum.try_eager_cpu_push): the checks, the
+# version-counter bumps and the push in one dispatcher call; False when an argument fails them.
+queue_push_eager_ = _ops.queue_push_eager_.default
+
+
 # ----------------------------------------------------------------------- BYOL's cosine loss ----
 
 
