@@ -110,7 +110,12 @@ void push_rows(const at::Tensor& queue, const at::Tensor& ptr, const at::Tensor&
   const int64_t start = ((*pp % k) + k) % k;
   if (b > 0) {
     const int64_t first = std::max<int64_t>(0, b - k);  // keys before it are overwritten
-    const at::Tensor src = keys.narrow(0, first, b - first).to(queue.scalar_type()).contiguous();
+    // keys as they are when they are already rows of queue's dtype: no ATen call, which costs
+    // more than the copy itself when the caches are cold.
+    const bool as_is = first == 0 && keys.scalar_type() == queue.scalar_type() &&
+                       keys.is_contiguous();
+    const at::Tensor src =
+        as_is ? keys : keys.narrow(0, first, b - first).to(queue.scalar_type()).contiguous();
     const int64_t rows = b - first;
     const int64_t row_bytes = d * queue.element_size();
     const char* from = static_cast<const char*>(src.data_ptr());

@@ -65,7 +65,9 @@ TORCH_LIBRARY_IMPL(fastcl_cpu, CPU, m) {
   m.impl("cosine_backward", &fastcl::cosine_backward);
 }
 
-// Any backend: the kernel itself answers false for what is not a dense CPU tensor.
-TORCH_LIBRARY_IMPL(fastcl_cpu, CompositeExplicitAutograd, m) {
+// Every backend, and the autograd keys too (no boxed autograd fallback on the way, which with
+// cold caches costs more than the 128 KiB copy): the kernel answers false for what is not a
+// dense CPU tensor, bumps the version counters itself and has nothing to differentiate.
+TORCH_LIBRARY_IMPL(fastcl_cpu, CompositeImplicitAutograd, m) {
   m.impl("queue_push_eager_", &fastcl::queue_push_eager_);
 }

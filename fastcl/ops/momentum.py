@@ -67,6 +67,7 @@ def ema(targets: List[Tensor], sources: List[Tensor], momentum: Tensor) -> None:
     _bump_versions(list(targets))
 
 
+_is_compiling = torch.compiler.is_compiling  # dynamo knows it by identity
 _CPP_BACKENDS = ("auto", "cpp")  # the backends under which CPU tensors run the C++ kernels
 
 
@@ -81,11 +82,10 @@ def try_eager_cpu_push(queue, ptr, keys) -> bool:
     2-core VM, several times the 128 KiB copy (see benchmarks/bench_queue.py).
     """
     cpp = _backend._cpp_module
-    if (cpp is None or _config._backend not in _CPP_BACKENDS or torch.compiler.is_compiling()
-            or type(queue) is not Tensor or type(ptr) is not Tensor or type(keys) is not Tensor
-            or not queue.is_cpu):
+    if (cpp is None or _config._backend not in _CPP_BACKENDS or _is_compiling()
+            or type(queue) is not Tensor or type(ptr) is not Tensor or type(keys) is not Tensor):
         return False
-    return cpp.queue_push_eager_(queue, ptr, keys)
+    return cpp.queue_push_eager_(queue, ptr, keys)  # False for other devices too
 
 
 def queue_push(queue: Tensor, ptr: Tensor, keys: Tensor) -> None:
