@@ -3,6 +3,7 @@
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
@@ -130,7 +131,7 @@ void push_rows(const at::Tensor& queue, const at::Tensor& ptr, const at::Tensor&
 }
 
 bool dense_cpu(const at::Tensor& t) {
-  return t.device().is_cpu() && t.layout() == at::kStrided;
+  return t.device().is_cpu() && t.layout() == at::kStrided && t.has_storage();
 }
 
 }  // namespace
@@ -152,9 +153,16 @@ void queue_push_(const at::Tensor& queue, const at::Tensor& ptr, const at::Tenso
 // then takes its checked path, which raises the documented errors or runs another backend).
 // Otherwise marks queue and ptr modified in place (their autograd version counters, as
 // PyTorch's in-place ops do; it raises, before writing, for an inference tensor outside
-// InferenceMode), pushes, and returns true. Registered for every backend so that a CUDA or meta
-// argument gets false instead of a dispatch error.
+// InferenceMode), pushes, and returns true. Registered CompositeImplicitAutograd (see
+// registration.cpp): a CUDA or meta argument gets false instead of a dispatch error.
 bool queue_push_eager_(const at::Tensor& queue, const at::Tensor& ptr, const at::Tensor& keys) {
+  // Plain eager mode only: a dispatch mode (make_fx, FakeTensorMode, a logging mode), a
+  // functorch transform or functionalization adds its keys to the thread's included set (which
+  // otherwise holds BackendSelect and ADInplaceOrView), and the caller's checked path then
+  // lets them see the push as an op.
+  const c10::DispatchKeySet plain({c10::DispatchKey::BackendSelect,
+                                   c10::DispatchKey::ADInplaceOrView});
+  if (!(c10::impl::tls_local_dispatch_key_set().included_ - plain).empty()) return false;
   if (!(dense_cpu(queue) && dense_cpu(ptr) && dense_cpu(keys))) return false;
   if (!(at::isFloatingType(queue.scalar_type()) && queue.dim() == 2 && queue.size(0) > 0 &&
         queue.is_contiguous())) {

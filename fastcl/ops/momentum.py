@@ -67,7 +67,10 @@ def ema(targets: List[Tensor], sources: List[Tensor], momentum: Tensor) -> None:
     _bump_versions(list(targets))
 
 
-_is_compiling = torch.compiler.is_compiling  # dynamo knows it by identity
+# Dynamo knows it by identity and answers True while tracing; export's and AOTAutograd's tracing
+# (fake or functional tensor subclasses, dispatch modes) is turned away by the other checks.
+# One Python frame, where torch.compiler.is_compiling is two (about 13 us with cold caches).
+_is_compiling = torch.compiler.is_dynamo_compiling
 _CPP_BACKENDS = ("auto", "cpp")  # the backends under which CPU tensors run the C++ kernels
 
 
@@ -75,7 +78,8 @@ def try_eager_cpu_push(queue, ptr, keys) -> bool:
     """``fastcl.queue_push_`` on plain CPU tensors in eager mode, in one call into the C++ op
     ``fastcl_cpu::queue_push_eager_``; False, with nothing done, where that path does not apply
     (tracing, another backend, the C++ kernels not loaded yet, tensor subclasses, another
-    device, arguments that fail ``fastcl.functional.queue_push_``'s checks, which then raise).
+    device, an active dispatch mode or functorch transform, arguments that fail
+    ``fastcl.functional.queue_push_``'s checks, which then raise).
 
     Why: with its caches cold (a 32 MiB clone between pushes, or a training step) each Python
     check, ``detach``, backend look-up and version bump of the checked path cost 30-50 us on a
