@@ -23,10 +23,12 @@ Ratios: ``python benchmarks/bench_queue.py --ratios [--rounds 201]``: fastcl int
 one peer at a time (A B A B, the start rotated each round, medians), three rotations:
 ``moco_slice`` (both warm), ``lightly_clone`` (fastcl runs after each of lightly's clones, so its
 figure there is a cold-cache one; each ratio is taken against its own peer), and
-``moco_slice (clone)``: both pushes after a 32 MiB clone. On the 2-core VM of RESULTS.md a
-cold push costs several times a warm one for both (fastcl 240 us, MoCo's slice write 170 us,
-before fastcl's one-call eager path; an empty Python call alone about 10 us): comparing
-fastcl's cold figure with MoCo's warm one (the last line) mixes the two.
+``moco_slice (clone)``: both pushes after a 32 MiB clone. The last line divides fastcl's
+figure beside lightly (cold) by MoCo's warm one: it mixes the two states. On a 2-core KVM Xeon
+(load 3-5) a cold push costs several times a warm one for both: MoCo's slice write about 20 us
+warm and 100-130 us after the clone, fastcl 15 us and 60-65 us (47-53 us beside lightly); before
+fastcl's one-call eager path (fastcl.ops.momentum.try_eager_cpu_push) fastcl took 150 us after
+the clone, each Python check and version bump of the checked path 30-50 us when cold.
 """
 from __future__ import annotations
 
