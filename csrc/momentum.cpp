@@ -3,6 +3,7 @@
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
@@ -99,23 +100,23 @@ void ema_(at::TensorList targets, at::TensorList sources, const at::Tensor& mome
   if (!groups[3][0].empty()) ema_group<c10::BFloat16>(groups[3][0], groups[3][1], m);
 }
 
-// Row (ptr + i) mod K of queue <- keys[i] (cast to queue's dtype), for the last min(B, K) keys
-// (earlier ones would be overwritten within this push); then ptr <- (ptr + B) mod K.
-void queue_push_(const at::Tensor& queue, const at::Tensor& ptr, const at::Tensor& keys) {
-  TORCH_CHECK(queue.device().is_cpu() && ptr.device().is_cpu() && keys.device().is_cpu(),
-              "fastcl_cpu::queue_push_: CPU tensors only");
-  TORCH_CHECK(queue.dim() == 2 && keys.dim() == 2 && queue.size(1) == keys.size(1),
-              "fastcl_cpu::queue_push_: queue (K, D) and keys (B, D) expected");
-  TORCH_CHECK(ptr.numel() == 1 && ptr.scalar_type() == at::kLong,
-              "fastcl_cpu::queue_push_: ptr must be a one-element int64 tensor");
-  TORCH_CHECK(queue.is_contiguous(), "fastcl_cpu::queue_push_: queue must be contiguous");
+namespace {
+
+// The push itself, on checked arguments: row (ptr + i) mod K of queue <- keys[i] (cast to
+// queue's dtype), for the last min(B, K) keys (earlier ones would be overwritten within this
+// push); then ptr <- (ptr + B) mod K. Two memcpys at most: no thread pool for 128 KiB.
+void push_rows(const at::Tensor& queue, const at::Tensor& ptr, const at::Tensor& keys) {
   const int64_t k = queue.size(0), b = keys.size(0), d = queue.size(1);
-  TORCH_CHECK(k > 0, "fastcl_cpu::queue_push_: the queue has no rows");
   int64_t* pp = ptr.data_ptr<int64_t>();
   const int64_t start = ((*pp % k) + k) % k;
   if (b > 0) {
     const int64_t first = std::max<int64_t>(0, b - k);  // keys before it are overwritten
-    const at::Tensor src = keys.narrow(0, first, b - first).to(queue.scalar_type()).contiguous();
+    // keys as they are when they are already rows of queue's dtype: no ATen call, which costs
+    // more than the copy itself when the caches are cold.
+    const bool as_is = first == 0 && keys.scalar_type() == queue.scalar_type() &&
+                       keys.is_contiguous();
+    const at::Tensor src =
+        as_is ? keys : keys.narrow(0, first, b - first).to(queue.scalar_type()).contiguous();
     const int64_t rows = b - first;
     const int64_t row_bytes = d * queue.element_size();
     const char* from = static_cast<const char*>(src.data_ptr());
@@ -127,6 +128,52 @@ void queue_push_(const at::Tensor& queue, const at::Tensor& ptr, const at::Tenso
     if (rows > run1) std::memcpy(to, from + run1 * row_bytes, (rows - run1) * row_bytes);
   }
   *pp = (start + b) % k;
+}
+
+bool dense_cpu(const at::Tensor& t) {
+  return t.device().is_cpu() && t.layout() == at::kStrided && t.has_storage();
+}
+
+}  // namespace
+
+void queue_push_(const at::Tensor& queue, const at::Tensor& ptr, const at::Tensor& keys) {
+  TORCH_CHECK(queue.device().is_cpu() && ptr.device().is_cpu() && keys.device().is_cpu(),
+              "fastcl_cpu::queue_push_: CPU tensors only");
+  TORCH_CHECK(queue.dim() == 2 && keys.dim() == 2 && queue.size(1) == keys.size(1),
+              "fastcl_cpu::queue_push_: queue (K, D) and keys (B, D) expected");
+  TORCH_CHECK(ptr.numel() == 1 && ptr.scalar_type() == at::kLong,
+              "fastcl_cpu::queue_push_: ptr must be a one-element int64 tensor");
+  TORCH_CHECK(queue.is_contiguous(), "fastcl_cpu::queue_push_: queue must be contiguous");
+  TORCH_CHECK(queue.size(0) > 0, "fastcl_cpu::queue_push_: the queue has no rows");
+  push_rows(queue, ptr, keys);
+}
+
+// fastcl.queue_push_'s eager CPU path in one call: false, with nothing written, unless the
+// arguments pass fastcl.functional.queue_push_'s checks and are dense CPU tensors (the caller
+// then takes its checked path, which raises the documented errors or runs another backend).
+// Otherwise marks queue and ptr modified in place (their autograd version counters, as
+// PyTorch's in-place ops do; it raises, before writing, for an inference tensor outside
+// InferenceMode), pushes, and returns true. Registered CompositeImplicitAutograd (see
+// registration.cpp): a CUDA or meta argument gets false instead of a dispatch error.
+bool queue_push_eager_(const at::Tensor& queue, const at::Tensor& ptr, const at::Tensor& keys) {
+  // Plain eager mode only: a dispatch mode (make_fx, FakeTensorMode, a logging mode), a
+  // functorch transform or functionalization adds its keys to the thread's included set (which
+  // otherwise holds BackendSelect and ADInplaceOrView), and the caller's checked path then
+  // lets them see the push as an op.
+  const c10::DispatchKeySet plain({c10::DispatchKey::BackendSelect,
+                                   c10::DispatchKey::ADInplaceOrView});
+  if (!(c10::impl::tls_local_dispatch_key_set().included_ - plain).empty()) return false;
+  if (!(dense_cpu(queue) && dense_cpu(ptr) && dense_cpu(keys))) return false;
+  if (!(at::isFloatingType(queue.scalar_type()) && queue.dim() == 2 && queue.size(0) > 0 &&
+        queue.is_contiguous())) {
+    return false;
+  }
+  if (!(ptr.numel() == 1 && ptr.scalar_type() == at::kLong)) return false;
+  if (!(keys.dim() == 2 && keys.size(1) == queue.size(1))) return false;
+  queue.unsafeGetTensorImpl()->bump_version();
+  ptr.unsafeGetTensorImpl()->bump_version();
+  push_rows(queue, ptr, keys);
+  return true;
 }
 
 }  // namespace fastcl

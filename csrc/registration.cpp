@@ -28,6 +28,7 @@ at::Tensor grad_accumulate(const at::Tensor& a, const at::Tensor& b, const at::T
 
 void ema_(at::TensorList targets, at::TensorList sources, const at::Tensor& momentum);
 void queue_push_(const at::Tensor& queue, const at::Tensor& ptr, const at::Tensor& keys);
+bool queue_push_eager_(const at::Tensor& queue, const at::Tensor& ptr, const at::Tensor& keys);
 
 std::tuple<at::Tensor, at::Tensor> cosine_forward(const at::Tensor& p, const at::Tensor& z);
 at::Tensor cosine_backward(const at::Tensor& g, const at::Tensor& p, const at::Tensor& z,
@@ -48,6 +49,7 @@ TORCH_LIBRARY(fastcl_cpu, m) {
       "Tensor? lse_b, Tensor? g_b, float inv_temp, int? pos_offset, int tile) -> Tensor");
   m.def("ema_(Tensor(a!)[] targets, Tensor[] sources, Tensor momentum) -> ()");
   m.def("queue_push_(Tensor(a!) queue, Tensor(b!) ptr, Tensor keys) -> ()");
+  m.def("queue_push_eager_(Tensor(a!) queue, Tensor(b!) ptr, Tensor keys) -> bool");
   m.def("cosine_forward(Tensor p, Tensor z) -> (Tensor, Tensor)");
   m.def("cosine_backward(Tensor g, Tensor p, Tensor z, Tensor stats) -> Tensor");
 }
@@ -61,4 +63,11 @@ TORCH_LIBRARY_IMPL(fastcl_cpu, CPU, m) {
   m.impl("queue_push_", &fastcl::queue_push_);
   m.impl("cosine_forward", &fastcl::cosine_forward);
   m.impl("cosine_backward", &fastcl::cosine_backward);
+}
+
+// Every backend, and the autograd keys too (no boxed autograd fallback on the way, which with
+// cold caches costs more than the 128 KiB copy): the kernel answers false for what is not a
+// dense CPU tensor, bumps the version counters itself and has nothing to differentiate.
+TORCH_LIBRARY_IMPL(fastcl_cpu, CompositeImplicitAutograd, m) {
+  m.impl("queue_push_eager_", &fastcl::queue_push_eager_);
 }

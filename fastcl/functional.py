@@ -524,6 +524,8 @@ def queue_push_(queue: Tensor, ptr: Tensor, keys: Tensor) -> None:
     ``ptr`` is never read on the host (no ``.item()``): works under torch.compile(fullgraph=True)
     and CUDA graphs.
     """
+    if ops.try_eager_cpu_push(queue, ptr, keys):  # checks and push in one C++ call
+        return
     if not isinstance(queue, Tensor) or not queue.is_floating_point() or queue.dim() != 2:
         raise ValueError(f"queue must be a 2-D floating tensor (K, D), got "
                          f"{getattr(queue, 'dtype', type(queue).__name__)} "

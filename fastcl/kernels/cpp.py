@@ -68,6 +68,14 @@ def queue_push_(queue, ptr, keys) -> None:
     _ops.queue_push_(queue, ptr, keys)
 
 
+# fastcl.queue_push_'s eager fast path (fastcl.ops.momentum.try_eager_cpu_push): the checks, the
+# version-counter bumps and the push in one dispatcher call; False when an argument fails them.
+# The overload's C++ callable where torch exposes it (OpOverload.__call__ is one Python frame
+# more, about 6 us with cold caches).
+_push_eager = _ops.queue_push_eager_.default
+queue_push_eager_ = getattr(_push_eager, "_op", _push_eager)
+
+
 # ----------------------------------------------------------------------- BYOL's cosine loss ----
 
 

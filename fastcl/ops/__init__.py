@@ -6,5 +6,11 @@ from fastcl.ops.contrastive import (  # noqa: F401
     nt_xent_backward,
     temperature_tensor,
 )
-from fastcl.ops.momentum import ema, ema_, queue_push, queue_push_  # noqa: F401, E402
+from fastcl.ops.momentum import (  # noqa: F401, E402
+    ema,
+    ema_,
+    queue_push,
+    queue_push_,
+    try_eager_cpu_push,
+)
 from fastcl.ops.cosine import cosine, cosine_loss, cosine_loss_backward  # noqa: F401, E402
