@@ -51,13 +51,16 @@ def max_err(a: torch.Tensor, oracle: torch.Tensor) -> float:
     return (a.detach().double() - oracle.detach().double()).abs().max().item()
 
 
-def assert_within_rule(actual, oracle, baseline, dtype, what="value"):
-    """|actual - oracle| <= 2 * |baseline - oracle| + atol(dtype) * max(1, |oracle|) (maxima)."""
+def assert_within_rule(actual, oracle, baseline, dtype, what="value", floor=0.0):
+    """|actual - oracle| <= 2 * |baseline - oracle| + atol(dtype) * max(1, |oracle|) (maxima),
+    plus ``floor``: an absolute error no implementation in ``dtype`` can avoid (one rounding of
+    logits of size 1/tau, where eager's own error is small only by the luck of correlated
+    roundings)."""
     err = max_err(actual, oracle)
     base = max_err(baseline, oracle)
     scale = max(1.0, oracle.detach().double().abs().max().item()) if oracle.numel() else 1.0
-    bound = 2.0 * base + ATOL[dtype] * scale
+    bound = 2.0 * base + ATOL[dtype] * scale + floor
     assert err <= bound, (
         f"{what}: fastcl error {err:.3g} exceeds 2 x eager {dtype} error {base:.3g} "
-        f"+ atol {ATOL[dtype]:.1g}"
+        f"+ atol {ATOL[dtype]:.1g}" + (f" + floor {floor:.2g}" if floor else "")
     )
