@@ -1,13 +1,14 @@
 """Accuracy report: fastcl's error against the float64 reference, per backend and dtype.
 
-    python benchmarks/accuracy.py [--n 64] [--d 96]
+    python benchmarks/accuracy.py [--n 64] [--d 96] [--taus 0.07,0.5] [--dtypes ...]
 
 For each loss (NT-Xent, in-batch InfoNCE, InfoNCE with a shared negatives queue), backend
 (cpp and chunked on CPU; Triton on CUDA, or under TRITON_INTERPRET=1 on CPU) and input dtype,
 prints the largest absolute error of the loss (reduction "none", every row) and of the input
 gradients against ``fastcl.reference`` run in float64, next to the error eager PyTorch makes
-computing the same formula in the input dtype (tests/tolerances.py; the tests allow fastcl 2x that, plus a
-small atol). Inputs are random with row norms spread over e^{+-2}.
+computing the same formula from the same inputs with float32 logits (float64 for float64;
+tests/tolerances.py; the tests allow fastcl 2x that, plus a small atol). Losses are float32 for
+16-bit inputs (fastcl's dtype rule), gradients in the input dtype. Inputs are random with row norms spread over e^{+-2}.
 """
 from __future__ import annotations
 
@@ -61,18 +62,22 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=64)
     parser.add_argument("--d", type=int, default=96)
+    parser.add_argument("--taus", default="0.07,0.5",
+                        help="comma-separated temperatures, e.g. 1e-4,1e-3,0.07")
+    parser.add_argument("--dtypes", default="float64,float32,bfloat16,float16",
+                        help="comma-separated input dtypes")
     args = parser.parse_args()
+    taus = [float(t) for t in args.taus.split(",")]
+    wanted = [getattr(torch, name) for name in args.dtypes.split(",")]
     triton_device = "cuda" if torch.cuda.is_available() else "cpu"
-    configs = [(name, "cpu", dt) for name in ("cpp", "chunked") for dt in
-               (torch.float64, torch.float32, torch.bfloat16, torch.float16)]
-    configs += [("triton", triton_device, dt) for dt in
-                (torch.float32, torch.bfloat16, torch.float16)]
+    configs = [(name, "cpu", dt) for name in ("cpp", "chunked") for dt in wanted]
+    configs += [("triton", triton_device, dt) for dt in wanted if dt != torch.float64]
     print(f"# fastcl accuracy vs float64 reference; n={args.n} d={args.d}; torch {torch.__version__}"
           f"; triton on {triton_device}{' (interpreter)' if triton_device == 'cpu' else ''}")
-    print(f"{'case':<18} {'tau':>5} {'backend':<8} {'dtype':<9} "
+    print(f"{'case':<18} {'tau':>6} {'backend':<8} {'dtype':<9} "
           f"{'loss err':>9} {'eager':>9} {'grad err':>9} {'eager':>9}")
     for case in ("nt_xent", "info_nce in-batch", "info_nce queue"):
-        for tau in (0.07, 0.5):
+        for tau in taus:
             fast, oracle, eager = _fns(case, tau)
             for backend, device, dtype in configs:
                 gen = torch.Generator().manual_seed(0)
@@ -86,7 +91,7 @@ def main() -> None:
                 e_out, e_g = _run(eager, tensors, cot)
                 grad_err = max(max_err(a.cpu(), b) for a, b in zip(g, ref_g))
                 eager_grad_err = max(max_err(a.cpu(), b) for a, b in zip(e_g, ref_g))
-                print(f"{case:<18} {tau:>5} {backend:<8} {str(dtype)[6:]:<9} "
+                print(f"{case:<18} {tau:>6g} {backend:<8} {str(dtype)[6:]:<9} "
                       f"{max_err(out.cpu(), ref):>9.2e} {max_err(e_out.cpu(), ref):>9.2e} "
                       f"{grad_err:>9.2e} {eager_grad_err:>9.2e}")
 

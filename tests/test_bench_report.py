@@ -98,3 +98,22 @@ def test_inf_cl_provider_maps_the_in_batch_case(monkeypatch):
     loss = _common.loss_fn("in_batch", "inf_cl", "cpu")(q, k, neg, tau)
     torch.testing.assert_close(loss, fastcl.info_nce(q, k, temperature=tau))
     assert calls == [32]  # the largest of 256, 128, 64, 32, 16 dividing D = 96
+
+
+def test_accuracy_report_prints_every_backend_case_and_temperature():
+    """``benchmarks/accuracy.py`` runs from a checkout: a row per case, temperature, backend and
+    dtype, with finite errors (the accuracy rule itself is tested in test_nt_xent,
+    test_info_nce and test_temperature)."""
+    script = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "accuracy.py")
+    proc = subprocess.run([sys.executable, script, "--n", "8", "--d", "12", "--taus", "1e-4,0.5",
+                           "--dtypes", "float32,bfloat16"],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = [line.split() for line in proc.stdout.splitlines()[2:]]
+    keys = {(r[-7], r[-6], r[-5]) for r in rows}  # tau, backend, dtype
+    assert keys == {(t, b, dt) for t in ("0.0001", "0.5") for b in ("cpp", "chunked", "triton")
+                    for dt in ("float32", "bfloat16")}
+    assert len(rows) == 3 * len(keys)  # three cases
+    for r in rows:
+        errs = [float(x) for x in r[-4:]]
+        assert all(e == e and e < float("inf") for e in errs), r
