@@ -61,12 +61,6 @@ def _check_same(x: Tensor, name: str, ref: Tensor, ref_name: str, hint: str = ""
         )
 
 
-def acc_dtype(*tensors: Tensor) -> torch.dtype:
-    """The accumulation dtype of a call: float64 if any input is float64, else float32. The
-    losses come back in it."""
-    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
-
-
 def _promote(*tensors: Tensor) -> Tuple[Tensor, ...]:
     """The inputs in one common floating dtype (``torch.promote_types``: a bfloat16 query with
     a float32 queue runs in float32). Inputs already in it pass unchanged (no copy); the casts
