@@ -168,10 +168,35 @@ def embed(encoder: nn.Module, x: Tensor, device, batch: int = 512) -> Tensor:
     return torch.cat(out)
 
 
+FEW_LABELS = 10  # labelled training images per class for the few-label probe
+FEW_DRAWS = 5  # its fixed draws (seeds 0..4, the same for every feature set and run)
+
+
+def few_label_draws(train_y: Tensor, per_class: int = FEW_LABELS,
+                    draws: int = FEW_DRAWS) -> List[Tensor]:
+    """Indices into the training set of ``draws`` fixed random picks of ``per_class`` images of
+    each class (all of a class's images when it has fewer)."""
+    out = []
+    for d in range(draws):
+        g = torch.Generator().manual_seed(d)
+        picks = []
+        for c in train_y.unique():
+            idx = (train_y == c).nonzero().flatten()
+            picks.append(idx[torch.randperm(len(idx), generator=g)[:per_class]])
+        out.append(torch.cat(picks).sort().values)
+    return out
+
+
 def probe(train_x: Tensor, train_y: Tensor, test_x: Tensor, test_y: Tensor,
           k: int = 5) -> Dict[str, float]:
-    """Held-out accuracy of a logistic-regression linear probe (on standardized features) and
-    of a cosine kNN (k neighbours, majority vote)."""
+    """Held-out accuracy of three probes of frozen features:
+
+    - ``linear``: logistic regression on standardized features, all training labels;
+    - ``linear_10``: the same on 10 labelled training images per class (the few-label protocol
+      of the self-supervised papers), mean over 5 fixed draws (``few_label_draws``); the
+      standardization uses every training image's features, which needs no labels;
+    - ``knn``: cosine kNN (k neighbours, majority vote) over all training images.
+    """
     import numpy as np
     from sklearn.linear_model import LogisticRegression
     from sklearn.neighbors import KNeighborsClassifier
@@ -180,9 +205,12 @@ def probe(train_x: Tensor, train_y: Tensor, test_x: Tensor, test_y: Tensor,
     a, b = train_x.numpy().astype(np.float64), test_x.numpy().astype(np.float64)
     ya, yb = train_y.numpy(), test_y.numpy()
     scaler = StandardScaler().fit(a)
-    lin = LogisticRegression(max_iter=5000, C=1.0).fit(scaler.transform(a), ya)
+    sa, sb = scaler.transform(a), scaler.transform(b)
+    lin = LogisticRegression(max_iter=5000, C=1.0).fit(sa, ya)
+    few = [LogisticRegression(max_iter=5000, C=1.0).fit(sa[idx.numpy()], ya[idx.numpy()])
+           .score(sb, yb) for idx in few_label_draws(train_y)]
     knn = KNeighborsClassifier(n_neighbors=k, metric="cosine").fit(a, ya)
-    return {"linear": float(lin.score(scaler.transform(b), yb)),
+    return {"linear": float(lin.score(sb, yb)), "linear_10": float(np.mean(few)),
             "knn": float(knn.score(b, yb))}
 
 
@@ -338,9 +366,9 @@ def table(metrics: Dict) -> str:
         return "no labels: linear probe and kNN skipped (pass --labels)"
     lines = [f"held-out accuracy ({metrics['held_out_samples']} samples of "
              f"{metrics['dataset']}):",
-             f"  {'features':<22}{'linear probe':>13}{'kNN':>8}"]
+             f"  {'features':<22}{'linear probe':>13}{'10 labels/class':>17}{'kNN':>8}"]
     for name, r in probe_res.items():
-        lines.append(f"  {name:<22}{r['linear']:>13.4f}{r['knn']:>8.4f}")
+        lines.append(f"  {name:<22}{r['linear']:>13.4f}{r['linear_10']:>17.4f}{r['knn']:>8.4f}")
     return "\n".join(lines)
 
 
@@ -360,17 +388,17 @@ def plot(metrics: Dict, path: str) -> None:
     if probe_res:
         names = list(probe_res)
         xs = range(len(names))
-        lin = [probe_res[k]["linear"] for k in names]
-        knn = [probe_res[k]["knn"] for k in names]
-        a_ = b.bar([i - 0.2 for i in xs], lin, width=0.4, label="linear probe")
-        b_ = b.bar([i + 0.2 for i in xs], knn, width=0.4, label="kNN")
-        b.bar_label(a_, fmt="%.3f", fontsize=8)
-        b.bar_label(b_, fmt="%.3f", fontsize=8)
+        bars = [("linear", "linear probe"), ("linear_10", "linear, 10 labels/class"),
+                 ("knn", "kNN (k=5)")]
+        for j, (key, label) in enumerate(bars):
+            vals = [probe_res[k][key] for k in names]
+            drawn = b.bar([i + (j - 1) * 0.27 for i in xs], vals, width=0.27, label=label)
+            b.bar_label(drawn, fmt="%.3f", fontsize=7, rotation=90, padding=2)
         b.set_xticks(list(xs), names, fontsize=8)
         b.set_ylim(0, 1.2)
         b.set_yticks([0, 0.2, 0.4, 0.6, 0.8, 1.0])
         b.set_ylabel("held-out accuracy")
-        b.legend(loc="upper center", ncol=2, fontsize=8, frameon=False)
+        b.legend(loc="upper center", ncol=3, fontsize=8, frameon=False)
     else:
         b.text(0.5, 0.5, "no labels: probes skipped", ha="center", va="center")
         b.set_axis_off()

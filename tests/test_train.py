@@ -30,7 +30,8 @@ def test_short_run_writes_its_outputs(method, tmp_path, capsys):
     assert all(np.isfinite(metrics["loss_per_epoch"]))
     assert metrics["held_out_samples"] == 539  # 30% of 1797, stratified per class
     for r in metrics["probe"].values():
-        assert 0.0 <= r["linear"] <= 1.0 and 0.0 <= r["knn"] <= 1.0
+        assert set(r) == {"linear", "linear_10", "knn"}
+        assert all(0.0 <= v <= 1.0 for v in r.values())
     # Raw pixels are a fixed baseline: a probe fitted on the 96 samples is far above chance.
     assert metrics["probe"]["raw pixels"]["linear"] > 0.5
     png = (tmp_path / "train.png").read_bytes()
@@ -45,6 +46,27 @@ def test_short_run_writes_its_outputs(method, tmp_path, capsys):
     if method == "moco":
         assert isinstance(fresh, models.MoCo)
         assert int(fresh.queue.ptr) == (6 * 32) % 40
+
+
+def test_few_label_probe_uses_10_fixed_images_per_class():
+    """linear_10's draws: 10 training images of every class (all of a smaller class), the same
+    5 draws on every call, different from each other; the probe's score is their mean."""
+    y = torch.tensor([c for c in range(10) for _ in range(30)] + [10] * 4)
+    draws = train.few_label_draws(y)
+    assert len(draws) == 5
+    for idx in draws:
+        counts = torch.bincount(y[idx], minlength=11)
+        assert counts[:10].tolist() == [10] * 10 and counts[10] == 4
+    assert all(torch.equal(a, b) for a, b in zip(draws, train.few_label_draws(y)))
+    assert not torch.equal(draws[0], draws[1])
+    # Separable features: every draw's probe is perfect, so the mean is 1; noise features
+    # give chance level on a held-out set, far below.
+    g = torch.Generator().manual_seed(0)
+    x = torch.nn.functional.one_hot(y).float() + 0.01 * torch.randn(len(y), 11, generator=g)
+    r = train.probe(x, y, x, y)
+    assert r["linear_10"] == 1.0 and r["linear"] == 1.0
+    noise = torch.randn(len(y), 11, generator=g)
+    assert train.probe(noise, y, torch.randn(len(y), 11, generator=g), y)["linear_10"] < 0.3
 
 
 def test_user_data_without_labels_skips_the_probes(tmp_path, capsys):
