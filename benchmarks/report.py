@@ -2,6 +2,8 @@
 interleaved in one process, as a table of medians and ratios, a JSON file and a PNG plot.
 
     python -m fastcl.bench [--device cpu|cuda] [--large] [--no-memory] [--out DIR] [--quick]
+    python -m fastcl.bench --replot DIR/results.json [--out DIR2]   # redraw the plot only
+    python benchmarks/report.py ...                                 # the same, from a checkout
 
 Cases (the same as ``pytest benchmarks --benchmark-only``):
     NT-Xent, fp32, D=128, N per view in {256, 1024, 4096} (``--large``: also 16384 and, on CUDA,
@@ -22,13 +24,31 @@ rate); for EMA and queue, GB/s against the flat-``lerp_`` bandwidth floor.
 
 ``--quick`` runs tiny sizes, 3 rounds and no memory probes: a smoke test of the report itself,
 not figures to quote.
+
+Plot (matplotlib, Agg backend; optional: without it the report still writes report.txt and
+results.json, and says in one line that it skipped the plot and how to get it, ``pip install
+matplotlib`` or ``pip install fastcl[train]``): one PNG per input configuration, ``plot.png``
+for the first of ``--dtypes`` and ``plot_<dtype>.png`` for each other (e.g. ``plot_tf32.png``,
+``plot_bf16.png`` on CUDA), at 100 dpi. In each, one row per loss case (NT-Xent, MoCo InfoNCE,
+in-batch InfoNCE) and two column groups: median time per step for forward, backward and
+forward + backward, then peak memory for the modes where it was measured (on CPU: forward and
+forward + backward, fp32 only; none with ``--quick`` or ``--no-memory``: the group is left out).
+A case run at several N (NT-Xent) is a line per provider against N on a log-2 axis, the y axis
+logarithmic where the values span a decade or more; a case run at one size is a bar per
+provider with its value written on top. Time in ms (s from 10 s up), memory in MiB. The legend
+names every provider (one that never ran says why); notes under the panels say why points are
+missing and what the memory figure measures. ``--replot results.json`` redraws the PNG(s) of an
+earlier run without timing anything, next to it (there also refreshing the plot caption in
+report.txt and results.json) or in ``--out``.
 """
 from __future__ import annotations
 
 import argparse
 import datetime
+import io
 import json
 import os
+import re
 import statistics
 import sys
 import textwrap
@@ -217,7 +237,8 @@ def _line_panel(ax, rows, kind, providers, plt_ticker):
                     ms=6, zorder=3)
             vals += [v for _, v in pts]
     ax.set_xscale("log", base=2)
-    ax.set_xticks(ns, [str(n) for n in ns])
+    compact = len(ns) > 4  # 16384 and 32768 side by side would overlap: 16k, 32k
+    ax.set_xticks(ns, [f"{n // 1024}k" if compact and n % 1024 == 0 else str(n) for n in ns])
     ax.xaxis.set_minor_locator(plt_ticker.NullLocator())
     ax.set_xlim(ns[0] / 1.35, ns[-1] * 1.35)
     if vals and max(vals) / min(vals) >= 10:
@@ -231,7 +252,8 @@ def _line_panel(ax, rows, kind, providers, plt_ticker):
     else:
         ax.set_ylim(0, max(vals, default=1) * 1.15)
         scale_note = ""
-    ax.set_xlabel(_case_text(rows[0]["case"], 2, n=ns[0]) + (" (log)" if len(ns) > 2 else ""))
+    ax.set_xlabel(_case_text(rows[0]["case"], 2, n=ns[0])
+                  + (" (log" + ("; k = 1024)" if compact else ")") if len(ns) > 2 else ""))
     ax.set_ylabel(("time" if kind == "time" else "peak memory") + f" ({unit}{scale_note})")
 
 
@@ -281,12 +303,19 @@ def _plot_dtype(plt, plt_ticker, path, rows, info, dtype) -> None:
             why = next(r["status"][p] for r in rows if r["status"].get(p, "n/a") != "n/a")
             labels.append(f"{_provider_label(p, device)}: {why}")
     # notes under the panels: missing points, what memory means, how to read the panels
-    notes = []
+    missing = {}  # (reason, sizes): providers, for those that ran elsewhere
     for p in present:
-        whys = sorted({r["status"][p] for r in rows if r["status"].get(p, "n/a") != "n/a"
-                       and p not in r["median_s"]})
-        if whys and any(p in r["median_s"] for r in rows):
-            notes.append(f"{SHORT.get(p, p)} missing where {'; '.join(whys)}.")
+        if not any(p in r["median_s"] for r in rows):
+            continue
+        gaps = {}
+        for r in rows:
+            if r["status"].get(p, "n/a") != "n/a" and p not in r["median_s"]:
+                why = re.sub(r" at N=\d+$", "", r["status"][p])
+                gaps.setdefault(why, set()).add((_case_text(r["case"], 0), r["n"]))
+        for why, where in gaps.items():
+            missing.setdefault((why, tuple(sorted(where))), []).append(SHORT.get(p, p))
+    notes = [", ".join(ps) + " not shown at " + ", ".join(f"{c} N={n}" for c, n in where)
+             + f" ({why})." for (why, where), ps in missing.items()]
     if mem_modes:
         how = ("growth of torch.cuda.max_memory_allocated over one step" if device == "cuda"
                else "RSS growth over one step in a fresh process")
@@ -363,8 +392,17 @@ def _plot_dtype(plt, plt_ticker, path, rows, info, dtype) -> None:
                  fontsize=13.5, fontweight="bold")
     fig.text(left / fig_w, 0.15 / fig_h, "\n".join(notes), ha="left", va="bottom",
              fontsize=10.5, color="0.25", linespacing=1.45)
-    fig.savefig(path, dpi=100, facecolor="white")
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100, facecolor="white")
     plt.close(fig)
+    try:  # 128 colours look the same and take a third of the bytes (Pillow: matplotlib's dep)
+        from PIL import Image
+
+        buf.seek(0)
+        Image.open(buf).convert("RGB").quantize(128).save(path, optimize=True)
+    except ImportError:
+        with open(path, "wb") as f:
+            f.write(buf.getvalue())
 
 
 def plot_files(dtypes):
@@ -491,7 +529,8 @@ def main(argv=None) -> int:
     p.add_argument("--large", action="store_true", help="add N=16384 (and 32768 on CUDA)")
     p.add_argument("--no-memory", action="store_true")
     p.add_argument("--rounds", type=int, default=None, help="default 7 (5 at N >= 4096)")
-    p.add_argument("--out", default=None, help="folder for report.txt, results.json, plot.png")
+    p.add_argument("--out", default=None,
+                   help="folder for report.txt, results.json, plot.png (plot_<dtype>.png)")
     p.add_argument("--quick", action="store_true", help="tiny smoke run; not for quoting")
     p.add_argument("--dtypes", default=None,
                    help="input configurations among fp32,tf32,bf16 (default: fp32 on CPU, all "
