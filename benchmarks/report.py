@@ -335,8 +335,8 @@ def _plot_dtype(plt, plt_ticker, path, rows, info, dtype) -> None:
     fig_w = left + right + panel_w * (len(columns) + gap)
     ncol = max(1, min(len(labels), int(fig_w // 4.6)))
     legend_rows = -(-len(labels) // ncol)
-    notes = [line for note in notes  # wrapped to the figure's width (10.5 pt: ~6.5 px a char)
-             for line in textwrap.wrap(note, int((fig_w - left - right) * 100 / 6.8),
+    notes = [line for note in notes  # wrapped to the figure's width (10.5 pt: ~8 px a char)
+             for line in textwrap.wrap(note, int((fig_w - left - right) * 100 / 8),
                                        subsequent_indent="  ")]
     head = 0.95 + 0.27 * legend_rows + 0.8
     foot = 0.95 + 0.22 * len(notes) + 0.15
@@ -421,19 +421,20 @@ def write_plots(out_dir: str, rows, info, dtypes=None):
     import matplotlib.pyplot as plt
     import matplotlib.ticker as plt_ticker
 
-    dtypes = list(dtypes or dict.fromkeys(r["dtype"] for r in rows))
+    dtypes = [dt for dt in dtypes or dict.fromkeys(r["dtype"] for r in rows)
+              if any(r["dtype"] == dt for r in rows)]
     files = plot_files(dtypes)
     with plt.rc_context({"font.size": 10.5, "axes.titlesize": 11.5, "axes.labelsize": 10.5,
                          "xtick.labelsize": 10, "ytick.labelsize": 10,
                          "axes.spines.top": False, "axes.spines.right": False}):
         for dt in dtypes:
             sel = [r for r in rows if r["dtype"] == dt]
-            if sel:
-                _plot_dtype(plt, plt_ticker, os.path.join(out_dir, files[dt]), sel, info, dt)
+            _plot_dtype(plt, plt_ticker, os.path.join(out_dir, files[dt]), sel, info, dt)
     return (", ".join(f"{f} ({dt})" for dt, f in files.items())
             + ": one row per loss case, columns median time of forward, backward and forward + "
-              "backward, then peak memory; lines against N (log axes where values span a "
-              "decade), bars for a case run at one size; legend names every provider.")
+              "backward, then peak memory where measured; lines against N (log axes where "
+              "values span a decade), bars for a case run at one size; legend names every "
+              "provider.")
 
 
 # ---------------------------------------------------------------------------- report ------
@@ -570,13 +571,13 @@ def main(argv=None) -> int:
     rows = _time_losses(work, a.device, rounds, memory, configs)
     extra = None if a.quick else _time_ema_queue(a.device, rounds * 3)
     report = format_report(info, rows, extra, gemm)
-    caption = write_plots(out, rows, info, configs)
-    report += (caption or MATPLOTLIB_MISSING) + "\n"
+    caption = write_plots(out, rows, info, configs) or MATPLOTLIB_MISSING
+    report += caption + "\n"  # (a later --replot replaces this line, the skip line too)
     with open(os.path.join(out, "report.txt"), "w") as f:
         f.write(report)
     with open(os.path.join(out, "results.json"), "w") as f:
-        json.dump({"info": info, "gemm_flop_s": gemm, "dtypes": configs, "losses": rows, "ema_queue": extra,
-                   "plot": caption}, f, indent=1, default=str)
+        json.dump({"info": info, "gemm_flop_s": gemm, "dtypes": configs, "losses": rows,
+                   "ema_queue": extra, "plot": caption}, f, indent=1, default=str)
     print(report)
     print(f"# written to {out}")
     return 0
