@@ -7,8 +7,16 @@ from __future__ import annotations
 
 import json
 import os
+import struct
 import subprocess
 import sys
+
+
+def _png_size(png: bytes):
+    """(width, height) of a well-formed PNG file."""
+    assert png.startswith(b"\x89PNG\r\n\x1a\n") and png[12:16] == b"IHDR"
+    assert png.endswith(b"IEND\xaeB`\x82")
+    return struct.unpack(">II", png[16:24])
 
 
 def test_report_quick_run_writes_table_json_and_png(tmp_path):
@@ -30,8 +38,114 @@ def test_report_quick_run_writes_table_json_and_png(tmp_path):
         if r["case"] == "in_batch":  # the optional peer is marked, with the reason
             assert r["status"]["inf_cl"].startswith("skipped: Inf-CL's kernels need CUDA")
     assert "skipped" in report
-    png = (tmp_path / "plot.png").read_bytes()
-    assert png.startswith(b"\x89PNG\r\n\x1a\n") and b"IEND" in png[-12:]
+    # a PNG per input configuration, named in the caption; --quick has no memory columns:
+    # 3 time panels (forward, backward, full) of 3.4 in, 1.7 in of margins, at 100 dpi
+    for name in ("plot.png", "plot_bf16.png"):
+        width, height = _png_size((tmp_path / name).read_bytes())
+        assert width == 1190 and 900 < height < 1600, (name, width, height)
+        assert name in report and name in results["plot"]
+    assert not (tmp_path / "plot_fp32.png").exists()
+
+
+BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
+OLD_CAPTION = "plot.png: an older description"
+
+
+def _fake_results(folder):
+    """A results.json as a full CPU run writes it, small: NT-Xent at 3 sizes (the eager
+    reference skipped at the largest), MoCo at one; memory for forward and full only."""
+    providers = ("fastcl", "chunked", "reference", "compile", "peer")
+    rows = []
+    for case, ns in (("nt_xent", (256, 1024, 4096)), ("info_nce", (256,))):
+        for n in ns:
+            for mode in ("forward", "backward", "full"):
+                run = [p for p in providers if not (p == "reference" and n == 4096)]
+                rows.append({
+                    "case": case, "n": n, "mode": mode, "dtype": "fp32",
+                    "median_s": {p: 1e-3 * (i + 1) * (n / 256) ** 2 for i, p in enumerate(run)},
+                    "status": {"inf_cl": "n/a", **({"reference": "skipped: O(N^2) at N=4096"}
+                                                   if n == 4096 else {})},
+                    "mem_mib": {p: (None if mode == "backward" or p not in run else n / 64.0)
+                                for p in providers + ("inf_cl",)}})
+    results = {"info": {"date": "2026-01-01 00:00 UTC", "device": "cpu", "cpu": "x86_64 / Test",
+                        "torch_threads": 2, "torch": "2.x"},
+               "gemm_flop_s": {"fp32": 1e11}, "dtypes": ["fp32"], "losses": rows,
+               "ema_queue": None, "plot": OLD_CAPTION}
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / "results.json", "w") as f:
+        json.dump(results, f, indent=1)
+    (folder / "report.txt").write_text("# fastcl performance report\n" + OLD_CAPTION + "\n")
+    return folder / "results.json"
+
+
+def test_replot_redraws_the_png_from_results_json(tmp_path):
+    """``--replot`` draws without timing anything: next to the results.json (refreshing the
+    caption there), or in --out (leaving the original folder alone)."""
+    results_json = _fake_results(tmp_path / "run")
+    other = tmp_path / "elsewhere"
+    proc = subprocess.run([sys.executable, os.path.join(BENCH, "report.py"), "--replot",
+                           str(results_json), "--out", str(other)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert not (tmp_path / "run" / "plot.png").exists()
+    assert OLD_CAPTION in (tmp_path / "run" / "report.txt").read_text()
+    # 100 dpi; 5 panel columns (time: 3 modes; memory: forward and full), 3.4 in each, the
+    # gap between the groups and margins: 19.21 in; 2 rows of 3.1 in, title, legend, notes
+    assert _png_size((other / "plot.png").read_bytes()) == (1921, 965)
+
+    proc = subprocess.run([sys.executable, "-m", "fastcl.bench", "--replot", str(results_json)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (tmp_path / "run" / "plot.png").read_bytes() == (other / "plot.png").read_bytes()
+    caption = json.loads(results_json.read_text())["plot"]
+    assert caption.startswith("plot.png (fp32):") and caption in proc.stdout
+    report = (tmp_path / "run" / "report.txt").read_text()
+    assert OLD_CAPTION not in report and caption in report
+
+
+def _without_matplotlib(tmp_path):
+    """An environment in which ``import matplotlib`` fails, as where it isn't installed."""
+    site = tmp_path / "no_matplotlib"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text("import sys\nsys.modules['matplotlib'] = None\n")
+    root = os.path.dirname(BENCH)
+    path = os.pathsep.join([str(site), root] + [p for p in [os.environ.get("PYTHONPATH")] if p])
+    env = {k: v for k, v in os.environ.items() if k not in ("FASTCL_BACKEND", "TRITON_INTERPRET")}
+    return dict(env, PYTHONPATH=path)
+
+
+def test_report_without_matplotlib_skips_only_the_plot(tmp_path):
+    """matplotlib is optional: the report exits 0 with report.txt and results.json, and says
+    in one line that it skipped the plot and how to get it. The timing is stubbed (the quick
+    run above covers it): this drives main() itself, in a process without matplotlib."""
+    env = _without_matplotlib(tmp_path)
+    rows = json.loads(_fake_results(tmp_path / "fake").read_text())["losses"]
+    (tmp_path / "rows.json").write_text(json.dumps(rows))
+    driver = (
+        "import json, sys; sys.path.insert(0, sys.argv[1]); import report\n"
+        "try:\n    import matplotlib\nexcept ImportError: pass\n"
+        "else: raise SystemExit('matplotlib still importable')\n"
+        "rows = json.load(open(sys.argv[2]))\n"
+        "report._gemm_rate = lambda device, config='fp32': 1e11\n"
+        "report._time_losses = lambda *a, **k: rows\n"
+        "sys.exit(report.main(['--quick', '--device', 'cpu', '--out', sys.argv[3]]))\n")
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-c", driver, BENCH, str(tmp_path / "rows.json"),
+                           str(out)], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    said = [line for line in proc.stdout.splitlines() if "plot skipped" in line]
+    assert len(said) == 1 and "matplotlib is not installed" in said[0]
+    assert "pip install matplotlib" in said[0] and "pip install fastcl[train]" in said[0]
+    assert "plot skipped" in (out / "report.txt").read_text()
+    assert json.loads((out / "results.json").read_text())["losses"] == rows
+    assert not list(out.glob("*.png"))
+
+    # --replot, whose only job is the plot, fails with the same line
+    proc = subprocess.run([sys.executable, "-m", "fastcl.bench", "--replot",
+                           str(tmp_path / "fake" / "results.json")],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 1 and "pip install matplotlib" in proc.stdout
+    assert not (tmp_path / "fake" / "plot.png").exists()
 
 
 def test_bench_outside_a_checkout_says_what_it_needs(tmp_path):
