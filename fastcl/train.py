@@ -18,8 +18,16 @@ at its random initialization, and the raw pixels. It writes to ``--out``:
 - ``checkpoint.pt``: the model's ``state_dict`` (momentum networks and queue included) and the
   optimizer's.
 
-``--data PATH.npy`` trains on your own (N, C, H, W) float array instead; ``--labels PATH.npy``
-((N,) integers) enables the probes on it, otherwise they are skipped and said so.
+``--data PATH.npy`` trains on your own images instead: an (N, C, H, W) array; a channels-last
+(N, H, W, C) one (last dim 1, 3 or 4, both middle dims larger than 4) is transposed and an
+(N, H, W) one read as (N, 1, H, W) grayscale; float values, or uint8 ones scaled to [0, 1]
+(/ 255). Each conversion prints a one-line note; any other shape or dtype is refused with what
+to do. ``--labels PATH.npy`` ((N,) integers) enables the probes on it, otherwise
+they are skipped and said so.
+
+Bad input ends the run with a one-line message naming the option: a missing file (``--data:
+no such file: x.npy``, exit 2, like every argument error), a file that is not a .npy or not an
+image array (exit 1).
 """
 from __future__ import annotations
 
@@ -51,21 +59,67 @@ def load_digits() -> Tuple[Tensor, Tensor]:
 
 
 def load_user_data(path: str, labels: Optional[str]) -> Tuple[Tensor, Optional[Tensor]]:
-    """A user's (N, C, H, W) array from ``path`` (.npy) and optional (N,) labels."""
+    """A user's image array from ``path`` (.npy) and optional (N,) integer labels.
+
+    Layouts (each conversion prints a one-line note to stderr):
+
+    - (N, C, H, W): used as is;
+    - (N, H, W, C), channels-last: recognised when the last dim is 1, 3 or 4 and both middle
+      dims are larger than 4 (no channel count fastcl expects), e.g. (N, 32, 32, 3); transposed
+      to (N, C, H, W). A genuine (N, C, H, W) array is only misread if it has more than 4
+      channels and is at most 4 pixels wide;
+    - (N, H, W), grayscale: read as (N, 1, H, W).
+
+    Dtypes: floats are used as float32; uint8 is scaled to [0, 1] (divided by 255); any other
+    dtype is refused with the conversion to do. A bad file or array ends the run with a
+    one-line ``SystemExit`` message naming the flag (``--data`` or ``--labels``).
+    """
     import numpy as np
 
-    x = np.load(path)
-    if x.ndim != 4 or not np.issubdtype(x.dtype, np.floating):
-        raise SystemExit(f"--data: expected a float (N, C, H, W) array, got {x.dtype} "
-                         f"with shape {x.shape}")
+    def read(flag: str, file: str):
+        try:
+            with open(file, "rb") as f:
+                magic = f.read(6)
+        except OSError as e:
+            raise SystemExit(f"{flag}: cannot read {file}: {e.strerror or e}")
+        if magic[:2] == b"PK":
+            raise SystemExit(f"{flag}: {file} is a .npz archive, not a .npy file: save the "
+                             f"one array with np.save")
+        if magic != b"\x93NUMPY":
+            raise SystemExit(f"{flag}: not a .npy file (no .npy header): {file}")
+        try:
+            return np.load(file)
+        except (OSError, ValueError, EOFError) as e:
+            raise SystemExit(f"{flag}: cannot load {file}: {e}")
+
+    def note(msg: str) -> None:
+        print(f"note: --data {os.path.basename(path)}: {msg}", file=sys.stderr)
+
+    x = read("--data", path)
+    if x.ndim == 3:
+        note(f"{x.shape} read as grayscale (N, H, W), used as (N, 1, H, W)")
+        x = x[:, None]
+    elif x.ndim == 4 and x.shape[3] in (1, 3, 4) and min(x.shape[1:3]) > 4:
+        shape = x.shape
+        x = x.transpose(0, 3, 1, 2)
+        note(f"{shape} read as channels-last (N, H, W, C), transposed to (N, C, H, W) = "
+             f"{x.shape}")
+    if x.ndim != 4:
+        raise SystemExit(f"--data: expected an (N, C, H, W) image array, got shape {x.shape}")
+    if x.dtype == np.uint8:
+        note("uint8 values scaled to [0, 1] (divided by 255)")
+        x = x.astype("float32") / 255.0
+    elif not np.issubdtype(x.dtype, np.floating):
+        raise SystemExit(f"--data: expected float (or uint8) values, got {x.dtype}: convert "
+                         f"with x.astype(np.float32), scaled to about [0, 1]")
     y = None
     if labels is not None:
-        y = np.load(labels)
+        y = read("--labels", labels)
         if y.shape != (x.shape[0],) or not np.issubdtype(y.dtype, np.integer):
             raise SystemExit(f"--labels: expected ({x.shape[0]},) integers, got {y.dtype} "
                              f"with shape {y.shape}")
         y = torch.from_numpy(y.astype("int64"))
-    return torch.from_numpy(x.astype("float32")), y
+    return torch.from_numpy(np.ascontiguousarray(x, dtype="float32")), y
 
 
 def split(n: int, labels: Optional[Tensor], test_fraction: float, seed: int):
@@ -211,8 +265,13 @@ def parse_args(argv: Optional[Sequence[str]] = None):
     p.add_argument("--queue-size", type=int, default=256,
                    help="MoCo v2 negatives (small: the training split has 1,258 images)")
     p.add_argument("--width", type=int, default=64, help="encoder width (features = 4x)")
-    p.add_argument("--data", default=None, help="(N, C, H, W) float .npy instead of digits")
-    p.add_argument("--labels", default=None, help="(N,) integer .npy for --data's probes")
+    p.add_argument("--data", default=None,
+                   help="a .npy of images instead of digits: (N, C, H, W); channels-last "
+                        "(N, H, W, C) with C in 1, 3, 4 and H, W > 4 is transposed, (N, H, W) "
+                        "is read as (N, 1, H, W); float, or uint8 (scaled to [0, 1]), each "
+                        "conversion with a note")
+    p.add_argument("--labels", default=None,
+                   help="(N,) integer .npy for --data's probes")
     p.add_argument("--test-fraction", type=float, default=0.3)
     p.add_argument("--subset", type=int, default=None,
                    help="train on the first N training samples only (smoke tests)")
@@ -235,6 +294,9 @@ def parse_args(argv: Optional[Sequence[str]] = None):
         p.error("--test-fraction must be in (0, 1)")
     if args.labels is not None and args.data is None:
         p.error("--labels goes with --data")
+    for flag, file in (("--data", args.data), ("--labels", args.labels)):
+        if file is not None and not os.path.isfile(file):
+            p.error(f"{flag}: no such file: {file}")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device is available")
     return args
