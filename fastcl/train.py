@@ -27,7 +27,9 @@ they are skipped and said so.
 
 Bad input ends the run with a one-line message naming the option: a missing file (``--data:
 no such file: x.npy``, exit 2, like every argument error), a file that is not a .npy or not an
-image array (exit 1).
+image array (exit 1). An option the chosen method would ignore is an error rather than silence:
+``--temperature`` with byol, ``--momentum`` with simclr, ``--queue-size`` with simclr, byol or
+MoCo v3, ``--moco-version`` without ``--method moco``.
 """
 from __future__ import annotations
 
@@ -44,6 +46,7 @@ import torch.nn.functional as TF
 from torch import Tensor, nn
 
 METHODS = ("simclr", "moco", "byol")
+_UNSET = object()  # parse_args: marks an option left at its default
 
 
 # ------------------------------------------------------------------------- data -------------
@@ -252,7 +255,8 @@ def parse_args(argv: Optional[Sequence[str]] = None):
     p.add_argument("--moco-version", choices=("v2", "v3"), default="v2")
     p.add_argument("--epochs", type=int, default=None,
                    help="default: 60 for simclr and moco, 80 for byol")
-    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--batch-size", type=int, default=256,
+                   help="at least 2")
     p.add_argument("--lr", type=float, default=None,
                    help="AdamW learning rate (cosine decay); default 2e-3")
     p.add_argument("--weight-decay", type=float, default=1e-4)
@@ -280,6 +284,9 @@ def parse_args(argv: Optional[Sequence[str]] = None):
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--out", default="fastcl-train-out", help="output folder")
     p.add_argument("--no-progress", action="store_true", help="no tqdm bar")
+    p.epilog = ("An option the chosen method ignores is an error: --temperature with byol, "
+                "--momentum with simclr, --queue-size with simclr, byol or moco v3, "
+                "--moco-version without --method moco.")
     args = p.parse_args(argv)
     if args.epochs is None:
         args.epochs = 80 if args.method == "byol" else 60
@@ -290,6 +297,10 @@ def parse_args(argv: Optional[Sequence[str]] = None):
     for name in ("epochs", "batch_size", "dim", "queue_size", "width"):
         if getattr(args, name) <= 0:
             p.error(f"--{name.replace('_', '-')} must be positive")
+    if args.batch_size < 2:
+        p.error("--batch-size must be at least 2 (a contrastive batch needs two samples)")
+    if args.subset is not None and args.subset <= 0:
+        p.error("--subset must be positive")
     if not 0 < args.test_fraction < 1:
         p.error("--test-fraction must be in (0, 1)")
     if args.labels is not None and args.data is None:
@@ -297,6 +308,22 @@ def parse_args(argv: Optional[Sequence[str]] = None):
     for flag, file in (("--data", args.data), ("--labels", args.labels)):
         if file is not None and not os.path.isfile(file):
             p.error(f"{flag}: no such file: {file}")
+    # Options the chosen method would silently ignore are errors. "Given" means on the command
+    # line (parsed again with every default replaced by a marker), whatever the value.
+    p.set_defaults(**{k: _UNSET for k in vars(args)})
+    given = {k for k, v in vars(p.parse_args(argv)).items() if v is not _UNSET}
+    method = f"moco {args.moco_version}" if args.method == "moco" else args.method
+    unused = {  # option: (the methods that ignore it, why)
+        "temperature": (("byol",), "BYOL's loss has no temperature"),
+        "momentum": (("simclr",), "SimCLR has no momentum network"),
+        "queue_size": (("simclr", "byol", "moco v3"), "only MoCo v2 keeps a queue"),
+        "moco_version": (("simclr", "byol"), "it picks MoCo's version"),
+    }
+    for name, (methods, why) in unused.items():
+        if name in given and method in methods:
+            what = ("--method moco --moco-version v3" if method == "moco v3"
+                    else f"--method {method}")
+            p.error(f"--{name.replace('_', '-')} does not apply to {what} ({why}): drop it")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device is available")
     return args

@@ -19,7 +19,8 @@ SHORT = ["--epochs", "2", "--subset", "96", "--batch-size", "32", "--width", "8"
 
 @pytest.mark.parametrize("method", ["simclr", "moco", "byol"])
 def test_short_run_writes_its_outputs(method, tmp_path, capsys):
-    extra = ["--queue-size", "40", "--hidden-dim", "32"] if method != "simclr" else []
+    extra = {"simclr": [], "moco": ["--queue-size", "40", "--hidden-dim", "32"],
+             "byol": ["--hidden-dim", "32"]}[method]
     assert train.main(["--method", method, "--out", str(tmp_path), *SHORT, *extra]) == 0
     printed = capsys.readouterr().out
     for row in ("trained encoder", "random-init encoder", "raw pixels"):
@@ -178,6 +179,49 @@ def test_uint8_images_are_scaled_and_channels_last_trains(tmp_path, capsys):
     out = tmp_path / "out"
     assert train.main(["--data", str(tmp_path / "x.npy"), "--out", str(out), *SHORT]) == 0
     assert json.loads((out / "metrics.json").read_text())["loss_per_epoch"]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--batch-size", "1"], "--batch-size must be at least 2"),
+    (["--subset", "0"], "--subset must be positive"),
+    (["--subset", "-5"], "--subset must be positive"),
+])
+def test_batch_and_subset_bounds(argv, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        train.parse_args(argv)
+    assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, message, accepted", [
+    # rejected, and the nearest command line that is accepted
+    (["--method", "byol", "--temperature", "0.1"],
+     "--temperature does not apply to --method byol (BYOL's loss has no temperature)",
+     ["--method", "moco", "--moco-version", "v3", "--temperature", "0.1"]),
+    (["--method", "simclr", "--momentum", "0.9"],
+     "--momentum does not apply to --method simclr (SimCLR has no momentum network)",
+     ["--method", "byol", "--momentum", "0.9"]),
+    (["--queue-size", "256"],  # the default value, given explicitly: still an error
+     "--queue-size does not apply to --method simclr (only MoCo v2 keeps a queue)",
+     ["--method", "moco", "--queue-size", "256"]),
+    (["--method", "byol", "--queue-size=64"],
+     "--queue-size does not apply to --method byol",
+     ["--method", "byol"]),
+    (["--method", "moco", "--moco-version", "v3", "--queue-size", "64"],
+     "--queue-size does not apply to --method moco --moco-version v3",
+     ["--method", "moco", "--moco-version", "v2", "--queue-size", "64", "--momentum", "0.9"]),
+    (["--moco-version", "v2"], "--moco-version does not apply to --method simclr",
+     ["--method", "simclr", "--temperature", "0.2"]),
+    (["--method", "byol", "--moco-v", "v3"], "--moco-version does not apply to --method byol",
+     ["--method", "moco", "--moco-v", "v3", "--momentum", "0.9"]),
+])
+def test_an_option_the_method_ignores_is_an_error(argv, message, accepted, tmp_path, capsys):
+    np.save(tmp_path / "x.npy", GOOD_X)
+    argv = [str(tmp_path / "x.npy") if a == "__DATA__" else a for a in argv]
+    with pytest.raises(SystemExit) as e:
+        train.parse_args(argv)
+    assert e.value.code == 2
+    assert message in capsys.readouterr().err
+    train.parse_args(accepted)
 
 
 def test_entry_points():
