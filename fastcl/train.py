@@ -22,14 +22,15 @@ at its random initialization, and the raw pixels. It writes to ``--out``:
 (N, H, W, C) one (last dim 1, 3 or 4, both middle dims larger than 4) is transposed and an
 (N, H, W) one read as (N, 1, H, W) grayscale; float values, or uint8 ones scaled to [0, 1]
 (/ 255). Each conversion prints a one-line note; any other shape or dtype is refused with what
-to do. ``--labels PATH.npy`` ((N,) integers) enables the probes on it, otherwise
-they are skipped and said so.
+to do. ``--labels PATH.npy`` ((N,) integers) sets a held-out split aside and probes on it;
+without labels every sample trains and the probes are skipped (and said so).
 
 Bad input ends the run with a one-line message naming the option: a missing file (``--data:
 no such file: x.npy``, exit 2, like every argument error), a file that is not a .npy or not an
 image array (exit 1). An option the chosen method would ignore is an error rather than silence:
 ``--temperature`` with byol, ``--momentum`` with simclr, ``--queue-size`` with simclr, byol or
-MoCo v3, ``--moco-version`` without ``--method moco``.
+MoCo v3, ``--moco-version`` without ``--method moco``, ``--test-fraction`` with ``--data`` but
+no ``--labels``. A ``--batch-size`` larger than the training set is lowered to it, with a note.
 """
 from __future__ import annotations
 
@@ -256,7 +257,7 @@ def parse_args(argv: Optional[Sequence[str]] = None):
     p.add_argument("--epochs", type=int, default=None,
                    help="default: 60 for simclr and moco, 80 for byol")
     p.add_argument("--batch-size", type=int, default=256,
-                   help="at least 2")
+                   help="at least 2; lowered, with a note, to the training set's size if larger")
     p.add_argument("--lr", type=float, default=None,
                    help="AdamW learning rate (cosine decay); default 2e-3")
     p.add_argument("--weight-decay", type=float, default=1e-4)
@@ -275,8 +276,10 @@ def parse_args(argv: Optional[Sequence[str]] = None):
                         "is read as (N, 1, H, W); float, or uint8 (scaled to [0, 1]), each "
                         "conversion with a note")
     p.add_argument("--labels", default=None,
-                   help="(N,) integer .npy for --data's probes")
-    p.add_argument("--test-fraction", type=float, default=0.3)
+                   help="(N,) integer .npy for --data: held-out split and probes (without "
+                        "it, every sample trains and the probes are skipped)")
+    p.add_argument("--test-fraction", type=float, default=0.3,
+                   help="held-out fraction (digits, or --data with --labels)")
     p.add_argument("--subset", type=int, default=None,
                    help="train on the first N training samples only (smoke tests)")
     p.add_argument("--device", default="cpu")
@@ -286,7 +289,8 @@ def parse_args(argv: Optional[Sequence[str]] = None):
     p.add_argument("--no-progress", action="store_true", help="no tqdm bar")
     p.epilog = ("An option the chosen method ignores is an error: --temperature with byol, "
                 "--momentum with simclr, --queue-size with simclr, byol or moco v3, "
-                "--moco-version without --method moco.")
+                "--moco-version without --method moco, --test-fraction with --data but no "
+                "--labels.")
     args = p.parse_args(argv)
     if args.epochs is None:
         args.epochs = 80 if args.method == "byol" else 60
@@ -324,6 +328,9 @@ def parse_args(argv: Optional[Sequence[str]] = None):
             what = ("--method moco --moco-version v3" if method == "moco v3"
                     else f"--method {method}")
             p.error(f"--{name.replace('_', '-')} does not apply to {what} ({why}): drop it")
+    if "test_fraction" in given and args.data is not None and args.labels is None:
+        p.error("--test-fraction does not apply without --labels: all of --data trains, "
+                "there is no held-out split")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device is available")
     return args
@@ -341,14 +348,21 @@ def train(args) -> Dict:
     else:
         x, y = load_user_data(args.data, args.labels)
         dataset = os.path.basename(args.data)
-    train_idx, test_idx = split(len(x), y, args.test_fraction, args.seed)
+    if y is None:  # nothing to probe: no held-out split, every sample trains
+        train_idx, test_idx = torch.arange(len(x)), torch.arange(0)
+    else:
+        train_idx, test_idx = split(len(x), y, args.test_fraction, args.seed)
     if args.subset is not None:
         train_idx = train_idx[:args.subset]
     x_train = x[train_idx].to(device)
     n = len(x_train)
+    if n < 2:
+        why = f" (--subset {args.subset})" if args.subset is not None else ""
+        raise SystemExit(f"need at least 2 training samples, got {n}{why}")
     batch = min(args.batch_size, n)
-    if batch < 2:
-        raise SystemExit(f"need at least 2 training samples, got {n}")
+    if batch < args.batch_size:
+        print(f"note: --batch-size {args.batch_size} is more than the {n} training samples: "
+              f"batches of {n} (one step per epoch)", file=sys.stderr)
 
     encoder = SmallCNN(x.shape[1], args.width).to(device)
     random_state = {k: v.clone() for k, v in encoder.state_dict().items()}

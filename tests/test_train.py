@@ -55,7 +55,9 @@ def test_user_data_without_labels_skips_the_probes(tmp_path, capsys):
     assert train.main(["--data", str(tmp_path / "x.npy"), "--out", str(out), *SHORT]) == 0
     assert "linear probe and kNN skipped" in capsys.readouterr().out
     metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["probe"] == {} and metrics["train_samples"] == 28  # 70% of 40
+    # No labels: nothing held out, every sample trains.
+    assert metrics["probe"] == {} and metrics["train_samples"] == 40
+    assert metrics["held_out_samples"] == 0
     assert (out / "train.png").exists()
 
 
@@ -181,6 +183,17 @@ def test_uint8_images_are_scaled_and_channels_last_trains(tmp_path, capsys):
     assert json.loads((out / "metrics.json").read_text())["loss_per_epoch"]
 
 
+def test_a_batch_larger_than_the_training_set_is_said(tmp_path, capsys):
+    argv = ["--out", str(tmp_path), "--epochs", "1", "--subset", "45", "--batch-size", "256",
+            "--width", "8", "--no-progress"]
+    assert train.main(argv) == 0
+    err = capsys.readouterr().err
+    assert ("note: --batch-size 256 is more than the 45 training samples: batches of 45 "
+            "(one step per epoch)") in err
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["batch_size"] == 45 and metrics["steps"] == 1
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--batch-size", "1"], "--batch-size must be at least 2"),
     (["--subset", "0"], "--subset must be positive"),
@@ -190,6 +203,11 @@ def test_batch_and_subset_bounds(argv, message, capsys):
     with pytest.raises(SystemExit) as e:
         train.parse_args(argv)
     assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_one_training_sample_is_named(tmp_path):
+    with pytest.raises(SystemExit, match=r"need at least 2 training samples, got 1 \(--subset 1\)"):
+        train.main(["--out", str(tmp_path), "--subset", "1", "--epochs", "1", "--no-progress"])
 
 
 @pytest.mark.parametrize("argv, message, accepted", [
@@ -213,6 +231,9 @@ def test_batch_and_subset_bounds(argv, message, capsys):
      ["--method", "simclr", "--temperature", "0.2"]),
     (["--method", "byol", "--moco-v", "v3"], "--moco-version does not apply to --method byol",
      ["--method", "moco", "--moco-v", "v3", "--momentum", "0.9"]),
+    (["--data", "__DATA__", "--test-fraction", "0.2"],
+     "--test-fraction does not apply without --labels",
+     ["--test-fraction", "0.2"]),
 ])
 def test_an_option_the_method_ignores_is_an_error(argv, message, accepted, tmp_path, capsys):
     np.save(tmp_path / "x.npy", GOOD_X)
