@@ -29,8 +29,9 @@ Bad input ends the run with a one-line message naming the option: a missing file
 no such file: x.npy``, exit 2, like every argument error), a file that is not a .npy or not an
 image array (exit 1). An option the chosen method would ignore is an error rather than silence:
 ``--temperature`` with byol, ``--momentum`` with simclr, ``--queue-size`` with simclr, byol or
-MoCo v3, ``--moco-version`` without ``--method moco``, ``--test-fraction`` with ``--data`` but
-no ``--labels``. A ``--batch-size`` larger than the training set is lowered to it, with a note.
+MoCo v3, ``--moco-version`` without ``--method moco``, ``--hidden-dim`` with simclr (its head
+is as wide as the encoder's features), ``--test-fraction`` with ``--data`` but no ``--labels``.
+A ``--batch-size`` larger than the training set is lowered to it, with a note.
 """
 from __future__ import annotations
 
@@ -289,8 +290,8 @@ def parse_args(argv: Optional[Sequence[str]] = None):
     p.add_argument("--no-progress", action="store_true", help="no tqdm bar")
     p.epilog = ("An option the chosen method ignores is an error: --temperature with byol, "
                 "--momentum with simclr, --queue-size with simclr, byol or moco v3, "
-                "--moco-version without --method moco, --test-fraction with --data but no "
-                "--labels.")
+                "--moco-version without --method moco, --hidden-dim with simclr, "
+                "--test-fraction with --data but no --labels.")
     args = p.parse_args(argv)
     if args.epochs is None:
         args.epochs = 80 if args.method == "byol" else 60
@@ -322,6 +323,7 @@ def parse_args(argv: Optional[Sequence[str]] = None):
         "momentum": (("simclr",), "SimCLR has no momentum network"),
         "queue_size": (("simclr", "byol", "moco v3"), "only MoCo v2 keeps a queue"),
         "moco_version": (("simclr", "byol"), "it picks MoCo's version"),
+        "hidden_dim": (("simclr",), "its head's hidden width is the encoder's feature width"),
     }
     for name, (methods, why) in unused.items():
         if name in given and method in methods:

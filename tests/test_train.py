@@ -231,6 +231,8 @@ def test_one_training_sample_is_named(tmp_path):
      ["--method", "simclr", "--temperature", "0.2"]),
     (["--method", "byol", "--moco-v", "v3"], "--moco-version does not apply to --method byol",
      ["--method", "moco", "--moco-v", "v3", "--momentum", "0.9"]),
+    (["--hidden-dim", "32"], "--hidden-dim does not apply to --method simclr",
+     ["--method", "byol", "--hidden-dim", "32"]),
     (["--data", "__DATA__", "--test-fraction", "0.2"],
      "--test-fraction does not apply without --labels",
      ["--test-fraction", "0.2"]),
