@@ -18,8 +18,20 @@ at its random initialization, and the raw pixels. It writes to ``--out``:
 - ``checkpoint.pt``: the model's ``state_dict`` (momentum networks and queue included) and the
   optimizer's.
 
-``--data PATH.npy`` trains on your own (N, C, H, W) float array instead; ``--labels PATH.npy``
-((N,) integers) enables the probes on it, otherwise they are skipped and said so.
+``--data PATH.npy`` trains on your own images instead: an (N, C, H, W) array; a channels-last
+(N, H, W, C) one (last dim 1, 3 or 4, both middle dims larger than 4) is transposed and an
+(N, H, W) one read as (N, 1, H, W) grayscale; float values, or uint8 ones scaled to [0, 1]
+(/ 255). Each conversion prints a one-line note; any other shape or dtype is refused with what
+to do. ``--labels PATH.npy`` ((N,) integers) sets a held-out split aside and probes on it;
+without labels every sample trains and the probes are skipped (and said so).
+
+Bad input ends the run with a one-line message naming the option: a missing file (``--data:
+no such file: x.npy``, exit 2, like every argument error), a file that is not a .npy or not an
+image array (exit 1). An option the chosen method would ignore is an error rather than silence:
+``--temperature`` with byol, ``--momentum`` with simclr, ``--queue-size`` with simclr, byol or
+MoCo v3, ``--moco-version`` without ``--method moco``, ``--hidden-dim`` with simclr (its head
+is as wide as the encoder's features), ``--test-fraction`` with ``--data`` but no ``--labels``.
+A ``--batch-size`` larger than the training set is lowered to it, with a note.
 """
 from __future__ import annotations
 
@@ -36,6 +48,7 @@ import torch.nn.functional as TF
 from torch import Tensor, nn
 
 METHODS = ("simclr", "moco", "byol")
+_UNSET = object()  # parse_args: marks an option left at its default
 
 
 # ------------------------------------------------------------------------- data -------------
@@ -51,21 +64,67 @@ def load_digits() -> Tuple[Tensor, Tensor]:
 
 
 def load_user_data(path: str, labels: Optional[str]) -> Tuple[Tensor, Optional[Tensor]]:
-    """A user's (N, C, H, W) array from ``path`` (.npy) and optional (N,) labels."""
+    """A user's image array from ``path`` (.npy) and optional (N,) integer labels.
+
+    Layouts (each conversion prints a one-line note to stderr):
+
+    - (N, C, H, W): used as is;
+    - (N, H, W, C), channels-last: recognised when the last dim is 1, 3 or 4 and both middle
+      dims are larger than 4 (no channel count fastcl expects), e.g. (N, 32, 32, 3); transposed
+      to (N, C, H, W). A genuine (N, C, H, W) array is only misread if it has more than 4
+      channels and is at most 4 pixels wide;
+    - (N, H, W), grayscale: read as (N, 1, H, W).
+
+    Dtypes: floats are used as float32; uint8 is scaled to [0, 1] (divided by 255); any other
+    dtype is refused with the conversion to do. A bad file or array ends the run with a
+    one-line ``SystemExit`` message naming the flag (``--data`` or ``--labels``).
+    """
     import numpy as np
 
-    x = np.load(path)
-    if x.ndim != 4 or not np.issubdtype(x.dtype, np.floating):
-        raise SystemExit(f"--data: expected a float (N, C, H, W) array, got {x.dtype} "
-                         f"with shape {x.shape}")
+    def read(flag: str, file: str):
+        try:
+            with open(file, "rb") as f:
+                magic = f.read(6)
+        except OSError as e:
+            raise SystemExit(f"{flag}: cannot read {file}: {e.strerror or e}")
+        if magic[:2] == b"PK":
+            raise SystemExit(f"{flag}: {file} is a .npz archive, not a .npy file: save the "
+                             f"one array with np.save")
+        if magic != b"\x93NUMPY":
+            raise SystemExit(f"{flag}: not a .npy file (no .npy header): {file}")
+        try:
+            return np.load(file)
+        except (OSError, ValueError, EOFError) as e:
+            raise SystemExit(f"{flag}: cannot load {file}: {e}")
+
+    def note(msg: str) -> None:
+        print(f"note: --data {os.path.basename(path)}: {msg}", file=sys.stderr)
+
+    x = read("--data", path)
+    if x.ndim == 3:
+        note(f"{x.shape} read as grayscale (N, H, W), used as (N, 1, H, W)")
+        x = x[:, None]
+    elif x.ndim == 4 and x.shape[3] in (1, 3, 4) and min(x.shape[1:3]) > 4:
+        shape = x.shape
+        x = x.transpose(0, 3, 1, 2)
+        note(f"{shape} read as channels-last (N, H, W, C), transposed to (N, C, H, W) = "
+             f"{x.shape}")
+    if x.ndim != 4:
+        raise SystemExit(f"--data: expected an (N, C, H, W) image array, got shape {x.shape}")
+    if x.dtype == np.uint8:
+        note("uint8 values scaled to [0, 1] (divided by 255)")
+        x = x.astype("float32") / 255.0
+    elif not np.issubdtype(x.dtype, np.floating):
+        raise SystemExit(f"--data: expected float (or uint8) values, got {x.dtype}: convert "
+                         f"with x.astype(np.float32), scaled to about [0, 1]")
     y = None
     if labels is not None:
-        y = np.load(labels)
+        y = read("--labels", labels)
         if y.shape != (x.shape[0],) or not np.issubdtype(y.dtype, np.integer):
             raise SystemExit(f"--labels: expected ({x.shape[0]},) integers, got {y.dtype} "
                              f"with shape {y.shape}")
         y = torch.from_numpy(y.astype("int64"))
-    return torch.from_numpy(x.astype("float32")), y
+    return torch.from_numpy(np.ascontiguousarray(x, dtype="float32")), y
 
 
 def split(n: int, labels: Optional[Tensor], test_fraction: float, seed: int):
@@ -226,7 +285,8 @@ def parse_args(argv: Optional[Sequence[str]] = None):
     p.add_argument("--moco-version", choices=("v2", "v3"), default="v2")
     p.add_argument("--epochs", type=int, default=None,
                    help="default: 60 for simclr and moco, 80 for byol")
-    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--batch-size", type=int, default=256,
+                   help="at least 2; lowered, with a note, to the training set's size if larger")
     p.add_argument("--lr", type=float, default=None,
                    help="AdamW learning rate (cosine decay); default 2e-3")
     p.add_argument("--weight-decay", type=float, default=1e-4)
@@ -239,9 +299,16 @@ def parse_args(argv: Optional[Sequence[str]] = None):
     p.add_argument("--queue-size", type=int, default=256,
                    help="MoCo v2 negatives (small: the training split has 1,258 images)")
     p.add_argument("--width", type=int, default=64, help="encoder width (features = 4x)")
-    p.add_argument("--data", default=None, help="(N, C, H, W) float .npy instead of digits")
-    p.add_argument("--labels", default=None, help="(N,) integer .npy for --data's probes")
-    p.add_argument("--test-fraction", type=float, default=0.3)
+    p.add_argument("--data", default=None,
+                   help="a .npy of images instead of digits: (N, C, H, W); channels-last "
+                        "(N, H, W, C) with C in 1, 3, 4 and H, W > 4 is transposed, (N, H, W) "
+                        "is read as (N, 1, H, W); float, or uint8 (scaled to [0, 1]), each "
+                        "conversion with a note")
+    p.add_argument("--labels", default=None,
+                   help="(N,) integer .npy for --data: held-out split and probes (without "
+                        "it, every sample trains and the probes are skipped)")
+    p.add_argument("--test-fraction", type=float, default=0.3,
+                   help="held-out fraction (digits, or --data with --labels)")
     p.add_argument("--subset", type=int, default=None,
                    help="train on the first N training samples only (smoke tests)")
     p.add_argument("--device", default="cpu")
@@ -249,6 +316,10 @@ def parse_args(argv: Optional[Sequence[str]] = None):
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--out", default="fastcl-train-out", help="output folder")
     p.add_argument("--no-progress", action="store_true", help="no tqdm bar")
+    p.epilog = ("An option the chosen method ignores is an error: --temperature with byol, "
+                "--momentum with simclr, --queue-size with simclr, byol or moco v3, "
+                "--moco-version without --method moco, --hidden-dim with simclr, "
+                "--test-fraction with --data but no --labels.")
     args = p.parse_args(argv)
     if args.epochs is None:
         args.epochs = 80 if args.method == "byol" else 60
@@ -259,10 +330,37 @@ def parse_args(argv: Optional[Sequence[str]] = None):
     for name in ("epochs", "batch_size", "dim", "queue_size", "width"):
         if getattr(args, name) <= 0:
             p.error(f"--{name.replace('_', '-')} must be positive")
+    if args.batch_size < 2:
+        p.error("--batch-size must be at least 2 (a contrastive batch needs two samples)")
+    if args.subset is not None and args.subset <= 0:
+        p.error("--subset must be positive")
     if not 0 < args.test_fraction < 1:
         p.error("--test-fraction must be in (0, 1)")
     if args.labels is not None and args.data is None:
         p.error("--labels goes with --data")
+    for flag, file in (("--data", args.data), ("--labels", args.labels)):
+        if file is not None and not os.path.isfile(file):
+            p.error(f"{flag}: no such file: {file}")
+    # Options the chosen method would silently ignore are errors. "Given" means on the command
+    # line (parsed again with every default replaced by a marker), whatever the value.
+    p.set_defaults(**{k: _UNSET for k in vars(args)})
+    given = {k for k, v in vars(p.parse_args(argv)).items() if v is not _UNSET}
+    method = f"moco {args.moco_version}" if args.method == "moco" else args.method
+    unused = {  # option: (the methods that ignore it, why)
+        "temperature": (("byol",), "BYOL's loss has no temperature"),
+        "momentum": (("simclr",), "SimCLR has no momentum network"),
+        "queue_size": (("simclr", "byol", "moco v3"), "only MoCo v2 keeps a queue"),
+        "moco_version": (("simclr", "byol"), "it picks MoCo's version"),
+        "hidden_dim": (("simclr",), "its head's hidden width is the encoder's feature width"),
+    }
+    for name, (methods, why) in unused.items():
+        if name in given and method in methods:
+            what = ("--method moco --moco-version v3" if method == "moco v3"
+                    else f"--method {method}")
+            p.error(f"--{name.replace('_', '-')} does not apply to {what} ({why}): drop it")
+    if "test_fraction" in given and args.data is not None and args.labels is None:
+        p.error("--test-fraction does not apply without --labels: all of --data trains, "
+                "there is no held-out split")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device is available")
     return args
@@ -280,14 +378,21 @@ def train(args) -> Dict:
     else:
         x, y = load_user_data(args.data, args.labels)
         dataset = os.path.basename(args.data)
-    train_idx, test_idx = split(len(x), y, args.test_fraction, args.seed)
+    if y is None:  # nothing to probe: no held-out split, every sample trains
+        train_idx, test_idx = torch.arange(len(x)), torch.arange(0)
+    else:
+        train_idx, test_idx = split(len(x), y, args.test_fraction, args.seed)
     if args.subset is not None:
         train_idx = train_idx[:args.subset]
     x_train = x[train_idx].to(device)
     n = len(x_train)
+    if n < 2:
+        why = f" (--subset {args.subset})" if args.subset is not None else ""
+        raise SystemExit(f"need at least 2 training samples, got {n}{why}")
     batch = min(args.batch_size, n)
-    if batch < 2:
-        raise SystemExit(f"need at least 2 training samples, got {n}")
+    if batch < args.batch_size:
+        print(f"note: --batch-size {args.batch_size} is more than the {n} training samples: "
+              f"batches of {n} (one step per epoch)", file=sys.stderr)
 
     encoder = SmallCNN(x.shape[1], args.width).to(device)
     random_state = {k: v.clone() for k, v in encoder.state_dict().items()}

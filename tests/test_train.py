@@ -19,7 +19,8 @@ SHORT = ["--epochs", "2", "--subset", "96", "--batch-size", "32", "--width", "8"
 
 @pytest.mark.parametrize("method", ["simclr", "moco", "byol"])
 def test_short_run_writes_its_outputs(method, tmp_path, capsys):
-    extra = ["--queue-size", "40", "--hidden-dim", "32"] if method != "simclr" else []
+    extra = {"simclr": [], "moco": ["--queue-size", "40", "--hidden-dim", "32"],
+             "byol": ["--hidden-dim", "32"]}[method]
     assert train.main(["--method", method, "--out", str(tmp_path), *SHORT, *extra]) == 0
     printed = capsys.readouterr().out
     for row in ("trained encoder", "random-init encoder", "raw pixels"):
@@ -76,7 +77,9 @@ def test_user_data_without_labels_skips_the_probes(tmp_path, capsys):
     assert train.main(["--data", str(tmp_path / "x.npy"), "--out", str(out), *SHORT]) == 0
     assert "linear probe and kNN skipped" in capsys.readouterr().out
     metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["probe"] == {} and metrics["train_samples"] == 28  # 70% of 40
+    # No labels: nothing held out, every sample trains.
+    assert metrics["probe"] == {} and metrics["train_samples"] == 40
+    assert metrics["held_out_samples"] == 0
     assert (out / "train.png").exists()
 
 
@@ -111,6 +114,159 @@ def test_bad_user_data_is_named(tmp_path):
     np.save(tmp_path / "x.npy", np.zeros((5, 4), dtype=np.float32))
     with pytest.raises(SystemExit, match="--data"):
         train.main(["--data", str(tmp_path / "x.npy"), "--out", str(tmp_path), *SHORT])
+
+
+@pytest.mark.parametrize("flag", ["--data", "--labels"])
+def test_a_missing_file_is_an_argument_error(flag, tmp_path, capsys):
+    np.save(tmp_path / "x.npy", np.zeros((4, 1, 6, 6), dtype=np.float32))
+    argv = {"--data": ["--data", str(tmp_path / "nope.npy")],
+            "--labels": ["--data", str(tmp_path / "x.npy"), "--labels", "nope.npy"]}[flag]
+    with pytest.raises(SystemExit) as e:
+        train.parse_args(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert f"error: {flag}: no such file: " in err and "nope.npy" in err
+    assert "Traceback" not in err
+
+
+def _write(path, content):
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    elif isinstance(content, dict):
+        with open(path, "wb") as f:  # a .npz archive under the name x.npy
+            np.savez(f, **content)
+    else:
+        np.save(path, content, allow_pickle=True)
+
+
+GOOD_X = np.zeros((6, 1, 6, 6), dtype=np.float32)
+
+
+@pytest.mark.parametrize("x, y, message", [
+    (b"x,y\n1,2\n", None, "--data: not a .npy file (no .npy header): "),
+    (b"", None, "--data: not a .npy file (no .npy header): "),
+    ({"x": GOOD_X}, None, "is a .npz archive, not a .npy file: save the one array with np.save"),
+    (np.array([{}], dtype=object), None, "--data: cannot load "),
+    (GOOD_X, b"not numpy", "--labels: not a .npy file (no .npy header): "),
+    (np.zeros((6, 1, 6, 6), dtype=np.int64), None,
+     "--data: expected float (or uint8) values, got int64: convert with "
+     "x.astype(np.float32)"),
+    (np.zeros((6, 36), dtype=np.float32), None,
+     "--data: expected an (N, C, H, W) image array, got shape (6, 36)"),
+])
+def test_an_unreadable_file_is_a_one_line_error(x, y, message, tmp_path):
+    _write(tmp_path / "x.npy", x)
+    argv = ["--data", str(tmp_path / "x.npy"), "--out", str(tmp_path / "out"), *SHORT]
+    if y is not None:
+        _write(tmp_path / "y.npy", y)
+        argv += ["--labels", str(tmp_path / "y.npy")]
+    with pytest.raises(SystemExit) as e:
+        train.main(argv)
+    assert isinstance(e.value.code, str) and "\n" not in e.value.code  # one line, exit 1
+    assert message in e.value.code
+
+
+@pytest.mark.parametrize("shape, seen, kept", [
+    # converted (with a note), and a genuine (N, C, H, W) array close to it (kept, no note)
+    ((5, 8, 8, 3), (5, 3, 8, 8), (5, 3, 8, 4)),   # channels-last RGB; W = 4 is not C
+    ((5, 9, 7, 1), (5, 1, 9, 7), (5, 1, 6, 3)),   # channels-last grey; C = 1, W = 3
+    ((5, 8, 8, 4), (5, 4, 8, 8), (5, 4, 8, 8)),   # channels-last RGBA; genuine RGBA
+    ((5, 8, 8), (5, 1, 8, 8), (5, 3, 8, 8)),      # (N, H, W) grey; genuine RGB
+])
+def test_image_layouts(shape, seen, kept, tmp_path, capsys):
+    x = np.arange(np.prod(shape), dtype=np.float32).reshape(shape)
+    np.save(tmp_path / "x.npy", x)
+    got, y = train.load_user_data(str(tmp_path / "x.npy"), None)
+    assert tuple(got.shape) == seen and y is None
+    err = capsys.readouterr().err
+    if len(shape) == 3:
+        assert torch.equal(got[:, 0], torch.from_numpy(x))
+        assert "read as grayscale (N, H, W), used as (N, 1, H, W)" in err
+    else:
+        assert torch.equal(got, torch.from_numpy(x).permute(0, 3, 1, 2))
+        assert f"read as channels-last (N, H, W, C), transposed to (N, C, H, W) = {seen}" in err
+    assert len(err.splitlines()) == 1
+    x = np.arange(np.prod(kept), dtype=np.float32).reshape(kept)
+    np.save(tmp_path / "x.npy", x)
+    got, _ = train.load_user_data(str(tmp_path / "x.npy"), None)
+    assert torch.equal(got, torch.from_numpy(x)) and capsys.readouterr().err == ""
+
+
+def test_uint8_images_are_scaled_and_channels_last_trains(tmp_path, capsys):
+    g = np.random.default_rng(2)
+    x = g.integers(0, 256, (40, 8, 8, 3), dtype=np.uint8)
+    np.save(tmp_path / "x.npy", x)
+    got, _ = train.load_user_data(str(tmp_path / "x.npy"), None)
+    assert got.dtype == torch.float32 and got.shape == (40, 3, 8, 8)
+    assert torch.allclose(got, torch.from_numpy(x.transpose(0, 3, 1, 2) / 255.0).float())
+    assert "uint8 values scaled to [0, 1] (divided by 255)" in capsys.readouterr().err
+    out = tmp_path / "out"
+    assert train.main(["--data", str(tmp_path / "x.npy"), "--out", str(out), *SHORT]) == 0
+    assert json.loads((out / "metrics.json").read_text())["loss_per_epoch"]
+
+
+def test_a_batch_larger_than_the_training_set_is_said(tmp_path, capsys):
+    argv = ["--out", str(tmp_path), "--epochs", "1", "--subset", "45", "--batch-size", "256",
+            "--width", "8", "--no-progress"]
+    assert train.main(argv) == 0
+    err = capsys.readouterr().err
+    assert ("note: --batch-size 256 is more than the 45 training samples: batches of 45 "
+            "(one step per epoch)") in err
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["batch_size"] == 45 and metrics["steps"] == 1
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--batch-size", "1"], "--batch-size must be at least 2"),
+    (["--subset", "0"], "--subset must be positive"),
+    (["--subset", "-5"], "--subset must be positive"),
+])
+def test_batch_and_subset_bounds(argv, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        train.parse_args(argv)
+    assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_one_training_sample_is_named(tmp_path):
+    with pytest.raises(SystemExit, match=r"need at least 2 training samples, got 1 \(--subset 1\)"):
+        train.main(["--out", str(tmp_path), "--subset", "1", "--epochs", "1", "--no-progress"])
+
+
+@pytest.mark.parametrize("argv, message, accepted", [
+    # rejected, and the nearest command line that is accepted
+    (["--method", "byol", "--temperature", "0.1"],
+     "--temperature does not apply to --method byol (BYOL's loss has no temperature)",
+     ["--method", "moco", "--moco-version", "v3", "--temperature", "0.1"]),
+    (["--method", "simclr", "--momentum", "0.9"],
+     "--momentum does not apply to --method simclr (SimCLR has no momentum network)",
+     ["--method", "byol", "--momentum", "0.9"]),
+    (["--queue-size", "256"],  # the default value, given explicitly: still an error
+     "--queue-size does not apply to --method simclr (only MoCo v2 keeps a queue)",
+     ["--method", "moco", "--queue-size", "256"]),
+    (["--method", "byol", "--queue-size=64"],
+     "--queue-size does not apply to --method byol",
+     ["--method", "byol"]),
+    (["--method", "moco", "--moco-version", "v3", "--queue-size", "64"],
+     "--queue-size does not apply to --method moco --moco-version v3",
+     ["--method", "moco", "--moco-version", "v2", "--queue-size", "64", "--momentum", "0.9"]),
+    (["--moco-version", "v2"], "--moco-version does not apply to --method simclr",
+     ["--method", "simclr", "--temperature", "0.2"]),
+    (["--method", "byol", "--moco-v", "v3"], "--moco-version does not apply to --method byol",
+     ["--method", "moco", "--moco-v", "v3", "--momentum", "0.9"]),
+    (["--hidden-dim", "32"], "--hidden-dim does not apply to --method simclr",
+     ["--method", "byol", "--hidden-dim", "32"]),
+    (["--data", "__DATA__", "--test-fraction", "0.2"],
+     "--test-fraction does not apply without --labels",
+     ["--test-fraction", "0.2"]),
+])
+def test_an_option_the_method_ignores_is_an_error(argv, message, accepted, tmp_path, capsys):
+    np.save(tmp_path / "x.npy", GOOD_X)
+    argv = [str(tmp_path / "x.npy") if a == "__DATA__" else a for a in argv]
+    with pytest.raises(SystemExit) as e:
+        train.parse_args(argv)
+    assert e.value.code == 2
+    assert message in capsys.readouterr().err
+    train.parse_args(accepted)
 
 
 def test_entry_points():
