@@ -287,3 +287,16 @@ def test_compiled_run(tmp_path):
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["settings"]["compile"] is True
     assert all(np.isfinite(metrics["loss_per_epoch"]))
+
+
+@pytest.mark.parametrize("argv, key", [([], "simclr"), (["--method", "moco"], "moco v2"),
+                                       (["--method", "moco", "--moco-version", "v3"], "moco v3"),
+                                       (["--method", "byol"], "byol")])
+def test_each_method_gets_its_own_defaults(argv, key):
+    """Unset options take the method's DEFAULTS (the tuned settings the README's table used);
+    a given option wins; --help lists them."""
+    args = train.parse_args(argv)
+    for name, value in train.DEFAULTS[key].items():
+        assert getattr(args, name) == value, name
+    assert train.parse_args(argv + ["--epochs", "3", "--lr", "0.01"]).epochs == 3
+    assert train.method_key(args.method, args.moco_version) == key
