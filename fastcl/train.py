@@ -56,7 +56,7 @@ DEFAULTS = {
     "simclr": dict(epochs=60, batch_size=256, lr=2e-3, temperature=0.5),
     "moco v2": dict(epochs=60, batch_size=128, lr=1e-3, temperature=0.07, momentum=0.999,
                     queue_size=256),
-    "moco v3": dict(epochs=60, batch_size=256, lr=2e-3, temperature=0.2, momentum=0.99),
+    "moco v3": dict(epochs=100, batch_size=256, lr=1e-3, temperature=0.2, momentum=0.99),
     "byol": dict(epochs=120, batch_size=128, lr=1e-3, momentum=0.996),
 }
 
