@@ -168,11 +168,12 @@ _compiled_share = None
 def share_step(provider: str, n_pairs: int, d: int = 128):
     """Forward + backward of rank 0's share (mean over its rows), for ``provider``."""
     global _compiled_share
-    from fastcl.ops import distributed as dops
+    from fastcl import engine
 
     z, others = _share_inputs(n_pairs, d)
     if provider == "fastcl":
-        fn = lambda: dops.nt_xent_rows(z, others, TAU).mean()  # noqa: E731
+        fn = lambda: engine.run(engine.NT_XENT, z, others=others,  # noqa: E731
+                                temperature=TAU).mean()
     elif provider == "eager":
         fn = lambda: _eager_share(z, others)  # noqa: E731
     elif provider == "compile":
@@ -188,7 +189,7 @@ def share_step(provider: str, n_pairs: int, d: int = 128):
 def test_rank_share(benchmark, provider, n_pairs):
     """One rank's share of distributed NT-Xent at world size 2, in one process (no
     communication): its rows against its own block and the other rank's rows. fastcl's
-    kernels (``fastcl.ops.distributed``) against the eager (N × 2N) formulation and
+    kernels (the engine's ops with other ranks' columns) against the eager (N × 2N) formulation and
     torch.compile of it. The multi-process run with memory and bytes is ``main()``."""
     import fastcl
 

@@ -7,10 +7,11 @@ holding a (global × global) or (local × global) similarity matrix:
 - ``gather(x)``: all-gather along dim 0 with a correct backward: the gradient reaching a rank's
   shard is the sum, over ranks, of the gradients each rank computed for it. Shards may differ
   in size (a last, smaller batch).
-- ``nt_xent(z1, z2, temperature)``: each rank's 2n rows against the global columns. The fused
-  kernels run twice per rank: once over the rank's own block (where its self-similarities and
-  positives are), once over the other ranks' rows (negatives only); the two row statistics are
-  merged exactly (log-sum-exp). Memory per rank: the gathered (2N, D) embeddings plus O(tile²).
+- ``nt_xent(z1, z2, temperature)``: each rank's 2n rows against the global columns, through
+  the engine's ops (``fastcl.engine``) with the other ranks' rows as negatives-only columns:
+  the fused kernels run over the rank's own block (where its self-similarities and positives
+  are) and over the other ranks' rows; the two row statistics are merged exactly
+  (log-sum-exp). Memory per rank: the gathered (2N, D) embeddings plus O(tile²).
 - ``info_nce(q, k, temperature)``: in-batch negatives (MoCo v3): the keys of every rank are
   the columns, the positive of local row i is its own key. (With a queue, as in MoCo v2, or
   paired negatives, each row's logits are already local: ``fastcl.info_nce(...,
@@ -57,6 +58,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from fastcl import engine
+
 __all__ = ["gather", "all_gather_rows", "nt_xent", "info_nce", "world", "reduce_value",
            "check_ranks", "check_shards"]
 
@@ -91,7 +94,7 @@ def _all_gather_padded(x: Tensor, sizes: List[int]) -> Tensor:
 
 _CALLS = ("fastcl.nt_xent", "fastcl.info_nce", "fastcl.distributed.nt_xent",
           "fastcl.distributed.info_nce", "fastcl.distributed.gather",
-          "fastcl.distributed.all_gather_rows", "NegativeQueue.push")
+          "fastcl.distributed.all_gather_rows", "NegativeQueue.push", "fastcl.dcl_loss")
 # String arguments are sent as their index in these choices (-1: none of them).
 _CHOICES = {"reduction": ("mean", "sum", "none"), "negative_mode": ("unpaired", "paired")}
 # dtypes by name (not by torch object) so that the index does not depend on the torch version.
@@ -325,15 +328,19 @@ def nt_xent(z1: Tensor, z2: Tensor, temperature: float, reduction: str = "mean",
     """NT-Xent over the global batch (every rank's z1 and z2 rows); see the module docstring.
     Arguments are checked by ``fastcl.nt_xent``; ``sizes`` (every rank's rows of z1) is
     exchanged here unless given."""
-    from fastcl.ops import distributed as dops
-
     if sizes is None:
         sizes = check_ranks("fastcl.distributed.nt_xent", "z1", z1, z2=z2,
                             temperature=temperature, reduction=reduction)
+    return reduce_value(_rows_against_all(engine.NT_XENT, z1, z2, temperature, sizes),
+                        reduction)
+
+
+def _rows_against_all(spec, z1: Tensor, z2: Tensor, temperature, sizes: List[int]) -> Tensor:
+    """The 2n local rows cat([z1, z2]) of a columns="rows" pass (NT-Xent, DCL) against every
+    rank's rows: the own block, plus the other ranks' rows as negatives-only columns."""
     z = torch.cat([z1, z2])
     full, start, end = _gather_with_offsets(z, [2 * n for n in sizes])
-    rows = dops.nt_xent_rows(z, _others(full, start, end), temperature)
-    return reduce_value(rows, reduction)
+    return engine.run(spec, z, others=_others(full, start, end), temperature=temperature)
 
 
 def info_nce(query: Tensor, positive_key: Tensor, temperature: float,
@@ -342,12 +349,11 @@ def info_nce(query: Tensor, positive_key: Tensor, temperature: float,
     of a local query is its own key (see the module docstring). Arguments are checked by
     ``fastcl.info_nce``, which also handles given negatives (local rows, global reduction);
     ``sizes`` (every rank's rows) is exchanged here unless given."""
-    from fastcl.ops import distributed as dops
-
     if sizes is None:
         sizes = check_ranks("fastcl.distributed.info_nce", "query", query,
                             positive_key=positive_key, temperature=temperature,
                             reduction=reduction)
     keys, start, end = _gather_with_offsets(positive_key, sizes)
-    rows = dops.in_batch_rows(query, positive_key, _others(keys, start, end), temperature)
+    rows = engine.run(engine.IN_BATCH, query, positive_key, others=_others(keys, start, end),
+                      temperature=temperature)
     return reduce_value(rows, reduction)

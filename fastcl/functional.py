@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fastcl import _config, ops, reference
+from fastcl import _config, engine, ops, reference
 
 _REDUCTIONS = ("mean", "sum", "none")
 _NEGATIVE_MODES = ("unpaired", "paired")
@@ -69,22 +69,11 @@ def _promote(*tensors: Tensor) -> Tuple[Tensor, ...]:
     return tuple(t if t.dtype == dtype else t.to(dtype) for t in tensors)
 
 
-def _check_temperature(temperature) -> float:
-    """A positive, finite real number: a Python float or int, or a NumPy scalar (converted to
-    a Python float). Symbolic floats under torch.compile pass through unconverted."""
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
-        if (isinstance(temperature, numbers.Real) and not isinstance(temperature, bool)
-                and not isinstance(temperature, Tensor)):
-            temperature = float(temperature)  # np.float32, np.int64, ...
-        else:
-            raise TypeError(
-                f"temperature must be a Python float, got {type(temperature).__name__}"
-            )
-    # One chained comparison (False for NaN) rather than math.isfinite, which torch.compile
-    # cannot trace for a symbolic float.
-    if not 0.0 < temperature < math.inf:
-        raise ValueError(f"temperature must be finite and > 0, got {temperature}")
-    return float(temperature) if isinstance(temperature, int) else temperature
+def _check_temperature(temperature):
+    """A positive finite real number (Python or NumPy scalar), or a one-element floating
+    tensor that may require grad (a learnable temperature): see
+    :func:`fastcl.engine.check_temperature`."""
+    return engine.check_temperature(temperature)
 
 
 def _check_choice(value, name: str, choices) -> None:
@@ -133,10 +122,18 @@ def nt_xent(z1: Tensor, z2: Tensor, temperature: float = 0.5, reduction: str = "
     (float64 if an input is float64), also for bfloat16 and float16 inputs; gradients come
     back in each input's dtype. Not twice differentiable (``create_graph=True`` raises).
     """
+    sizes = None
     if distributed:
-        _check_distributed_backend()
         sizes = _dist().check_ranks("fastcl.nt_xent", "z1", z1, z2=z2, temperature=temperature,
                                     reduction=reduction)  # all ranks together, before local errors
+    z1, z2, tau = _check_views(z1, z2, temperature, reduction)
+    if distributed:
+        return _dist().nt_xent(z1, z2, tau, reduction, sizes)
+    return _reduce(engine.run(engine.NT_XENT, torch.cat([z1, z2]), temperature=tau), reduction)
+
+
+def _check_views(z1, z2, temperature, reduction: str):
+    """The checked two-view arguments of nt_xent / dcl_loss: (z1, z2) promoted, and tau."""
     _check_tensor(z1, "z1", 2)
     if (isinstance(z2, Tensor) and z2.dim() == 1 and not z2.is_floating_point()
             and isinstance(z1, Tensor) and z2.shape[0] == z1.shape[0]):
@@ -150,13 +147,82 @@ def nt_xent(z1: Tensor, z2: Tensor, temperature: float = 0.5, reduction: str = "
     tau = _check_temperature(temperature)
     _check_choice(reduction, "reduction", _REDUCTIONS)
     z1, z2 = _promote(z1, z2)
-    if distributed:
-        return _dist().nt_xent(z1, z2, tau, reduction, sizes)
-    if _config.get_backend() == "reference":
-        return reference.nt_xent(z1, z2, tau, reduction)
+    return z1, z2, tau
 
-    loss, _ = ops.nt_xent(torch.cat([z1, z2]), ops.temperature_tensor(tau))
-    return _reduce(loss, reduction)
+
+def negative_mises_fisher_weights(out0: Tensor, out1: Tensor, sigma: float = 0.5) -> Tensor:
+    """DCLW's positive weights (lightly's function of the same name): 2 - N softmax_i(out0_i .
+    out1_i / sigma), from detached inputs (no gradient). lightly passes L2-normalized rows."""
+    if isinstance(sigma, bool) or not isinstance(sigma, numbers.Real) or not sigma > 0:
+        raise ValueError(f"sigma must be a positive real number, got {sigma!r}")
+    similarity = (out0.detach() * out1.detach()).sum(dim=1) / sigma
+    return 2 - out0.shape[0] * torch.softmax(similarity, dim=0)
+
+
+def dcl_loss(z1: Tensor, z2: Tensor, temperature=0.1, weight_fn=None, reduction: str = "mean",
+             distributed: bool = False) -> Tensor:
+    """Decoupled contrastive loss (DCL, Yeh et al. 2021), fused: NT-Xent without the positive
+    in the denominator, as lightly's ``DCLLoss``.
+
+    Row i of ``cat([z1, z2])`` (2N rows) has the loss -w_i s_pos_i + log sum_{j != i, pos}
+    exp(s_ij): one logsumexp over its 2N - 2 negatives (the DCL paper's eq. 6; lightly before
+    1.5 summed two separate logsumexps), s = cosine similarity / temperature.
+
+    Args:
+        z1, z2: (N, D) two views, any floating dtypes (promoted), L2-normalized inside.
+        temperature: a positive real number, or a one-element tensor (learnable: it gets its
+            gradient from the kernels).
+        weight_fn: optional ``weight_fn(out0, out1) -> (N,)`` positive weights, called as
+            lightly calls it: with the L2-normalized views, ``(zhat1, zhat2)`` for the first
+            view's rows and ``(zhat2, zhat1)`` for the second's; its gradient flows (lightly's
+            ``DCLWLoss`` weights, :func:`negative_mises_fisher_weights`, are detached). ``None``:
+            all weights 1.
+        reduction: ``"mean"`` (over the 2N rows: lightly's 0.5 (loss0 + loss1)), ``"sum"`` or
+            ``"none"`` (the 2N rows, [z1 rows; z2 rows]).
+        distributed: the global batch is every rank's rows, as ``nt_xent(distributed=True)``:
+            each rank's rows are scored against every rank's, and the value is the global
+            mean (lightly's ``gather_distributed=True`` returns each rank's local mean instead;
+            with equal shards the DDP-averaged gradients are the same). The weights are
+            computed per rank, over its own batch, as lightly does.
+
+    Needs N >= 2 (globally): with one sample no row has a negative. Memory is O(N*D); the loss is
+    float32 for 16-bit inputs (float64 for float64). Not twice differentiable.
+    """
+    sizes = None
+    if distributed:
+        sizes = _dist().check_ranks("fastcl.dcl_loss", "z1", z1, z2=z2, temperature=temperature,
+                                    reduction=reduction, weighted=weight_fn is not None)
+    z1, z2, tau = _check_views(z1, z2, temperature, reduction)
+    if weight_fn is not None and not callable(weight_fn):
+        raise TypeError(f"weight_fn must be callable or None, got {type(weight_fn).__name__}")
+    if (sum(sizes) if sizes is not None else z1.shape[0]) < 2:
+        raise ValueError("dcl_loss needs at least 2 samples (z1 has 1 row): with one sample no "
+                         "row has a negative")
+    if distributed:
+        rows = _dist()._rows_against_all(engine.DCL, z1, z2, tau, sizes)
+    else:
+        rows = engine.run(engine.DCL, torch.cat([z1, z2]), temperature=tau)
+    if weight_fn is not None:
+        rows = rows + _dcl_weight_term(z1, z2, tau, weight_fn).to(rows.dtype)
+    if distributed:
+        return _dist().reduce_value(rows, reduction)
+    return _reduce(rows, reduction)
+
+
+def _dcl_weight_term(z1: Tensor, z2: Tensor, tau, weight_fn) -> Tensor:
+    """(1 - w_i) s_pos_i per row: the kernels' rows have weight 1 on the positive."""
+    acc = torch.float64 if z1.dtype == torch.float64 else torch.float32
+    a, b = F.normalize(z1.to(acc), dim=1), F.normalize(z2.to(acc), dim=1)
+    n = a.shape[0]
+    w = []
+    for x, y, view in ((a, b, "(zhat1, zhat2)"), (b, a, "(zhat2, zhat1)")):
+        wi = weight_fn(x, y)
+        if not isinstance(wi, Tensor) or wi.shape not in ((n,), (n, 1)):
+            raise ValueError(f"weight_fn{view} must return a tensor of shape ({n},), got "
+                             f"{tuple(wi.shape) if isinstance(wi, Tensor) else type(wi).__name__}")
+        w.append(wi.reshape(n).to(acc))
+    s_pos = reference._divide((a * b).sum(dim=1), tau)
+    return torch.cat([(1 - w[0]) * s_pos, (1 - w[1]) * s_pos])
 
 
 def info_nce(
@@ -199,7 +265,6 @@ def info_nce(
     dtype. Not twice differentiable (``create_graph=True`` raises), except in paired mode.
     """
     if distributed:
-        _check_distributed_backend()
         sizes = _dist().check_ranks(  # all ranks together, before local errors
             "fastcl.info_nce", "query", query, positive_key=positive_key,
             negative_keys=negative_keys, temperature=temperature, reduction=reduction,
@@ -248,13 +313,8 @@ def info_nce(
         # Given negatives (a queue all ranks share, or paired): the rows are local.
         rows = _info_nce_rows(query, positive_key, negative_keys, tau, negative_mode)
         return _dist().reduce_value(rows, reduction)
-    if _config.get_backend() == "reference":
-        loss = reference.info_nce(query, positive_key, negative_keys, tau,
-                                  "sum" if single else reduction, negative_mode)
-    else:
-        loss = _reduce(_info_nce_rows(query, positive_key, negative_keys, tau, negative_mode),
-                       "sum" if single else reduction)
-    return loss
+    return _reduce(_info_nce_rows(query, positive_key, negative_keys, tau, negative_mode),
+                   "sum" if single else reduction)
 
 
 def _single_query(query: Tensor, positive_key, negative_keys, negative_mode: str,
@@ -276,25 +336,19 @@ def _single_query(query: Tensor, positive_key, negative_keys, negative_mode: str
 
 def _info_nce_rows(query, positive_key, negative_keys, tau, negative_mode) -> Tensor:
     """Per-row InfoNCE losses (float32, float64 for float64) of checked arguments."""
-    if negative_keys is not None and negative_mode == "paired":
+    if negative_keys is None:
+        return engine.run(engine.IN_BATCH, query, positive_key, temperature=tau)
+    if negative_mode == "paired":
+        if _config.get_backend() == "reference":
+            return reference.info_nce(query, positive_key, negative_keys, tau, "none", "paired")
         return _paired_info_nce(query, positive_key, negative_keys, tau)
-    # The rows' gradient is formed in the forward tile pass when it will be needed.
-    need_q = query.requires_grad and torch.is_grad_enabled()
-    loss, _, _ = ops.info_nce(query, positive_key, negative_keys, ops.temperature_tensor(tau),
-                              need_q)
-    return loss
+    return engine.run(engine.QUEUE, query, negative_keys, key=positive_key, temperature=tau)
 
 
 def _dist():
     from fastcl import distributed
 
     return distributed
-
-
-def _check_distributed_backend() -> None:
-    if _config.get_backend() == "reference":
-        raise ValueError("distributed=True runs fastcl's kernels; FASTCL_BACKEND=reference "
-                         "(the single-process oracle) does not support it")
 
 
 def _paired_info_nce(query: Tensor, positive_key: Tensor, negative_keys: Tensor, tau) -> Tensor:
@@ -308,7 +362,7 @@ def _paired_info_nce(query: Tensor, positive_key: Tensor, negative_keys: Tensor,
     neg_hat = F.normalize(negative_keys.to(acc), dim=-1)
     positive = (q_hat * k_hat).sum(dim=1, keepdim=True)
     negative = (neg_hat @ q_hat.unsqueeze(-1)).squeeze(-1)
-    logits = torch.cat([positive, negative], dim=1) / tau
+    logits = reference._divide(torch.cat([positive, negative], dim=1), tau)
     labels = torch.zeros(query.shape[0], dtype=torch.long, device=query.device)
     return F.cross_entropy(logits, labels, reduction="none")
 

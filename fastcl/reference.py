@@ -26,19 +26,72 @@ def _reduce(loss: torch.Tensor, reduction: str) -> torch.Tensor:
     return loss
 
 
-def nt_xent_logits(z1: torch.Tensor, z2: torch.Tensor, temperature: float):
+def _divide(logits: torch.Tensor, temperature) -> torch.Tensor:
+    """logits / temperature (a float, or a tensor with a gradient)."""
+    if isinstance(temperature, torch.Tensor):
+        temperature = temperature.to(logits.dtype)
+    return logits / temperature
+
+
+def nt_xent_logits(z1: torch.Tensor, z2: torch.Tensor, temperature):
     """(logits, labels) of NT-Xent over the 2N rows of cat([z1, z2]), in the inputs' dtype:
     cosine similarities / temperature, self excluded (-inf), label of row i is i + N mod 2N."""
     n = z1.shape[0]
     z = F.normalize(torch.cat([z1, z2]), dim=1)
-    logits = z @ z.T / temperature
-    logits.fill_diagonal_(float("-inf"))
+    logits = _divide(z @ z.T, temperature)
+    logits = logits.masked_fill(torch.eye(2 * n, dtype=torch.bool, device=z.device),
+                                float("-inf"))
     labels = torch.cat([torch.arange(n, 2 * n), torch.arange(0, n)]).to(z.device)
     return logits, labels
 
 
+def softmax_rows(spec, rows, cols=None, key=None, others=None, temperature=0.1) -> torch.Tensor:
+    """The per-row losses of a ``fastcl.engine.Spec`` pass, densely: the oracle of the engine.
+
+    Logits rhat_i . chat_j / temperature over the columns (``cols``, or the rows themselves
+    for ``columns="rows"``, the diagonal excluded), then the ``others`` (negatives only);
+    the positive is column i + n/2 of the rows (``"offset"``), column i (``"index"``) or the
+    explicit ``key[i]`` (``"key"``, placed first), and the row's loss is
+    logsumexp(logits) - positive, over all logits, or (``positive_in_denominator=False``)
+    over all but the positive. Returned per row in the compute dtype.
+    """
+    dtype = _compute_dtype(rows)
+    r = F.normalize(rows.to(dtype), dim=1)
+    n = r.shape[0]
+    if spec.columns == "rows":
+        c = r
+    else:
+        c = F.normalize(cols.to(dtype), dim=1)
+    logits = _divide(r @ c.T, temperature)
+    if spec.exclude_self:
+        logits = logits.masked_fill(torch.eye(n, dtype=torch.bool, device=r.device),
+                                    float("-inf"))
+    rows_idx = torch.arange(n, device=r.device)
+    if spec.positive == "offset":
+        pos_col = (rows_idx + n // 2) % n
+    elif spec.positive == "index":
+        pos_col = rows_idx
+    else:
+        pos_col = None
+    if others is not None:
+        logits = torch.cat([logits, _divide(r @ F.normalize(others.to(dtype), dim=1).T,
+                                            temperature)], dim=1)
+    if spec.positive == "key":
+        k = F.normalize(key.to(dtype), dim=1)
+        logits = torch.cat([_divide((r * k).sum(dim=1, keepdim=True), temperature), logits],
+                           dim=1)
+        pos_col = torch.zeros_like(rows_idx)
+    if spec.positive == "none":
+        return torch.logsumexp(logits, dim=1)
+    if spec.positive_in_denominator:
+        return F.cross_entropy(logits, pos_col, reduction="none")
+    positive = logits.gather(1, pos_col[:, None])[:, 0]
+    mask = torch.zeros_like(logits, dtype=torch.bool).scatter_(1, pos_col[:, None], True)
+    return torch.logsumexp(logits.masked_fill(mask, float("-inf")), dim=1) - positive
+
+
 def nt_xent(
-    z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.5, reduction: str = "mean"
+    z1: torch.Tensor, z2: torch.Tensor, temperature=0.5, reduction: str = "mean"
 ) -> torch.Tensor:
     """SimCLR NT-Xent over the 2N rows of ``cat([z1, z2])``: positive i <-> i+N, self excluded.
 
@@ -49,6 +102,22 @@ def nt_xent(
     logits, labels = nt_xent_logits(z1.to(dtype), z2.to(dtype), temperature)
     loss = F.cross_entropy(logits, labels, reduction="none")
     return _reduce(loss, reduction)
+
+
+def dcl_loss(z1, z2, temperature=0.1, weight_fn=None, reduction: str = "mean"):
+    """Decoupled contrastive loss (lightly's ``DCLLoss``, the DCL paper's eq. 6) over the 2N
+    rows of cat([z1, z2]): -w_i s_pos_i + logsumexp over the row's 2N - 2 negatives (self and
+    positive left out), s = cosine / temperature; w_i = 1 without ``weight_fn``, else
+    ``weight_fn(zhat1, zhat2)`` for the first view's rows and ``weight_fn(zhat2, zhat1)`` for
+    the second's (normalized inputs, as lightly passes them)."""
+    dtype = _compute_dtype(z1)
+    logits, labels = nt_xent_logits(z1.to(dtype), z2.to(dtype), temperature)
+    positive = logits.gather(1, labels[:, None])[:, 0]
+    negatives = logits.scatter(1, labels[:, None], float("-inf"))
+    if weight_fn is not None:
+        a, b = F.normalize(z1.to(dtype), dim=1), F.normalize(z2.to(dtype), dim=1)
+        positive = positive * torch.cat([weight_fn(a, b), weight_fn(b, a)])
+    return _reduce(torch.logsumexp(negatives, dim=1) - positive, reduction)
 
 
 def info_nce_logits(query, positive_key, negative_keys, temperature, negative_mode="unpaired"):
@@ -73,14 +142,14 @@ def info_nce_logits(query, positive_key, negative_keys, temperature, negative_mo
             negative_logits = (q.unsqueeze(1) @ neg.transpose(-2, -1)).squeeze(1)
         logits = torch.cat([positive_logit, negative_logits], dim=1)
         labels = torch.zeros(q.shape[0], dtype=torch.long, device=q.device)
-    return logits / temperature, labels
+    return _divide(logits, temperature), labels
 
 
 def info_nce(
     query: torch.Tensor,
     positive_key: torch.Tensor,
     negative_keys: Optional[torch.Tensor] = None,
-    temperature: float = 0.1,
+    temperature=0.1,
     reduction: str = "mean",
     negative_mode: str = "unpaired",
 ) -> torch.Tensor:

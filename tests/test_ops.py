@@ -17,7 +17,7 @@ import torch
 from torch.autograd import gradcheck
 
 import fastcl
-from fastcl import ops, reference
+from fastcl import engine, ops, reference
 from fastcl.ops import _backend
 
 from conftest import TRITON_DEVICE, tile_patch
@@ -75,84 +75,113 @@ def _vec(layout, n, seed, device, requires_grad=False):
     return _strided_vector(n, seed=seed, device=device, requires_grad=requires_grad)
 
 
+# The engine's rows of choices that the ops implement today (fastcl.engine).
+SPECS = {
+    "nt_xent": engine.NT_XENT, "dcl": engine.DCL, "in_batch": engine.IN_BATCH,
+    "queue": engine.QUEUE, "no_positive": engine.Spec(positive="none"),
+    "in_batch_dcl": engine.Spec(positive="index", positive_in_denominator=False),
+    "queue_dcl": engine.Spec(positive="key", positive_in_denominator=False),
+}
+
+
+def _op_inputs(name, layout, device, others=False, n=10, m=14, d=12):
+    """(rows, cols, others, key) of a SPECS[name] pass."""
+    spec = SPECS[name]
+    rows = _make(layout, n, d, 0, device)
+    cols = None
+    if spec.columns == "tensor":
+        cols = _make(layout, n if spec.positive == "index" else m, d, 1, device)
+    key = _make(layout, n, d, 2, device) if spec.positive == "key" else None
+    oth = _make(layout, 6, d, 3, device) if others else None
+    return rows, cols, oth, key
+
+
+def _scale(tau=0.3, requires_grad=False):
+    return torch.tensor(1 / tau, dtype=F64).requires_grad_(requires_grad)
+
+
+def _supported(backend, name, others) -> bool:
+    return engine.BACKENDS[backend.name].unsupported(SPECS[name], others) is None
+
+
+@pytest.mark.parametrize("others", [False, True], ids=["local", "others"])
+@pytest.mark.parametrize("name", list(SPECS))
 @pytest.mark.parametrize("layout", LAYOUTS)
-def test_opcheck_nt_xent(backend, layout):
-    z = _make(layout, 20, 12, 0, backend.device, requires_grad=True)
-    torch.library.opcheck(torch.ops.fastcl.nt_xent.default, (z, T(0.5)))
+def test_opcheck_softmax_rows(backend, layout, name, others):
+    rows, cols, oth, key = _op_inputs(name, layout, backend.device, others)
+    for t in (rows, cols, oth, key):
+        if t is not None:
+            t.requires_grad_()
+    code = SPECS[name].code()
+    op = torch.ops.fastcl.softmax_rows.default
+    if not _supported(backend, name, others):
+        # A backend that lacks a choice says which, never a silently different loss.
+        with pytest.raises(NotImplementedError, match="does not implement"):
+            op(rows, cols, oth, key, _scale(), code, False, False)
+        return
+    torch.library.opcheck(op, (rows, cols, oth, key, _scale(requires_grad=True), code, False,
+                               True))
+    if SPECS[name].columns == "tensor" and not others:
+        torch.library.opcheck(op, (rows, cols, oth, key, _scale(), code, True, False))
 
 
-@pytest.mark.parametrize("layout", LAYOUTS)
-def test_opcheck_nt_xent_backward(backend, layout):
-    z = _make(layout, 20, 12, 0, backend.device)
-    loss, lse = ops.nt_xent(z, T(0.5))
-    if layout == "permuted":
-        lse = torch.stack([lse, lse], dim=1)[:, 0]  # same values, stride 2
-        assert not lse.is_contiguous()
-    grad = _vec(layout, 20, 1, backend.device)
-    torch.library.opcheck(torch.ops.fastcl.nt_xent_backward.default, (grad, z, loss, lse, T(0.5)))
+@pytest.mark.parametrize("others", [False, True], ids=["local", "others"])
+@pytest.mark.parametrize("name", list(SPECS))
+def test_opcheck_softmax_rows_backward(backend, name, others):
+    if not _supported(backend, name, others):
+        pytest.skip("covered by test_opcheck_softmax_rows: the forward raises")
+    rows, cols, oth, key = _op_inputs(name, "permuted", backend.device, others)
+    code = SPECS[name].code()
+    loss, lse, _, _ = ops.softmax_rows(rows, cols, oth, key, _scale(), code)
+    lse = torch.stack([lse, lse], dim=1)[:, 0]  # same values, stride 2
+    grad = _vec("permuted", rows.shape[0], 3, backend.device)
+    op = torch.ops.fastcl.softmax_rows_backward.default
+    for need in ((True, True, True, True), (True, False, False, False),
+                 (False, True, False, False), (False, False, True, False),
+                 (False, False, False, True)):
+        torch.library.opcheck(op, (grad, rows, cols, oth, key, loss, lse, _scale(), None, code,
+                                   *need))
 
 
-@pytest.mark.parametrize("with_negatives", [False, True], ids=["in_batch", "negatives"])
-@pytest.mark.parametrize("layout", LAYOUTS)
-def test_opcheck_info_nce(backend, layout, with_negatives):
-    q = _make(layout, 10, 12, 0, backend.device, requires_grad=True)
-    k = _make(layout, 10, 12, 1, backend.device, requires_grad=True)
-    neg = _make(layout, 14, 12, 2, backend.device, requires_grad=True) if with_negatives else None
-    torch.library.opcheck(torch.ops.fastcl.info_nce.default, (q, k, neg, T(0.3)))
-    torch.library.opcheck(torch.ops.fastcl.info_nce.default, (q, k, neg, T(0.3), True))
-
-
-@pytest.mark.parametrize("with_negatives", [False, True], ids=["in_batch", "negatives"])
-def test_opcheck_info_nce_backward_with_forward_rows(backend, with_negatives):
-    q = _make("contiguous", 10, 12, 0, backend.device)
-    k = _make("permuted", 10, 12, 1, backend.device)
-    neg = _make("contiguous", 14, 12, 2, backend.device) if with_negatives else None
-    loss, lse, q_rows = ops.info_nce(q, k, neg, T(0.3), True)
-    assert q_rows.shape == q.shape
-    grad = _vec("contiguous", 10, 3, backend.device)
-    torch.library.opcheck(
-        torch.ops.fastcl.info_nce_backward.default,
-        (grad, q, k, neg, loss, lse, T(0.3), True, True, with_negatives, q_rows),
-    )
-
-
-@pytest.mark.parametrize("with_negatives", [False, True], ids=["in_batch", "negatives"])
-def test_forward_rows_give_the_backward_pass_gradient(backend, with_negatives):
-    """dq from the rows formed in the forward pass (need_q) equals dq from the backward's own
-    pass over the logits, for any upstream gradient."""
+@pytest.mark.parametrize("name", ["in_batch", "queue", "in_batch_dcl", "no_positive"])
+def test_forward_rows_give_the_backward_pass_gradient(backend, name):
+    """d rows from the rows' gradient formed in the forward pass (need_row_grad) equals the
+    one from the backward's own pass over the logits, for any upstream gradient; the forward's
+    other outputs do not change."""
     n, m, d = (12, 20, 16) if backend.small else (70, 300, 40)
-    q = _randn(n, d, seed=0, device=backend.device)
-    k = _randn(n, d, seed=1, device=backend.device)
-    neg = _randn(m, d, seed=2, device=backend.device) if with_negatives else None
-    loss, lse, q_rows = ops.info_nce(q, k, neg, T(0.15), True)
-    loss0, lse0, empty = ops.info_nce(q, k, neg, T(0.15))
-    assert empty.numel() == 0
+    rows, cols, _, key = _op_inputs(name, "contiguous", backend.device, n=n, m=m, d=d)
+    code = SPECS[name].code()
+    loss, lse, _, v = ops.softmax_rows(rows, cols, None, key, _scale(0.15), code, True)
+    loss0, lse0, _, empty = ops.softmax_rows(rows, cols, None, key, _scale(0.15), code)
+    assert empty.numel() == 0 and v.shape == rows.shape
     assert torch.equal(loss, loss0) and torch.equal(lse, lse0)
     grad = _randn(n, seed=3, device=backend.device)
-    fwd = ops.info_nce_backward(grad, q, k, neg, loss, lse, T(0.15), True, False, False, q_rows)
-    bwd = ops.info_nce_backward(grad, q, k, neg, loss, lse, T(0.15), True, False, False)
+    args = (grad, rows, cols, None, key, loss, lse, _scale(0.15))
+    fwd = ops.softmax_rows_backward(*args, v, code, True, False, False, False)
+    bwd = ops.softmax_rows_backward(*args, None, code, True, False, False, False)
     torch.testing.assert_close(fwd[0], bwd[0], rtol=2e-5, atol=1e-7)
 
 
-@pytest.mark.parametrize(
-    "need", [(True, True, True), (True, False, False), (False, True, False), (False, False, True)],
-    ids=["all", "q", "k", "neg"],
-)
-@pytest.mark.parametrize("with_negatives", [False, True], ids=["in_batch", "negatives"])
-@pytest.mark.parametrize("layout", LAYOUTS)
-def test_opcheck_info_nce_backward(backend, layout, with_negatives, need):
-    q = _make(layout, 10, 12, 0, backend.device)
-    k = _make(layout, 10, 12, 1, backend.device)
-    neg = _make(layout, 14, 12, 2, backend.device) if with_negatives else None
-    loss, lse, _ = ops.info_nce(q, k, neg, T(0.3))
-    if layout == "permuted":
-        lse = torch.stack([lse, lse], dim=1)[:, 0]
-    grad = _vec(layout, 10, 3, backend.device)
-    need_q, need_k, need_neg = need
-    torch.library.opcheck(
-        torch.ops.fastcl.info_nce_backward.default,
-        (grad, q, k, neg, loss, lse, T(0.3), need_q, need_k, need_neg and with_negatives),
-    )
+def test_spec_code_round_trips_and_rejects_nonsense():
+    for spec in SPECS.values():
+        assert engine.Spec.parse(spec.code()) == spec
+    with pytest.raises(ValueError, match="offset"):
+        engine.Spec(columns="tensor", positive="offset")
+    with pytest.raises(ValueError, match="positive"):
+        engine.Spec(positive="sometimes")
+    with pytest.raises(ValueError, match="exclude_self"):
+        engine.Spec(columns="rows", positive="offset")
+
+
+def test_planned_choices_are_refused_by_every_backend():
+    """Label positives and the other epilogues are in the contract, implemented by no backend
+    yet: asking for them raises NotImplementedError naming the choice."""
+    for backend in engine.BACKENDS:
+        for spec, what in ((engine.Spec(positive="labels"), "positive='labels'"),
+                           (engine.Spec(epilogue="sigmoid"), "epilogue='sigmoid'"),
+                           (engine.Spec(epilogue="softmax_rows_cols"), "softmax_rows_cols")):
+            with pytest.raises(NotImplementedError, match=what):
+                engine.require(spec, backend)
 
 
 # ---------------------------------------------------------------------------- gradcheck ----
@@ -418,18 +447,20 @@ def test_bitwise_deterministic(backend, case):
 # ------------------------------------------------------ MoCo: no gradient for the queue ----
 
 
-def test_info_nce_backward_op_skips_unneeded_gradient(backend):
+def test_backward_op_skips_unneeded_gradient(backend):
     q = _randn(10, 12, seed=0, device=backend.device)
     k = _randn(10, 12, seed=3, device=backend.device)
     queue = _randn(30, 12, seed=1, device=backend.device)
-    loss, lse, _ = ops.info_nce(q, k, queue, T(0.2))
+    code = engine.QUEUE.code()
+    loss, lse, _, _ = ops.softmax_rows(q, queue, None, k, _scale(0.2), code)
     grad = torch.ones_like(loss)
-    dq, dk, dn = ops.info_nce_backward(grad, q, k, queue, loss, lse, T(0.2), True, True, False)
+    args = (grad, q, queue, None, k, loss, lse, _scale(0.2), None, code)
+    dq, dn, _, dk = ops.softmax_rows_backward(*args, True, False, False, True)
     assert dq.shape == q.shape and dk.shape == k.shape and torch.isfinite(dq).all()
     assert dn.numel() == 0
-    dq0, dk0, dn0 = ops.info_nce_backward(grad, q, k, queue, loss, lse, T(0.2), False, False, True)
+    dq0, dn0, _, dk0 = ops.softmax_rows_backward(*args, False, True, False, False)
     assert dq0.numel() == 0 and dk0.numel() == 0 and dn0.shape == queue.shape
-    dq2, dk2, dn2 = ops.info_nce_backward(grad, q, k, queue, loss, lse, T(0.2), True, True, True)
+    dq2, dn2, _, dk2 = ops.softmax_rows_backward(*args, True, True, False, True)
     torch.testing.assert_close(dq, dq2, rtol=0, atol=0)
     torch.testing.assert_close(dk, dk2, rtol=0, atol=0)
     torch.testing.assert_close(dn0, dn2, rtol=0, atol=0)

@@ -22,6 +22,7 @@ on its shape and operand order), and the lse must not be rounded to a float of s
 """
 from __future__ import annotations
 
+import math
 from typing import Optional, Tuple
 
 import torch
@@ -39,33 +40,58 @@ def _normalized(x: torch.Tensor, norm: torch.Tensor) -> torch.Tensor:
     return x.to(_acc_dtype(x)) / norm.to(_acc_dtype(x))[:, None]
 
 
-def _logits(a: torch.Tensor, b: torch.Tensor, inv_temp: float) -> torch.Tensor:
-    """inv_temp * a @ b.T, the scale applied by the matrix product itself (BLAS alpha)."""
+def _logits(a: torch.Tensor, b: torch.Tensor, inv_temp) -> torch.Tensor:
+    """inv_temp * a @ b.T: for a float the scale is applied by the matrix product itself (BLAS
+    alpha); a 0-dim tensor scale (on the device, never read on the host) multiplies after."""
     out = a.new_empty(a.shape[0], b.shape[0])
+    if isinstance(inv_temp, torch.Tensor):
+        return torch.mm(a, b.T, out=out).mul_(inv_temp.to(out.dtype))
     return torch.addmm(out, a, b.T, beta=0, alpha=inv_temp, out=out)
 
 
-class _OnlineLSE:
-    """Running row maxima m and sums l of exp(s - m), merged tile by tile."""
+def _scaled(out: torch.Tensor, inv_temp) -> torch.Tensor:
+    return out.mul_(inv_temp.to(out.dtype) if isinstance(inv_temp, torch.Tensor) else inv_temp)
 
-    def __init__(self, n: int, dtype, device):
+
+class _OnlineLSE:
+    """Running row maxima m, sums l of exp(s - m) and, with ``with_t``, t = sum exp(s - m) (s -
+    m) (the centred first moment the scale's gradient needs), merged tile by tile."""
+
+    def __init__(self, n: int, dtype, device, with_t: bool = False):
         self.m = torch.full((n,), _NEG_INF, dtype=dtype, device=device)
         self.l = torch.zeros(n, dtype=dtype, device=device)
+        self.t = torch.zeros(n, dtype=dtype, device=device) if with_t else None
 
     def add(self, sl: slice, s: torch.Tensor, dim: int) -> None:
         """Merge tile s (logits, -inf where excluded; consumed) into rows sl, reducing ``dim``."""
         m_old = self.m[sl]
         m_new = torch.maximum(m_old, s.amax(dim=dim))
         shift = torch.where(m_new == _NEG_INF, torch.zeros_like(m_new), m_new)
-        s.sub_(shift.unsqueeze(dim)).exp_()
+        s.sub_(shift.unsqueeze(dim))
+        if self.t is not None:
+            # t <- exp(m_old - m_new) (t + (m_old - m_new) l_old) + sum exp(d) d, d = s - m_new;
+            # excluded entries (d = -inf, exp = 0) add 0, not 0 * -inf.
+            l_old = self.l[sl]
+            delta = m_old - shift
+            moved = torch.exp(delta) * (self.t[sl] + delta * l_old)
+            d = torch.nan_to_num(s, neginf=0.0, posinf=math.inf, nan=math.nan)
+            self.t[sl] = torch.where(l_old > 0, moved, torch.zeros_like(moved)) + (
+                torch.exp(s) * d).sum(dim=dim)
+        s.exp_()
         self.l[sl] = self.l[sl] * torch.exp(m_old - shift) + s.sum(dim=dim)
         self.m[sl] = m_new
 
-    def result(self, s_pos: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        """(loss, lse) with loss = (m - s_pos) + log l: exact when the positive is the max;
-        lse in float64 (see the module doc)."""
+    def result(self, s_pos: torch.Tensor, inv_temp) -> Tuple[torch.Tensor, ...]:
+        """(loss, lse, dscale) with loss = (m - s_pos) + log l: exact when the positive is the
+        max; lse in float64 (see the module doc); dscale = (t / l + (m - s_pos)) / inv_temp, or
+        empty without ``with_t``."""
         log_l = torch.log(self.l)
-        return (self.m - s_pos) + log_l, self.m.double() + log_l.double()
+        loss = (self.m - s_pos) + log_l
+        if self.t is None:
+            dscale = self.m.new_empty(0)
+        else:
+            dscale = (self.t / self.l + (self.m - s_pos)) / inv_temp
+        return loss, self.m.double() + log_l.double(), dscale
 
 
 def _split(lse: torch.Tensor, dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -97,30 +123,35 @@ def _pos_in_tile(rows: range, cols: range, pos_offset: int, n: int):
 # ------------------------------------------------------------------ NT-Xent (symmetric) ----
 
 
-def nt_xent_forward(z, nz, inv_temp: float, precision: str = "ieee"):
+def nt_xent_forward(z, nz, inv_temp, precision: str = "ieee", positive_in_denominator: bool = True,
+                    with_dscale: bool = False):
     n = z.shape[0]
     zh = _normalized(z, nz)
-    state = _OnlineLSE(n, zh.dtype, z.device)
+    state = _OnlineLSE(n, zh.dtype, z.device, with_dscale)
     s_pos = torch.empty(n, dtype=zh.dtype, device=z.device)
     for rows, cols in _tiles(n, n, upper=True):
         i, j = rows.start, cols.start
         s = _logits(zh[i:rows.stop], zh[j:cols.stop], inv_temp)
         # Each row takes its positive from the very float its max and sum see: row-wise
         # from this tile, or column-wise for the rows this tile covers as columns.
-        ri, ci = _pos_in_tile(rows, cols, n // 2, n)
-        s_pos[ri + i] = s[ri, ci]
+        pos = _pos_in_tile(rows, cols, n // 2, n)
+        s_pos[pos[0] + i] = s[pos]
+        if i != j:
+            cpos = _pos_in_tile(cols, rows, n // 2, n)
+            s_pos[cpos[0] + j] = s[cpos[1], cpos[0]]
+        if not positive_in_denominator:
+            # The pair (i, i + N) is symmetric: one entry serves its row and its column.
+            s[pos] = _NEG_INF
         if i == j:
             s.fill_diagonal_(_NEG_INF)
             state.add(slice(i, rows.stop), s, dim=1)
             continue
-        ci, ri = _pos_in_tile(cols, rows, n // 2, n)
-        s_pos[ci + j] = s[ri, ci]
         state.add(slice(i, rows.stop), s.clone(), dim=1)
         state.add(slice(j, cols.stop), s, dim=0)
-    return state.result(s_pos)
+    return state.result(s_pos, inv_temp)
 
 
-def nt_xent_grad(z, nz, lse, g, inv_temp: float, precision: str = "ieee"):
+def nt_xent_grad(z, nz, lse, g, inv_temp, precision: str = "ieee"):
     n = z.shape[0]
     zh = _normalized(z, nz)
     (hi, lo), g = _split(lse, zh.dtype), g.to(zh.dtype)
@@ -144,7 +175,7 @@ def nt_xent_grad(z, nz, lse, g, inv_temp: float, precision: str = "ieee"):
         out[i:rows.stop].addmm_(w, zh[j:cols.stop])
         if i != j:
             out[j:cols.stop].addmm_(w.T, zh[i:rows.stop])
-    return out.mul_(inv_temp)
+    return _scaled(out, inv_temp)
 
 
 # ---------------------------------------------------------------------------- general ----
@@ -156,30 +187,37 @@ def lse_forward(
     nq: torch.Tensor,
     nk: torch.Tensor,
     positive: Optional[Tuple[torch.Tensor, torch.Tensor]],
-    inv_temp: float,
+    inv_temp,
     pos_offset: Optional[int],
     precision: str = "ieee",
-) -> Tuple[torch.Tensor, torch.Tensor]:
-    return _lse_forward(q, k, nq, nk, positive, inv_temp, pos_offset, with_grad=False)[:2]
+    positive_in_denominator: bool = True,
+    with_dscale: bool = False,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _lse_forward(q, k, nq, nk, positive, inv_temp, pos_offset, False,
+                        positive_in_denominator, with_dscale)[:3]
 
 
-def lse_forward_with_grad(q, k, nq, nk, positive, inv_temp: float, pos_offset: Optional[int],
-                          precision: str = "ieee"):
-    return _lse_forward(q, k, nq, nk, positive, inv_temp, pos_offset, with_grad=True)
+def lse_forward_with_grad(q, k, nq, nk, positive, inv_temp, pos_offset: Optional[int],
+                          precision: str = "ieee", positive_in_denominator: bool = True,
+                          with_dscale: bool = False):
+    return _lse_forward(q, k, nq, nk, positive, inv_temp, pos_offset, True,
+                        positive_in_denominator, with_dscale)
 
 
-def _lse_forward(q, k, nq, nk, positive, inv_temp, pos_offset, with_grad):
+def _lse_forward(q, k, nq, nk, positive, inv_temp, pos_offset, with_grad, in_denominator,
+                 with_dscale):
     qn = _normalized(q, nq)
     kn = _normalized(k, nk)
     n_q, n_k = q.shape[0], k.shape[0]
-    state = _OnlineLSE(n_q, qn.dtype, q.device)
+    state = _OnlineLSE(n_q, qn.dtype, q.device, with_dscale)
     v = torch.zeros_like(qn) if with_grad else None
     if positive is not None:
         # Row i's positive is positive[0][i], scaled exactly as the columns are.
         k_pos, n_pos = positive
-        s_pos = (qn * _normalized(k_pos, n_pos)).sum(dim=1).mul_(inv_temp)
-        state.m.copy_(s_pos)
-        state.l.fill_(1.0)
+        s_pos = _scaled((qn * _normalized(k_pos, n_pos)).sum(dim=1), inv_temp)
+        if in_denominator:
+            state.m.copy_(s_pos)
+            state.l.fill_(1.0)
     else:
         s_pos = torch.zeros(n_q, dtype=qn.dtype, device=q.device)  # 0 without a positive
     for rows, cols in _tiles(n_q, n_k):
@@ -189,6 +227,8 @@ def _lse_forward(q, k, nq, nk, positive, inv_temp, pos_offset, with_grad):
         if pos_offset is not None:
             pos = _pos_in_tile(rows, cols, pos_offset, n_k)
             s_pos[pos[0] + i] = s[pos]
+            if not in_denominator:
+                s[pos] = _NEG_INF
         m_old = state.m[i:rows.stop].clone()
         state.add(slice(i, rows.stop), s, dim=1)  # s is now exp(s - shift)
         if with_grad:
@@ -199,10 +239,10 @@ def _lse_forward(q, k, nq, nk, positive, inv_temp, pos_offset, with_grad):
             if pos is not None:
                 s[pos] = 0.0
             v[i:rows.stop].mul_(torch.exp(m_old - shift)[:, None]).addmm_(s, kn[j:cols.stop])
-    loss, lse = state.result(s_pos)
+    loss, lse, dscale = state.result(s_pos, inv_temp)
     if not with_grad:
-        return loss, lse, None
-    return loss, lse, v.mul_(inv_temp).div_(state.l[:, None])
+        return loss, lse, dscale, None
+    return loss, lse, dscale, _scaled(v, inv_temp).div_(state.l[:, None])
 
 
 def grad_accumulate(
@@ -214,7 +254,7 @@ def grad_accumulate(
     g_a: Optional[torch.Tensor],
     lse_b: Optional[torch.Tensor],
     g_b: Optional[torch.Tensor],
-    inv_temp: float,
+    inv_temp,
     pos_offset: Optional[int],
     precision: str = "ieee",
 ) -> torch.Tensor:
@@ -238,4 +278,4 @@ def grad_accumulate(
         if pos_offset is not None:
             w[_pos_in_tile(rows, cols, pos_offset, n_b)] = 0.0
         out[r_sl].addmm_(w, bn[c_sl])
-    return out.mul_(inv_temp)
+    return _scaled(out, inv_temp)

@@ -349,8 +349,18 @@ def _grad(a, b, na, nb, lse_a, g_a, lse_b, g_b, inv_temp, exclude_diag, pos_offs
 # ------------------------------------------------------------ the fastcl.kernels contract ----
 
 
-def nt_xent_forward(z, nz, inv_temp: float, precision: str = "ieee"):
-    return _lse(z, z, nz, nz, None, inv_temp, True, z.shape[0] // 2, precision)
+def _v1_only(positive_in_denominator: bool, with_dscale: bool, inv_temp) -> None:
+    # Interim: the kernels of contract v2 (dscale, DCL, a device scale) land next.
+    if with_dscale or not positive_in_denominator or isinstance(inv_temp, torch.Tensor):
+        raise NotImplementedError("fastcl's Triton kernels do not compute dscale or DCL, or take "
+                                  "a tensor scale, yet")
+
+
+def nt_xent_forward(z, nz, inv_temp: float, precision: str = "ieee",
+                    positive_in_denominator: bool = True, with_dscale: bool = False):
+    _v1_only(positive_in_denominator, with_dscale, inv_temp)
+    loss, lse = _lse(z, z, nz, nz, None, inv_temp, True, z.shape[0] // 2, precision)
+    return loss, lse, loss.new_empty(0)
 
 
 def nt_xent_grad(z, nz, lse, g, inv_temp: float, precision: str = "ieee"):
@@ -359,9 +369,11 @@ def nt_xent_grad(z, nz, lse, g, inv_temp: float, precision: str = "ieee"):
 
 
 def lse_forward(q, k, nq, nk, positive: Optional[Tuple[torch.Tensor, torch.Tensor]],
-                inv_temp: float, pos_offset: Optional[int],
-                precision: str = "ieee") -> Tuple[torch.Tensor, torch.Tensor]:
-    return _lse(q, k, nq, nk, positive, inv_temp, False, pos_offset, precision)
+                inv_temp: float, pos_offset: Optional[int], precision: str = "ieee",
+                positive_in_denominator: bool = True, with_dscale: bool = False):
+    _v1_only(positive_in_denominator, with_dscale, inv_temp)
+    loss, lse = _lse(q, k, nq, nk, positive, inv_temp, False, pos_offset, precision)
+    return loss, lse, loss.new_empty(0)
 
 
 def grad_accumulate(a, b, na, nb, lse_a, g_a, lse_b, g_b, inv_temp: float,

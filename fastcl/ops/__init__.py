@@ -1,9 +1,9 @@
 """torch.library custom ops ("fastcl::...") and backend choice. The only place that registers ops."""
 from fastcl.ops.contrastive import (  # noqa: F401
     info_nce,
-    info_nce_backward,
     nt_xent,
-    nt_xent_backward,
+    softmax_rows,
+    softmax_rows_backward,
     temperature_tensor,
 )
 from fastcl.ops.momentum import (  # noqa: F401, E402

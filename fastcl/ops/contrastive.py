@@ -1,25 +1,27 @@
-"""Custom ops for the similarity + log-softmax family ("fastcl::...").
+"""The softmax-family custom ops of the engine (``fastcl.engine``): one op pair for every loss.
 
-Each op returns the per-row loss and the per-row logsumexp (saved for backward; it carries no
-gradient). Row i's loss is -log softmax of its positive logit:
+``fastcl::softmax_rows(rows, cols, others, key, scale, spec, need_row_grad, need_dscale)
+-> (loss, lse, dscale, row_grad)``
+    The per-row losses l_i = lse_i - s_pos_i of the pass that ``spec`` (``Spec.code()``)
+    describes, logits s_ij = scale * rhat_i . chat_j over the columns (``cols``, or the rows
+    themselves when ``columns="rows"``) plus ``others`` (other ranks' rows: negatives only),
+    the positive chosen by the spec (column i + n/2 of the rows, column i, or ``key[i]``).
+    ``lse`` is float64 (saved for backward, no gradient). ``dscale`` (with ``need_dscale``)
+    is d l_i / d scale = sum_j (p_ij - y_ij) rhat_i . chat_j, from which the scale's gradient
+    is one dot product; empty otherwise. ``row_grad`` (with ``need_row_grad``, columns a
+    tensor, no others) is v_i = scale * sum_j P_ij chat_j over the non-positive columns: d l_i
+    / d rhat_i up to the factor g_i and the positive's term, formed in the forward tile pass
+    (C++ and chunked: one product there instead of two in backward). Empty otherwise.
+``fastcl::softmax_rows_backward(grad_loss, rows, cols, others, key, loss, lse, scale,
+row_grad, spec, need_rows, need_cols, need_others, need_key) -> (d_rows, d_cols, d_others,
+d_key)``
+    The input gradients, each from its own tile pass without atomics (deterministic); one
+    that is not needed (e.g. a detached queue) is not computed and comes back empty.
 
-``fastcl::nt_xent(z, temperature) -> (loss, lse)``
-    z (2N, D) raw rows = cat([z1, z2]); logits (zhat_i . zhat_j) / tau over j != i; the positive
-    of row i is row (i + N) mod 2N. The (2N)^2 matrix is never stored.
-``fastcl::nt_xent_backward(grad_loss, z, loss, lse, temperature) -> dz``
-    The symmetric form: one pass over tiles gives (G + G^T) zhat / tau.
-``fastcl::info_nce(q, k, negatives, temperature, need_q=False) -> (loss, lse, q_rows)``
-    negatives None: logits qhat_i . khat_j over all j, positive j = i (in-batch, one-directional).
-    negatives (M, D): logits [qhat_i . khat_i, qhat_i . neghat_j], positive first (shared
-    negatives, e.g. a MoCo queue); no (N, M) matrix is stored. With ``need_q``, ``q_rows`` is
-    v_i = (1/tau) sum_j P_ij khat_j over the non-positive columns: d loss_i / d qhat_i up to the
-    factor g_i and the positive's term, computed during the forward tile pass (C++ and chunked
-    backends: one extra product there instead of two in backward) so that the backward needs no
-    pass over the logits for dq. Empty without ``need_q``.
-``fastcl::info_nce_backward(grad_loss, q, k, negatives, loss, lse, temperature, need_q, need_k, need_neg, q_rows=None) -> (dq, dk, dneg)``
-    dq from ``q_rows`` when given, else from row tiles; dk (or dneg) from column tiles; each
-    without atomics (deterministic). A gradient that is not needed (e.g. a detached queue) is
-    not computed and comes back empty.
+Other ranks' rows are a second block of columns: each block runs through the backend's fused
+kernels, and the row statistics merge exactly (lse = logaddexp(lse_own, lse_other); loss =
+loss_own + softplus(lse_other - lse_own)). The backward reuses the kernels with the merged
+lse, so each block's softmax weights are the global ones.
 
 The per-row lse is float64 whatever the inputs' dtype: at low temperature it is ~1/tau, and
 rounded to a float32 of that size (one ulp ~ 1e-3 at tau = 1e-4) it would shift every softmax
@@ -27,13 +29,14 @@ weight of the backward by up to that much; the kernels split it into a float and
 exponentiate (s - hi) - lo. Logits are recomputed in the backward by the forward's own products,
 so that each is the very float the forward's lse saw.
 
-The weight of the positive logit in the gradient, exp(-loss) - 1, is formed here with
-``expm1`` from the exact per-row loss rather than in the tiles: eager cross-entropy's precision,
-with no cancellation when the positive dominates (small loss, low temperature).
+The weight of the positive logit in the gradient is formed here from the exact loss: with the
+positive in the denominator, g (exp(-loss) - 1) with ``expm1`` (eager cross-entropy's precision,
+no cancellation when the positive dominates); without it (DCL), -g.
 
-``temperature`` is a 0-dim float64 CPU tensor (see :func:`temperature_tensor`), not a float:
-torch.compile specializes float arguments of custom ops, which would recompile per value.
-Reading it costs no device sync. Gradients are always returned row-major (contiguous).
+``scale`` is a 0-dim tensor, never a float: torch.compile specializes float arguments of custom
+ops, which would recompile per value. A CPU scale is read as a double (no device sync); a scale
+on the device goes to the kernels as a tensor (Triton loads it; it is never read on the host).
+Gradients are always returned row-major (contiguous).
 """
 from __future__ import annotations
 
@@ -43,6 +46,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
+from fastcl import engine
 from fastcl.ops._backend import dot_precision, implementation, refuse_double_backward
 
 _EPS = 1e-12  # as F.normalize
@@ -118,190 +122,246 @@ def _grad_or_zeros(grad_loss: Optional[Tensor], like: Tensor) -> Tensor:
     return grad_loss.to(like.dtype).contiguous()
 
 
-# ---------------------------------------------------------------- NT-Xent (symmetric) ----
 
 
-@torch.library.custom_op("fastcl::nt_xent", mutates_args=())
+def temperature_tensor(temperature) -> Tensor:
+    """The 0-dim float64 CPU tensor form of a Python temperature (tests and benchmarks)."""
+    return torch.ones((), dtype=torch.float64, device="cpu") * temperature
+
+
+def _scale_arg(scale: Tensor):
+    """The scale as the kernels take it: a double for a CPU tensor, else the device tensor."""
+    if scale.device.type == "cpu":
+        return float(scale)
+    return scale.detach()
+
+
+def _impl(spec: engine.Spec, x: Tensor, others: Optional[Tensor]):
+    impl = implementation(x)
+    engine.require(spec, _BACKEND_NAMES.get(impl.__name__, "chunked"), others is not None)
+    return impl
+
+
+_BACKEND_NAMES = {"fastcl.kernels.cpp": "cpp", "fastcl.kernels.chunked": "chunked",
+                  "fastcl.kernels.triton_contrastive": "triton"}
+
+
+def _columns(spec: engine.Spec, rows: Tensor, nr: Tensor, cols, key):
+    """(columns, their norms, explicit positive (key, norms) or None, positive column offset
+    or None) of a columns="tensor" pass."""
+    if spec.positive == "key":
+        return cols, _norm(cols), (key, _norm(key)), None
+    return cols, _norm(cols), None, (0 if spec.positive == "index" else None)
+
+
+def _merge(loss, lse, dscale, lse_o, dscale_o, a):
+    """Row statistics of the own block merged with those of the other ranks' block."""
+    delta = torch.nn.functional.softplus(lse_o - lse, threshold=50.0)
+    lse_t = lse + delta
+    if dscale.numel():
+        # dscale = sum over both blocks of p (d) - d_pos, with each block's weights
+        # exp(lse_block - lse) and d_pos = s_pos / scale = (lse - loss) / scale.
+        d_pos = ((lse - loss.double()) / a).to(dscale.dtype)
+        w_own = torch.exp(lse - lse_t).to(dscale.dtype)
+        w_oth = torch.exp(lse_o - lse_t).to(dscale.dtype)
+        dscale = w_own * dscale + w_oth * (dscale_o - d_pos)
+    return loss + delta.to(loss.dtype), lse_t, dscale
+
+
+@torch.library.custom_op("fastcl::softmax_rows", mutates_args=())
 @_no_autocast
-def nt_xent(z: Tensor, temperature: Tensor) -> Tuple[Tensor, Tensor]:
-    nz = _norm(z)
-    loss, lse = implementation(z).nt_xent_forward(z, nz, _inv_temp(temperature), dot_precision())
-    return loss.to(nz.dtype), lse.to(torch.float64)
-
-
-@nt_xent.register_fake
-def _(z: Tensor, temperature: Tensor) -> Tuple[Tensor, Tensor]:
-    return _rows_like(z), _lse_like(z)
-
-
-@torch.library.custom_op("fastcl::nt_xent_backward", mutates_args=())
-@_no_autocast
-def nt_xent_backward(
-    grad_loss: Tensor, z: Tensor, loss: Tensor, lse: Tensor, temperature: Tensor
-) -> Tensor:
-    nz = _norm(z)
-    inv_temp = _inv_temp(temperature)
-    n = z.shape[0] // 2
-    g = grad_loss.to(nz.dtype).contiguous()
-    lse = lse.to(torch.float64).contiguous()
-    d_hat = implementation(z).nt_xent_grad(z, nz, lse, g, inv_temp, dot_precision())
-    # The positive pairs (i, i + N) are symmetric: both rows' weights land on each of them.
-    c = _positive_weight(g, loss.to(nz.dtype))
-    d_hat += ((c + c.roll(n)) * inv_temp)[:, None] * _normalized(z, nz).roll(n, dims=0)
-    return _normalize_backward(z, nz, d_hat)
-
-
-@nt_xent_backward.register_fake
-def _(grad_loss, z, loss, lse, temperature):
-    return _empty_rows(z)
-
-
-def _nt_xent_setup(ctx, inputs, output):
-    z, temperature = inputs
-    loss, lse = output
-    ctx.mark_non_differentiable(lse)
-    ctx.save_for_backward(z, loss, lse, temperature)
-
-
-def _nt_xent_backward(ctx, grad_loss, _grad_lse):
-    refuse_double_backward("fastcl.nt_xent (op fastcl::nt_xent)")
-    z, loss, lse, temperature = ctx.saved_tensors
-    return nt_xent_backward(_grad_or_zeros(grad_loss, loss), z, loss, lse, temperature), None
-
-
-nt_xent.register_autograd(_nt_xent_backward, setup_context=_nt_xent_setup)
-
-
-# ------------------------------------------------------------------------- InfoNCE -------
-
-
-@torch.library.custom_op("fastcl::info_nce", mutates_args=())
-@_no_autocast
-def info_nce(
-    q: Tensor, k: Tensor, negatives: Optional[Tensor], temperature: Tensor, need_q: bool = False
-) -> Tuple[Tensor, Tensor, Tensor]:
-    impl = implementation(q)
-    inv_temp = _inv_temp(temperature)
-    precision = dot_precision()
-    nq, nk = _norm(q), _norm(k)
-    if negatives is None:
-        cols, n_cols, positive, pos_offset = k, nk, None, 0
+def softmax_rows(
+    rows: Tensor, cols: Optional[Tensor], others: Optional[Tensor], key: Optional[Tensor],
+    scale: Tensor, spec: str, need_row_grad: bool = False, need_dscale: bool = False,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    sp = engine.Spec.parse(spec)
+    impl = _impl(sp, rows, others)
+    a, precision = _scale_arg(scale), dot_precision()
+    in_denominator = sp.positive_in_denominator
+    nr = _norm(rows)
+    row_grad = rows.new_empty(0, dtype=nr.dtype)
+    if sp.columns == "rows":
+        loss, lse, dscale = impl.nt_xent_forward(rows, nr, a, precision, in_denominator,
+                                                 need_dscale)
     else:
-        cols, n_cols, positive, pos_offset = negatives, _norm(negatives), (k, nk), None
-    q_rows = q.new_empty(0, dtype=nq.dtype)
-    if need_q and hasattr(impl, "lse_forward_with_grad"):
-        loss, lse, q_rows = impl.lse_forward_with_grad(
-            q, cols, nq, n_cols, positive, inv_temp, pos_offset, precision
-        )
-    else:
-        loss, lse = impl.lse_forward(q, cols, nq, n_cols, positive, inv_temp, pos_offset,
-                                     precision)
-        if need_q:  # the backward's dq pass with g = 1, run now: v is linear in g
-            ones = torch.ones_like(lse, dtype=nq.dtype)
-            q_rows = impl.grad_accumulate(q, cols, nq, n_cols, lse, ones, None, None,
-                                          inv_temp, pos_offset, precision)
-    return loss.to(nq.dtype), lse.to(torch.float64), q_rows.to(nq.dtype).contiguous()
-
-
-@info_nce.register_fake
-def _(q, k, negatives, temperature, need_q=False):
-    acc = _acc_dtype(q)
-    q_rows = q.new_empty(q.shape, dtype=acc) if need_q else q.new_empty(0, dtype=acc)
-    return _rows_like(q), _lse_like(q), q_rows
-
-
-@torch.library.custom_op("fastcl::info_nce_backward", mutates_args=())
-@_no_autocast
-def info_nce_backward(
-    grad_loss: Tensor,
-    q: Tensor,
-    k: Tensor,
-    negatives: Optional[Tensor],
-    loss: Tensor,
-    lse: Tensor,
-    temperature: Tensor,
-    need_q: bool,
-    need_k: bool,
-    need_neg: bool,
-    q_rows: Optional[Tensor] = None,
-) -> Tuple[Tensor, Tensor, Tensor]:
-    impl = implementation(q)
-    inv_temp = _inv_temp(temperature)
-    precision = dot_precision()
-    nq, nk = _norm(q), _norm(k)
-    g = grad_loss.to(nq.dtype).contiguous()
-    lse = lse.to(torch.float64).contiguous()
-    c = (_positive_weight(g, loss.to(nq.dtype)) * inv_temp)[:, None]
-    # Distinct empty tensors: a custom op's outputs may not alias each other.
-    dq, dk, dneg = q.new_empty(0), q.new_empty(0), q.new_empty(0)
-    have_rows = q_rows is not None and q_rows.numel() > 0
-    if negatives is None:
-        # Columns are the keys; the positive of row i is column i.
-        if need_q:
-            if have_rows:
-                dq_hat = q_rows.to(nq.dtype) * g[:, None]
-            else:
-                dq_hat = impl.grad_accumulate(q, k, nq, nk, lse, g, None, None, inv_temp, 0,
-                                              precision)
-            dq = _normalize_backward(q, nq, dq_hat.add_(c * _normalized(k, nk)))
-        if need_k:
-            dk_hat = impl.grad_accumulate(k, q, nk, nq, None, None, lse, g, inv_temp, 0,
-                                          precision)
-            dk = _normalize_backward(k, nk, dk_hat.add_(c * _normalized(q, nq)))
-        return dq, dk, dneg
-    n_neg = _norm(negatives) if (need_neg or (need_q and not have_rows)) else None
-    if need_q:
-        if have_rows:
-            dq_hat = q_rows.to(nq.dtype) * g[:, None]
+        c, nc, positive, pos_offset = _columns(sp, rows, nr, cols, key)
+        if need_row_grad and hasattr(impl, "lse_forward_with_grad"):
+            loss, lse, dscale, row_grad = impl.lse_forward_with_grad(
+                rows, c, nr, nc, positive, a, pos_offset, precision, in_denominator,
+                need_dscale)
         else:
-            dq_hat = impl.grad_accumulate(q, negatives, nq, n_neg, lse, g, None, None, inv_temp,
-                                          None, precision)
-        dq = _normalize_backward(q, nq, dq_hat.add_(c * _normalized(k, nk)))
-    if need_k:
-        dk = _normalize_backward(k, nk, c * _normalized(q, nq))
-    if need_neg:
-        dn_hat = impl.grad_accumulate(negatives, q, n_neg, nq, None, None, lse, g, inv_temp, None,
+            loss, lse, dscale = impl.lse_forward(rows, c, nr, nc, positive, a, pos_offset,
+                                                 precision, in_denominator, need_dscale)
+            if need_row_grad:  # the backward's rows pass with g = 1, run now: v is linear in g
+                ones = torch.ones_like(lse, dtype=nr.dtype)
+                row_grad = impl.grad_accumulate(rows, c, nr, nc, lse, ones, None, None, a,
+                                                pos_offset, precision)
+    loss, lse, dscale = loss.to(nr.dtype), lse.to(torch.float64), dscale.to(nr.dtype)
+    if others is not None and others.shape[0] > 0:
+        _, lse_o, dscale_o = impl.lse_forward(rows, others, nr, _norm(others), None, a, None,
+                                              precision, True, need_dscale)
+        loss, lse, dscale = _merge(loss, lse, dscale, lse_o.to(torch.float64),
+                                   dscale_o.to(nr.dtype), a)
+    return loss, lse, dscale.contiguous(), row_grad.to(nr.dtype).contiguous()
+
+
+@softmax_rows.register_fake
+def _(rows, cols, others, key, scale, spec, need_row_grad=False, need_dscale=False):
+    acc = _acc_dtype(rows)
+    n = rows.shape[0]
+    return (_rows_like(rows), _lse_like(rows), rows.new_empty(n if need_dscale else 0, dtype=acc),
+            rows.new_empty(rows.shape if need_row_grad else (0,), dtype=acc))
+
+
+@torch.library.custom_op("fastcl::softmax_rows_backward", mutates_args=())
+@_no_autocast
+def softmax_rows_backward(
+    grad_loss: Tensor, rows: Tensor, cols: Optional[Tensor], others: Optional[Tensor],
+    key: Optional[Tensor], loss: Tensor, lse: Tensor, scale: Tensor,
+    row_grad: Optional[Tensor], spec: str, need_rows: bool, need_cols: bool,
+    need_others: bool, need_key: bool,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    sp = engine.Spec.parse(spec)
+    impl = _impl(sp, rows, others)
+    a, precision = _scale_arg(scale), dot_precision()
+    nr = _norm(rows)
+    g = grad_loss.to(nr.dtype).contiguous()
+    lse = lse.to(torch.float64).contiguous()
+    # The positive pair's weight (see the module docstring), times the scale.
+    if sp.positive_in_denominator:
+        c = _positive_weight(g, loss.to(nr.dtype))
+    else:
+        c = -g
+    c = c * a
+    has_others = others is not None and others.shape[0] > 0
+    n_o = _norm(others) if has_others else None
+    # Distinct empty tensors: a custom op's outputs may not alias each other.
+    d_rows, d_cols, d_others, d_key = (rows.new_empty(0) for _ in range(4))
+    if sp.columns == "rows":
+        if need_rows:
+            n = rows.shape[0] // 2
+            d_hat = impl.nt_xent_grad(rows, nr, lse, g, a, precision)
+            # The positive pairs (i, i + N) are symmetric: both rows' weights land on each.
+            d_hat += (c + c.roll(n))[:, None] * _normalized(rows, nr).roll(n, dims=0)
+            if has_others:
+                d_hat += impl.grad_accumulate(rows, others, nr, n_o, lse, g, None, None, a,
+                                              None, precision)
+            d_rows = _normalize_backward(rows, nr, d_hat)
+    else:
+        have_v = row_grad is not None and row_grad.numel() > 0
+        pos_offset = 0 if sp.positive == "index" else None
+        # Columns are read for their own gradient, or for the rows' when the forward did not
+        # form it (a MoCo queue that needs neither is not even passed in).
+        read_cols = need_cols or (need_rows and not have_v)
+        nc = _norm(cols) if read_cols or sp.positive == "index" else None
+        pos_vec, n_pos = ((key, _norm(key)) if sp.positive == "key" else
+                          (cols, nc) if sp.positive == "index" else (None, None))
+        if need_rows:
+            if have_v:
+                d_hat = row_grad.to(nr.dtype) * g[:, None]
+            else:
+                d_hat = impl.grad_accumulate(rows, cols, nr, nc, lse, g, None, None, a,
+                                             pos_offset, precision)
+            if has_others:
+                d_hat += impl.grad_accumulate(rows, others, nr, n_o, lse, g, None, None, a,
+                                              None, precision)
+            if pos_vec is not None:
+                d_hat += c[:, None] * _normalized(pos_vec, n_pos)
+            d_rows = _normalize_backward(rows, nr, d_hat)
+        if need_cols:
+            dc_hat = impl.grad_accumulate(cols, rows, nc, nr, None, None, lse, g, a, pos_offset,
+                                          precision)
+            if sp.positive == "index":
+                dc_hat += c[:, None] * _normalized(rows, nr)
+            d_cols = _normalize_backward(cols, nc, dc_hat)
+        if need_key and sp.positive == "key":
+            d_key = _normalize_backward(key, n_pos, c[:, None] * _normalized(rows, nr))
+    if need_others and has_others:
+        do_hat = impl.grad_accumulate(others, rows, n_o, nr, None, None, lse, g, a, None,
                                       precision)
-        dneg = _normalize_backward(negatives, n_neg, dn_hat)
-    return dq, dk, dneg
+        d_others = _normalize_backward(others, n_o, do_hat)
+    elif need_others and others is not None:
+        d_others = torch.zeros_like(others)
+    return d_rows, d_cols, d_others, d_key
 
 
-@info_nce_backward.register_fake
-def _(grad_loss, q, k, negatives, loss, lse, temperature, need_q, need_k, need_neg, q_rows=None):
-    return (
-        _empty_rows(q) if need_q else q.new_empty(0),
-        _empty_rows(k) if need_k else q.new_empty(0),
-        _empty_rows(negatives) if (need_neg and negatives is not None) else q.new_empty(0),
-    )
+@softmax_rows_backward.register_fake
+def _(grad_loss, rows, cols, others, key, loss, lse, scale, row_grad, spec, need_rows,
+      need_cols, need_others, need_key):
+    def grad(x, need):
+        return _empty_rows(x) if need and x is not None else rows.new_empty(0)
+
+    sp = engine.Spec.parse(spec)
+    return (grad(rows, need_rows), grad(cols, need_cols and sp.columns == "tensor"),
+            grad(others, need_others), grad(key, need_key and sp.positive == "key"))
 
 
-def _info_nce_setup(ctx, inputs, output):
-    q, k, negatives, temperature, _need_q = inputs
-    loss, lse, q_rows = output
-    ctx.mark_non_differentiable(lse, q_rows)
-    ctx.has_negatives = negatives is not None
-    # The backward reads the negatives only for their own gradient, or for dq when the forward
-    # did not form it. Otherwise no reference is kept: a MoCo queue may be pushed in place
-    # between the loss and its backward without tripping autograd's version check.
-    keep = negatives is not None and (
-        negatives.requires_grad or (q.requires_grad and q_rows.numel() == 0)
-    )
-    ctx.save_for_backward(q, k, negatives if keep else None, loss, lse, temperature, q_rows)
+def _setup(ctx, inputs, output):
+    rows, cols, others, key, scale, spec, _need_v, _need_dscale = inputs
+    loss, lse, dscale, row_grad = output
+    ctx.mark_non_differentiable(lse, dscale, row_grad)
+    ctx.spec = spec
+    ctx.has_cols = cols is not None
+    sp = engine.Spec.parse(spec)
+    # The backward reads a key-mode pass's columns only for their own gradient, or for the
+    # rows' when the forward did not form it. Otherwise no reference is kept: a MoCo queue may
+    # be pushed in place between the loss and its backward without tripping autograd's
+    # version check.
+    keep = cols is not None and (
+        sp.positive != "key" or cols.requires_grad or (rows.requires_grad and
+                                                       row_grad.numel() == 0))
+    ctx.save_for_backward(rows, cols if keep else None, others, key, loss, lse, scale,
+                          row_grad, dscale)
 
 
-def _info_nce_backward(ctx, grad_loss, _grad_lse, _grad_q_rows):
-    refuse_double_backward("fastcl.info_nce (op fastcl::info_nce)")
-    q, k, negatives, loss, lse, temperature, q_rows = ctx.saved_tensors
-    need_q, need_k, need_neg = ctx.needs_input_grad[:3]
-    need_neg = bool(need_neg and ctx.has_negatives)
-    if ctx.has_negatives and negatives is None:  # not kept: its rows are not read
-        negatives = q.new_empty((0, q.shape[1]))
-    dq, dk, dneg = info_nce_backward(
-        _grad_or_zeros(grad_loss, loss), q, k, negatives, loss, lse, temperature,
-        need_q, need_k, need_neg, q_rows,
-    )
-    return ((dq if need_q else None), (dk if need_k else None), (dneg if need_neg else None),
-            None, None)
+_NAMES = {engine.NT_XENT: "fastcl.nt_xent", engine.DCL: "fastcl.dcl_loss"}
 
 
-info_nce.register_autograd(_info_nce_backward, setup_context=_info_nce_setup)
+def _backward(ctx, grad_loss, _g_lse, _g_dscale, _g_row_grad):
+    sp = engine.Spec.parse(ctx.spec)
+    refuse_double_backward(f"{_NAMES.get(sp, 'fastcl.info_nce')} (op fastcl::softmax_rows, "
+                           f"spec {ctx.spec})")
+    rows, cols, others, key, loss, lse, scale, row_grad, dscale = ctx.saved_tensors
+    need_rows, need_cols, need_others, need_key, need_scale = ctx.needs_input_grad[:5]
+    need_cols = bool(need_cols and ctx.has_cols)
+    if ctx.has_cols and cols is None:  # not kept: its rows are not read
+        cols = rows.new_empty((0, rows.shape[1]))
+    g = _grad_or_zeros(grad_loss, loss)
+    d_rows, d_cols, d_others, d_key = softmax_rows_backward(
+        g, rows, cols, others, key, loss, lse, scale, row_grad, ctx.spec, need_rows,
+        need_cols, bool(need_others and others is not None),
+        bool(need_key and key is not None))
+    d_scale = None
+    if need_scale:
+        if dscale.numel() == 0:
+            raise RuntimeError("fastcl::softmax_rows: the scale requires grad but the forward "
+                               "ran with need_dscale=False")
+        d_scale = (g.to(dscale.dtype) * dscale).sum().to(scale.dtype).to(scale.device)
+    return (d_rows if need_rows else None, d_cols if need_cols else None,
+            d_others if need_others and others is not None else None,
+            d_key if need_key and key is not None else None, d_scale, None, None, None)
+
+
+softmax_rows.register_autograd(_backward, setup_context=_setup)
+
+
+# ------------------------------------------------------- today's losses as rows of choices ----
+
+
+def nt_xent(z: Tensor, temperature: Tensor) -> Tuple[Tensor, Tensor]:
+    """(loss, lse) of NT-Xent over z = cat([z1, z2]) (temperature: a 0-dim tensor)."""
+    loss, lse, _, _ = softmax_rows(z, None, None, None, 1.0 / temperature,
+                                   engine.NT_XENT.code())
+    return loss, lse
+
+
+def info_nce(q: Tensor, k: Tensor, negatives: Optional[Tensor], temperature: Tensor,
+             need_q: bool = False) -> Tuple[Tensor, Tensor, Tensor]:
+    """(loss, lse, row_grad) of InfoNCE: in-batch (negatives None) or against shared
+    negatives with k the explicit positive key (temperature: a 0-dim tensor)."""
+    if negatives is None:
+        out = softmax_rows(q, k, None, None, 1.0 / temperature, engine.IN_BATCH.code(), need_q)
+    else:
+        out = softmax_rows(q, negatives, None, k, 1.0 / temperature, engine.QUEUE.code(),
+                           need_q)
+    return out[0], out[1], out[3]

@@ -1,0 +1,216 @@
+"""One engine for every pairwise-similarity loss: the contract between the losses and the backends.
+
+Every softmax-family loss is one tiled pass over rows R (n x D) and columns C (m x D) with
+logits s_ij = scale * rhat_i . chat_j (rows and columns L2-normalized inside), differing only in
+a few choices, written once as a :class:`Spec` that the backends read:
+
+=========================  ==================================================  ===================
+choice                     values                                              used by
+=========================  ==================================================  ===================
+``columns``                ``"rows"`` (C = R), ``"tensor"`` (a second tensor)  NT-Xent, DCL / the rest
+``others`` (call argument)  other ranks' rows appended to the columns,         ``distributed=True``
+                           negatives only
+scale (call argument)      a 0-dim tensor with a gradient, or a Python float   learnable tau, CLIP
+``exclude_self``           the diagonal left out (``columns="rows"``)          NT-Xent, DCL, SupCon
+``positive``               ``"none"``, ``"offset"`` (i <-> i + n/2 of C = R),  -, NT-Xent, in-batch
+                           ``"index"`` (column i), ``"key"`` (one explicit     InfoNCE, MoCo,
+                           key per row), ``"labels"`` (planned)                SupCon
+``positive_in_denominator``  the positive in the row's logsumexp or not         InfoNCE family / DCL
+``epilogue``               ``"softmax_rows"``; planned: ``"softmax_rows_cols"``  all above; CLIP,
+                           (both directions in one pass), ``"sigmoid"``         SigLIP
+=========================  ==================================================  ===================
+
+Per-row statistics a softmax pass returns: the loss l_i = lse_i - s_pos_i, the lse (float64),
+and on request ``dscale`` = d l_i / d scale = sum_j (p_ij - y_ij) (rhat_i . chat_j), on the raw
+cosines, which is all the scale's gradient needs (``fastcl.kernels`` documents the backends'
+side of the contract). A learnable temperature is scale = 1 / tau through autograd.
+
+Backends declare which choices they support (:data:`BACKENDS`); the reference (dense PyTorch,
+``fastcl.reference``) is one of them, chosen with ``FASTCL_BACKEND=reference``, and the
+distributed losses pass the other ranks' rows through the same ops as ``others``. A new loss is
+a public function, a Spec, a reference and tests. Choices marked planned are part of the
+contract but not implemented by any backend yet: asking for them raises ``NotImplementedError``
+naming the choice.
+"""
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass, fields
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+COLUMNS = ("rows", "tensor")
+POSITIVES = ("none", "offset", "index", "key", "labels")
+EPILOGUES = ("softmax_rows", "softmax_rows_cols", "sigmoid")
+
+
+@dataclass(frozen=True)
+class Spec:
+    """The choices of one tiled pass (see the module docstring). Immutable and hashable."""
+
+    columns: str = "tensor"
+    positive: str = "index"
+    exclude_self: bool = False
+    positive_in_denominator: bool = True
+    epilogue: str = "softmax_rows"
+
+    def __post_init__(self):
+        for name, allowed in (("columns", COLUMNS), ("positive", POSITIVES),
+                              ("epilogue", EPILOGUES)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"Spec.{name} must be one of {allowed}, got "
+                                 f"{getattr(self, name)!r}")
+        if self.positive == "offset" and self.columns != "rows":
+            raise ValueError("Spec: positive='offset' pairs row i with row i + n/2 of the rows "
+                             "themselves: it needs columns='rows'")
+        if self.exclude_self and self.columns != "rows":
+            raise ValueError("Spec: exclude_self needs columns='rows'")
+        if self.columns == "rows" and not self.exclude_self and self.epilogue != "sigmoid":
+            raise ValueError("Spec: a softmax over the rows themselves must exclude_self")
+        if not self.positive_in_denominator and self.positive == "none":
+            raise ValueError("Spec: positive_in_denominator=False needs a positive")
+
+    def code(self) -> str:
+        """The string form the custom ops take (torch.library schemas have no dataclasses)."""
+        return ",".join(f"{f.name}={int(v) if isinstance(v, bool) else v}"
+                        for f in fields(self) for v in [getattr(self, f.name)])
+
+    @staticmethod
+    @functools.lru_cache(maxsize=None)
+    def parse(code: str) -> "Spec":
+        kwargs = {}
+        for part in code.split(","):
+            name, _, value = part.partition("=")
+            kwargs[name] = bool(int(value)) if name in ("exclude_self",
+                                                        "positive_in_denominator") else value
+        return Spec(**kwargs)
+
+
+# Today's losses, as rows of choices.
+NT_XENT = Spec(columns="rows", positive="offset", exclude_self=True)
+DCL = Spec(columns="rows", positive="offset", exclude_self=True, positive_in_denominator=False)
+IN_BATCH = Spec(columns="tensor", positive="index")
+QUEUE = Spec(columns="tensor", positive="key")
+
+
+@dataclass(frozen=True)
+class Backend:
+    """A backend's declaration: the values of each choice it implements."""
+
+    name: str
+    columns: frozenset = frozenset(COLUMNS)
+    positive: frozenset = frozenset(("none", "offset", "index", "key"))
+    exclude_self: frozenset = frozenset((False, True))
+    positive_in_denominator: frozenset = frozenset((False, True))
+    epilogue: frozenset = frozenset(("softmax_rows",))
+    others: bool = True
+
+    def unsupported(self, spec: Spec, others: bool = False) -> Optional[str]:
+        """None if this backend runs ``spec``, else the first choice it lacks, in words."""
+        for f in fields(spec):
+            value = getattr(spec, f.name)
+            if value not in getattr(self, f.name):
+                return f"{f.name}={value!r}"
+        if others and not self.others:
+            return "other ranks' rows as columns"
+        return None
+
+
+# The registry. "cpp", "chunked" and "triton" run the custom ops (fastcl.ops.contrastive);
+# "reference" is the dense PyTorch oracle, differentiable to any order.
+BACKENDS = {name: Backend(name) for name in ("reference", "chunked")}
+BACKENDS["cpp"] = Backend("cpp", positive_in_denominator=frozenset((True,)))  # interim
+BACKENDS["triton"] = Backend("triton", positive_in_denominator=frozenset((True,)))  # interim
+
+
+def require(spec: Spec, backend: str, others: bool = False) -> None:
+    """Raise ``NotImplementedError`` naming the choice ``backend`` lacks for ``spec``."""
+    missing = BACKENDS[backend].unsupported(spec, others)
+    if missing is not None:
+        raise NotImplementedError(
+            f"fastcl backend {backend!r} does not implement {missing} (spec {spec.code()}) yet")
+
+
+# ---------------------------------------------------------------------------- the scale ----
+
+
+def check_temperature(temperature, name: str = "temperature"):
+    """A temperature as the losses accept it: a positive finite real number (returned as a
+    Python float; NumPy scalars converted; symbolic floats under torch.compile pass through),
+    or a one-element floating tensor, possibly requiring grad (returned as a 0-dim view). A
+    CPU tensor is checked for a finite value > 0 (no sync: it is on the host), except while
+    compiling; a tensor on an accelerator is never read on the host, so it is not checked."""
+    if isinstance(temperature, Tensor):
+        if not temperature.is_floating_point() or temperature.numel() != 1:
+            raise TypeError(f"{name} must be a float or a one-element floating tensor, got a "
+                            f"{temperature.dtype} tensor of shape {tuple(temperature.shape)}")
+        t = temperature.reshape(())
+        if t.device.type == "cpu" and not torch.compiler.is_compiling():
+            value = float(t.detach())
+            if not 0.0 < value < math.inf:
+                raise ValueError(f"{name} must be finite and > 0, got {value}")
+        return t
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
+        import numbers
+
+        if isinstance(temperature, numbers.Real) and not isinstance(temperature, bool):
+            temperature = float(temperature)  # np.float32, np.int64, ...
+        else:
+            raise TypeError(f"{name} must be a Python float or a one-element tensor, got "
+                            f"{type(temperature).__name__}")
+    # One chained comparison (False for NaN) rather than math.isfinite, which torch.compile
+    # cannot trace for a symbolic float.
+    if not 0.0 < temperature < math.inf:
+        raise ValueError(f"{name} must be finite and > 0, got {temperature}")
+    return float(temperature) if isinstance(temperature, int) else temperature
+
+
+def scale_of(temperature, like: Tensor) -> Tensor:
+    """The 0-dim scale tensor 1 / temperature that the ops take.
+
+    A Python float gives a float64 CPU tensor (read by the kernels as a double, no device
+    tensor, no recompile per value under torch.compile: the product keeps a symbolic float
+    symbolic). A tensor gives 1 / tau in float64 through autograd (its gradient flows back to
+    tau in tau's dtype), on ``like``'s device: a CPU tensor beside CUDA inputs is copied
+    without a sync."""
+    if isinstance(temperature, Tensor):
+        t = temperature
+        if t.device != like.device:
+            t = t.to(like.device, non_blocking=True)
+        return t.to(torch.float64).reciprocal()
+    return torch.ones((), dtype=torch.float64, device="cpu") * (1.0 / temperature)
+
+
+# ------------------------------------------------------------------------------ running ----
+
+
+def run(spec: Spec, rows: Tensor, cols: Optional[Tensor] = None, key: Optional[Tensor] = None,
+        others: Optional[Tensor] = None, *, temperature=None) -> Tensor:
+    """The per-row losses l_i = lse_i - s_pos_i of ``spec`` (float32; float64 for float64
+    inputs), differentiable with respect to every tensor input and to a tensor temperature.
+
+    ``rows`` (n, D); ``cols`` (m, D) unless ``columns="rows"``; ``key`` (n, D) for
+    ``positive="key"``; ``others`` (r, D) the other ranks' rows, negatives only. Inputs of one
+    floating dtype (``fastcl.functional`` promotes mixed ones). The backend is
+    ``fastcl.get_backend()``: the reference computes the dense formula; the others run the
+    fused custom ops.
+    """
+    from fastcl import _config, ops, reference
+
+    backend = _config.get_backend()
+    if backend == "reference":
+        require(spec, "reference", others is not None)
+        return reference.softmax_rows(spec, rows, cols, key, others, temperature)
+    scale = scale_of(temperature, rows)
+    grad_on = torch.is_grad_enabled()
+    need_dscale = grad_on and scale.requires_grad
+    # The rows' gradient is formed in the forward tile pass when it will be needed (one
+    # product fewer), except with other ranks' columns (their statistics merge afterwards).
+    need_row_grad = (grad_on and rows.requires_grad and spec.columns == "tensor"
+                     and others is None)
+    loss, _, _, _ = ops.softmax_rows(rows, cols, others, key, scale, spec.code(),
+                                     need_row_grad, need_dscale)
+    return loss
