@@ -77,13 +77,18 @@ def _normalized(x: Tensor, norm: Tensor) -> Tensor:
     return x.to(norm.dtype) / norm[:, None]
 
 
-def _normalize_backward(x: Tensor, norm: Tensor, grad_hat: Tensor) -> Tensor:
-    """Gradient through xhat = x / max(|x|, eps), given d/d xhat; returned in x's dtype."""
-    x_hat = _normalized(x, norm)
-    radial = (x_hat * grad_hat).sum(dim=1, keepdim=True)
+def _normalize_backward(x: Tensor, norm: Tensor, grad_hat: Tensor,
+                        x_hat: Optional[Tensor] = None) -> Tensor:
+    """Gradient through xhat = x / max(|x|, eps), given d/d xhat (a fresh, contiguous tensor:
+    it is overwritten); returned in x's dtype. ``x_hat``: xhat when the caller has it."""
+    if x_hat is None:
+        x_hat = _normalized(x, norm)
+    # Row dot products as a batched product: no (n, D) temporary.
+    radial = torch.bmm(x_hat.unsqueeze(1), grad_hat.unsqueeze(2)).view(-1, 1)
     # Where the norm was clamped to eps, xhat = x / eps is linear in x: no projection.
     radial = torch.where(norm[:, None] > _EPS, radial, torch.zeros_like(radial))
-    return ((grad_hat - x_hat * radial) / norm[:, None]).to(x.dtype).contiguous()
+    grad_hat.addcmul_(x_hat, radial, value=-1).div_(norm[:, None])
+    return grad_hat.to(x.dtype)
 
 
 def _rows_like(x: Tensor, dtype: Optional[torch.dtype] = None) -> Tensor:
@@ -241,12 +246,15 @@ def softmax_rows_backward(
         if need_rows:
             n = rows.shape[0] // 2
             d_hat = impl.nt_xent_grad(rows, nr, lse, g, a, precision)
-            # The positive pairs (i, i + N) are symmetric: both rows' weights land on each.
-            d_hat += (c + c.roll(n))[:, None] * _normalized(rows, nr).roll(n, dims=0)
             if has_others:
                 d_hat += impl.grad_accumulate(rows, others, nr, n_o, lse, g, None, None, a,
                                               None, precision)
-            d_rows = _normalize_backward(rows, nr, d_hat)
+            # The positive pairs (i, i + N) are symmetric: both rows' weights land on each.
+            z_hat = _normalized(rows, nr)
+            w = (c + c.roll(n))[:, None]
+            d_hat[:n].addcmul_(w[:n], z_hat[n:])
+            d_hat[n:].addcmul_(w[n:], z_hat[:n])
+            d_rows = _normalize_backward(rows, nr, d_hat, z_hat)
     else:
         have_v = row_grad is not None and row_grad.numel() > 0
         pos_offset = 0 if sp.positive == "index" else None
