@@ -79,8 +79,8 @@ def _normalized(x: Tensor, norm: Tensor) -> Tensor:
 
 def _normalize_backward(x: Tensor, norm: Tensor, grad_hat: Tensor,
                         x_hat: Optional[Tensor] = None) -> Tensor:
-    """Gradient through xhat = x / max(|x|, eps), given d/d xhat (a fresh, contiguous tensor:
-    it is overwritten); returned in x's dtype. ``x_hat``: xhat when the caller has it."""
+    """Gradient through xhat = x / max(|x|, eps), given d/d xhat (a fresh tensor: it is
+    overwritten); returned in x's dtype. ``x_hat``: xhat when the caller has it."""
     if x_hat is None:
         x_hat = _normalized(x, norm)
     # Row dot products as a batched product: no (n, D) temporary.
@@ -88,7 +88,8 @@ def _normalize_backward(x: Tensor, norm: Tensor, grad_hat: Tensor,
     # Where the norm was clamped to eps, xhat = x / eps is linear in x: no projection.
     radial = torch.where(norm[:, None] > _EPS, radial, torch.zeros_like(radial))
     grad_hat.addcmul_(x_hat, radial, value=-1).div_(norm[:, None])
-    return grad_hat.to(x.dtype)
+    # Row-major whatever the inputs' strides (elementwise results follow a permuted input).
+    return grad_hat.to(x.dtype).contiguous()
 
 
 def _rows_like(x: Tensor, dtype: Optional[torch.dtype] = None) -> Tensor:
