@@ -328,7 +328,9 @@ def launches(args, log):
         if on_cuda:
             events = [e for e in prof.events()
                       if str(getattr(e, "device_type", "")).endswith("CUDA")]
-            what = "CUDA kernels"
+            copies = [e for e in events if e.name.lower().startswith(("memcpy", "memset"))]
+            what = f"CUDA kernels (+ {len(copies)} memcpy/memset)"
+            events = [e for e in events if e not in copies]
         else:
             events = [e for e in prof.events() if getattr(e, "cpu_parent", None) is None]
             what = "top-level CPU operators (smoke test: not kernels)"
