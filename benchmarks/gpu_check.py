@@ -281,8 +281,8 @@ def compiled_kernels():
 
 def write_stats(path):
     rows = compiled_kernels()
-    lines = [f"{len(rows)} Triton kernels compiled in this process "
-             f"(regs, spills = local bytes per thread, shared memory bytes per block)"]
+    lines = [f"{len(rows)} Triton kernels compiled in this process (regs; spills: triton's "
+             f"n_spills, local memory per thread / 4; smem: shared memory bytes per block)"]
     for r in rows:
         consts = " ".join(f"{k}={v}" for k, v in r["constants"].items())
         flag = "  SPILLS" if r["spills"] else ""

@@ -36,9 +36,10 @@ are compiled once and reported on each of their lines.
 Resources: shared memory is the compiled kernel's ``metadata.shared`` (bytes per block,
 including the dynamic part); registers and spills come from the cubin's resource usage
 (``cuobjdump --dump-resource-usage``, shipped with triton): ``REG`` and the per-thread local
-memory ``STACK + LOCAL`` in bytes, the very figures the driver reports as
-``CompiledKernel.n_regs`` / ``n_spills`` once a kernel is loaded on a device (which needs a
-GPU). Any local memory fails: on these kernels it is register spilling.
+memory ``STACK + LOCAL`` in bytes, what the driver reports as the function's NUM_REGS and
+LOCAL_SIZE_BYTES once it is loaded on a device (which needs a GPU), and triton as
+``CompiledKernel.n_regs`` and ``n_spills`` (local bytes / 4). Any local memory fails: on
+these kernels it is register spilling (ptxas -v: "N bytes spill stores").
 
     python tests/triton_aot.py [--archs 80,89,90] [--dims 64,128,256,1024] [--workers 2]
 """
@@ -286,7 +287,8 @@ def _tool(name):
 
 
 def resources(compiled):
-    """(registers, local memory bytes per thread, shared memory bytes per block)."""
+    """(registers, local memory bytes per thread, shared memory bytes per block); triton 3.9
+    leaves n_regs / n_spills unset until a kernel is loaded on a device."""
     with tempfile.NamedTemporaryFile(suffix=".cubin") as fh:
         fh.write(compiled.asm["cubin"])
         fh.flush()
