@@ -125,7 +125,9 @@ def _grad_or_zeros(grad_loss: Optional[Tensor], like: Tensor) -> Tensor:
 @_no_autocast
 def nt_xent(z: Tensor, temperature: Tensor) -> Tuple[Tensor, Tensor]:
     nz = _norm(z)
-    loss, lse = implementation(z).nt_xent_forward(z, nz, _inv_temp(temperature), dot_precision())
+    # [:2]: the v2 contract adds dscale (backends not yet on it return two values).
+    loss, lse = implementation(z).nt_xent_forward(z, nz, _inv_temp(temperature),
+                                                  dot_precision())[:2]
     return loss.to(nz.dtype), lse.to(torch.float64)
 
 
@@ -195,7 +197,7 @@ def info_nce(
         )
     else:
         loss, lse = impl.lse_forward(q, cols, nq, n_cols, positive, inv_temp, pos_offset,
-                                     precision)
+                                     precision)[:2]
         if need_q:  # the backward's dq pass with g = 1, run now: v is linear in g
             ones = torch.ones_like(lse, dtype=nq.dtype)
             q_rows = impl.grad_accumulate(q, cols, nq, n_cols, lse, ones, None, None,
