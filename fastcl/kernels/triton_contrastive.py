@@ -201,6 +201,7 @@ def _finish(m, l, t, s_pos, inv_temp, rows, row_ok, LOSS, LSE, DSCALE,
             WITH_DSCALE: tl.constexpr, EXP2: tl.constexpr, BLOCK: tl.constexpr):
     """loss = (m - s_pos) + log l (exact when the positive is the max), lse = m + log l in
     float64, dscale = (t / l + (m - s_pos)) / inv_temp; converted to natural units with EXP2."""
+    l = tl.where(row_ok, l, 1.0)  # padding rows: no log(0) (their results are not stored)
     if EXP2:
         log_l = tl.log2(l)
         loss = ((m - s_pos) + log_l) * 0.6931471805599453
