@@ -281,3 +281,19 @@ def test_aot_variants_are_complete(tc):
         assert set(v["options"]) == {"num_warps", "num_stages"}
         seen.add(kernel.__name__ if hasattr(kernel, "__name__") else kernel.fn.__name__)
     assert len(seen) == 3  # forward, combine, backward
+
+
+def test_exp2_path_matches_float64(tc, monkeypatch):
+    """The EXP2 code path (off by default: see the module docstring) stays correct."""
+    monkeypatch.setattr(tc, "EXP2", True)
+    monkeypatch.setattr(tc, "SPLIT_COLUMNS", 32)
+    gen = torch.Generator().manual_seed(40)
+    z = _rows(gen, 70, 24)
+    nz = _norm(z)
+    loss, lse, dscale = tc.nt_xent_forward(z, nz, 2.0, with_dscale=True)
+    for got, want in zip((loss, lse, dscale),
+                         ref_forward(z, z, 2.0, exclude_diag=True, pos_offset=35)):
+        _close(got, want)
+    g = torch.rand(70, generator=gen, dtype=torch.float64).float().to(DEV)
+    _close(tc.nt_xent_grad(z, nz, lse, g, 2.0),
+           ref_grad(z, z, 2.0, lse, g, lse, g, exclude_diag=True, pos_offset=35))
