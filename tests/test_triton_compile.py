@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 
@@ -11,8 +12,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def test_kernel_variants_compile_for_sm80_and_sm90():
-    """Each code path of the contrastive kernels (constexprs from the launchers' own
-    lse_meta/grad_meta), of the momentum kernels and of the cosine-loss kernels, for each dtype, goes through Triton's full
+    """Each code path of the contrastive kernels (triton_contrastive.aot_variants()), of the
+    momentum kernels and of the cosine-loss kernels, for each dtype, goes through Triton's full
     NVIDIA pipeline to a cubin (ptxas ships with the triton wheel)."""
     pytest.importorskip("triton")  # the package depends on triton on Linux: present in CI
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
@@ -24,4 +25,6 @@ def test_kernel_variants_compile_for_sm80_and_sm90():
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-4000:]
     assert "FAIL" not in out
-    assert "compiled 30 of 30 variants" in out, out[-2000:]
+    counts = re.search(r"compiled (\d+) of (\d+) variants", out)
+    assert counts and counts.group(1) == counts.group(2), out[-2000:]
+    assert int(counts.group(2)) >= 60, out[-2000:]

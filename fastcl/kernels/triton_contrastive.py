@@ -12,12 +12,15 @@ the partials of each row in split order (a fixed order: deterministic) and write
 dscale. With one split the forward kernel finishes the rows itself (one launch). The split count
 comes from the shape and the GPU's SM count only (``split_plan``), never from the autotuned
 tile sizes: a MoCo batch of 256 rows against 65,536 queue keys is 4 row blocks x 128 splits.
-For D <= ``RESIDENT_MAX_D`` (256) the row tile is loaded (and normalized) once, before the column
-loop; above, the logits are reduced over BLOCK_D chunks of D.
+While D is small enough (``d_tiling``: bf16/fp16 D <= 128, TF32 D <= 64) the row tile is
+loaded (and normalized) once, before the column loop; above, and always for float32 IEEE dots
+(FMA chains that hold their operands in registers), the logits are reduced over BLOCK_D chunks
+of D. The limits are measured: with ptxas for sm_90, a resident bf16 row tile of D = 256 spills
+2-4 KB per thread (so does TF32 at D = 128), and the FMA dot spills from 32-wide chunks up.
 
 Backward (``_grad_kernel``): one program per row block, no atomics. Each column tile's logits
-are computed once over the full D; for D <= 256 one BLOCK_M x D accumulator takes W @ B and the
-column tile loaded for the logits serves the second product too; above, the program loops over
+are computed once over the full D; with a resident row tile one BLOCK_M x D accumulator takes
+W @ B and the column tile loaded for the logits serves the second product too; above, it loops over
 D chunks of its own output rows in global memory (read, add W @ B_chunk, write: the rows are
 the program's alone, so this is deterministic; a barrier orders the read after the write).
 The column-side gradients (dk, dneg) are the same kernel with the roles swapped.
@@ -61,8 +64,10 @@ Autotuning (``triton.autotune``, on CUDA only): configs ``FWD_CONFIGS`` / ``GRAD
 keyed on D, the dtypes and the code-path constexprs; ``prune_configs`` keeps those within a
 register and shared-memory budget and with BLOCK_N = ``block_n(d, dtype)``. BLOCK_N is not
 tuned because it sets the order of the online row reductions: with it fixed by (D, dtype), the
-autotuner's pick (BLOCK_M, warps, stages, by timing, so possibly different per process) changes
-no float32 result. Under the interpreter one small fixed config is used (``INTERPRETER_TILES``).
+autotuner's pick (by timing, so possibly different per process) changes no float32 result.
+The configs are those that compile without spills (see ``_TUNE``): BLOCK_M = 64 with 8 warps,
+BLOCK_N 64 (128 for bf16/fp16 at D <= 64), 2-4 pipeline stages. Autotuning benchmarks on the
+first call per key (host syncs): do a warm-up call outside CUDA-graph capture. Under the interpreter one small fixed config is used (``INTERPRETER_TILES``).
 ``aot_variants()`` lists every (kernel, signature, constexprs, options) that can run, for the
 ahead-of-time compile test.
 
@@ -71,6 +76,7 @@ Launches run under ``torch.cuda.device(tensor.device)``.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 from typing import Iterator, List, Optional, Tuple
 
@@ -85,8 +91,11 @@ EXP2 = False
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 
-RESIDENT_MAX_D = 256          # GPU: D up to this keeps the row tile resident
-CHUNK_D = 64                  # GPU: D chunk above it
+RESIDENT_MAX_D = 128          # GPU, bf16/fp16: D up to this keeps the row tile resident
+CHUNK_D = 64                  # GPU, bf16/fp16: D chunk above it
+TF32_RESIDENT_MAX_D = 64      # GPU, float32 with TF32 dots
+TF32_CHUNK_D = 32
+FMA_CHUNK_D = 16              # GPU, float32 IEEE (FMA) dots: never resident
 INTERPRETER_TILES = dict(BLOCK_M=32, BLOCK_N=32)
 INTERPRETER_RESIDENT_MAX_D = 64
 INTERPRETER_CHUNK_D = 32
@@ -499,11 +508,22 @@ def _pow2(x: int, lo: int, hi: int) -> int:
     return max(lo, min(hi, triton.next_power_of_2(max(int(x), 1))))
 
 
-def d_tiling(d: int, on_cuda: bool) -> Tuple[bool, int]:
+def d_tiling(d: int, on_cuda: bool, dtype: torch.dtype = torch.bfloat16,
+             precision: str = "ieee") -> Tuple[bool, int]:
     """(RESIDENT, BLOCK_D) for feature size d: the same in every kernel (the logits' D
-    chunking must not differ between forward and backward)."""
-    max_d, chunk = ((RESIDENT_MAX_D, CHUNK_D) if on_cuda
-                    else (INTERPRETER_RESIDENT_MAX_D, INTERPRETER_CHUNK_D))
+    chunking must not differ between forward and backward). On the GPU the resident limit
+    depends on what the dot runs on (measured with ptxas, sm_90: spills beyond these): bf16/fp16
+    matrix units up to D = 128 (D = 256 spills 2-4 KB at BLOCK_M = 64), TF32 up to 64; the
+    float32 IEEE dot is an FMA chain that holds its operands in registers, so it always streams
+    D in chunks of 16."""
+    if not on_cuda:
+        max_d, chunk = INTERPRETER_RESIDENT_MAX_D, INTERPRETER_CHUNK_D
+    elif dtype == torch.float32 and precision == "ieee":
+        max_d, chunk = 0, FMA_CHUNK_D
+    elif dtype == torch.float32:
+        max_d, chunk = TF32_RESIDENT_MAX_D, TF32_CHUNK_D
+    else:
+        max_d, chunk = RESIDENT_MAX_D, CHUNK_D
     if d <= max_d:
         return True, _pow2(d, 16, max_d)
     return False, chunk
@@ -511,7 +531,7 @@ def d_tiling(d: int, on_cuda: bool) -> Tuple[bool, int]:
 
 def block_n(d: int, dtype: torch.dtype) -> int:
     """BLOCK_N on the GPU: fixed by (D, dtype), not tuned (it orders the row reductions)."""
-    return 128 if dtype in (torch.bfloat16, torch.float16) and d <= 128 else 64
+    return 128 if dtype in (torch.bfloat16, torch.float16) and d <= 64 else 64
 
 
 def _cfg(bm, bn, w, s):
@@ -519,9 +539,13 @@ def _cfg(bm, bn, w, s):
 
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages); prune_configs keeps the BLOCK_N of block_n().
-_TUNE = [(64, 64, 4, 2), (64, 64, 4, 3), (64, 64, 8, 3), (64, 64, 4, 4), (128, 64, 4, 3),
-         (128, 64, 8, 2), (128, 64, 8, 3), (64, 128, 4, 3), (64, 128, 8, 3), (64, 128, 4, 4),
-         (128, 128, 8, 3), (128, 128, 8, 4)]
+# Measured with ptxas for sm_90 (Triton 3.9; the heaviest variants: dscale, positives, splits):
+# with 4 warps every kernel spills (16 B to 2.4 KB) at BLOCK_M = 64, and BLOCK_M = 128 spills
+# with 8 warps too (32 B to 1.6 KB) in most (dtype, D) classes; BLOCK_M = 64 with 8 warps
+# spills nowhere, and BLOCK_N = 128 only for bf16/fp16 at D <= 64 (108 B at D = 128). So the
+# tuned dimension is the pipeline depth, over the tiles that fit.
+_TUNE = [(64, 64, 8, 2), (64, 64, 8, 3), (64, 64, 8, 4),
+         (64, 128, 8, 2), (64, 128, 8, 3), (64, 128, 8, 4)]
 FWD_CONFIGS: List[triton.Config] = [_cfg(*c) for c in _TUNE]
 GRAD_CONFIGS: List[triton.Config] = [_cfg(*c) for c in _TUNE]
 
@@ -542,10 +566,12 @@ def _fits(cfg: triton.Config, kind: str, d: int, dtype: torch.dtype, resident: b
     return regs / threads <= _REG_BUDGET and smem <= _SMEM_BUDGET
 
 
-def prune_configs(configs, kind: str, d: int, dtype: torch.dtype) -> List[triton.Config]:
-    """The configs that may run for (kind, d, dtype): BLOCK_N = block_n(d, dtype), within the
-    register and shared-memory budgets (at least one: the smallest)."""
-    resident, block_d = d_tiling(d, True)
+def prune_configs(configs, kind: str, d: int, dtype: torch.dtype,
+                  precision: str = "ieee") -> List[triton.Config]:
+    """The configs that may run for (kind, d, dtype, precision): BLOCK_N = block_n(d, dtype),
+    within the register and shared-memory budgets (at least one: the smallest)."""
+    precision = precision if dtype == torch.float32 else "tf32"
+    resident, block_d = d_tiling(d, True, dtype, precision)
     bn = block_n(d, dtype)
     same_n = [c for c in configs if c.kwargs["BLOCK_N"] == bn]
     kept = [c for c in same_n if _fits(c, kind, d, dtype, resident, block_d)]
@@ -556,7 +582,8 @@ def prune_configs(configs, kind: str, d: int, dtype: torch.dtype) -> List[triton
 
 def _early_prune(kind, input_name):
     def prune(configs, named_args, **kwargs):
-        return prune_configs(configs, kind, int(named_args["d"]), named_args[input_name].dtype)
+        return prune_configs(configs, kind, int(named_args["d"]), named_args[input_name].dtype,
+                             kwargs.get("PRECISION", "ieee"))
     return prune
 
 
@@ -576,10 +603,10 @@ _grad_tuned = triton.autotune(
 
 
 def _common_meta(dtype: torch.dtype, d: int, on_cuda: bool, precision: str) -> dict:
-    resident, block_d = d_tiling(d, on_cuda)
-    meta = dict(RESIDENT=resident, BLOCK_D=block_d, EXP2=EXP2)
     # bf16/fp16 dots ignore the setting; fp32 follows torch.get_float32_matmul_precision().
-    meta["PRECISION"] = precision if dtype == torch.float32 else "tf32"
+    precision = precision if dtype == torch.float32 else "tf32"
+    resident, block_d = d_tiling(d, on_cuda, dtype, precision)
+    meta = dict(RESIDENT=resident, BLOCK_D=block_d, EXP2=EXP2, PRECISION=precision)
     # The Triton interpreter (3.9) computes bf16 tl.dot wrongly: widen operands there.
     meta["UPCAST"] = not on_cuda and dtype == torch.bfloat16
     meta["NORM_TILES"] = dtype == torch.float32
@@ -652,15 +679,8 @@ def _scale_args(inv_temp, device, dummy):
 
 
 def _on_device(t: torch.Tensor):
-    return torch.cuda.device(t.device) if t.is_cuda else _nullcontext()
-
-
-class _nullcontext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
+    """Launch under the tensor's device (Triton launches on the current device)."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
 # ----------------------------------------------------------------------------- launchers ----
@@ -805,13 +825,14 @@ def aot_variants(ds=(128, 512), dtypes=(torch.float32, torch.bfloat16),
     and the positive in the denominator, scale as a float and as a device pointer), each D in
     ``ds`` (give one at most RESIDENT_MAX_D and one above it), dtype and precision, and each
     config ``prune_configs`` keeps (or only the first with every_config=False); plus the
-    combine kernel. Arguments the launchers pass as Python ints are "i32" here; the JIT also
+    combine kernel. (The backward's pointer-scale form only for NT-Xent: it is one load,
+    independent of the case.) Arguments the launchers pass as Python ints are "i32" here; the JIT also
     specializes those divisible by 16 (tt.divisibility), which the caller may add."""
     for dtype in dtypes:
         for d in ds:
             for precision in (precisions if dtype == torch.float32 else ("ieee",)):
-                fwd = prune_configs(FWD_CONFIGS, "fwd", d, dtype)
-                grad = prune_configs(GRAD_CONFIGS, "grad", d, dtype)
+                fwd = prune_configs(FWD_CONFIGS, "fwd", d, dtype, precision)
+                grad = prune_configs(GRAD_CONFIGS, "grad", d, dtype, precision)
                 for case, flags in LSE_CASES.items():
                     for one_split, pid, ds_, sptr in ((True, True, False, False),
                                                       (False, False, True, True)):
@@ -823,7 +844,8 @@ def aot_variants(ds=(128, 512), dtypes=(torch.float32, torch.bfloat16),
                                            f"splits={'1' if one_split else 'n'} pid={pid} "
                                            f"dscale={ds_} scale_ptr={sptr}")
                 for case, flags in GRAD_CASES.items():
-                    for sptr in (False, True):
+                    # The scale's pointer form is one load, independent of the case: once.
+                    for sptr in ((False, True) if case == "nt_xent" else (False,)):
                         meta = grad_meta(dtype, d, True, *flags, precision, sptr)
                         for cfg in (grad if every_config else grad[:1]):
                             yield _variant(_grad_kernel, f"grad/{case}", dtype, d, precision,
