@@ -189,7 +189,7 @@ def test_splits_agree_with_one_split(tc, monkeypatch):
 
 
 @pytest.mark.parametrize("d", D_VALUES)
-def test_grads_match_float64(tc, d):
+def test_grads_match_float64(tc, splits, d):
     gen = torch.Generator().manual_seed(20 + d)
     z = _rows(gen, 70, d)
     nz = _norm(z)
@@ -260,6 +260,8 @@ def test_moco_batch_fills_an_h100(tc, monkeypatch):
     assert tc.split_plan(16384, 16384, torch.device("cuda", 0))[0] == 3
     assert tc.split_plan(64, 100, torch.device("cuda", 0)) == (1, 128)
     assert cps % tc.SPLIT_ALIGN == 0
+    # The backward's partial rows are capped: 16 splits here, not 128.
+    assert tc.split_plan(256, 65536, torch.device("cuda", 0), max_splits=16) == (16, 4096)
 
 
 def test_configs_pruned_per_d_and_dtype(tc):
@@ -280,7 +282,7 @@ def test_aot_variants_are_complete(tc):
         assert {k for k, t in sig.items() if t == "constexpr"} == set(constexprs), v["label"]
         assert set(v["options"]) == {"num_warps", "num_stages"}
         seen.add(kernel.__name__ if hasattr(kernel, "__name__") else kernel.fn.__name__)
-    assert len(seen) == 3  # forward, combine, backward
+    assert len(seen) == 4  # forward, combine, backward, split sum
 
 
 def test_exp2_path_matches_float64(tc, monkeypatch):

@@ -18,7 +18,9 @@ loaded (and normalized) once, before the column loop; above, and always for floa
 of D. The limits are measured: with ptxas for sm_90, a resident bf16 row tile of D = 256 spills
 2-4 KB per thread (so does TF32 at D = 128), and the FMA dot spills from 32-wide chunks up.
 
-Backward (``_grad_kernel``): one program per row block, no atomics. Each column tile's logits
+Backward (``_grad_kernel``): the same (row blocks, column splits) grid, no atomics: each split
+writes its partial rows and ``_sum_splits_kernel`` adds them in split order (so the dq of a MoCo
+batch against its queue fills the machine too). Each column tile's logits
 are computed once over the full D; with a resident row tile one BLOCK_M x D accumulator takes
 W @ B and the column tile loaded for the logits serves the second product too; above, it loops over
 D chunks of its own output rows in global memory (read, add W @ B_chunk, write: the rows are
@@ -106,6 +108,8 @@ INTERPRETER_SPLIT_COLUMNS = 64
 # Tests: force the columns per split (rounded up to a multiple of BLOCK_N); None = the plan.
 SPLIT_COLUMNS: Optional[int] = None
 COMBINE_BLOCK = 128
+SUM_BLOCK = 1024
+PARTIAL_BYTES = 64 << 20      # GPU backward: the split partial rows' budget
 
 
 # ----------------------------------------------------------------------------- helpers ----
@@ -400,7 +404,7 @@ def _split_lse(lse, EXP2: tl.constexpr, BLOCK: tl.constexpr):
 @triton.jit
 def _grad_kernel(
     A, B, NA, NB, LSE_A, G_A, LSE_B, G_B, SCALE, OUT,
-    n_a, n_b, d, pos_offset,
+    n_a, n_b, d, pos_offset, cols_per_split,
     stride_am, stride_ad, stride_bm, stride_bd, stride_om,
     scale_val,
     SCALE_PTR: tl.constexpr,
@@ -419,8 +423,14 @@ def _grad_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    """OUT[a, :] = inv_temp * sum_b W_ab * bhat_b over all of D; one program per row block."""
+    """OUT[s, a, :] = inv_temp * sum_b W_ab * bhat_b over all of D, b in column split s; grid
+    (row blocks, column splits). With one split OUT is the result; with several, the launcher
+    sums the splits' partial rows in split order (``_sum_splits_kernel``)."""
     pid_m = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    col_start = pid_s * cols_per_split
+    col_end = tl.minimum(n_b, col_start + cols_per_split)
+    OUT = OUT + tl.full([], pid_s, tl.int64) * n_a * stride_om  # this split's partial rows
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < n_a
     rows64 = rows.to(tl.int64)
@@ -447,9 +457,9 @@ def _grad_kernel(
                      mask=row_ok[:, None] & (dd[None, :] < d))
         tl.debug_barrier()
 
-    for start_n in range(0, n_b, BLOCK_N):
+    for start_n in range(col_start, col_end, BLOCK_N):
         cols = start_n + offs_n
-        col_ok = cols < n_b
+        col_ok = cols < col_end
         cols64 = cols.to(tl.int64)
         nb = tl.load(NB + cols, mask=col_ok, other=1.0)
         if RESIDENT:
@@ -501,6 +511,17 @@ def _grad_kernel(
                  mask=row_ok[:, None] & (offs_d[None, :] < d))
 
 
+@triton.jit
+def _sum_splits_kernel(PART, OUT, numel, n_splits, BLOCK: tl.constexpr):
+    """OUT = sum over s of PART[s] (numel values each), in split order: deterministic."""
+    offs = tl.full([], tl.program_id(0), tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < numel
+    acc = tl.zeros([BLOCK], tl.float32)
+    for sp in range(0, n_splits):
+        acc += tl.load(PART + tl.full([], sp, tl.int64) * numel + offs, mask=mask, other=0.0)
+    tl.store(OUT + offs, acc, mask=mask)
+
+
 # --------------------------------------------------------------- tiles, configs, tuning ----
 
 
@@ -544,10 +565,12 @@ def _cfg(bm, bn, w, s):
 # with 8 warps too (32 B to 1.6 KB) in most (dtype, D) classes; BLOCK_M = 64 with 8 warps
 # spills nowhere, and BLOCK_N = 128 only for bf16/fp16 at D <= 64 (108 B at D = 128). So the
 # tuned dimension is the pipeline depth, over the tiles that fit.
+# The backward holds more (the W tile and the output accumulator): 4 stages spill there (8-64 B),
+# and so do 3 with float32 FMA dots (52 B), which keep 2.
 _TUNE = [(64, 64, 8, 2), (64, 64, 8, 3), (64, 64, 8, 4),
          (64, 128, 8, 2), (64, 128, 8, 3), (64, 128, 8, 4)]
 FWD_CONFIGS: List[triton.Config] = [_cfg(*c) for c in _TUNE]
-GRAD_CONFIGS: List[triton.Config] = [_cfg(*c) for c in _TUNE]
+GRAD_CONFIGS: List[triton.Config] = [_cfg(*c) for c in _TUNE if c[3] <= 3]
 
 _REG_BUDGET = 128            # estimated float32 values per thread for the big tiles
 _SMEM_BUDGET = 160 * 1024    # bytes: under sm_80's 164 KiB (sm_90: 227 KiB)
@@ -574,6 +597,8 @@ def prune_configs(configs, kind: str, d: int, dtype: torch.dtype,
     resident, block_d = d_tiling(d, True, dtype, precision)
     bn = block_n(d, dtype)
     same_n = [c for c in configs if c.kwargs["BLOCK_N"] == bn]
+    if kind == "grad" and dtype == torch.float32 and precision == "ieee":
+        same_n = [c for c in same_n if c.num_stages <= 2] or same_n
     kept = [c for c in same_n if _fits(c, kind, d, dtype, resident, block_d)]
     if not kept:
         kept = [min(same_n, key=lambda c: (c.kwargs["BLOCK_M"], c.num_warps, c.num_stages))]
@@ -644,11 +669,13 @@ def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-def split_plan(n_q: int, n_k: int, device: torch.device) -> Tuple[int, int]:
+def split_plan(n_q: int, n_k: int, device: torch.device,
+               max_splits: Optional[int] = None) -> Tuple[int, int]:
     """(n_splits, cols_per_split) for n_q rows against n_k columns: from the shape and the
     device's SM count only (never from the autotuned tiles), so results are deterministic.
     Enough programs for PROGRAMS_PER_SM per SM, each with at least MIN_SPLIT_COLUMNS columns,
-    aligned to SPLIT_ALIGN. ``SPLIT_COLUMNS`` (tests) forces the columns per split."""
+    aligned to SPLIT_ALIGN, at most ``max_splits``. ``SPLIT_COLUMNS`` (tests) forces the
+    columns per split."""
     on_cuda = device.type == "cuda"
     align = SPLIT_ALIGN if on_cuda else INTERPRETER_TILES["BLOCK_N"]
     if SPLIT_COLUMNS is not None:
@@ -657,7 +684,7 @@ def split_plan(n_q: int, n_k: int, device: torch.device) -> Tuple[int, int]:
         index = device.index if device.index is not None else torch.cuda.current_device()
         row_blocks = triton.cdiv(max(n_q, 1), 64)
         want = triton.cdiv(PROGRAMS_PER_SM * _sm_count(index), row_blocks)
-        splits = max(1, min(want, n_k // MIN_SPLIT_COLUMNS))
+        splits = max(1, min(want, n_k // MIN_SPLIT_COLUMNS, max_splits or want))
         cps = triton.cdiv(max(n_k, 1), splits)
     else:
         cps = INTERPRETER_SPLIT_COLUMNS
@@ -734,24 +761,33 @@ def _grad(a, b, na, nb, lse_a, g_a, lse_b, g_b, inv_temp, exclude_diag, pos_offs
     meta = grad_meta(a.dtype, d, on_cuda, lse_a is not None, lse_b is not None, exclude_diag,
                      pos_offset is not None, precision, scale_ptr)
     out = torch.empty(n_a, d, dtype=torch.float32, device=a.device)
-    if n_a == 0:
-        return out
+    if n_a == 0 or d == 0:
+        return out.zero_()
+    # Each split holds n_a x d float32 partial rows: at most ~64 MiB of them in all.
+    n_splits, cps = split_plan(n_a, n_b, a.device,
+                               max_splits=max(1, PARTIAL_BYTES // (4 * n_a * d)))
+    part = (torch.empty(n_splits, n_a, d, dtype=torch.float32, device=a.device)
+            if n_splits > 1 else out)
     dummy = na
     lse_a = lse_a.to(torch.float64).contiguous() if lse_a is not None else dummy
     lse_b = lse_b.to(torch.float64).contiguous() if lse_b is not None else dummy
     args = (a, b, na, nb,
             lse_a, g_a if g_a is not None else dummy,
             lse_b, g_b if g_b is not None else dummy,
-            scale_t, out,
-            n_a, n_b, d, pos_offset or 0,
-            a.stride(0), a.stride(1), b.stride(0), b.stride(1), out.stride(0),
+            scale_t, part,
+            n_a, n_b, d, pos_offset or 0, cps,
+            a.stride(0), a.stride(1), b.stride(0), b.stride(1), d,
             scale_val)
     with _on_device(a):
         if on_cuda:
-            grid = lambda META: (triton.cdiv(n_a, META["BLOCK_M"]),)  # noqa: E731
+            grid = lambda META: (triton.cdiv(n_a, META["BLOCK_M"]), n_splits)  # noqa: E731
             _grad_tuned[grid](*args, **meta)
         else:
-            _grad_kernel[(triton.cdiv(n_a, meta["BLOCK_M"]),)](*args, **meta)
+            _grad_kernel[(triton.cdiv(n_a, meta["BLOCK_M"]), n_splits)](*args, **meta)
+        if n_splits > 1:
+            block = SUM_BLOCK if on_cuda else 1024
+            _sum_splits_kernel[(triton.cdiv(n_a * d, block),)](part, out, n_a * d, n_splits,
+                                                               BLOCK=block)
     return out
 
 
@@ -825,7 +861,7 @@ def aot_variants(ds=(128, 512), dtypes=(torch.float32, torch.bfloat16),
     and the positive in the denominator, scale as a float and as a device pointer), each D in
     ``ds`` (give one at most RESIDENT_MAX_D and one above it), dtype and precision, and each
     config ``prune_configs`` keeps (or only the first with every_config=False); plus the
-    combine kernel. (The backward's pointer-scale form only for NT-Xent: it is one load,
+    combine and split-sum kernels. (The backward's pointer-scale form only for NT-Xent: it is one load,
     independent of the case.) Arguments the launchers pass as Python ints are "i32" here; the JIT also
     specializes those divisible by 16 (tt.divisibility), which the caller may add."""
     for dtype in dtypes:
@@ -850,6 +886,10 @@ def aot_variants(ds=(128, 512), dtypes=(torch.float32, torch.bfloat16),
                         for cfg in (grad if every_config else grad[:1]):
                             yield _variant(_grad_kernel, f"grad/{case}", dtype, d, precision,
                                            meta, cfg, sptr, f"scale_ptr={sptr}")
+    sig = {"PART": "*fp32", "OUT": "*fp32", "numel": "i32", "n_splits": "i32",
+           "BLOCK": "constexpr"}
+    yield dict(kernel=_sum_splits_kernel, signature=sig, constexprs=dict(BLOCK=SUM_BLOCK),
+               options=dict(num_warps=4, num_stages=1), label="sum_splits")
     for with_dscale in (False, True):
         for sptr in (False, True):
             constexprs = dict(SCALE_PTR=sptr, WITH_DSCALE=with_dscale, EXP2=EXP2,
