@@ -283,16 +283,24 @@ def _lse_fwd_kernel(
     l = tl.zeros([BLOCK_M], tl.float32)
     t = tl.zeros([BLOCK_M], tl.float32)
     s_pos = tl.zeros([BLOCK_M], tl.float32)  # stays 0 without a positive: loss = lse
+    if RESIDENT:  # the row tile, loaded and normalized once
+        q_tile = _load_rows(Q, rows64, row_ok, offs_d, d, stride_qm, stride_qd, nq, NORM_TILES)
     if POS_ROWS:
         # Row i's positive is KP[i], scaled exactly as the tiles are. Split 0 owns it.
-        dot_pos = tl.zeros([BLOCK_M], tl.float32)
         n_p = tl.load(NP + rows, mask=row_ok, other=1.0)
-        for start_d in range(0, d, BLOCK_D):
-            dd = start_d + offs_d
-            q_part = _load_rows(Q, rows64, row_ok, dd, d, stride_qm, stride_qd, nq, NORM_TILES)
-            p_part = _load_rows(KP, rows64, row_ok, dd, d, stride_pm, stride_pd, n_p,
+        if RESIDENT:
+            p_tile = _load_rows(KP, rows64, row_ok, offs_d, d, stride_pm, stride_pd, n_p,
                                 NORM_TILES)
-            dot_pos += tl.sum(q_part.to(tl.float32) * p_part.to(tl.float32), 1)
+            dot_pos = tl.sum(q_tile.to(tl.float32) * p_tile.to(tl.float32), 1)
+        else:
+            dot_pos = tl.zeros([BLOCK_M], tl.float32)
+            for start_d in range(0, d, BLOCK_D):
+                dd = start_d + offs_d
+                q_part = _load_rows(Q, rows64, row_ok, dd, d, stride_qm, stride_qd, nq,
+                                    NORM_TILES)
+                p_part = _load_rows(KP, rows64, row_ok, dd, d, stride_pm, stride_pd, n_p,
+                                    NORM_TILES)
+                dot_pos += tl.sum(q_part.to(tl.float32) * p_part.to(tl.float32), 1)
         if NORM_TILES:
             sp = dot_pos * scale
         else:
@@ -304,9 +312,6 @@ def _lse_fwd_kernel(
             l = tl.where(first, l + 1.0, l)
     if POS_IN_COLUMNS:
         pos_col = (rows + pos_offset) % n_k
-
-    if RESIDENT:  # the row tile, loaded and normalized once
-        q_tile = _load_rows(Q, rows64, row_ok, offs_d, d, stride_qm, stride_qd, nq, NORM_TILES)
 
     for start_n in range(col_start, col_end, BLOCK_N):
         cols = start_n + offs_n
