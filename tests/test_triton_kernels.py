@@ -29,9 +29,10 @@ def tc():
     return triton_contrastive
 
 
-@pytest.fixture(params=[None, 32], ids=["plan", "splits32"])
+@pytest.fixture(params=[None, 32, 20], ids=["plan", "splits32", "splits20"])
 def splits(request, tc, monkeypatch):
-    """None: the launcher's own split plan; 32: 32 columns per split (several splits)."""
+    """None: the launcher's own split plan; 32: 32 columns per split (several splits); 20:
+    splits that end inside a column tile (the rest of the tile is masked, positives too)."""
     monkeypatch.setattr(tc, "SPLIT_COLUMNS", request.param)
     return request.param
 

@@ -683,9 +683,10 @@ def split_plan(n_q: int, n_k: int, device: torch.device,
     columns per split."""
     on_cuda = device.type == "cuda"
     align = SPLIT_ALIGN if on_cuda else INTERPRETER_TILES["BLOCK_N"]
-    if SPLIT_COLUMNS is not None:
-        cps = int(SPLIT_COLUMNS)
-    elif on_cuda:
+    if SPLIT_COLUMNS is not None:  # as given: a split may end inside a column tile (masked)
+        cps = max(1, int(SPLIT_COLUMNS))
+        return max(1, triton.cdiv(n_k, cps)), cps
+    if on_cuda:
         index = device.index if device.index is not None else torch.cuda.current_device()
         row_blocks = triton.cdiv(max(n_q, 1), 64)
         want = triton.cdiv(PROGRAMS_PER_SM * _sm_count(index), row_blocks)
