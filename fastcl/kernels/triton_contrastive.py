@@ -69,9 +69,9 @@ tuned because it sets the order of the online row reductions: with it fixed by (
 autotuner's pick (by timing, so possibly different per process) changes no float32 result.
 The configs are those that compile without spills (see ``_TUNE``): BLOCK_M = 64 with 8 warps,
 BLOCK_N 64 (128 for bf16/fp16 at D <= 64), 2-4 pipeline stages. Autotuning benchmarks on the
-first call per key (host syncs): do a warm-up call outside CUDA-graph capture. Under the interpreter one small fixed config is used (``INTERPRETER_TILES``).
-``aot_variants()`` lists every (kernel, signature, constexprs, options) that can run, for the
-ahead-of-time compile test.
+first call per key (host syncs): do a warm-up call outside CUDA-graph capture. Under the
+interpreter one small fixed config is used (``INTERPRETER_TILES``). ``aot_variants()`` lists
+every (kernel, signature, constexprs, options) that can run, for the ahead-of-time compile test.
 
 Offsets that multiply a row index by a stride, and partial-state offsets, are int64.
 Launches run under ``torch.cuda.device(tensor.device)``.
@@ -867,9 +867,10 @@ def aot_variants(ds=(128, 512), dtypes=(torch.float32, torch.bfloat16),
     and the positive in the denominator, scale as a float and as a device pointer), each D in
     ``ds`` (give one at most RESIDENT_MAX_D and one above it), dtype and precision, and each
     config ``prune_configs`` keeps (or only the first with every_config=False); plus the
-    combine and split-sum kernels. (The backward's pointer-scale form only for NT-Xent: it is one load,
-    independent of the case.) Arguments the launchers pass as Python ints are "i32" here; the JIT also
-    specializes those divisible by 16 (tt.divisibility), which the caller may add."""
+    combine and split-sum kernels. (The backward's pointer-scale form only for NT-Xent: it is
+    one load, independent of the case.) Arguments the launchers pass as Python ints are "i32"
+    here; the JIT also specializes those divisible by 16 (tt.divisibility), which the caller
+    may add."""
     for dtype in dtypes:
         for d in ds:
             for precision in (precisions if dtype == torch.float32 else ("ieee",)):
