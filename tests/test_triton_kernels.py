@@ -271,7 +271,7 @@ def test_configs_pruned_per_d_and_dtype(tc):
             for kind, configs in (("fwd", tc.FWD_CONFIGS), ("grad", tc.GRAD_CONFIGS)):
                 kept = tc.prune_configs(configs, kind, d, dtype)
                 assert kept, (kind, d, dtype)
-                assert {c.kwargs["BLOCK_N"] for c in kept} == {tc.block_n(d, dtype)}
+                assert {c.kwargs["BLOCK_N"] for c in kept} == {tc.block_n(d, dtype, kind)}
                 assert all(c.kwargs["BLOCK_M"] in (64, 128) for c in kept)
 
 

@@ -555,9 +555,12 @@ def d_tiling(d: int, on_cuda: bool, dtype: torch.dtype = torch.bfloat16,
     return False, chunk
 
 
-def block_n(d: int, dtype: torch.dtype) -> int:
-    """BLOCK_N on the GPU: fixed by (D, dtype), not tuned (it orders the row reductions)."""
-    return 128 if dtype in (torch.bfloat16, torch.float16) and d <= 64 else 64
+def block_n(d: int, dtype: torch.dtype, kind: str = "fwd") -> int:
+    """BLOCK_N on the GPU: fixed by (D, dtype), not tuned (it orders the row reductions). 128
+    only for half types at D <= 64, and in the backward only for bf16 (fp16 keeps W in float32
+    for the second product: 8-24 B of spills at 128)."""
+    half = (torch.bfloat16, torch.float16) if kind == "fwd" else (torch.bfloat16,)
+    return 128 if dtype in half and d <= 64 else 64
 
 
 def _cfg(bm, bn, w, s):
@@ -600,7 +603,7 @@ def prune_configs(configs, kind: str, d: int, dtype: torch.dtype,
     within the register and shared-memory budgets (at least one: the smallest)."""
     precision = precision if dtype == torch.float32 else "tf32"
     resident, block_d = d_tiling(d, True, dtype, precision)
-    bn = block_n(d, dtype)
+    bn = block_n(d, dtype, kind)
     same_n = [c for c in configs if c.kwargs["BLOCK_N"] == bn]
     if kind == "grad" and dtype == torch.float32 and precision == "ieee":
         same_n = [c for c in same_n if c.num_stages <= 2] or same_n
