@@ -29,7 +29,9 @@ The matrix (documented choice, to stay near 2 minutes of CI on 2 cores): D in {6
 path, all of it for sm_90 (the H100/H200 class the benchmarks run on); for sm_80 and sm_89 one
 dtype per D, rotating, so that each architecture sees every D, every dtype and every code path
 without the full cross product (group (D_i, dtype_j) goes to sm_80 when (i + j) % 3 == 0 and
-to sm_89 when it is 1). Variants whose specialization is identical (same arch, signature,
+to sm_89 when it is 1). Each group compiles every code path with the first autotune config
+the kernels' pruning keeps; for sm_90 at D = 128 (the benchmarks' width), every kept config
+(the autotuner may pick any of them). Variants whose specialization is identical (same arch, signature,
 constants, attributes and options: e.g. D = 256 and D = 1024 when the tiles do not depend on D)
 are compiled once and reported on each of their lines.
 
@@ -70,6 +72,9 @@ from fastcl.kernels import triton_momentum as tm  # noqa: E402
 F32, BF16, F16 = torch.float32, torch.bfloat16, torch.float16
 ARCHS = (80, 89, 90)
 DIMS = (64, 128, 256, 1024)
+# Every autotune config the kernels' pruning keeps is compiled for sm_90 at this D (the
+# benchmarks' width); the other (arch, D) groups compile each code path with its first config.
+ALL_CONFIGS_D = 128
 DTYPES = (F32, BF16, F16)
 FULL_ARCH = 90  # every (D, dtype) group; the other archs get a rotating subset
 # Shared memory per block (bytes), with the opt-in carve-out: A100, L4/RTX 40xx/L40, H100/H200.
@@ -139,10 +144,23 @@ def _legacy_contrastive_variants(d, dtype):
             yield f"grad/{case}{tag}", tc._grad_kernel, sig, cx, opts, args
 
 
-def _contrastive_variants(d, dtype):
+def _contrastive_variants(d, dtype, every_config=True):
     provided = getattr(tc, "aot_variants", None)
     if provided is None:
         yield from _legacy_contrastive_variants(d, dtype)
+        return
+    import inspect
+
+    if "ds" in inspect.signature(provided).parameters:
+        # The kernel module's form: dicts (kernel, signature, constexprs, options, label) for
+        # the D values, dtypes, precisions and autotune configs asked for.
+        for item in provided(ds=(d,), dtypes=(dtype,), precisions=("ieee", "tf32"),
+                             every_config=every_config):
+            fn = item["kernel"]
+            while not hasattr(fn, "arg_names") and hasattr(fn, "fn"):
+                fn = fn.fn
+            yield (item["label"], fn, dict(item["signature"]), dict(item["constexprs"]),
+                   dict(item["options"]), None)
         return
     for item in provided(d, dtype):
         name, fn, sig, cx, opts = item[:5]
@@ -328,15 +346,18 @@ def build(archs=ARCHS, dims=DIMS):
     for i, d in enumerate(dims):
         for j, dtype in enumerate(DTYPES):
             targets = archs_for(DIMS.index(d) if d in DIMS else i, j, archs)
-            try:
-                variants = list(_contrastive_variants(d, dtype))
-            except Exception as exc:  # aot_variants itself failed: one failing line
-                lines.append((f"aot_variants({d}, {_short(dtype)})",
-                              f"{type(exc).__name__}: {exc}".splitlines()[0]))
-                variants = []
-            variants += list(_other_variants(d, dtype))
+            by_configs = {}
+            for every in {arch == FULL_ARCH and d == ALL_CONFIGS_D for arch in targets}:
+                try:
+                    by_configs[every] = list(_contrastive_variants(d, dtype, every))
+                except Exception as exc:  # aot_variants itself failed: one failing line
+                    lines.append((f"aot_variants({d}, {_short(dtype)})",
+                                  f"{type(exc).__name__}: {exc}".splitlines()[0]))
+                    by_configs[every] = []
+            others = list(_other_variants(d, dtype))
             for arch in targets:
                 target = GPUTarget("cuda", arch, 32)
+                variants = by_configs[arch == FULL_ARCH and d == ALL_CONFIGS_D] + others
                 for name, fn, sig, cx, opts, args in variants:
                     label = f"sm_{arch} {name} {_short(dtype)} d={d}"
                     try:
