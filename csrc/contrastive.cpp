@@ -27,17 +27,25 @@ using namespace tiling;
 
 // ------------------------------------------------------------------------ NT-Xent ---------
 
-template <typename T>
-std::tuple<at::Tensor, at::Tensor> nt_xent_forward_impl(const at::Tensor& z, const at::Tensor& nz,
-                                                        double inv_temp, int64_t tile) {
+// With positive_in_denominator false (DCL), the positive pairs are masked (-inf) in their tiles
+// after their logits are read: the pair (i, i + N) is symmetric, so one mask takes the positive
+// out of the row's and out of the column's statistics. With kScaleGrad, the rows' centred sums t
+// (OnlineLSE) ride along in the same loops, for the gradient with respect to inv_temp (dscale);
+// without it the loops are the plain ones.
+template <typename T, bool kScaleGrad>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> nt_xent_forward_impl(
+    const at::Tensor& z, const at::Tensor& nz, double inv_temp, int64_t tile,
+    bool positive_in_denominator) {
   const auto zh = normalized(z, nz);
   const int64_t n = zh.size(0), d = zh.size(1), half = n / 2;
   const auto opts = zh.options();
   at::Tensor m = at::full({n}, neg_inf<T>(), opts);
   auto l = at::zeros({n}, opts.dtype(at::kDouble));
+  auto t = at::zeros({kScaleGrad ? n : 0}, opts.dtype(at::kDouble));
   auto s_pos = at::empty({n}, opts);
   const T* zp = zh.data_ptr<T>();
-  OnlineLSE<T> st{m.data_ptr<T>(), l.data_ptr<double>()};
+  OnlineLSE<T> st{m.data_ptr<T>(), l.data_ptr<double>(),
+                  kScaleGrad ? t.data_ptr<double>() : nullptr};
   T* sp = s_pos.data_ptr<T>();
   const bool fast = one_exp<T>(inv_temp, n);
 
@@ -48,27 +56,45 @@ std::tuple<at::Tensor, at::Tensor> nt_xent_forward_impl(const at::Tensor& z, con
       const int64_t c = (i0 + r + half) % n - j0;
       if (c >= 0 && c < cols) sp[i0 + r] = s[r * cols + c];
     }
+    if (!diagonal) {
+      // Off the diagonal the tile also holds its columns' logits: rows j0.. as columns.
+      for (int64_t c = 0; c < cols; ++c) {
+        const int64_t r = (j0 + c + half) % n - i0;
+        if (r >= 0 && r < rows) sp[j0 + c] = s[r * cols + c];
+      }
+    }
+    if (!positive_in_denominator) {
+      for (int64_t r = 0; r < rows; ++r) {
+        const int64_t c = (i0 + r + half) % n - j0;
+        if (c >= 0 && c < cols) s[r * cols + c] = neg_inf<T>();
+      }
+    }
     if (diagonal) {
       for (int64_t r = 0; r < rows; ++r) s[r * cols + r] = neg_inf<T>();  // no self-pairs
       for (int64_t r = 0; r < rows; ++r) {
         const T* sr = s + r * cols;
         const T new_m = std::max(st.m[i0 + r], row_max(sr, cols));
-        st.merge(i0 + r, new_m, row_exp_sum(sr, cols, shift_of(new_m)));
+        if constexpr (kScaleGrad) {
+          T ts;
+          const T sum = row_exp_sum(sr, cols, shift_of(new_m), ts);
+          st.merge(i0 + r, new_m, sum, ts);
+        } else {
+          st.merge(i0 + r, new_m, row_exp_sum(sr, cols, shift_of(new_m)));
+        }
       }
       return;
-    }
-    // Off the diagonal the tile also holds its columns' logits: rows j0.. as columns.
-    for (int64_t c = 0; c < cols; ++c) {
-      const int64_t r = (j0 + c + half) % n - i0;
-      if (r >= 0 && r < rows) sp[j0 + c] = s[r * cols + c];
     }
     T* row_m = scratch.vec(0);
     T* col_m = scratch.vec(1);
     T* col_sum = scratch.vec(2);
     T* row_a = scratch.vec(3);
+    T* col_t = scratch.vec(4);  // the columns' centred sums (kScaleGrad only)
     for (int64_t c = 0; c < cols; ++c) {
       col_m[c] = st.m[j0 + c];
       col_sum[c] = 0;
+    }
+    if constexpr (kScaleGrad) {
+      for (int64_t c = 0; c < cols; ++c) col_t[c] = 0;
     }
     for (int64_t r = 0; r < rows; ++r) {
       const T* sr = s + r * cols;
@@ -76,6 +102,8 @@ std::tuple<at::Tensor, at::Tensor> nt_xent_forward_impl(const at::Tensor& z, con
 #pragma omp simd
       for (int64_t c = 0; c < cols; ++c) col_m[c] = sr[c] > col_m[c] ? sr[c] : col_m[c];
     }
+    // Both maxima are known before the sums: the rows' and the columns' centred terms are taken
+    // about them directly (s - row_m, s - col_m), and merge() rescales the running sums.
     if (fast) {
       // col_sum_c = exp(ref - m_c) * sum_r exp(m_r - ref) * exp(s_rc - m_r): one exp a logit.
       T ref = neg_inf<T>();
@@ -86,16 +114,40 @@ std::tuple<at::Tensor, at::Tensor> nt_xent_forward_impl(const at::Tensor& z, con
         const T* sr = s + r * cols;
         const T shift = shift_of(row_m[r]), a = row_a[r];
         T sum = 0;
+        if constexpr (kScaleGrad) {
+          T ts = 0;
+#pragma omp simd reduction(+ : sum, ts)
+          for (int64_t c = 0; c < cols; ++c) {
+            const T x = sr[c] - shift;
+            const T e = exp_f(x);
+            sum += e;
+            ts += centred(sr[c], e, x);
+            // a * e exactly as the plain loop forms it (one use: a contracted multiply-add
+            // there), so that loss and lse stay bitwise those of with_dscale=False.
+            col_sum[c] += a * e;
+            col_t[c] += a * centred(sr[c], e, sr[c] - col_m[c]);
+          }
+          st.merge(i0 + r, row_m[r], sum, ts);
+        } else {
 #pragma omp simd reduction(+ : sum)
-        for (int64_t c = 0; c < cols; ++c) {
-          const T e = exp_f(sr[c] - shift);
-          sum += e;
-          col_sum[c] += a * e;
+          for (int64_t c = 0; c < cols; ++c) {
+            const T e = exp_f(sr[c] - shift);
+            sum += e;
+            col_sum[c] += a * e;
+          }
+          st.merge(i0 + r, row_m[r], sum);
         }
-        st.merge(i0 + r, row_m[r], sum);
       }
-      for (int64_t c = 0; c < cols; ++c)
-        st.merge(j0 + c, col_m[c], exp_f(ref - shift_of(col_m[c])) * col_sum[c]);
+      for (int64_t c = 0; c < cols; ++c) {
+        // A column with nothing finite yet (DCL: its one logit here was its masked positive)
+        // adds nothing; exp(ref - 0) could overflow and make 0 * inf.
+        const T f = col_m[c] == neg_inf<T>() ? T(0) : exp_f(ref - col_m[c]);
+        if constexpr (kScaleGrad) {
+          st.merge(j0 + c, col_m[c], f * col_sum[c], f * col_t[c]);
+        } else {
+          st.merge(j0 + c, col_m[c], f * col_sum[c]);
+        }
+      }
       return;
     }
     for (int64_t c = 0; c < cols; ++c) row_a[c] = shift_of(col_m[c]);  // the columns' shifts
@@ -103,17 +155,41 @@ std::tuple<at::Tensor, at::Tensor> nt_xent_forward_impl(const at::Tensor& z, con
       const T* sr = s + r * cols;
       const T shift = shift_of(row_m[r]);
       T sum = 0;
+      if constexpr (kScaleGrad) {
+        T ts = 0;
+#pragma omp simd reduction(+ : sum, ts)
+        for (int64_t c = 0; c < cols; ++c) {
+          const T x = sr[c] - shift;
+          const T e = exp_f(x);
+          sum += e;
+          ts += centred(sr[c], e, x);
+          const T y = sr[c] - row_a[c];
+          const T ec = exp_f(y);
+          col_sum[c] += ec;
+          col_t[c] += centred(sr[c], ec, y);
+        }
+        st.merge(i0 + r, row_m[r], sum, ts);
+      } else {
 #pragma omp simd reduction(+ : sum)
-      for (int64_t c = 0; c < cols; ++c) {
-        sum += exp_f(sr[c] - shift);
-        col_sum[c] += exp_f(sr[c] - row_a[c]);
+        for (int64_t c = 0; c < cols; ++c) {
+          sum += exp_f(sr[c] - shift);
+          col_sum[c] += exp_f(sr[c] - row_a[c]);
+        }
+        st.merge(i0 + r, row_m[r], sum);
       }
-      st.merge(i0 + r, row_m[r], sum);
     }
-    for (int64_t c = 0; c < cols; ++c) st.merge(j0 + c, col_m[c], col_sum[c]);
+    for (int64_t c = 0; c < cols; ++c) {
+      if constexpr (kScaleGrad) {
+        st.merge(j0 + c, col_m[c], col_sum[c], col_t[c]);
+      } else {
+        st.merge(j0 + c, col_m[c], col_sum[c]);
+      }
+    }
   };
   for_each_symmetric_tile(zp, n, d, inv_temp, tile, opts, tile_fn);
-  return finish<T>(m, l, s_pos);
+  auto [loss, lse] = finish<T>(m, l, s_pos);
+  auto dscale = kScaleGrad ? scale_grad(m, l, t, s_pos, inv_temp) : at::empty({0}, opts);
+  return {loss, lse, dscale};
 }
 
 template <typename T>
@@ -209,31 +285,40 @@ at::Tensor nt_xent_grad_impl(const at::Tensor& z, const at::Tensor& nz, const at
 // non-positive columns, accumulated online as FlashAttention accumulates its output (rescaled
 // whenever a row's max moves). d loss_i / d qhat_i = g_i v_i + (positive term): the backward
 // needs no pass over the (N x M) logits for dq, which saves one of three matrix products.
-template <typename T>
-std::tuple<at::Tensor, at::Tensor, at::Tensor> lse_forward_impl(
+//
+// positive_in_denominator false (DCL): the positive column is masked (-inf) once its logit is
+// read; an explicit key's logit starts nothing (m, l = -inf, 0 instead of s_pos, 1).
+// kScaleGrad: the centred sums t ride along (see OnlineLSE), for dscale.
+template <typename T, bool kScaleGrad>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lse_forward_impl(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& nq, const at::Tensor& nk,
     const c10::optional<at::Tensor>& k_pos, const c10::optional<at::Tensor>& n_pos,
-    double inv_temp, c10::optional<int64_t> pos_offset, bool with_grad, int64_t tile) {
+    double inv_temp, c10::optional<int64_t> pos_offset, bool with_grad, int64_t tile,
+    bool positive_in_denominator) {
   const auto qh = normalized(q, nq);
   const auto kh = normalized(k, nk);
   const int64_t nr = qh.size(0), nc = kh.size(0), d = qh.size(1);
   const auto opts = qh.options();
   at::Tensor m = at::full({nr}, neg_inf<T>(), opts);
   auto l = at::zeros({nr}, opts.dtype(at::kDouble));
+  auto t = at::zeros({kScaleGrad ? nr : 0}, opts.dtype(at::kDouble));
   at::Tensor v = with_grad ? at::zeros({nr, d}, opts) : at::empty({0}, opts);
   at::Tensor s_pos;
   if (k_pos.has_value()) {
     // The extra positive logit q_i . kpos_i, scaled exactly as the columns are.
     const auto ph = normalized(*k_pos, *n_pos);
     s_pos = (qh * ph).sum(1).mul_(inv_temp).contiguous();
-    m.copy_(s_pos);
-    l.fill_(1.0);
+    if (positive_in_denominator) {
+      m.copy_(s_pos);  // t starts at 0: exp(0) * 0
+      l.fill_(1.0);
+    }
   } else {
     s_pos = at::zeros({nr}, opts);  // stays 0 without a positive: loss = lse
   }
   const T* qp = qh.data_ptr<T>();
   const T* kp = kh.data_ptr<T>();
-  OnlineLSE<T> st{m.data_ptr<T>(), l.data_ptr<double>()};
+  OnlineLSE<T> st{m.data_ptr<T>(), l.data_ptr<double>(),
+                  kScaleGrad ? t.data_ptr<double>() : nullptr};
   T* sp = s_pos.data_ptr<T>();
   T* vp = with_grad ? v.data_ptr<T>() : nullptr;
 
@@ -246,28 +331,51 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lse_forward_impl(
         if (c >= 0 && c < cols) {
           sp[i0 + r] = sr[c];
           pos = c;
+          if (!positive_in_denominator) sr[c] = neg_inf<T>();
         }
       }
       const T old_m = st.m[i0 + r];
       const T new_m = std::max(old_m, row_max(sr, cols));
       const T shift = shift_of(new_m);
       if (!with_grad) {
-        st.merge(i0 + r, new_m, row_exp_sum(sr, cols, shift));
+        if constexpr (kScaleGrad) {
+          T ts;
+          const T sum = row_exp_sum(sr, cols, shift, ts);
+          st.merge(i0 + r, new_m, sum, ts);
+        } else {
+          st.merge(i0 + r, new_m, row_exp_sum(sr, cols, shift));
+        }
         continue;
       }
       T sum = 0;
+      T ts = 0;
+      if constexpr (kScaleGrad) {
+#pragma omp simd reduction(+ : sum, ts)
+        for (int64_t c = 0; c < cols; ++c) {
+          const T x = sr[c] - shift;
+          const T e = exp_f(x);
+          ts += centred(sr[c], e, x);
+          sr[c] = e;
+          sum += e;
+        }
+      } else {
 #pragma omp simd reduction(+ : sum)
-      for (int64_t c = 0; c < cols; ++c) {
-        const T e = exp_f(sr[c] - shift);
-        sr[c] = e;
-        sum += e;
+        for (int64_t c = 0; c < cols; ++c) {
+          const T e = exp_f(sr[c] - shift);
+          sr[c] = e;
+          sum += e;
+        }
       }
       if (pos >= 0) sr[pos] = 0;  // the positive's weight is added by the caller
       const T rescale = exp_f(old_m - shift);
       T* vr = vp + (i0 + r) * d;
 #pragma omp simd
       for (int64_t c = 0; c < d; ++c) vr[c] *= rescale;
-      st.merge(i0 + r, new_m, sum);
+      if constexpr (kScaleGrad) {
+        st.merge(i0 + r, new_m, sum, ts);
+      } else {
+        st.merge(i0 + r, new_m, sum);
+      }
     }
     if (with_grad) accumulate_tile(vp + i0 * d, s, rows, cols, false, kp + j0 * d, d, opts);
   };
@@ -282,7 +390,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lse_forward_impl(
   };
   for_each_row_block(qp, nr, kp, nc, d, inv_temp, tile, opts, tile_fn, block_end);
   auto [loss, lse] = finish<T>(m, l, s_pos);
-  return {loss, lse, v};
+  auto dscale = kScaleGrad ? scale_grad(m, l, t, s_pos, inv_temp) : at::empty({0}, opts);
+  return {loss, lse, v, dscale};
 }
 
 template <typename T>
@@ -374,13 +483,19 @@ at::Tensor grad_accumulate_impl(const at::Tensor& a, const at::Tensor& b, const 
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor> nt_xent_forward(const at::Tensor& z, const at::Tensor& nz,
-                                                   double inv_temp, int64_t tile) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> nt_xent_forward(const at::Tensor& z,
+                                                               const at::Tensor& nz,
+                                                               double inv_temp, int64_t tile,
+                                                               bool positive_in_denominator,
+                                                               bool with_dscale) {
   check_tile(tile);
   check_rows(z, nz, "z");
   TORCH_CHECK(z.size(0) % 2 == 0, "fastcl_cpu: z must hold 2N rows");
-  return dispatch(nz, [&](auto t) {
-    return nt_xent_forward_impl<decltype(t)>(z, nz, inv_temp, tile);
+  return dispatch(nz, [&](auto x) {
+    using T = decltype(x);
+    return with_dscale
+               ? nt_xent_forward_impl<T, true>(z, nz, inv_temp, tile, positive_in_denominator)
+               : nt_xent_forward_impl<T, false>(z, nz, inv_temp, tile, positive_in_denominator);
   });
 }
 
@@ -394,10 +509,11 @@ at::Tensor nt_xent_grad(const at::Tensor& z, const at::Tensor& nz, const at::Ten
   });
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> lse_forward(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lse_forward(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& nq, const at::Tensor& nk,
     const c10::optional<at::Tensor>& k_pos, const c10::optional<at::Tensor>& n_pos,
-    double inv_temp, c10::optional<int64_t> pos_offset, bool with_grad, int64_t tile) {
+    double inv_temp, c10::optional<int64_t> pos_offset, bool with_grad, int64_t tile,
+    bool positive_in_denominator, bool with_dscale) {
   check_tile(tile);
   check_rows(q, nq, "q");
   check_rows(k, nk, "k");
@@ -411,9 +527,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lse_forward(
     TORCH_CHECK(k_pos->sizes() == q.sizes(), "fastcl_cpu: k_pos must have q's shape");
   }
   TORCH_CHECK(k.size(0) > 0 || k_pos.has_value(), "fastcl_cpu: k must not be empty");
-  return dispatch(nq, [&](auto t) {
-    return lse_forward_impl<decltype(t)>(q, k, nq, nk, k_pos, n_pos, inv_temp, pos_offset,
-                                         with_grad, tile);
+  return dispatch(nq, [&](auto x) {
+    using T = decltype(x);
+    return with_dscale ? lse_forward_impl<T, true>(q, k, nq, nk, k_pos, n_pos, inv_temp,
+                                                   pos_offset, with_grad, tile,
+                                                   positive_in_denominator)
+                       : lse_forward_impl<T, false>(q, k, nq, nk, k_pos, n_pos, inv_temp,
+                                                    pos_offset, with_grad, tile,
+                                                    positive_in_denominator);
   });
 }
 

@@ -104,13 +104,13 @@ inline std::pair<at::Tensor, at::Tensor> split_lse(const at::Tensor& lse,
   return {hi, lo};
 }
 
-// Per-thread scratch: one tile of logits plus a few tile-length vectors.
+// Per-thread scratch: one tile of logits plus a few (kVecs) tile-length vectors.
 template <typename T>
 struct Scratch {
   Scratch(int64_t threads, int64_t rows, int64_t cols)
       : len(std::max(rows, cols)), tiles(threads, std::vector<T>(rows * cols)),
         vecs(threads, std::vector<T>(kVecs * len)) {}
-  static constexpr int kVecs = 4;
+  static constexpr int kVecs = 6;
   T* tile() { return tiles[at::get_thread_num()].data(); }
   T* vec(int k) { return vecs[at::get_thread_num()].data() + k * len; }
   int64_t len;
@@ -160,22 +160,69 @@ T row_exp_sum(const T* s, int64_t n, T shift) {
   return sum;
 }
 
+// One term exp(x) * x of a centred sum t (x = s - shift, e = exp(x)), for the gradient of a
+// softmax with respect to its scale: 0 for a masked logit (s = -inf), where e * x would be
+// 0 * -inf = NaN. Branch-free (a select), so the loops that call it still vectorize; a NaN
+// logit still gives NaN.
+template <typename T>
+FASTCL_INLINE T centred(T s, T e, T x) {
+  return s == neg_inf<T>() ? T(0) : e * x;
+}
+
+// sum_c exp(s_c - shift), and t += sum_c exp(s_c - shift) * (s_c - shift)
+template <typename T>
+T row_exp_sum(const T* s, int64_t n, T shift, T& t) {
+  T sum = 0, ts = 0;
+#pragma omp simd reduction(+ : sum, ts)
+  for (int64_t c = 0; c < n; ++c) {
+    const T x = s[c] - shift;
+    const T e = exp_f(x);
+    sum += e;
+    ts += centred(s[c], e, x);
+  }
+  t = ts;
+  return sum;
+}
+
 // The shift for a running max: 0 while nothing finite has been seen (keeps exp(-inf + inf) away).
 template <typename T>
 T shift_of(T m) {
   return m == neg_inf<T>() ? T(0) : m;
 }
 
-// Online log-sum-exp state of a set of rows: running max m and sum l of exp(s - m).
+// Online log-sum-exp state of a set of rows: running max m and sum l of exp(s - m); and,
+// optionally (t not null), the centred sum t = sum exp(s - m) * (s - m), from which the
+// softmax's mean logit is m + t / l (what the gradient with respect to the scale needs:
+// sum_j p_ij s_ij = m_i + t_i / l_i, with no cancellation between large logits).
 template <typename T>
 struct OnlineLSE {
   T* m;
   double* l;
+  double* t = nullptr;
   // Row i's new running max `new_m` (its old one merged with a block's) and the block's sum
   // of exp(s - shift_of(new_m)).
+  //
+  // l is updated with an explicit fma: for T = double, l * rescale + f * col_sum (a column's
+  // merge) offers the compiler two products to contract, and which one it picks may change with
+  // the surrounding code; both merges below must give bitwise the same l.
   void merge(int64_t i, T new_m, T sum) {
     const T old = m[i];
-    l[i] = l[i] * static_cast<double>(exp_f(old - shift_of(new_m))) + static_cast<double>(sum);
+    l[i] = std::fma(l[i], static_cast<double>(exp_f(old - shift_of(new_m))),
+                    static_cast<double>(sum));
+    m[i] = new_m;
+  }
+  // The same with the block's centred sum tsum = sum exp(s - new_m) * (s - new_m). When the
+  // max moves from m_old to m_new, t <- exp(m_old - m_new) * (t + (m_old - m_new) * l_old);
+  // a row that has seen nothing finite yet (m_old = -inf, l = t = 0) just takes the block's.
+  void merge(int64_t i, T new_m, T sum, T tsum) {
+    const T old = m[i];
+    const T shift = shift_of(new_m);
+    const double rescale = static_cast<double>(exp_f(old - shift));
+    if (old != neg_inf<T>()) {
+      t[i] = rescale * (t[i] + (static_cast<double>(old) - static_cast<double>(shift)) * l[i]);
+    }
+    t[i] += static_cast<double>(tsum);
+    l[i] = std::fma(l[i], rescale, static_cast<double>(sum));
     m[i] = new_m;
   }
 };
@@ -189,6 +236,15 @@ std::tuple<at::Tensor, at::Tensor> finish(const at::Tensor& m, const at::Tensor&
   // split_lse).
   auto log_l = at::log(l);
   return {(m - s_pos) + log_l.to(m.scalar_type()), m.to(at::kDouble) + log_l};
+}
+
+// d loss_i / d scale for loss_i = lse_i - s_pos_i: sum_j p_ij d_ij - d_pos_i with d = s / scale,
+// computed as (t_i / l_i + (m_i - s_pos_i)) / scale (s_pos = 0 without a positive), in float64,
+// returned in m's dtype.
+inline at::Tensor scale_grad(const at::Tensor& m, const at::Tensor& l, const at::Tensor& t,
+                             const at::Tensor& s_pos, double scale) {
+  auto mean = t / l + (m.to(at::kDouble) - s_pos.to(at::kDouble));
+  return mean.div_(scale).to(m.scalar_type());
 }
 
 // Block pairs of the symmetric NT-Xent schedule. Round 0 holds the diagonal tiles (I, I); the

@@ -20,8 +20,10 @@ _ops = torch.ops.fastcl_cpu
 _TILE = 128
 
 
-def nt_xent_forward(z, nz, inv_temp: float, precision: str = "ieee"):
-    return _ops.nt_xent_forward(z, nz, inv_temp, _TILE)
+def nt_xent_forward(z, nz, inv_temp: float, precision: str = "ieee",
+                    positive_in_denominator: bool = True, with_dscale: bool = False):
+    """(loss, lse, dscale); dscale is empty (shape (0,)) unless with_dscale."""
+    return _ops.nt_xent_forward(z, nz, inv_temp, _TILE, positive_in_denominator, with_dscale)
 
 
 def nt_xent_grad(z, nz, lse, g, inv_temp: float, precision: str = "ieee"):
@@ -37,18 +39,29 @@ def lse_forward(
     inv_temp: float,
     pos_offset: Optional[int],
     precision: str = "ieee",
-) -> Tuple[torch.Tensor, torch.Tensor]:
-    return _lse_forward(q, k, nq, nk, positive, inv_temp, pos_offset, with_grad=False)[:2]
+    positive_in_denominator: bool = True,
+    with_dscale: bool = False,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss, lse, dscale); dscale is empty (shape (0,)) unless with_dscale."""
+    loss, lse, _, dscale = _lse_forward(q, k, nq, nk, positive, inv_temp, pos_offset, False,
+                                        positive_in_denominator, with_dscale)
+    return loss, lse, dscale
 
 
 def lse_forward_with_grad(q, k, nq, nk, positive, inv_temp: float, pos_offset: Optional[int],
-                          precision: str = "ieee"):
-    return _lse_forward(q, k, nq, nk, positive, inv_temp, pos_offset, with_grad=True)
+                          precision: str = "ieee", positive_in_denominator: bool = True,
+                          with_dscale: bool = False):
+    """(loss, lse, dscale, v)."""
+    loss, lse, v, dscale = _lse_forward(q, k, nq, nk, positive, inv_temp, pos_offset, True,
+                                        positive_in_denominator, with_dscale)
+    return loss, lse, dscale, v
 
 
-def _lse_forward(q, k, nq, nk, positive, inv_temp, pos_offset, with_grad):
+def _lse_forward(q, k, nq, nk, positive, inv_temp, pos_offset, with_grad,
+                 positive_in_denominator, with_dscale):
     k_pos, n_pos = positive if positive is not None else (None, None)
-    return _ops.lse_forward(q, k, nq, nk, k_pos, n_pos, inv_temp, pos_offset, with_grad, _TILE)
+    return _ops.lse_forward(q, k, nq, nk, k_pos, n_pos, inv_temp, pos_offset, with_grad, _TILE,
+                            positive_in_denominator, with_dscale)
 
 
 def grad_accumulate(a, b, na, nb, lse_a, g_a, lse_b, g_b, inv_temp: float,

@@ -125,7 +125,9 @@ def _grad_or_zeros(grad_loss: Optional[Tensor], like: Tensor) -> Tensor:
 @_no_autocast
 def nt_xent(z: Tensor, temperature: Tensor) -> Tuple[Tensor, Tensor]:
     nz = _norm(z)
-    loss, lse = implementation(z).nt_xent_forward(z, nz, _inv_temp(temperature), dot_precision())
+    # [:2]: kernel contract v2 backends also return dscale (empty unless requested).
+    loss, lse = implementation(z).nt_xent_forward(z, nz, _inv_temp(temperature),
+                                                  dot_precision())[:2]
     return loss.to(nz.dtype), lse.to(torch.float64)
 
 
@@ -190,12 +192,13 @@ def info_nce(
         cols, n_cols, positive, pos_offset = negatives, _norm(negatives), (k, nk), None
     q_rows = q.new_empty(0, dtype=nq.dtype)
     if need_q and hasattr(impl, "lse_forward_with_grad"):
-        loss, lse, q_rows = impl.lse_forward_with_grad(
+        # (loss, lse, v), or (loss, lse, dscale, v) from contract v2 backends
+        loss, lse, *_, q_rows = impl.lse_forward_with_grad(
             q, cols, nq, n_cols, positive, inv_temp, pos_offset, precision
         )
     else:
         loss, lse = impl.lse_forward(q, cols, nq, n_cols, positive, inv_temp, pos_offset,
-                                     precision)
+                                     precision)[:2]
         if need_q:  # the backward's dq pass with g = 1, run now: v is linear in g
             ones = torch.ones_like(lse, dtype=nq.dtype)
             q_rows = impl.grad_accumulate(q, cols, nq, n_cols, lse, ones, None, None,

@@ -37,7 +37,7 @@ def _other_lse(impl, x: Tensor, nx: Tensor, others: Tensor, inv_temp: float, pre
     if others.shape[0] == 0:
         return None, None
     n_o = _norm(others)
-    _, lse = impl.lse_forward(x, others, nx, n_o, None, inv_temp, None, precision)
+    _, lse = impl.lse_forward(x, others, nx, n_o, None, inv_temp, None, precision)[:2]
     return lse.to(torch.float64), n_o
 
 
@@ -47,7 +47,7 @@ class _NTXentRows(torch.autograd.Function):
         impl = implementation(z)
         inv_temp, precision = 1.0 / temperature, dot_precision()
         nz = _norm(z)
-        loss, lse = impl.nt_xent_forward(z, nz, inv_temp, precision)
+        loss, lse = impl.nt_xent_forward(z, nz, inv_temp, precision)[:2]
         lse_o, n_o = _other_lse(impl, z, nz, others, inv_temp, precision)
         loss, lse = _merge(loss.to(nz.dtype), lse.to(torch.float64), lse_o)
         ctx.impl, ctx.inv_temp, ctx.precision = impl, inv_temp, precision
@@ -84,7 +84,7 @@ class _InBatchRows(torch.autograd.Function):
         impl = implementation(q)
         inv_temp, precision = 1.0 / temperature, dot_precision()
         nq, nk = _norm(q), _norm(k)
-        loss, lse = impl.lse_forward(q, k, nq, nk, None, inv_temp, 0, precision)
+        loss, lse = impl.lse_forward(q, k, nq, nk, None, inv_temp, 0, precision)[:2]
         lse_o, n_o = _other_lse(impl, q, nq, others, inv_temp, precision)
         loss, lse = _merge(loss.to(nq.dtype), lse.to(torch.float64), lse_o)
         ctx.impl, ctx.inv_temp, ctx.precision = impl, inv_temp, precision
