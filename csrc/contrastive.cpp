@@ -29,9 +29,9 @@ using namespace tiling;
 
 // With positive_in_denominator false (DCL), the positive pairs are masked (-inf) in their tiles
 // after their logits are read: the pair (i, i + N) is symmetric, so one mask takes the positive
-// out of the row's and out of the column's statistics. With kScaleGrad, the rows' centred sums t
-// (OnlineLSE) ride along in the same loops, for the gradient with respect to inv_temp (dscale);
-// without it the loops are the plain ones.
+// out of the row's and out of the column's statistics. With kScaleGrad, the centred sums t
+// (OnlineLSE) of the rows and, off the diagonal, of the columns ride along in the same loops, for
+// the gradient with respect to inv_temp (dscale); without it the loops are the plain ones.
 template <typename T, bool kScaleGrad>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> nt_xent_forward_impl(
     const at::Tensor& z, const at::Tensor& nz, double inv_temp, int64_t tile,
