@@ -121,8 +121,7 @@ class Backend:
 
 # The registry. "cpp", "chunked" and "triton" run the custom ops (fastcl.ops.contrastive);
 # "reference" is the dense PyTorch oracle, differentiable to any order.
-BACKENDS = {name: Backend(name) for name in ("reference", "chunked", "triton")}
-BACKENDS["cpp"] = Backend("cpp", positive_in_denominator=frozenset((True,)))  # interim
+BACKENDS = {name: Backend(name) for name in ("reference", "chunked", "cpp", "triton")}
 
 
 def require(spec: Spec, backend: str, others: bool = False) -> None:
