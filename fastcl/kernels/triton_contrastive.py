@@ -2,7 +2,7 @@
 
 Import this module only after ``TRITON_INTERPRET`` has its final value: Triton reads it when
 the ``@triton.jit`` functions below are defined. ``fastcl.ops`` imports it lazily.
-See ``fastcl.kernels`` and /work/notes/kernel_contract.md (v2) for the contract.
+See ``fastcl.kernels`` for the contract (version 2).
 
 Forward (``_lse_fwd_kernel`` + ``_combine_kernel``): flash-decoding. The grid is
 (row blocks, column splits): program (i, s) owns BLOCK_M rows and the columns
