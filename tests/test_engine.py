@@ -89,14 +89,18 @@ def draw_case(data, spec, with_others, small):
     else:
         n = data.draw(st.one_of(st.sampled_from([1, 2, 3, 7, 16, 17]), st.integers(1, cap)),
                       label="n")
-        lo = n if spec.positive == "index" else 1
-        m = data.draw(st.integers(lo, lo + (8 if small else 12)), label="m")
+        # positive="index": m = n here (the in-batch losses); more columns than rows is
+        # test_index_positive_with_more_columns_than_rows.
+        m = n if spec.positive == "index" else data.draw(
+            st.integers(1, 1 + (8 if small else 12)), label="m")
     r = data.draw(st.integers(0, 7), label="r") if with_others else None
     if not spec.positive_in_denominator and _negatives(spec, n, m, 0) < 2:
         # (A row whose own columns hold no negative, only other ranks' rows: a test of its own,
         # test_no_denominator_with_negatives_only_from_other_ranks.)
         if spec.columns == "rows":
             n = 4
+        elif spec.positive == "index":
+            n = m = 3
         else:
             m += 2
     d = data.draw(st.one_of(st.sampled_from([1, 3, 5, 17, 33] if small else
@@ -118,6 +122,11 @@ def make_inputs(spec, n, m, r, d, dtype, device, gen):
 
 
 NAMES = ("rows", "cols", "key", "others")
+
+
+def _cols(spec, n, m):
+    """m columns, or n for an index positive (m > n: its own test)."""
+    return n if spec.positive == "index" else m
 
 
 def call_run(spec, t, temperature):
@@ -301,7 +310,7 @@ def test_registry_declares_what_each_backend_runs(backend, spec_name, with_other
     ``dscale`` statistic). A declared refusal is a NotImplementedError naming the choice."""
     spec = SPECS[spec_name]
     gen = torch.Generator().manual_seed(0)
-    n, m = (6, None) if spec.columns == "rows" else (5, 7)
+    n, m = (6, None) if spec.columns == "rows" else (5, _cols(spec, 5, 7))
     t = make_inputs(spec, n, m, 3 if with_others else None, 8, torch.float32, backend.device,
                     gen)
     tau = 0.3 if tau_kind == "float" else torch.tensor(
@@ -366,7 +375,7 @@ def test_spec_rejects_incoherent_choices_and_round_trips():
 
 def _gradcheck_case(spec, with_others):
     gen = torch.Generator().manual_seed(7)
-    n, m = (6, None) if spec.columns == "rows" else (5, 6)
+    n, m = (6, None) if spec.columns == "rows" else (5, _cols(spec, 5, 6))
     return make_inputs(spec, n, m, 2 if with_others else None, 3, torch.float64, "cpu", gen)
 
 
@@ -440,7 +449,7 @@ def test_tensor_temperature_without_grad_equals_float(backend, spec_name):
     temperature's values and input gradients, on every backend."""
     spec = SPECS[spec_name]
     gen = torch.Generator().manual_seed(3)
-    n, m = (10, None) if spec.columns == "rows" else (9, 12)
+    n, m = (10, None) if spec.columns == "rows" else (9, _cols(spec, 9, 12))
     t = make_inputs(spec, n, m, 4, 6, torch.float32, backend.device, gen)
     for value in (0.07, 0.5):
         a_t, b_t = _leaves(t), _leaves(t)
@@ -467,3 +476,15 @@ def test_no_denominator_with_negatives_only_from_other_ranks(backend, spec_name)
     tau = torch.tensor(0.5, dtype=torch.float64, device=backend.device).requires_grad_()
     for temperature in (0.5, tau):
         check_case(backend.name, backend.device, spec, t, temperature, dtype, gen)
+
+
+@pytest.mark.parametrize("spec_name", ["in_batch", "index_not_in_denominator"])
+def test_index_positive_with_more_columns_than_rows(backend, spec_name):
+    """positive="index" pairs row i with column i; the columns beyond the n rows' positives
+    (m > n: extra in-batch negatives) are negatives of every row. The contract (engine.run:
+    ``cols`` (m, D)) does not ask m = n: values and every gradient equal the reference's."""
+    spec = SPECS[spec_name]
+    gen = torch.Generator().manual_seed(11)
+    dtype = torch.float32 if backend.name == "triton" else torch.float64
+    t = make_inputs(spec, 5, 8, None, 6, dtype, backend.device, gen)
+    check_case(backend.name, backend.device, spec, t, 0.3, dtype, gen)
