@@ -199,6 +199,9 @@ def run(spec: Spec, rows: Tensor, cols: Optional[Tensor] = None, key: Optional[T
     from fastcl import _config, ops, reference
 
     backend = _config.get_backend()
+    if spec.positive == "index" and cols is not None and cols.shape[0] != rows.shape[0]:
+        raise ValueError(f"positive='index' pairs row i with column i: rows and columns must "
+                         f"have the same count, got {rows.shape[0]} and {cols.shape[0]}")
     if backend == "reference":
         require(spec, "reference", others is not None)
         return reference.softmax_rows(spec, rows, cols, key, others, temperature)
@@ -210,5 +213,5 @@ def run(spec: Spec, rows: Tensor, cols: Optional[Tensor] = None, key: Optional[T
     need_row_grad = (grad_on and rows.requires_grad and spec.columns == "tensor"
                      and others is None)
     loss, _, _, _ = ops.softmax_rows(rows, cols, others, key, scale, spec.code(),
-                                     need_row_grad, need_dscale)
+                                     need_row_grad, need_dscale, backend)
     return loss

@@ -218,7 +218,14 @@ def check_case(backend_name, device, spec, t, tau, dtype, gen, needs=None):
         assert torch.isfinite(g_fast[k]).all(), f"gradient of {k} not finite"
         if g_fast[k].numel() == 0:  # zero other ranks' rows
             continue
-        assert_within_rule(g_fast[k], g_ora[k], g_base[k], acc, f"gradient of {k}")
+        floor = 0.0
+        if k == "temperature":
+            # d loss_i / d tau = -dscale_i / tau^2, and dscale_i carries one rounding of logits
+            # of size up to 1/tau (about eps in the raw cosines): eps * |g_i| / tau^2 per row,
+            # which no float32 implementation avoids (eager's autograd is as exposed; it is
+            # only sometimes luckier).
+            floor = 2 * torch.finfo(torch.float32).eps * cot.abs().sum().item() / float(tau) ** 2
+        assert_within_rule(g_fast[k], g_ora[k], g_base[k], acc, f"gradient of {k}", floor)
     _check_grad_dtypes(g_fast, fast_t, fast_tau)
 
 

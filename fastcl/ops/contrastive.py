@@ -46,7 +46,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from fastcl import engine
+from fastcl import _config, engine
 from fastcl.ops._backend import dot_precision, implementation, refuse_double_backward
 
 _EPS = 1e-12  # as F.normalize
@@ -142,8 +142,8 @@ def _scale_arg(scale: Tensor):
     return scale.detach()
 
 
-def _impl(spec: engine.Spec, x: Tensor, others: Optional[Tensor]):
-    impl = implementation(x)
+def _impl(spec: engine.Spec, x: Tensor, others: Optional[Tensor], backend: str):
+    impl = implementation(x, backend=backend)
     engine.require(spec, _BACKEND_NAMES.get(impl.__name__, "chunked"), others is not None)
     return impl
 
@@ -160,10 +160,16 @@ def _columns(spec: engine.Spec, rows: Tensor, nr: Tensor, cols, key):
     return cols, _norm(cols), None, (0 if spec.positive == "index" else None)
 
 
-def _merge(loss, lse, dscale, lse_o, dscale_o, a):
-    """Row statistics of the own block merged with those of the other ranks' block."""
+def _merge(loss, lse, dscale, lse_o, dscale_o, a, s_pos=None):
+    """Row statistics of the own block merged with those of the other ranks' block.
+
+    ``s_pos``: the positive logits computed apart, given when the positive is not in the
+    denominator (DCL): a row whose own block then holds no logit of its denominator (one
+    sample on this rank) has lse = loss = -inf there, and its statistics are the other
+    block's alone (no host sync: selected elementwise)."""
     delta = torch.nn.functional.softplus(lse_o - lse, threshold=50.0)
     lse_t = lse + delta
+    loss_t = loss + delta.to(loss.dtype)
     if dscale.numel():
         # dscale = sum over both blocks of p (d) - d_pos, with each block's weights
         # exp(lse_block - lse) and d_pos = s_pos / scale = (lse - loss) / scale.
@@ -171,7 +177,25 @@ def _merge(loss, lse, dscale, lse_o, dscale_o, a):
         w_own = torch.exp(lse - lse_t).to(dscale.dtype)
         w_oth = torch.exp(lse_o - lse_t).to(dscale.dtype)
         dscale = w_own * dscale + w_oth * (dscale_o - d_pos)
-    return loss + delta.to(loss.dtype), lse_t, dscale
+    if s_pos is not None:
+        empty = lse == float("-inf")
+        lse_t = torch.where(empty, lse_o, lse_t)
+        loss_t = torch.where(empty, (lse_o - s_pos.double()).to(loss.dtype), loss_t)
+        if dscale.numel():
+            dscale = torch.where(empty, dscale_o - (s_pos / a).to(dscale.dtype), dscale)
+    return loss_t, lse_t, dscale
+
+
+def _positive_logits(sp: engine.Spec, rows, nr, cols, key, a) -> Tensor:
+    """scale * rhat_i . chat_pos(i) for every row, apart from the tiles (O(n D))."""
+    r_hat = _normalized(rows, nr)
+    if sp.positive == "offset":
+        pos_hat = r_hat.roll(-(rows.shape[0] // 2), dims=0)
+    elif sp.positive == "key":
+        pos_hat = _normalized(key, _norm(key))
+    else:
+        pos_hat = _normalized(cols, _norm(cols))
+    return (r_hat * pos_hat).sum(dim=1) * a
 
 
 @torch.library.custom_op("fastcl::softmax_rows", mutates_args=())
@@ -179,9 +203,10 @@ def _merge(loss, lse, dscale, lse_o, dscale_o, a):
 def softmax_rows(
     rows: Tensor, cols: Optional[Tensor], others: Optional[Tensor], key: Optional[Tensor],
     scale: Tensor, spec: str, need_row_grad: bool = False, need_dscale: bool = False,
+    backend: str = "",
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     sp = engine.Spec.parse(spec)
-    impl = _impl(sp, rows, others)
+    impl = _impl(sp, rows, others, backend)
     a, precision = _scale_arg(scale), dot_precision()
     in_denominator = sp.positive_in_denominator
     nr = _norm(rows)
@@ -206,13 +231,15 @@ def softmax_rows(
     if others is not None and others.shape[0] > 0:
         _, lse_o, dscale_o = impl.lse_forward(rows, others, nr, _norm(others), None, a, None,
                                               precision, True, need_dscale)
+        s_pos = (None if in_denominator else
+                 _positive_logits(sp, rows, nr, cols, key, a))
         loss, lse, dscale = _merge(loss, lse, dscale, lse_o.to(torch.float64),
-                                   dscale_o.to(nr.dtype), a)
+                                   dscale_o.to(nr.dtype), a, s_pos)
     return loss, lse, dscale.contiguous(), row_grad.to(nr.dtype).contiguous()
 
 
 @softmax_rows.register_fake
-def _(rows, cols, others, key, scale, spec, need_row_grad=False, need_dscale=False):
+def _(rows, cols, others, key, scale, spec, need_row_grad=False, need_dscale=False, backend=""):
     acc = _acc_dtype(rows)
     n = rows.shape[0]
     return (_rows_like(rows), _lse_like(rows), rows.new_empty(n if need_dscale else 0, dtype=acc),
@@ -225,10 +252,10 @@ def softmax_rows_backward(
     grad_loss: Tensor, rows: Tensor, cols: Optional[Tensor], others: Optional[Tensor],
     key: Optional[Tensor], loss: Tensor, lse: Tensor, scale: Tensor,
     row_grad: Optional[Tensor], spec: str, need_rows: bool, need_cols: bool,
-    need_others: bool, need_key: bool,
+    need_others: bool, need_key: bool, backend: str = "",
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     sp = engine.Spec.parse(spec)
-    impl = _impl(sp, rows, others)
+    impl = _impl(sp, rows, others, backend)
     a, precision = _scale_arg(scale), dot_precision()
     nr = _norm(rows)
     g = grad_loss.to(nr.dtype).contiguous()
@@ -296,7 +323,7 @@ def softmax_rows_backward(
 
 @softmax_rows_backward.register_fake
 def _(grad_loss, rows, cols, others, key, loss, lse, scale, row_grad, spec, need_rows,
-      need_cols, need_others, need_key):
+      need_cols, need_others, need_key, backend=""):
     def grad(x, need):
         return _empty_rows(x) if need and x is not None else rows.new_empty(0)
 
@@ -306,10 +333,12 @@ def _(grad_loss, rows, cols, others, key, loss, lse, scale, row_grad, spec, need
 
 
 def _setup(ctx, inputs, output):
-    rows, cols, others, key, scale, spec, _need_v, _need_dscale = inputs
+    rows, cols, others, key, scale, spec, _need_v, _need_dscale, backend = inputs
     loss, lse, dscale, row_grad = output
     ctx.mark_non_differentiable(lse, dscale, row_grad)
     ctx.spec = spec
+    # The backward runs on the forward's backend, whatever is in force when it runs.
+    ctx.backend = backend or _config.get_backend()
     ctx.has_cols = cols is not None
     sp = engine.Spec.parse(spec)
     # The backward reads a key-mode pass's columns only for their own gradient, or for the
@@ -339,7 +368,7 @@ def _backward(ctx, grad_loss, _g_lse, _g_dscale, _g_row_grad):
     d_rows, d_cols, d_others, d_key = softmax_rows_backward(
         g, rows, cols, others, key, loss, lse, scale, row_grad, ctx.spec, need_rows,
         need_cols, bool(need_others and others is not None),
-        bool(need_key and key is not None))
+        bool(need_key and key is not None), ctx.backend)
     d_scale = None
     if need_scale:
         if dscale.numel() == 0:
@@ -348,7 +377,7 @@ def _backward(ctx, grad_loss, _g_lse, _g_dscale, _g_row_grad):
         d_scale = (g.to(dscale.dtype) * dscale).sum().to(scale.dtype).to(scale.device)
     return (d_rows if need_rows else None, d_cols if need_cols else None,
             d_others if need_others and others is not None else None,
-            d_key if need_key and key is not None else None, d_scale, None, None, None)
+            d_key if need_key and key is not None else None, d_scale, None, None, None, None)
 
 
 softmax_rows.register_autograd(_backward, setup_context=_setup)
