@@ -66,6 +66,47 @@ def grad_accumulate(a, b, na, nb, lse_a, g_a, lse_b, g_b, inv_temp: float,
                                 _TILE)
 
 
+# ----------------------------------------------------------- dense path (csrc/dense.cpp) ------
+
+# The largest logits matrix the dense path materializes: n_rows * n_cols * element size (4 bytes
+# in float32, 8 in float64). Within it, the softmax weights P are kept from forward to backward
+# and forward + backward is 3 matrix products (eager's count) instead of the tiled kernels' 4;
+# beyond it, the tiled kernels run and memory stays O((n + m) D). 16 MiB is 2048 x 2048 float32
+# logits; the op layer (fastcl.ops.contrastive) reads this at each call (tests patch it).
+DENSE_CAP_BYTES = 16 * 2**20
+
+
+def dense_fits(n_rows: int, n_cols: int, dtype: torch.dtype) -> bool:
+    """Whether an (n_rows x n_cols) logits matrix of ``dtype`` accumulation fits the cap."""
+    size = 8 if dtype == torch.float64 else 4
+    return n_rows * n_cols * size <= DENSE_CAP_BYTES
+
+
+def dense_forward(q, k, nq, nk, inv_temp: float, pos_offset: Optional[int],
+                  positive_in_denominator: bool = True, with_dscale: bool = False,
+                  with_row_grad: bool = True):
+    """``lse_forward_with_grad`` on the materialized logits: (loss, lse, dscale, v, probs),
+    probs the (n x m) softmax weights P = exp(s - lse) with the positive's entries 0, kept for
+    :func:`dense_grad_cols`; v empty without ``with_row_grad``."""
+    return _ops.dense_forward(q, k, nq, nk, inv_temp, pos_offset, positive_in_denominator,
+                              with_dscale, with_row_grad)
+
+
+def dense_grad_cols(probs, g, q, nq, inv_temp: float) -> torch.Tensor:
+    """The columns' gradient direction inv_temp * (g o P)^T qhat (positive pairs skipped):
+    ``grad_accumulate`` of the columns, from the forward's own weights."""
+    return _ops.dense_grad_cols(probs, g, q, nq, inv_temp)
+
+
+def dense_backward(probs, v, g, c, q, k, nq, nk, inv_temp: float, need_rows: bool,
+                   need_cols: bool):
+    """(dq, dk) of an in-batch pass (positive of row i: column i) in the inputs' dtypes, from
+    the forward's v and probs: d qhat = g v + c khat and d khat = :func:`dense_grad_cols` + c
+    qhat (c the positive pairs' weights times the scale), each through the normalization's
+    backward. One not needed comes back empty."""
+    return _ops.dense_backward(probs, v, g, c, q, k, nq, nk, inv_temp, need_rows, need_cols)
+
+
 # ----------------------------------------------------------------------- momentum -------------
 
 

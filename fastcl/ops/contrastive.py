@@ -1,7 +1,7 @@
 """The softmax-family custom ops of the engine (``fastcl.engine``): one op pair for every loss.
 
 ``fastcl::softmax_rows(rows, cols, others, key, scale, spec, need_row_grad, need_dscale)
--> (loss, lse, dscale, row_grad)``
+-> (loss, lse, dscale, row_grad, probs)``
     The per-row losses l_i = lse_i - s_pos_i of the pass that ``spec`` (``Spec.code()``)
     describes, logits s_ij = scale * rhat_i . chat_j over the columns (``cols``, or the rows
     themselves when ``columns="rows"``) plus ``others`` (other ranks' rows: negatives only),
@@ -12,11 +12,23 @@
     tensor, no others) is v_i = scale * sum_j P_ij chat_j over the non-positive columns: d l_i
     / d rhat_i up to the factor g_i and the positive's term, formed in the forward tile pass
     (C++ and chunked: one product there instead of two in backward). Empty otherwise.
+    ``probs`` (the dense path, below) is the (n x m) matrix of softmax weights P = exp(s - lse)
+    with the positives' entries 0, saved for the backward (no gradient). Empty otherwise.
 ``fastcl::softmax_rows_backward(grad_loss, rows, cols, others, key, loss, lse, scale,
-row_grad, spec, need_rows, need_cols, need_others, need_key) -> (d_rows, d_cols, d_others,
-d_key)``
+row_grad, spec, need_rows, need_cols, need_others, need_key, probs=None) -> (d_rows, d_cols,
+d_others, d_key)``
     The input gradients, each from its own tile pass without atomics (deterministic); one
-    that is not needed (e.g. a detached queue) is not computed and comes back empty.
+    that is not needed (e.g. a detached queue) is not computed and comes back empty. With the
+    forward's ``probs``, the columns' gradient is one product over them instead of a pass that
+    recomputes every logit.
+
+The dense path (in-batch specs, ``positive="index"``, on a backend with ``dense_forward``: the
+C++ kernels): when the logits fit the backend's cap (``fastcl.kernels.cpp.DENSE_CAP_BYTES``,
+16 MiB: N = M = 2048 in float32), the forward materializes them, keeps P for the backward, and
+forward + backward is 3 matrix products, eager's count, instead of the tiled kernels' 4. The
+choice depends on the shapes and dtype alone (not on which inputs require grad), so a row's
+loss is the same float in training and under ``no_grad``. Beyond the cap the tiled kernels run
+and memory stays O((n + m) D).
 
 Other ranks' rows are a second block of columns: each block runs through the backend's fused
 kernels, and the row statistics merge exactly (lse = logaddexp(lse_own, lse_other); loss =
@@ -154,6 +166,15 @@ def _columns(spec: engine.Spec, rows: Tensor, nr: Tensor, cols, key):
     return cols, _norm(cols), None, (0 if spec.positive == "index" else None)
 
 
+def _use_dense(impl, sp: engine.Spec, rows: Tensor, cols: Optional[Tensor],
+               others: Optional[Tensor]) -> bool:
+    """Whether this pass runs the dense path (see the module docstring). Shapes only: the
+    fake implementation takes the same decision."""
+    return (sp.columns == "tensor" and sp.positive == "index" and cols is not None
+            and (others is None or others.shape[0] == 0) and hasattr(impl, "dense_forward")
+            and impl.dense_fits(rows.shape[0], cols.shape[0], _acc_dtype(rows)))
+
+
 def _merge(loss, lse, dscale, lse_o, dscale_o, a):
     """Row statistics of the own block merged with those of the other ranks' block."""
     delta = torch.nn.functional.softplus(lse_o - lse, threshold=50.0)
@@ -173,14 +194,18 @@ def _merge(loss, lse, dscale, lse_o, dscale_o, a):
 def softmax_rows(
     rows: Tensor, cols: Optional[Tensor], others: Optional[Tensor], key: Optional[Tensor],
     scale: Tensor, spec: str, need_row_grad: bool = False, need_dscale: bool = False,
-) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     sp = engine.Spec.parse(spec)
     impl = _impl(sp, rows, others)
     a, precision = _scale_arg(scale), dot_precision()
     in_denominator = sp.positive_in_denominator
     nr = _norm(rows)
     row_grad = rows.new_empty(0, dtype=nr.dtype)
-    if sp.columns == "rows":
+    probs = rows.new_empty(0, dtype=nr.dtype)
+    if _use_dense(impl, sp, rows, cols, others):
+        loss, lse, dscale, row_grad, probs = impl.dense_forward(
+            rows, cols, nr, _norm(cols), a, 0, in_denominator, need_dscale, need_row_grad)
+    elif sp.columns == "rows":
         loss, lse, dscale = impl.nt_xent_forward(rows, nr, a, precision, in_denominator,
                                                  need_dscale)
     else:
@@ -202,15 +227,18 @@ def softmax_rows(
                                               precision, True, need_dscale)
         loss, lse, dscale = _merge(loss, lse, dscale, lse_o.to(torch.float64),
                                    dscale_o.to(nr.dtype), a)
-    return loss, lse, dscale.contiguous(), row_grad.to(nr.dtype).contiguous()
+    return loss, lse, dscale.contiguous(), row_grad.to(nr.dtype).contiguous(), probs
 
 
 @softmax_rows.register_fake
 def _(rows, cols, others, key, scale, spec, need_row_grad=False, need_dscale=False):
     acc = _acc_dtype(rows)
     n = rows.shape[0]
+    dense = _use_dense(_impl(engine.Spec.parse(spec), rows, others), engine.Spec.parse(spec),
+                       rows, cols, others)
     return (_rows_like(rows), _lse_like(rows), rows.new_empty(n if need_dscale else 0, dtype=acc),
-            rows.new_empty(rows.shape if need_row_grad else (0,), dtype=acc))
+            rows.new_empty(rows.shape if need_row_grad else (0,), dtype=acc),
+            rows.new_empty((n, cols.shape[0]) if dense else (0,), dtype=acc))
 
 
 @torch.library.custom_op("fastcl::softmax_rows_backward", mutates_args=())
@@ -219,7 +247,7 @@ def softmax_rows_backward(
     grad_loss: Tensor, rows: Tensor, cols: Optional[Tensor], others: Optional[Tensor],
     key: Optional[Tensor], loss: Tensor, lse: Tensor, scale: Tensor,
     row_grad: Optional[Tensor], spec: str, need_rows: bool, need_cols: bool,
-    need_others: bool, need_key: bool,
+    need_others: bool, need_key: bool, probs: Optional[Tensor] = None,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     sp = engine.Spec.parse(spec)
     impl = _impl(sp, rows, others)
@@ -247,6 +275,18 @@ def softmax_rows_backward(
                 d_hat += impl.grad_accumulate(rows, others, nr, n_o, lse, g, None, None, a,
                                               None, precision)
             d_rows = _normalize_backward(rows, nr, d_hat)
+    elif _dense_backward_ok(impl, sp, rows, cols, has_others, row_grad, probs, need_rows,
+                            need_cols):
+        # The dense path: both gradients from the forward's v and P, the positives' terms and
+        # the normalizations' backward in one call (csrc/dense.cpp).
+        empty = rows.new_empty(0, dtype=nr.dtype)
+        d_rows, d_cols = impl.dense_backward(
+            probs if need_cols else empty, row_grad if need_rows else empty, g, c, rows, cols,
+            nr, _norm(cols), a, need_rows, need_cols)
+        if not need_rows:
+            d_rows = rows.new_empty(0)
+        if not need_cols:
+            d_cols = rows.new_empty(0)
     else:
         have_v = row_grad is not None and row_grad.numel() > 0
         pos_offset = 0 if sp.positive == "index" else None
@@ -269,8 +309,11 @@ def softmax_rows_backward(
                 d_hat += c[:, None] * _normalized(pos_vec, n_pos)
             d_rows = _normalize_backward(rows, nr, d_hat)
         if need_cols:
-            dc_hat = impl.grad_accumulate(cols, rows, nc, nr, None, None, lse, g, a, pos_offset,
-                                          precision)
+            if probs is not None and probs.numel() > 0:  # the dense path's forward weights
+                dc_hat = impl.dense_grad_cols(probs.contiguous(), g, rows, nr, a)
+            else:
+                dc_hat = impl.grad_accumulate(cols, rows, nc, nr, None, None, lse, g, a,
+                                              pos_offset, precision)
             if sp.positive == "index":
                 dc_hat += c[:, None] * _normalized(rows, nr)
             d_cols = _normalize_backward(cols, nc, dc_hat)
@@ -285,9 +328,21 @@ def softmax_rows_backward(
     return d_rows, d_cols, d_others, d_key
 
 
+def _dense_backward_ok(impl, sp, rows, cols, has_others, row_grad, probs, need_rows,
+                       need_cols) -> bool:
+    """Whether the backward of an in-batch pass can come from the forward's v and P alone."""
+    if not (need_rows or need_cols) or has_others or sp.positive != "index":
+        return False
+    if not hasattr(impl, "dense_backward") or cols is None or cols.shape != rows.shape:
+        return False
+    have_v = row_grad is not None and row_grad.numel() > 0
+    have_p = probs is not None and probs.numel() > 0
+    return (have_v or not need_rows) and (have_p or not need_cols)
+
+
 @softmax_rows_backward.register_fake
 def _(grad_loss, rows, cols, others, key, loss, lse, scale, row_grad, spec, need_rows,
-      need_cols, need_others, need_key):
+      need_cols, need_others, need_key, probs=None):
     def grad(x, need):
         return _empty_rows(x) if need and x is not None else rows.new_empty(0)
 
@@ -298,8 +353,12 @@ def _(grad_loss, rows, cols, others, key, loss, lse, scale, row_grad, spec, need
 
 def _setup(ctx, inputs, output):
     rows, cols, others, key, scale, spec, _need_v, _need_dscale = inputs
-    loss, lse, dscale, row_grad = output
-    ctx.mark_non_differentiable(lse, dscale, row_grad)
+    loss, lse, dscale, row_grad, probs = output
+    ctx.mark_non_differentiable(lse, dscale, row_grad, probs)
+    # No zero-filled gradients for the outputs nobody differentiates: autograd would otherwise
+    # allocate and fill one per output each backward (4 MiB for the dense path's probs at
+    # N = 1024). grad_loss may then come as None (handled in _backward).
+    ctx.set_materialize_grads(False)
     ctx.spec = spec
     ctx.has_cols = cols is not None
     sp = engine.Spec.parse(spec)
@@ -310,18 +369,20 @@ def _setup(ctx, inputs, output):
     keep = cols is not None and (
         sp.positive != "key" or cols.requires_grad or (rows.requires_grad and
                                                        row_grad.numel() == 0))
+    # The dense path's weights serve the columns' gradient only.
+    keep_probs = probs.numel() > 0 and cols is not None and cols.requires_grad
     ctx.save_for_backward(rows, cols if keep else None, others, key, loss, lse, scale,
-                          row_grad, dscale)
+                          row_grad, dscale, probs if keep_probs else None)
 
 
 _NAMES = {engine.NT_XENT: "fastcl.nt_xent", engine.DCL: "fastcl.dcl_loss"}
 
 
-def _backward(ctx, grad_loss, _g_lse, _g_dscale, _g_row_grad):
+def _backward(ctx, grad_loss, _g_lse, _g_dscale, _g_row_grad, _g_probs):
     sp = engine.Spec.parse(ctx.spec)
     refuse_double_backward(f"{_NAMES.get(sp, 'fastcl.info_nce')} (op fastcl::softmax_rows, "
                            f"spec {ctx.spec})")
-    rows, cols, others, key, loss, lse, scale, row_grad, dscale = ctx.saved_tensors
+    rows, cols, others, key, loss, lse, scale, row_grad, dscale, probs = ctx.saved_tensors
     need_rows, need_cols, need_others, need_key, need_scale = ctx.needs_input_grad[:5]
     need_cols = bool(need_cols and ctx.has_cols)
     if ctx.has_cols and cols is None:  # not kept: its rows are not read
@@ -330,7 +391,7 @@ def _backward(ctx, grad_loss, _g_lse, _g_dscale, _g_row_grad):
     d_rows, d_cols, d_others, d_key = softmax_rows_backward(
         g, rows, cols, others, key, loss, lse, scale, row_grad, ctx.spec, need_rows,
         need_cols, bool(need_others and others is not None),
-        bool(need_key and key is not None))
+        bool(need_key and key is not None), probs)
     d_scale = None
     if need_scale:
         if dscale.numel() == 0:
@@ -350,9 +411,8 @@ softmax_rows.register_autograd(_backward, setup_context=_setup)
 
 def nt_xent(z: Tensor, temperature: Tensor) -> Tuple[Tensor, Tensor]:
     """(loss, lse) of NT-Xent over z = cat([z1, z2]) (temperature: a 0-dim tensor)."""
-    loss, lse, _, _ = softmax_rows(z, None, None, None, 1.0 / temperature,
-                                   engine.NT_XENT.code())
-    return loss, lse
+    out = softmax_rows(z, None, None, None, 1.0 / temperature, engine.NT_XENT.code())
+    return out[0], out[1]
 
 
 def info_nce(q: Tensor, k: Tensor, negatives: Optional[Tensor], temperature: Tensor,
