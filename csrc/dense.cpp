@@ -127,7 +127,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dense_for
   const auto kh = normalized_rows(k, nk);
   const int64_t n = qh.size(0), m = kh.size(0);
   const auto opts = qh.options();
-  // S = inv_temp * qhat khat^T: one product, ATen's threads.
+  // S = inv_temp * qhat khat^T: one product, ATen's threads. (Strips of rows kept in L2 through
+  // the product, the softmax and v's product measured 5-7% slower on one core at N = 1024:
+  // MKL's smaller products lose more than the cache saves.)
   auto probs = at::empty({n, m}, opts);
   at::addmm_out(probs, probs, qh, kh.t(), /*beta=*/0, inv_temp);
   auto loss = at::empty({n}, opts);
@@ -154,13 +156,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dense_for
 }
 
 // The columns' gradient direction inv_temp * P^T (g o qhat): qhat's rows scaled by g (n x d)
-// rather than P (n x m).
+// rather than P (n x m). Computed transposed, (g o qhat)^T P (d x m), then transposed back: BLAS
+// then reads P in its own row-major layout (MKL, N = 1024, D = 128, one core: 2.7 ms against
+// 2.9 ms for P^T (g o qhat), the copy included).
 at::Tensor grad_cols(const at::Tensor& probs, const at::Tensor& g, const at::Tensor& q,
                      const at::Tensor& nq, double inv_temp) {
   const auto qg = q.to(nq.scalar_type()) * (g.to(nq.scalar_type()) / nq).unsqueeze(1);
-  auto out = at::empty({probs.size(1), q.size(1)}, qg.options());
-  at::addmm_out(out, out, probs.t(), qg, /*beta=*/0, inv_temp);
-  return out;
+  auto out_t = at::empty({q.size(1), probs.size(1)}, qg.options());
+  at::addmm_out(out_t, out_t, qg.t(), probs, /*beta=*/0, inv_temp);
+  return out_t.t().contiguous();
 }
 
 constexpr double kEps = 1e-12;  // F.normalize's
