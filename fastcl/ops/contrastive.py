@@ -13,7 +13,10 @@
     / d rhat_i up to the factor g_i and the positive's term, formed in the forward tile pass
     (C++ and chunked: one product there instead of two in backward). Empty otherwise.
     ``probs`` (the dense path, below) is the (n x m) matrix of softmax weights P = exp(s - lse)
-    with the positives' entries 0, saved for the backward (no gradient). Empty otherwise.
+    with the positives' entries 0, flattened (n * m,), saved for the backward (no gradient).
+    Empty otherwise. Its size is left open in the fake (an unbacked size under torch.compile):
+    whether the dense path runs depends on the backend in force, which compiled graphs do not
+    guard on.
 ``fastcl::softmax_rows_backward(grad_loss, rows, cols, others, key, loss, lse, scale,
 row_grad, spec, need_rows, need_cols, need_others, need_key, probs=None) -> (d_rows, d_cols,
 d_others, d_key)``
@@ -205,6 +208,7 @@ def softmax_rows(
     if _use_dense(impl, sp, rows, cols, others):
         loss, lse, dscale, row_grad, probs = impl.dense_forward(
             rows, cols, nr, _norm(cols), a, 0, in_denominator, need_dscale, need_row_grad)
+        probs = probs.view(-1)  # flat: see the fake
     elif sp.columns == "rows":
         loss, lse, dscale = impl.nt_xent_forward(rows, nr, a, precision, in_denominator,
                                                  need_dscale)
@@ -234,11 +238,13 @@ def softmax_rows(
 def _(rows, cols, others, key, scale, spec, need_row_grad=False, need_dscale=False):
     acc = _acc_dtype(rows)
     n = rows.shape[0]
-    dense = _use_dense(_impl(engine.Spec.parse(spec), rows, others), engine.Spec.parse(spec),
-                       rows, cols, others)
+    # probs is flat, of a size the fake leaves open (n * m on the dense path, else 0): which
+    # path runs depends on the backend in force when the op runs, which a compiled graph does
+    # not guard on (a graph traced under one backend may run under another).
+    size = torch.library.get_ctx().new_dynamic_size()
     return (_rows_like(rows), _lse_like(rows), rows.new_empty(n if need_dscale else 0, dtype=acc),
             rows.new_empty(rows.shape if need_row_grad else (0,), dtype=acc),
-            rows.new_empty((n, cols.shape[0]) if dense else (0,), dtype=acc))
+            rows.new_empty(size, dtype=acc))
 
 
 @torch.library.custom_op("fastcl::softmax_rows_backward", mutates_args=())
@@ -280,9 +286,9 @@ def softmax_rows_backward(
         # The dense path: both gradients from the forward's v and P, the positives' terms and
         # the normalizations' backward in one call (csrc/dense.cpp).
         empty = rows.new_empty(0, dtype=nr.dtype)
-        d_rows, d_cols = impl.dense_backward(
-            probs if need_cols else empty, row_grad if need_rows else empty, g, c, rows, cols,
-            nr, _norm(cols), a, need_rows, need_cols)
+        p = probs.view(rows.shape[0], -1) if need_cols else empty
+        d_rows, d_cols = impl.dense_backward(p, row_grad if need_rows else empty, g, c, rows,
+                                             cols, nr, _norm(cols), a, need_rows, need_cols)
         if not need_rows:
             d_rows = rows.new_empty(0)
         if not need_cols:
@@ -310,7 +316,7 @@ def softmax_rows_backward(
             d_rows = _normalize_backward(rows, nr, d_hat)
         if need_cols:
             if probs is not None and probs.numel() > 0:  # the dense path's forward weights
-                dc_hat = impl.dense_grad_cols(probs.contiguous(), g, rows, nr, a)
+                dc_hat = impl.dense_grad_cols(probs.view(rows.shape[0], -1), g, rows, nr, a)
             else:
                 dc_hat = impl.grad_accumulate(cols, rows, nc, nr, None, None, lse, g, a,
                                               pos_offset, precision)
@@ -369,8 +375,9 @@ def _setup(ctx, inputs, output):
     keep = cols is not None and (
         sp.positive != "key" or cols.requires_grad or (rows.requires_grad and
                                                        row_grad.numel() == 0))
-    # The dense path's weights serve the columns' gradient only.
-    keep_probs = probs.numel() > 0 and cols is not None and cols.requires_grad
+    # The dense path's weights serve the columns' gradient only. (No test of probs' size here:
+    # it is data-dependent under torch.compile; an empty one costs nothing.)
+    keep_probs = cols is not None and cols.requires_grad
     ctx.save_for_backward(rows, cols if keep else None, others, key, loss, lse, scale,
                           row_grad, dscale, probs if keep_probs else None)
 
