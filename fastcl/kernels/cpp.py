@@ -1,5 +1,10 @@
-"""The C++ CPU kernels (``csrc/contrastive.cpp``) behind the backend contract of
-``fastcl.kernels``: thin calls into the ``torch.ops.fastcl_cpu`` operators.
+"""The C++ CPU kernels (``csrc/contrastive.cpp``, ``csrc/dense.cpp``) behind the backend
+contract of ``fastcl.kernels``: thin calls into the ``torch.ops.fastcl_cpu`` operators.
+
+Beyond the contract, the dense path (``dense_forward``, ``dense_grad_cols``,
+``dense_backward``): for in-batch passes whose logits fit ``DENSE_CAP_BYTES``, the op layer
+(``fastcl.ops.contrastive``) keeps the softmax weights from forward to backward, 3 matrix
+products in all instead of the tiled kernels' 4.
 
 ``precision`` is accepted for the contract's sake: the tiles' products are ATen matmuls, which
 follow torch's own float32 matmul settings on the CPU, as eager PyTorch does.
