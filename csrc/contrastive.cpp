@@ -1,13 +1,6 @@
 // Fused, tiled similarity + log-softmax kernels for the CPU: NT-Xent and InfoNCE, forward and
 // backward. The contract is the one in fastcl/kernels/__init__.py; the registration is in
-// registration.cpp.
-//
-// Every kernel walks (tile x tile) blocks of the similarity matrix. A tile's logits come from one
-// BLAS product (ATen's matmul, single-threaded inside the parallel region) into a per-thread
-// scratch buffer that stays in the core's L2 cache; the max / exp / sum work on it runs in
-// vectorized loops (fast_exp.h); at::parallel_for spreads tiles over the cores. Nothing of size
-// N x N is ever allocated. Arithmetic is in float32 for float32/bfloat16/float16 inputs (the
-// Python side passes float32 norms), float64 for float64.
+// registration.cpp; the tiles, their schedules and the online logsumexp are in tiling.h.
 //
 // NT-Xent uses the symmetry of its similarity matrix: only tiles with J >= I are computed, each
 // feeding its rows' and its columns' statistics (forward) or gradients (backward), which takes
@@ -22,270 +15,37 @@
 
 #include <algorithm>
 #include <cmath>
-#include <limits>
 #include <tuple>
 #include <utility>
-#include <vector>
 
-#include "fast_exp.h"
+#include "tiling.h"
 
 namespace fastcl {
 namespace {
 
-// Tiles are tile x tile logits; fastcl/kernels/cpp.py passes 128 (measured best on a 2-core
-// Zen 4 at N = 1024..4096, D = 128: 256 was 10-20% slower at N = 1024, equal at 4096), tests pass
-// small ones to cross many tile boundaries on small inputs.
-constexpr int64_t kMaxTile = 4096;
-
-template <typename T>
-constexpr T neg_inf() {
-  return -std::numeric_limits<T>::infinity();
-}
-
-// Off-diagonal NT-Xent tiles need exp(s - x_r) for their rows and exp(s - x_c) for their columns
-// (x a running max or an lse). When every such exponent lies within kExpRange of every other,
-// one exp per element does: exp(s - x_c) = exp(s - x_r) * exp(x_r - ref) * exp(ref - x_c) with
-// factors that neither overflow nor leave the normal range. Logits are cosines over tau, so
-// |s| <= 1/tau, and lse <= max + log(n): the spread is at most 2/tau + log(n). Beyond that
-// (tau below about 0.03 in float32) the tiles take two exps per element.
-template <typename T>
-constexpr double kExpRange = 80.0;  // exp(-80) = 1.8e-35 > FLT_MIN = 1.2e-38
-template <>
-constexpr double kExpRange<double> = 700.0;
-
-template <typename T>
-bool one_exp(double inv_temp, int64_t n) {
-  return 2.0 * inv_temp + std::log(static_cast<double>(std::max<int64_t>(n, 1))) + 1.0 <=
-         kExpRange<T>;
-}
-
-// ------------------------------------------------------------------------------ helpers ---
-
-// Rows divided by their clamped norms, as F.normalize does, contiguous, in the norms' dtype.
-at::Tensor normalized(const at::Tensor& x, const at::Tensor& norm) {
-  return (x.to(norm.scalar_type()) / norm.unsqueeze(1)).contiguous();
-}
-
-void check_tile(int64_t tile) {
-  TORCH_CHECK(tile >= 1 && tile <= kMaxTile, "fastcl_cpu: tile must be in [1, ", kMaxTile,
-              "], got ", tile);
-}
-
-void check_rows(const at::Tensor& x, const at::Tensor& norm, const char* name) {
-  TORCH_CHECK(x.device().is_cpu() && norm.device().is_cpu(), "fastcl_cpu: ", name,
-              " must be a CPU tensor");
-  TORCH_CHECK(x.dim() == 2, "fastcl_cpu: ", name, " must be 2-D, got ", x.dim(), "-D");
-  TORCH_CHECK(norm.dim() == 1 && norm.size(0) == x.size(0), "fastcl_cpu: the norms of ", name,
-              " must have shape (", x.size(0), ",)");
-  TORCH_CHECK(norm.scalar_type() == at::kFloat || norm.scalar_type() == at::kDouble,
-              "fastcl_cpu: norms must be float32 or float64");
-}
-
-at::Tensor row_vector(const at::Tensor& v, const at::Tensor& like_norm, int64_t n,
-                      const char* name) {
-  TORCH_CHECK(v.dim() == 1 && v.size(0) == n, "fastcl_cpu: ", name, " must have shape (", n,
-              ",)");
-  return v.to(like_norm.scalar_type()).contiguous();
-}
-
-// A row lse (float64, or the norms' dtype) as hi + lo in the norms' dtype, hi the nearest float
-// and lo the rest. Softmax weights are exp((s - hi) - lo): s - hi is exact wherever the weight
-// is not negligible (s within a factor 2 of hi), so lse carries no rounding of its own into
-// them. That rounding, half an ulp of |lse| ~ 1/tau, would shift every weight of a row by up
-// to 5e-4 at tau = 1e-4 in float32: a one-hot row's weight 1/l would come out exp(-log l
-// rounded to a multiple of 1e-3), eager's ~1e-7 error made ~1e4 times larger.
-std::pair<at::Tensor, at::Tensor> split_lse(const at::Tensor& lse, const at::Tensor& like_norm,
-                                            int64_t n, const char* name) {
-  TORCH_CHECK(lse.dim() == 1 && lse.size(0) == n, "fastcl_cpu: ", name, " must have shape (", n,
-              ",)");
-  auto hi = lse.to(like_norm.scalar_type()).contiguous();
-  auto lo = (lse.to(at::kDouble) - hi.to(at::kDouble)).to(like_norm.scalar_type()).contiguous();
-  return {hi, lo};
-}
-
-// Per-thread scratch: one tile of logits plus a few tile-length vectors.
-template <typename T>
-struct Scratch {
-  Scratch(int64_t threads, int64_t rows, int64_t cols)
-      : len(std::max(rows, cols)), tiles(threads, std::vector<T>(rows * cols)),
-        vecs(threads, std::vector<T>(kVecs * len)) {}
-  static constexpr int kVecs = 4;
-  T* tile() { return tiles[at::get_thread_num()].data(); }
-  T* vec(int k) { return vecs[at::get_thread_num()].data() + k * len; }
-  int64_t len;
-  std::vector<std::vector<T>> tiles, vecs;
-};
-
-// A (rows x len) view of contiguous rows of x starting at `start`, without a copy.
-template <typename T>
-at::Tensor rows_view(const T* base, int64_t start, int64_t rows, int64_t len,
-                     const at::TensorOptions& opts) {
-  return at::from_blob(const_cast<T*>(base) + start * len, {rows, len}, opts);
-}
-
-// c (m x n, contiguous) = alpha * a @ b^T, a (m x d) and b (n x d) row-major.
-template <typename T>
-void logits_tile(const T* a, int64_t m, const T* b, int64_t n, int64_t d, double alpha, T* c,
-                 const at::TensorOptions& opts) {
-  auto out = at::from_blob(c, {m, n}, opts);
-  at::addmm_out(out, out, at::from_blob(const_cast<T*>(a), {m, d}, opts),
-                at::from_blob(const_cast<T*>(b), {n, d}, opts).t(), /*beta=*/0, alpha);
-}
-
-// out (m x d, contiguous rows) += w (m x n, contiguous; transposed when trans) @ b (n x d).
-template <typename T>
-void accumulate_tile(T* out, const T* w, int64_t m, int64_t n, bool trans, const T* b, int64_t d,
-                     const at::TensorOptions& opts) {
-  auto o = at::from_blob(out, {m, d}, opts);
-  auto wt = trans ? at::from_blob(const_cast<T*>(w), {n, m}, opts).t()
-                  : at::from_blob(const_cast<T*>(w), {m, n}, opts);
-  at::addmm_out(o, o, wt, at::from_blob(const_cast<T*>(b), {n, d}, opts));
-}
-
-template <typename T>
-T row_max(const T* s, int64_t n) {
-  T mx = neg_inf<T>();
-#pragma omp simd reduction(max : mx)
-  for (int64_t c = 0; c < n; ++c) mx = s[c] > mx ? s[c] : mx;
-  return mx;
-}
-
-// sum_c exp(s_c - shift)
-template <typename T>
-T row_exp_sum(const T* s, int64_t n, T shift) {
-  T sum = 0;
-#pragma omp simd reduction(+ : sum)
-  for (int64_t c = 0; c < n; ++c) sum += exp_f(s[c] - shift);
-  return sum;
-}
-
-// The shift for a running max: 0 while nothing finite has been seen (keeps exp(-inf + inf) away).
-template <typename T>
-T shift_of(T m) {
-  return m == neg_inf<T>() ? T(0) : m;
-}
-
-// Online log-sum-exp state of a set of rows: running max m and sum l of exp(s - m).
-template <typename T>
-struct OnlineLSE {
-  T* m;
-  double* l;
-  // Row i's new running max `new_m` (its old one merged with a block's) and the block's sum
-  // of exp(s - shift_of(new_m)).
-  void merge(int64_t i, T new_m, T sum) {
-    const T old = m[i];
-    l[i] = l[i] * static_cast<double>(exp_f(old - shift_of(new_m))) + static_cast<double>(sum);
-    m[i] = new_m;
-  }
-};
-
-template <typename T>
-std::tuple<at::Tensor, at::Tensor> finish(const at::Tensor& m, const at::Tensor& l,
-                                          const at::Tensor& s_pos) {
-  // loss = (m - s_pos) + log l: exact when the positive is the max (no lse - s_pos cancellation).
-  // lse = m + log l in float64 (l is float64 already): rounded to a float of size ~1/tau it
-  // would shift every softmax weight of the backward by up to half an ulp of 1/tau (see
-  // split_lse).
-  auto log_l = at::log(l);
-  return {(m - s_pos) + log_l.to(m.scalar_type()), m.to(at::kDouble) + log_l};
-}
-
-// Block pairs of the symmetric NT-Xent schedule. Round 0 holds the diagonal tiles (I, I); the
-// other rounds are the circle method's: each round pairs every block with at most one other, so
-// the tiles of a round touch disjoint rows and run in parallel without synchronization.
-std::vector<std::vector<std::pair<int64_t, int64_t>>> symmetric_rounds(int64_t blocks) {
-  std::vector<std::vector<std::pair<int64_t, int64_t>>> rounds(1);
-  for (int64_t b = 0; b < blocks; ++b) rounds[0].emplace_back(b, b);
-  const int64_t players = blocks + (blocks % 2);  // an odd count gets a "bye" player
-  for (int64_t r = 0; r + 1 < players; ++r) {
-    std::vector<std::pair<int64_t, int64_t>> round;
-    auto add = [&](int64_t a, int64_t b) {
-      if (a < blocks && b < blocks) round.emplace_back(std::min(a, b), std::max(a, b));
-    };
-    add(players - 1, r);
-    for (int64_t k = 1; k < players / 2; ++k)
-      add((r + k) % (players - 1), (r - k + players - 1) % (players - 1));
-    if (!round.empty()) rounds.push_back(std::move(round));
-  }
-  return rounds;
-}
-
-template <typename F>
-void run_rounds(const std::vector<std::vector<std::pair<int64_t, int64_t>>>& rounds, F&& tile) {
-  for (const auto& round : rounds) {
-    at::parallel_for(0, static_cast<int64_t>(round.size()), 1, [&](int64_t b, int64_t e) {
-      for (int64_t p = b; p < e; ++p) tile(round[p].first, round[p].second);
-    });
-  }
-}
-
-// NT-Xent's loop: every tile (I, J >= I) of the symmetric logits, in the rounds above.
-// tile_fn(diagonal, i0, rows, j0, cols, s, scratch) gets s = inv_temp * zhat_I zhat_J^T
-// (rows x cols, in per-thread scratch it may overwrite).
-template <typename T, typename TileFn>
-void for_each_symmetric_tile(const T* zp, int64_t n, int64_t d, double inv_temp, int64_t tile,
-                             const at::TensorOptions& opts, TileFn&& tile_fn) {
-  const int64_t blocks = (n + tile - 1) / tile;
-  Scratch<T> scratch(at::get_num_threads(), tile, tile);
-  run_rounds(symmetric_rounds(blocks), [&](int64_t bi, int64_t bj) {
-    const int64_t i0 = bi * tile, rows = std::min(tile, n - i0);
-    const int64_t j0 = bj * tile, cols = std::min(tile, n - j0);
-    T* s = scratch.tile();
-    logits_tile(zp + i0 * d, rows, zp + j0 * d, cols, d, inv_temp, s, opts);
-    tile_fn(bi == bj, i0, rows, j0, cols, s, scratch);
-  });
-}
-
-// The general kernels' blocks: row blocks of at most `tile` rows, small enough that a MoCo batch
-// (few rows, many negatives) still gives several blocks to share out over the cores, derived
-// from the shape alone so that results do not depend on the thread count; column tiles of
-// 4 x tile, so that each product is large enough to run BLAS near its peak (N = 256, M = 16384:
-// 128-wide tiles spent more time in per-call overhead than in arithmetic).
-int64_t row_block(int64_t rows, int64_t tile) {
-  const int64_t target = (rows + 3) / 4;
-  return std::min<int64_t>(tile, std::max<int64_t>(16, (target + 15) / 16 * 16));
-}
-
-constexpr int64_t kColumnTiles = 4;
-
-// The general kernels' loop: row blocks of a in parallel, each walking all column tiles of b in
-// order. tile_fn(i0, rows, j0, cols, s) gets the logits s = inv_temp * ahat_I bhat_J^T (rows x
-// cols, in per-thread scratch it may overwrite); block_end(i0, rows) runs after a block's last
-// tile. Each row block is owned by one thread: its outputs need no synchronization.
-template <typename T, typename TileFn, typename EndFn>
-void for_each_row_block(const T* ap, int64_t nr, const T* bp, int64_t nc, int64_t d,
-                        double inv_temp, int64_t tile, const at::TensorOptions& opts,
-                        TileFn&& tile_fn, EndFn&& block_end) {
-  const int64_t rb = row_block(nr, tile), blocks = (nr + rb - 1) / rb;
-  const int64_t cw = kColumnTiles * tile;
-  Scratch<T> scratch(at::get_num_threads(), rb, cw);
-  at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
-    T* s = scratch.tile();
-    for (int64_t b = b0; b < b1; ++b) {
-      const int64_t i0 = b * rb, rows = std::min(rb, nr - i0);
-      for (int64_t j0 = 0; j0 < nc; j0 += cw) {
-        const int64_t cols = std::min(cw, nc - j0);
-        logits_tile(ap + i0 * d, rows, bp + j0 * d, cols, d, inv_temp, s, opts);
-        tile_fn(i0, rows, j0, cols, s);
-      }
-      block_end(i0, rows);
-    }
-  });
-}
+using namespace tiling;
 
 // ------------------------------------------------------------------------ NT-Xent ---------
 
-template <typename T>
-std::tuple<at::Tensor, at::Tensor> nt_xent_forward_impl(const at::Tensor& z, const at::Tensor& nz,
-                                                        double inv_temp, int64_t tile) {
+// With positive_in_denominator false (DCL), the positive pairs are masked (-inf) in their tiles
+// after their logits are read: the pair (i, i + N) is symmetric, so one mask takes the positive
+// out of the row's and out of the column's statistics. With kScaleGrad, the centred sums t
+// (OnlineLSE) of the rows and, off the diagonal, of the columns ride along in the same loops, for
+// the gradient with respect to inv_temp (dscale); without it the loops are the plain ones.
+template <typename T, bool kScaleGrad>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> nt_xent_forward_impl(
+    const at::Tensor& z, const at::Tensor& nz, double inv_temp, int64_t tile,
+    bool positive_in_denominator) {
   const auto zh = normalized(z, nz);
   const int64_t n = zh.size(0), d = zh.size(1), half = n / 2;
   const auto opts = zh.options();
   at::Tensor m = at::full({n}, neg_inf<T>(), opts);
   auto l = at::zeros({n}, opts.dtype(at::kDouble));
+  auto t = at::zeros({kScaleGrad ? n : 0}, opts.dtype(at::kDouble));
   auto s_pos = at::empty({n}, opts);
   const T* zp = zh.data_ptr<T>();
-  OnlineLSE<T> st{m.data_ptr<T>(), l.data_ptr<double>()};
+  OnlineLSE<T> st{m.data_ptr<T>(), l.data_ptr<double>(),
+                  kScaleGrad ? t.data_ptr<double>() : nullptr};
   T* sp = s_pos.data_ptr<T>();
   const bool fast = one_exp<T>(inv_temp, n);
 
@@ -296,27 +56,45 @@ std::tuple<at::Tensor, at::Tensor> nt_xent_forward_impl(const at::Tensor& z, con
       const int64_t c = (i0 + r + half) % n - j0;
       if (c >= 0 && c < cols) sp[i0 + r] = s[r * cols + c];
     }
+    if (!diagonal) {
+      // Off the diagonal the tile also holds its columns' logits: rows j0.. as columns.
+      for (int64_t c = 0; c < cols; ++c) {
+        const int64_t r = (j0 + c + half) % n - i0;
+        if (r >= 0 && r < rows) sp[j0 + c] = s[r * cols + c];
+      }
+    }
+    if (!positive_in_denominator) {
+      for (int64_t r = 0; r < rows; ++r) {
+        const int64_t c = (i0 + r + half) % n - j0;
+        if (c >= 0 && c < cols) s[r * cols + c] = neg_inf<T>();
+      }
+    }
     if (diagonal) {
       for (int64_t r = 0; r < rows; ++r) s[r * cols + r] = neg_inf<T>();  // no self-pairs
       for (int64_t r = 0; r < rows; ++r) {
         const T* sr = s + r * cols;
         const T new_m = std::max(st.m[i0 + r], row_max(sr, cols));
-        st.merge(i0 + r, new_m, row_exp_sum(sr, cols, shift_of(new_m)));
+        if constexpr (kScaleGrad) {
+          T ts;
+          const T sum = row_exp_sum(sr, cols, shift_of(new_m), ts);
+          st.merge(i0 + r, new_m, sum, ts);
+        } else {
+          st.merge(i0 + r, new_m, row_exp_sum(sr, cols, shift_of(new_m)));
+        }
       }
       return;
-    }
-    // Off the diagonal the tile also holds its columns' logits: rows j0.. as columns.
-    for (int64_t c = 0; c < cols; ++c) {
-      const int64_t r = (j0 + c + half) % n - i0;
-      if (r >= 0 && r < rows) sp[j0 + c] = s[r * cols + c];
     }
     T* row_m = scratch.vec(0);
     T* col_m = scratch.vec(1);
     T* col_sum = scratch.vec(2);
     T* row_a = scratch.vec(3);
+    T* col_t = scratch.vec(4);  // the columns' centred sums (kScaleGrad only)
     for (int64_t c = 0; c < cols; ++c) {
       col_m[c] = st.m[j0 + c];
       col_sum[c] = 0;
+    }
+    if constexpr (kScaleGrad) {
+      for (int64_t c = 0; c < cols; ++c) col_t[c] = 0;
     }
     for (int64_t r = 0; r < rows; ++r) {
       const T* sr = s + r * cols;
@@ -324,6 +102,8 @@ std::tuple<at::Tensor, at::Tensor> nt_xent_forward_impl(const at::Tensor& z, con
 #pragma omp simd
       for (int64_t c = 0; c < cols; ++c) col_m[c] = sr[c] > col_m[c] ? sr[c] : col_m[c];
     }
+    // Both maxima are known before the sums: the rows' and the columns' centred terms are taken
+    // about them directly (s - row_m, s - col_m), and merge() rescales the running sums.
     if (fast) {
       // col_sum_c = exp(ref - m_c) * sum_r exp(m_r - ref) * exp(s_rc - m_r): one exp a logit.
       T ref = neg_inf<T>();
@@ -334,16 +114,40 @@ std::tuple<at::Tensor, at::Tensor> nt_xent_forward_impl(const at::Tensor& z, con
         const T* sr = s + r * cols;
         const T shift = shift_of(row_m[r]), a = row_a[r];
         T sum = 0;
+        if constexpr (kScaleGrad) {
+          T ts = 0;
+#pragma omp simd reduction(+ : sum, ts)
+          for (int64_t c = 0; c < cols; ++c) {
+            const T x = sr[c] - shift;
+            const T e = exp_f(x);
+            sum += e;
+            ts += centred(sr[c], e, x);
+            // a * e exactly as the plain loop forms it (one use: a contracted multiply-add
+            // there), so that loss and lse stay bitwise those of with_dscale=False.
+            col_sum[c] += a * e;
+            col_t[c] += a * centred(sr[c], e, sr[c] - col_m[c]);
+          }
+          st.merge(i0 + r, row_m[r], sum, ts);
+        } else {
 #pragma omp simd reduction(+ : sum)
-        for (int64_t c = 0; c < cols; ++c) {
-          const T e = exp_f(sr[c] - shift);
-          sum += e;
-          col_sum[c] += a * e;
+          for (int64_t c = 0; c < cols; ++c) {
+            const T e = exp_f(sr[c] - shift);
+            sum += e;
+            col_sum[c] += a * e;
+          }
+          st.merge(i0 + r, row_m[r], sum);
         }
-        st.merge(i0 + r, row_m[r], sum);
       }
-      for (int64_t c = 0; c < cols; ++c)
-        st.merge(j0 + c, col_m[c], exp_f(ref - shift_of(col_m[c])) * col_sum[c]);
+      for (int64_t c = 0; c < cols; ++c) {
+        // A column with nothing finite yet (DCL: its one logit here was its masked positive)
+        // adds nothing; exp(ref - 0) could overflow and make 0 * inf.
+        const T f = col_m[c] == neg_inf<T>() ? T(0) : exp_f(ref - col_m[c]);
+        if constexpr (kScaleGrad) {
+          st.merge(j0 + c, col_m[c], f * col_sum[c], f * col_t[c]);
+        } else {
+          st.merge(j0 + c, col_m[c], f * col_sum[c]);
+        }
+      }
       return;
     }
     for (int64_t c = 0; c < cols; ++c) row_a[c] = shift_of(col_m[c]);  // the columns' shifts
@@ -351,17 +155,41 @@ std::tuple<at::Tensor, at::Tensor> nt_xent_forward_impl(const at::Tensor& z, con
       const T* sr = s + r * cols;
       const T shift = shift_of(row_m[r]);
       T sum = 0;
+      if constexpr (kScaleGrad) {
+        T ts = 0;
+#pragma omp simd reduction(+ : sum, ts)
+        for (int64_t c = 0; c < cols; ++c) {
+          const T x = sr[c] - shift;
+          const T e = exp_f(x);
+          sum += e;
+          ts += centred(sr[c], e, x);
+          const T y = sr[c] - row_a[c];
+          const T ec = exp_f(y);
+          col_sum[c] += ec;
+          col_t[c] += centred(sr[c], ec, y);
+        }
+        st.merge(i0 + r, row_m[r], sum, ts);
+      } else {
 #pragma omp simd reduction(+ : sum)
-      for (int64_t c = 0; c < cols; ++c) {
-        sum += exp_f(sr[c] - shift);
-        col_sum[c] += exp_f(sr[c] - row_a[c]);
+        for (int64_t c = 0; c < cols; ++c) {
+          sum += exp_f(sr[c] - shift);
+          col_sum[c] += exp_f(sr[c] - row_a[c]);
+        }
+        st.merge(i0 + r, row_m[r], sum);
       }
-      st.merge(i0 + r, row_m[r], sum);
     }
-    for (int64_t c = 0; c < cols; ++c) st.merge(j0 + c, col_m[c], col_sum[c]);
+    for (int64_t c = 0; c < cols; ++c) {
+      if constexpr (kScaleGrad) {
+        st.merge(j0 + c, col_m[c], col_sum[c], col_t[c]);
+      } else {
+        st.merge(j0 + c, col_m[c], col_sum[c]);
+      }
+    }
   };
   for_each_symmetric_tile(zp, n, d, inv_temp, tile, opts, tile_fn);
-  return finish<T>(m, l, s_pos);
+  auto [loss, lse] = finish<T>(m, l, s_pos);
+  auto dscale = kScaleGrad ? scale_grad(m, l, t, s_pos, inv_temp) : at::empty({0}, opts);
+  return {loss, lse, dscale};
 }
 
 template <typename T>
@@ -457,31 +285,40 @@ at::Tensor nt_xent_grad_impl(const at::Tensor& z, const at::Tensor& nz, const at
 // non-positive columns, accumulated online as FlashAttention accumulates its output (rescaled
 // whenever a row's max moves). d loss_i / d qhat_i = g_i v_i + (positive term): the backward
 // needs no pass over the (N x M) logits for dq, which saves one of three matrix products.
-template <typename T>
-std::tuple<at::Tensor, at::Tensor, at::Tensor> lse_forward_impl(
+//
+// positive_in_denominator false (DCL): the positive column is masked (-inf) once its logit is
+// read; an explicit key's logit starts nothing (m, l = -inf, 0 instead of s_pos, 1).
+// kScaleGrad: the centred sums t ride along (see OnlineLSE), for dscale.
+template <typename T, bool kScaleGrad>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lse_forward_impl(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& nq, const at::Tensor& nk,
     const c10::optional<at::Tensor>& k_pos, const c10::optional<at::Tensor>& n_pos,
-    double inv_temp, c10::optional<int64_t> pos_offset, bool with_grad, int64_t tile) {
+    double inv_temp, c10::optional<int64_t> pos_offset, bool with_grad, int64_t tile,
+    bool positive_in_denominator) {
   const auto qh = normalized(q, nq);
   const auto kh = normalized(k, nk);
   const int64_t nr = qh.size(0), nc = kh.size(0), d = qh.size(1);
   const auto opts = qh.options();
   at::Tensor m = at::full({nr}, neg_inf<T>(), opts);
   auto l = at::zeros({nr}, opts.dtype(at::kDouble));
+  auto t = at::zeros({kScaleGrad ? nr : 0}, opts.dtype(at::kDouble));
   at::Tensor v = with_grad ? at::zeros({nr, d}, opts) : at::empty({0}, opts);
   at::Tensor s_pos;
   if (k_pos.has_value()) {
     // The extra positive logit q_i . kpos_i, scaled exactly as the columns are.
     const auto ph = normalized(*k_pos, *n_pos);
     s_pos = (qh * ph).sum(1).mul_(inv_temp).contiguous();
-    m.copy_(s_pos);
-    l.fill_(1.0);
+    if (positive_in_denominator) {
+      m.copy_(s_pos);  // t starts at 0: exp(0) * 0
+      l.fill_(1.0);
+    }
   } else {
     s_pos = at::zeros({nr}, opts);  // stays 0 without a positive: loss = lse
   }
   const T* qp = qh.data_ptr<T>();
   const T* kp = kh.data_ptr<T>();
-  OnlineLSE<T> st{m.data_ptr<T>(), l.data_ptr<double>()};
+  OnlineLSE<T> st{m.data_ptr<T>(), l.data_ptr<double>(),
+                  kScaleGrad ? t.data_ptr<double>() : nullptr};
   T* sp = s_pos.data_ptr<T>();
   T* vp = with_grad ? v.data_ptr<T>() : nullptr;
 
@@ -494,28 +331,51 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lse_forward_impl(
         if (c >= 0 && c < cols) {
           sp[i0 + r] = sr[c];
           pos = c;
+          if (!positive_in_denominator) sr[c] = neg_inf<T>();
         }
       }
       const T old_m = st.m[i0 + r];
       const T new_m = std::max(old_m, row_max(sr, cols));
       const T shift = shift_of(new_m);
       if (!with_grad) {
-        st.merge(i0 + r, new_m, row_exp_sum(sr, cols, shift));
+        if constexpr (kScaleGrad) {
+          T ts;
+          const T sum = row_exp_sum(sr, cols, shift, ts);
+          st.merge(i0 + r, new_m, sum, ts);
+        } else {
+          st.merge(i0 + r, new_m, row_exp_sum(sr, cols, shift));
+        }
         continue;
       }
       T sum = 0;
+      T ts = 0;
+      if constexpr (kScaleGrad) {
+#pragma omp simd reduction(+ : sum, ts)
+        for (int64_t c = 0; c < cols; ++c) {
+          const T x = sr[c] - shift;
+          const T e = exp_f(x);
+          ts += centred(sr[c], e, x);
+          sr[c] = e;
+          sum += e;
+        }
+      } else {
 #pragma omp simd reduction(+ : sum)
-      for (int64_t c = 0; c < cols; ++c) {
-        const T e = exp_f(sr[c] - shift);
-        sr[c] = e;
-        sum += e;
+        for (int64_t c = 0; c < cols; ++c) {
+          const T e = exp_f(sr[c] - shift);
+          sr[c] = e;
+          sum += e;
+        }
       }
       if (pos >= 0) sr[pos] = 0;  // the positive's weight is added by the caller
       const T rescale = exp_f(old_m - shift);
       T* vr = vp + (i0 + r) * d;
 #pragma omp simd
       for (int64_t c = 0; c < d; ++c) vr[c] *= rescale;
-      st.merge(i0 + r, new_m, sum);
+      if constexpr (kScaleGrad) {
+        st.merge(i0 + r, new_m, sum, ts);
+      } else {
+        st.merge(i0 + r, new_m, sum);
+      }
     }
     if (with_grad) accumulate_tile(vp + i0 * d, s, rows, cols, false, kp + j0 * d, d, opts);
   };
@@ -530,7 +390,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lse_forward_impl(
   };
   for_each_row_block(qp, nr, kp, nc, d, inv_temp, tile, opts, tile_fn, block_end);
   auto [loss, lse] = finish<T>(m, l, s_pos);
-  return {loss, lse, v};
+  auto dscale = kScaleGrad ? scale_grad(m, l, t, s_pos, inv_temp) : at::empty({0}, opts);
+  return {loss, lse, v, dscale};
 }
 
 template <typename T>
@@ -619,23 +480,22 @@ at::Tensor grad_accumulate_impl(const at::Tensor& a, const at::Tensor& b, const 
   return out.mul_(inv_temp);
 }
 
-// ----------------------------------------------------------------- dtype dispatch ---------
-
-template <typename F>
-auto dispatch(const at::Tensor& norm, F&& f) {
-  if (norm.scalar_type() == at::kDouble) return f(double{});
-  return f(float{});
-}
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor> nt_xent_forward(const at::Tensor& z, const at::Tensor& nz,
-                                                   double inv_temp, int64_t tile) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> nt_xent_forward(const at::Tensor& z,
+                                                               const at::Tensor& nz,
+                                                               double inv_temp, int64_t tile,
+                                                               bool positive_in_denominator,
+                                                               bool with_dscale) {
   check_tile(tile);
   check_rows(z, nz, "z");
   TORCH_CHECK(z.size(0) % 2 == 0, "fastcl_cpu: z must hold 2N rows");
-  return dispatch(nz, [&](auto t) {
-    return nt_xent_forward_impl<decltype(t)>(z, nz, inv_temp, tile);
+  return dispatch(nz, [&](auto x) {
+    using T = decltype(x);
+    return with_dscale
+               ? nt_xent_forward_impl<T, true>(z, nz, inv_temp, tile, positive_in_denominator)
+               : nt_xent_forward_impl<T, false>(z, nz, inv_temp, tile, positive_in_denominator);
   });
 }
 
@@ -649,10 +509,11 @@ at::Tensor nt_xent_grad(const at::Tensor& z, const at::Tensor& nz, const at::Ten
   });
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> lse_forward(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lse_forward(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& nq, const at::Tensor& nk,
     const c10::optional<at::Tensor>& k_pos, const c10::optional<at::Tensor>& n_pos,
-    double inv_temp, c10::optional<int64_t> pos_offset, bool with_grad, int64_t tile) {
+    double inv_temp, c10::optional<int64_t> pos_offset, bool with_grad, int64_t tile,
+    bool positive_in_denominator, bool with_dscale) {
   check_tile(tile);
   check_rows(q, nq, "q");
   check_rows(k, nk, "k");
@@ -666,9 +527,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lse_forward(
     TORCH_CHECK(k_pos->sizes() == q.sizes(), "fastcl_cpu: k_pos must have q's shape");
   }
   TORCH_CHECK(k.size(0) > 0 || k_pos.has_value(), "fastcl_cpu: k must not be empty");
-  return dispatch(nq, [&](auto t) {
-    return lse_forward_impl<decltype(t)>(q, k, nq, nk, k_pos, n_pos, inv_temp, pos_offset,
-                                         with_grad, tile);
+  return dispatch(nq, [&](auto x) {
+    using T = decltype(x);
+    return with_dscale ? lse_forward_impl<T, true>(q, k, nq, nk, k_pos, n_pos, inv_temp,
+                                                   pos_offset, with_grad, tile,
+                                                   positive_in_denominator)
+                       : lse_forward_impl<T, false>(q, k, nq, nk, k_pos, n_pos, inv_temp,
+                                                    pos_offset, with_grad, tile,
+                                                    positive_in_denominator);
   });
 }
 

@@ -11,14 +11,18 @@
 
 namespace fastcl {
 
-std::tuple<at::Tensor, at::Tensor> nt_xent_forward(const at::Tensor& z, const at::Tensor& nz,
-                                                   double inv_temp, int64_t tile);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> nt_xent_forward(const at::Tensor& z,
+                                                               const at::Tensor& nz,
+                                                               double inv_temp, int64_t tile,
+                                                               bool positive_in_denominator,
+                                                               bool with_dscale);
 at::Tensor nt_xent_grad(const at::Tensor& z, const at::Tensor& nz, const at::Tensor& lse,
                         const at::Tensor& g, double inv_temp, int64_t tile);
-std::tuple<at::Tensor, at::Tensor, at::Tensor> lse_forward(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lse_forward(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& nq, const at::Tensor& nk,
     const c10::optional<at::Tensor>& k_pos, const c10::optional<at::Tensor>& n_pos,
-    double inv_temp, c10::optional<int64_t> pos_offset, bool with_grad, int64_t tile);
+    double inv_temp, c10::optional<int64_t> pos_offset, bool with_grad, int64_t tile,
+    bool positive_in_denominator, bool with_dscale);
 at::Tensor grad_accumulate(const at::Tensor& a, const at::Tensor& b, const at::Tensor& na,
                            const at::Tensor& nb, const c10::optional<at::Tensor>& lse_a,
                            const c10::optional<at::Tensor>& g_a,
@@ -48,13 +52,19 @@ at::Tensor cosine_backward(const at::Tensor& g, const at::Tensor& p, const at::T
 }  // namespace fastcl
 
 TORCH_LIBRARY(fastcl_cpu, m) {
-  m.def("nt_xent_forward(Tensor z, Tensor nz, float inv_temp, int tile) -> (Tensor, Tensor)");
+  // positive_in_denominator=False: DCL (the positive logit out of the row's max and sum).
+  // with_dscale: also d loss_i / d inv_temp per row (else an empty tensor).
+  m.def(
+      "nt_xent_forward(Tensor z, Tensor nz, float inv_temp, int tile, "
+      "bool positive_in_denominator=True, bool with_dscale=False) -> (Tensor, Tensor, Tensor)");
   m.def(
       "nt_xent_grad(Tensor z, Tensor nz, Tensor lse, Tensor g, float inv_temp, int tile) "
       "-> Tensor");
   m.def(
       "lse_forward(Tensor q, Tensor k, Tensor nq, Tensor nk, Tensor? k_pos, Tensor? n_pos, "
-      "float inv_temp, int? pos_offset, bool with_grad, int tile) -> (Tensor, Tensor, Tensor)");
+      "float inv_temp, int? pos_offset, bool with_grad, int tile, "
+      "bool positive_in_denominator=True, bool with_dscale=False) "
+      "-> (Tensor loss, Tensor lse, Tensor v, Tensor dscale)");
   m.def(
       "grad_accumulate(Tensor a, Tensor b, Tensor na, Tensor nb, Tensor? lse_a, Tensor? g_a, "
       "Tensor? lse_b, Tensor? g_b, float inv_temp, int? pos_offset, int tile) -> Tensor");

@@ -121,9 +121,7 @@ class Backend:
 
 # The registry. "cpp", "chunked" and "triton" run the custom ops (fastcl.ops.contrastive);
 # "reference" is the dense PyTorch oracle, differentiable to any order.
-BACKENDS = {name: Backend(name) for name in ("reference", "chunked")}
-BACKENDS["cpp"] = Backend("cpp", positive_in_denominator=frozenset((True,)))  # interim
-BACKENDS["triton"] = Backend("triton", positive_in_denominator=frozenset((True,)))  # interim
+BACKENDS = {name: Backend(name) for name in ("reference", "chunked", "cpp", "triton")}
 
 
 def require(spec: Spec, backend: str, others: bool = False) -> None:
@@ -201,6 +199,9 @@ def run(spec: Spec, rows: Tensor, cols: Optional[Tensor] = None, key: Optional[T
     from fastcl import _config, ops, reference
 
     backend = _config.get_backend()
+    if spec.positive == "index" and cols is not None and cols.shape[0] != rows.shape[0]:
+        raise ValueError(f"positive='index' pairs row i with column i: rows and columns must "
+                         f"have the same count, got {rows.shape[0]} and {cols.shape[0]}")
     if backend == "reference":
         require(spec, "reference", others is not None)
         return reference.softmax_rows(spec, rows, cols, key, others, temperature)
@@ -212,4 +213,4 @@ def run(spec: Spec, rows: Tensor, cols: Optional[Tensor] = None, key: Optional[T
     need_row_grad = (grad_on and rows.requires_grad and spec.columns == "tensor"
                      and others is None)
     return ops.softmax_rows(rows, cols, others, key, scale, spec.code(), need_row_grad,
-                            need_dscale)[0]
+                            need_dscale, backend)[0]

@@ -198,12 +198,14 @@ def dcl_loss(z1: Tensor, z2: Tensor, temperature=0.1, weight_fn=None, reduction:
     if (sum(sizes) if sizes is not None else z1.shape[0]) < 2:
         raise ValueError("dcl_loss needs at least 2 samples (z1 has 1 row): with one sample no "
                          "row has a negative")
+    # The weights first: a bad weight_fn fails before any kernel runs.
+    weight_term = None if weight_fn is None else _dcl_weight_term(z1, z2, tau, weight_fn)
     if distributed:
         rows = _dist()._rows_against_all(engine.DCL, z1, z2, tau, sizes)
     else:
         rows = engine.run(engine.DCL, torch.cat([z1, z2]), temperature=tau)
-    if weight_fn is not None:
-        rows = rows + _dcl_weight_term(z1, z2, tau, weight_fn).to(rows.dtype)
+    if weight_term is not None:
+        rows = rows + weight_term.to(rows.dtype)
     if distributed:
         return _dist().reduce_value(rows, reduction)
     return _reduce(rows, reduction)

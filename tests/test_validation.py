@@ -143,7 +143,11 @@ BAD_TEMPERATURES = [
     ("-inf", -math.inf, ValueError),
     ("string", "0.5", TypeError),
     ("bool", True, TypeError),
-    ("tensor", torch.tensor(0.5), TypeError),
+    ("int tensor", torch.tensor(1), TypeError),
+    ("two-element tensor", torch.tensor([0.5, 0.5]), TypeError),
+    ("zero tensor", torch.tensor(0.0), ValueError),
+    ("negative tensor", torch.tensor(-0.1, requires_grad=True), ValueError),
+    ("nan tensor", torch.tensor(math.nan), ValueError),
     ("None", None, TypeError),
 ]
 

@@ -1,21 +1,32 @@
-"""Backend implementations of fastcl's kernel boundaries.
+"""Backend implementations of fastcl's kernel boundaries (contract version 2).
 
-Every backend module exposes the same four functions for the similarity + log-softmax family.
-Rows of ``q``/``a``/``z`` are raw; ``n*`` are their float32 (float64) norms, clamped at eps as
+The engine's ops (``fastcl.ops.contrastive``, one op pair for every softmax-family loss of
+``fastcl.engine``) call these functions; every backend module exposes the same ones. Rows of
+``q``/``a``/``z`` are raw; ``n*`` are their float32 (float64) norms, clamped at eps as
 ``F.normalize`` does, so s_ij = (q_i / nq_i) . (k_j / nk_j) * inv_temp is the cosine similarity
-over temperature.
+times the scale, and d_ij = s_ij / inv_temp the raw cosine.
 
-``lse_forward(q, k, nq, nk, positive, inv_temp, pos_offset, precision) -> (loss, lse)``
+``inv_temp`` (the scale, 1/tau for a temperature) is a Python float, or a 0-dim floating tensor
+on the inputs' device (a learnable scale on the GPU: never read on the host; Triton loads it
+in the kernel). The C++ kernels are CPU-only and always get a float.
+
+``lse_forward(q, k, nq, nk, positive, inv_temp, pos_offset, precision, positive_in_denominator=True, with_dscale=False) -> (loss, lse, dscale)``
     Each row's logits are {s_ij : j < n_k}, plus, when ``positive`` = (k_pos, n_pos) is given,
     the logit of row i against its own positive row k_pos[i]. The positive logit is column
     (i + pos_offset) mod n_k, or that extra logit when ``pos_offset`` is None. With neither
     (``positive`` and ``pos_offset`` both None) there is no positive: s_pos = 0 and loss = lse
     (the other ranks' block of a distributed loss).
-    lse_i = logsumexp of the row's logits; loss_i = (m_i - s_pos_i) + log l_i with m_i the row
-    max and l_i = sum exp(s - m_i). Taking the positive from the same arithmetic as the max
+    lse_i = logsumexp of the row's logits (without the positive's when
+    ``positive_in_denominator`` is False: DCL); loss_i = (m_i - s_pos_i) + log l_i with m_i the
+    row max and l_i = sum exp(s - m_i). Taking the positive from the same arithmetic as the max
     makes a confident row's loss as exact as eager cross-entropy's (no lse - s_pos cancellation).
     lse is float64 whatever the inputs' dtype (loss is float32, or float64 for float64).
-``lse_forward_with_grad(q, k, nq, nk, positive, inv_temp, pos_offset, precision) -> (loss, lse, v)``
+    With ``with_dscale``: dscale_i = sum_j p_ij d_ij - d_pos_i = d loss_i / d inv_temp (p the
+    row's softmax over its denominator, d_pos = s_pos / inv_temp), accumulated centred on the
+    running max: t_i = sum_j exp(s_ij - m_i)(s_ij - m_i) online (rescaled to t' = exp(m - m')
+    (t + (m - m') l) when the max moves; excluded logits add 0), dscale_i = (t_i / l_i + (m_i -
+    s_pos_i)) / inv_temp: no cancellation when the positive dominates. Else an empty tensor.
+``lse_forward_with_grad(...same...) -> (loss, lse, dscale, v)``
     Optional (``cpp``, ``chunked``): ``lse_forward`` plus v_i = inv_temp * sum_j P_ij khat_j over
     the non-positive columns (P = exp(s - lse)), accumulated online as FlashAttention accumulates
     its output. d loss_i / d qhat_i is g_i v_i plus the positive's term, so the backward needs no
@@ -25,13 +36,16 @@ over temperature.
     out_a = inv_temp * sum_b W_ab * (b_b / nb_b), with s_ab as above and W_ab = g_a exp(s_ab -
     lse_a) when the lse belongs to a's rows, or g_b exp(s_ab - lse_b) when it belongs to b's
     (exactly one is given): dq for (a, b) = (q, k), dk for (k, q). Pairs with
-    b == (a + pos_offset) mod n_b are skipped: the positive pair's weight, g (exp(-loss) - 1),
-    is added by the caller with expm1.
-``nt_xent_forward(z, nz, inv_temp, precision) -> (loss, lse)``
+    b == (a + pos_offset) mod n_b are skipped: the positive pair's weight (g (exp(-loss) - 1),
+    or -g when the positive is not in the denominator) is added by the op layer.
+``nt_xent_forward(z, nz, inv_temp, precision, positive_in_denominator=True, with_dscale=False) -> (loss, lse, dscale)``
     ``lse_forward`` with q = k = z, the diagonal excluded and positives at i + N (mod 2N).
 ``nt_xent_grad(z, nz, lse, g, inv_temp, precision) -> out``
     d/d zhat of sum_i g_i lse_i over the non-positive pairs, by symmetry: out = inv_temp *
     sum_j (g_i P_ij + g_j P_ji) zhat_j, diagonal and positive pairs skipped.
+
+The backward passes need nothing new for DCL: they skip positive pairs already, and the lse they
+are given is the one the forward computed (without the positive).
 
 Low temperatures (tested down to tau = 1e-4 in float32, tests/test_temperature.py): logits are
 ~1/tau, and one float32 ulp of them (~1e-3 at 1e-4) is as large as the differences the softmax

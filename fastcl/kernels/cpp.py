@@ -11,7 +11,7 @@ follow torch's own float32 matmul settings on the CPU, as eager PyTorch does.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 
@@ -25,44 +25,48 @@ _ops = torch.ops.fastcl_cpu
 _TILE = 128
 
 
-def _v1_only(positive_in_denominator: bool, with_dscale: bool) -> None:
-    # Interim: the C++ kernels of contract v2 (dscale, DCL) land in the next commit.
-    if with_dscale or not positive_in_denominator:
-        raise NotImplementedError("fastcl's C++ kernels do not compute dscale or DCL yet")
-
-
 def nt_xent_forward(z, nz, inv_temp: float, precision: str = "ieee",
                     positive_in_denominator: bool = True, with_dscale: bool = False):
-    _v1_only(positive_in_denominator, with_dscale)
-    loss, lse = _ops.nt_xent_forward(z, nz, inv_temp, _TILE)
-    return loss, lse, loss.new_empty(0)
+    """(loss, lse, dscale); dscale is empty (shape (0,)) unless with_dscale."""
+    return _ops.nt_xent_forward(z, nz, inv_temp, _TILE, positive_in_denominator, with_dscale)
 
 
 def nt_xent_grad(z, nz, lse, g, inv_temp: float, precision: str = "ieee"):
     return _ops.nt_xent_grad(z, nz, lse, g, inv_temp, _TILE)
 
 
-def lse_forward(q, k, nq, nk, positive, inv_temp: float, pos_offset: Optional[int],
-                precision: str = "ieee", positive_in_denominator: bool = True,
-                with_dscale: bool = False):
-    return _lse_forward(q, k, nq, nk, positive, inv_temp, pos_offset, False,
-                        positive_in_denominator, with_dscale)[:3]
+def lse_forward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    nq: torch.Tensor,
+    nk: torch.Tensor,
+    positive: Optional[Tuple[torch.Tensor, torch.Tensor]],
+    inv_temp: float,
+    pos_offset: Optional[int],
+    precision: str = "ieee",
+    positive_in_denominator: bool = True,
+    with_dscale: bool = False,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss, lse, dscale); dscale is empty (shape (0,)) unless with_dscale."""
+    loss, lse, _, dscale = _lse_forward(q, k, nq, nk, positive, inv_temp, pos_offset, False,
+                                        positive_in_denominator, with_dscale)
+    return loss, lse, dscale
 
 
 def lse_forward_with_grad(q, k, nq, nk, positive, inv_temp: float, pos_offset: Optional[int],
                           precision: str = "ieee", positive_in_denominator: bool = True,
                           with_dscale: bool = False):
-    return _lse_forward(q, k, nq, nk, positive, inv_temp, pos_offset, True,
-                        positive_in_denominator, with_dscale)
+    """(loss, lse, dscale, v)."""
+    loss, lse, v, dscale = _lse_forward(q, k, nq, nk, positive, inv_temp, pos_offset, True,
+                                        positive_in_denominator, with_dscale)
+    return loss, lse, dscale, v
 
 
-def _lse_forward(q, k, nq, nk, positive, inv_temp, pos_offset, with_grad, in_denominator,
-                 with_dscale):
-    _v1_only(in_denominator, with_dscale)
+def _lse_forward(q, k, nq, nk, positive, inv_temp, pos_offset, with_grad,
+                 positive_in_denominator, with_dscale):
     k_pos, n_pos = positive if positive is not None else (None, None)
-    loss, lse, v = _ops.lse_forward(q, k, nq, nk, k_pos, n_pos, inv_temp, pos_offset, with_grad,
-                                    _TILE)
-    return loss, lse, loss.new_empty(0), v
+    return _ops.lse_forward(q, k, nq, nk, k_pos, n_pos, inv_temp, pos_offset, with_grad, _TILE,
+                            positive_in_denominator, with_dscale)
 
 
 def grad_accumulate(a, b, na, nb, lse_a, g_a, lse_b, g_b, inv_temp: float,

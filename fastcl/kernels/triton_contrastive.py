@@ -2,32 +2,117 @@
 
 Import this module only after ``TRITON_INTERPRET`` has its final value: Triton reads it when
 the ``@triton.jit`` functions below are defined. ``fastcl.ops`` imports it lazily.
+See ``fastcl.kernels`` for the contract (version 2).
 
-Both kernels tile like FlashAttention: a program owns BLOCK_M rows and walks over BLOCK_N-column
-tiles, reducing over the feature dimension in BLOCK_D chunks, so D can be anything. Rows are
-L2-normalized on the fly: the kernels take raw rows plus one float32 norm per row. float32 rows
-are divided by their norms as each tile is loaded (NORM_TILES), which rounds like eager
-PyTorch's F.normalize-then-matmul; bf16/fp16 tiles go to the matrix units raw and the float32
-products are scaled, s_ij = (q_i . k_j) / (|q_i| |k_j|) / tau, which keeps them as accurate as the
-float32 accumulator allows. Logits stay in natural
-units (exp/log, not exp2 with a folded log2(e)): one rounding fewer per logit, which matters at
-low temperature where one ulp of a logit is the size of a confident row's loss. For the same
-reason the row lse is stored in float64 and the backward exponentiates (s - hi) - lo with
-lse = hi + lo (hi its nearest float32): rounded to float32, an lse of size 1/tau would move
-every softmax weight of its row by up to half an ulp of 1/tau (5e-4 at tau = 1e-4). Each logit
-comes from the same tile code in forward and backward (a . b and b . a are the same sum of the
-same products).
+Forward (``_lse_fwd_kernel`` + ``_combine_kernel``): flash-decoding. The grid is
+(row blocks, column splits): program (i, s) owns BLOCK_M rows and the columns
+[s * cols_per_split, (s + 1) * cols_per_split), walks them in BLOCK_N tiles with an online
+(max m, sum l, centred sum t) per row, and writes that partial state; ``_combine_kernel`` merges
+the partials of each row in split order (a fixed order: deterministic) and writes loss, lse and
+dscale. With one split the forward kernel finishes the rows itself (one launch). The split count
+comes from the shape and the GPU's SM count only (``split_plan``), never from the autotuned
+tile sizes: a MoCo batch of 256 rows against 65,536 queue keys is 4 row blocks x 128 splits.
+While D is small enough (``d_tiling``: bf16/fp16 D <= 128, TF32 D <= 64) the row tile is
+loaded (and normalized) once, before the column loop; above, and always for float32 IEEE dots
+(FMA chains that hold their operands in registers), the logits are reduced over BLOCK_D chunks
+of D. The limits are measured: with ptxas for sm_90, a resident bf16 row tile of D = 256 spills
+2-4 KB per thread (so does TF32 at D = 128), and the FMA dot spills from 32-wide chunks up.
 
-See ``fastcl.kernels`` for the contract the launchers fulfil.
+Backward (``_grad_kernel``): the same (row blocks, column splits) grid, no atomics: each split
+writes its partial rows and ``_sum_splits_kernel`` adds them in split order (so the dq of a MoCo
+batch against its queue fills the machine too). Each column tile's logits
+are computed once over the full D; with a resident row tile one BLOCK_M x D accumulator takes
+W @ B and the column tile loaded for the logits serves the second product too; above, it loops over
+D chunks of its own output rows in global memory (read, add W @ B_chunk, write: the rows are
+the program's alone, so this is deterministic; a barrier orders the read after the write).
+The column-side gradients (dk, dneg) are the same kernel with the roles swapped.
+
+Rows are L2-normalized on the fly: the kernels take raw rows plus one float32 norm per row.
+float32 rows are divided by their norms as each tile is loaded (NORM_TILES), which rounds like
+eager PyTorch's F.normalize-then-matmul; bf16/fp16 tiles go to the matrix units raw and the
+float32 products are scaled, s_ij = (q_i . k_j) * ((1/|q_i| * 1/|k_j|) * inv_temp).
+
+The scale ``inv_temp`` is a Python float or a 0-dim float32/float64 tensor on the inputs'
+device, read inside the kernels (SCALE_PTR): no host sync. Either way it is rounded to float32
+once, so both forms give the same bits.
+
+exp vs exp2 (``EXP2``): natural exp, by measurement. With EXP2 = True the kernels fold log2(e)
+into the scale, alpha2 = inv_temp * log2(e) (one float32 product, the same in every kernel),
+work in base-2 units with exp2, and convert loss, lse and dscale back at the end (lse in float64;
+the backward converts it back to base 2 in float64 and keeps its exp2((s - hi) - lo) trick).
+It is implemented and correct, but at low temperature it breaks the 2x-eager rule: the rounding
+of alpha2 shifts every logit of size 1/tau by up to an ulp (eager's own logits do not carry
+it), and base-2 logits are 1.44x larger (often an ulp twice as large). Measured under the
+interpreter (float32, tests/test_temperature.py's inputs plus a 33 x 32 case, worst of the
+seeds, error against float64 / eager float32's error):
+    tau = 1e-3  exp : loss 1.28, grads <= 1.82      exp2: loss 1.81, grads up to 3.68
+                      (queue grad 1.25e-4 vs eager 3.4e-5; NT-Xent grad 8.96e-5 vs 3.24e-5)
+    tau = 1e-4  exp : loss 1.37, grads <= 1.89      exp2: loss 1.04, grads <= 1.89
+So EXP2 is False. What it would save is small anyway: on the GPU tl.exp is ex2.approx(x * log2 e),
+so exp2 saves one multiply per logit next to the D-long dot product that made it. The flag stays
+so that a GPU run can measure both.
+
+Low temperature: the row lse is stored in float64 and the backward exponentiates
+(s - hi) - lo with lse = hi + lo (hi its nearest float32); each logit in the backward must be the
+very float the forward's lse saw. On the GPU the float32 IEEE dot is a sequential FMA chain over
+D (a . b and b . a are the same float, whatever the tile shape), so forward and backward agree
+whatever tile sizes the autotuner picked. The interpreter's tl.dot is numpy's BLAS matmul, whose
+per-element rounding depends on the element's place in the tile, so under the interpreter
+(SUM_DOT) the logits are an elementwise product summed over D (same sum for (a, b) and
+(b, a)); the D chunking (BLOCK_D) is the same in every kernel in both modes. bf16/fp16 logits
+come from the matrix units: that identity is claimed only where tested on a device.
+
+Autotuning (``triton.autotune``, on CUDA only): configs ``FWD_CONFIGS`` / ``GRAD_CONFIGS``,
+keyed on D, the dtypes and the code-path constexprs; ``prune_configs`` keeps those within a
+register and shared-memory budget and with BLOCK_N = ``block_n(d, dtype)``. BLOCK_N is not
+tuned because it sets the order of the online row reductions: with it fixed by (D, dtype), the
+autotuner's pick (by timing, so possibly different per process) changes no float32 result.
+The configs are those that compile without spills (see ``_TUNE``): BLOCK_M = 64 with 8 warps,
+BLOCK_N 64 (128 for bf16/fp16 at D <= 64), 2-4 pipeline stages. Autotuning benchmarks on the
+first call per key (host syncs): do a warm-up call outside CUDA-graph capture. Under the
+interpreter one small fixed config is used (``INTERPRETER_TILES``). ``aot_variants()`` lists
+every (kernel, signature, constexprs, options) that can run, for the ahead-of-time compile test.
+
+Offsets that multiply a row index by a stride, and partial-state offsets, are int64.
+Launches run under ``torch.cuda.device(tensor.device)``.
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+import contextlib
+import functools
+from typing import Iterator, List, Optional, Tuple
 
 import torch
 import triton
 import triton.language as tl
 
+# exp, not exp2: exp2 with log2(e) folded into the scale breaks the 2x-eager rule at tau = 1e-3
+# (see the module docstring for the measurement).
+EXP2 = False
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+
+RESIDENT_MAX_D = 128          # GPU, bf16/fp16: D up to this keeps the row tile resident
+CHUNK_D = 64                  # GPU, bf16/fp16: D chunk above it
+TF32_RESIDENT_MAX_D = 64      # GPU, float32 with TF32 dots
+TF32_CHUNK_D = 32
+FMA_CHUNK_D = 16              # GPU, float32 IEEE (FMA) dots: never resident
+INTERPRETER_TILES = dict(BLOCK_M=32, BLOCK_N=32)
+INTERPRETER_RESIDENT_MAX_D = 64
+INTERPRETER_CHUNK_D = 32
+SPLIT_ALIGN = 128             # GPU: columns per split are a multiple of every BLOCK_N
+MIN_SPLIT_COLUMNS = 512       # GPU: at least this many columns per split
+PROGRAMS_PER_SM = 4
+INTERPRETER_SPLIT_COLUMNS = 64
+# Tests: force the columns per split (rounded up to a multiple of BLOCK_N); None = the plan.
+SPLIT_COLUMNS: Optional[int] = None
+COMBINE_BLOCK = 128
+SUM_BLOCK = 1024
+PARTIAL_BYTES = 64 << 20      # GPU backward: the split partial rows' budget
+
+
+# ----------------------------------------------------------------------------- helpers ----
 
 
 @triton.jit
@@ -40,196 +125,358 @@ def _dot(a, b, acc, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
-def _logit_tile(
-    A, B, rows64, cols64, row_ok, col_ok, na, nb, d,
-    stride_am, stride_ad, stride_bm, stride_bd, inv_temp,
-    PRECISION: tl.constexpr, UPCAST: tl.constexpr, NORM_TILES: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-):
-    """Logits s_ab = (A_a / na_a) . (B_b / nb_b) * inv_temp of one tile, D reduced in chunks."""
-    offs_d = tl.arange(0, BLOCK_D)
-    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-    for start_d in range(0, d, BLOCK_D):
-        dd = start_d + offs_d
-        d_ok = dd < d
-        a_tile = tl.load(
-            A + rows64[:, None] * stride_am + dd[None, :] * stride_ad,
-            mask=row_ok[:, None] & d_ok[None, :], other=0.0,
-        )
-        b_tile = tl.load(
-            B + cols64[:, None] * stride_bm + dd[None, :] * stride_bd,
-            mask=col_ok[:, None] & d_ok[None, :], other=0.0,
-        )
-        if NORM_TILES:
-            a_tile = a_tile / na[:, None]
-            b_tile = b_tile / nb[:, None]
-        acc = _dot(a_tile, tl.trans(b_tile), acc, PRECISION, UPCAST)
-    return _scale_logits(acc, na, nb, inv_temp, NORM_TILES)
+def _ldot(a, b, acc, PRECISION: tl.constexpr, UPCAST: tl.constexpr, SUM_DOT: tl.constexpr):
+    """acc + a @ b^T for the logits (a: rows x D chunk, b: columns x D chunk). SUM_DOT (the
+    interpreter): a sum of elementwise products, the same float for (a, b) and (b, a)."""
+    if SUM_DOT:
+        return acc + tl.sum(a.to(tl.float32)[:, None, :] * b.to(tl.float32)[None, :, :], 2)
+    return _dot(a, tl.trans(b), acc, PRECISION, UPCAST)
 
 
 @triton.jit
-def _scale_logits(acc, na, nb, inv_temp, NORM_TILES: tl.constexpr):
+def _wdot(w, b, acc, CAST_W: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """acc + W @ B (the gradient's second product); bf16 casts W to B's dtype."""
+    if CAST_W:
+        return _dot(w.to(b.dtype), b, acc, PRECISION, UPCAST)
+    return tl.dot(w, b.to(tl.float32), acc, input_precision=PRECISION)
+
+
+@triton.jit
+def _exp(x, EXP2: tl.constexpr):
+    if EXP2:
+        return tl.exp2(x)
+    return tl.exp(x)
+
+
+@triton.jit
+def _load_scale(SCALE, scale_val, SCALE_PTR: tl.constexpr, EXP2: tl.constexpr):
+    """(inv_temp, the logits' scale) in float32: the scale is inv_temp * log2(e) with EXP2."""
+    if SCALE_PTR:
+        inv_temp = tl.load(SCALE).to(tl.float32)
+    else:
+        inv_temp = tl.full([], scale_val, tl.float32)
+    if EXP2:
+        scale = inv_temp * 1.4426950408889634
+    else:
+        scale = inv_temp
+    return inv_temp, scale
+
+
+@triton.jit
+def _scale_logits(acc, na, nb, scale, NORM_TILES: tl.constexpr):
     if NORM_TILES:  # the rows were normalized before the product
-        s = acc * inv_temp
+        s = acc * scale
     else:
         # (1/na_a * 1/nb_b) first: the same product for (a, b) and (b, a).
-        s = acc * (((1.0 / na)[:, None] * (1.0 / nb)[None, :]) * inv_temp)
+        s = acc * (((1.0 / na)[:, None] * (1.0 / nb)[None, :]) * scale)
     return s
 
 
 @triton.jit
+def _load_rows(X, rows64, row_ok, dd, d, stride_m, stride_d, norm, NORM_TILES: tl.constexpr):
+    x = tl.load(X + rows64[:, None] * stride_m + dd[None, :].to(tl.int64) * stride_d,
+                mask=row_ok[:, None] & (dd[None, :] < d), other=0.0)
+    if NORM_TILES:
+        x = x / norm[:, None]
+    return x
+
+
+@triton.jit
+def _logit_tile(
+    A, B, rows64, cols64, row_ok, col_ok, na, nb, d,
+    stride_am, stride_ad, stride_bm, stride_bd, scale,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr, NORM_TILES: tl.constexpr,
+    SUM_DOT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Logits of one tile with D reduced in BLOCK_D chunks (D above the resident size)."""
+    offs_d = tl.arange(0, BLOCK_D)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    for start_d in range(0, d, BLOCK_D):
+        dd = start_d + offs_d
+        a_tile = _load_rows(A, rows64, row_ok, dd, d, stride_am, stride_ad, na, NORM_TILES)
+        b_tile = _load_rows(B, cols64, col_ok, dd, d, stride_bm, stride_bd, nb, NORM_TILES)
+        acc = _ldot(a_tile, b_tile, acc, PRECISION, UPCAST, SUM_DOT)
+    return _scale_logits(acc, na, nb, scale, NORM_TILES)
+
+
+@triton.jit
+def _merge(m, l, t, m2, l2, t2, EXP2: tl.constexpr):
+    """Merge two online states (m, l, t) of the same rows; an empty state is (-inf, 0, 0).
+    t is centred on m: t = sum exp(s - m) (s - m)."""
+    m_new = tl.maximum(m, m2)
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    a1 = _exp(m - m_safe, EXP2)
+    a2 = _exp(m2 - m_safe, EXP2)
+    d1 = tl.where(m == float("-inf"), 0.0, m - m_safe)
+    d2 = tl.where(m2 == float("-inf"), 0.0, m2 - m_safe)
+    t_new = a1 * (t + d1 * l) + a2 * (t2 + d2 * l2)
+    l_new = l * a1 + l2 * a2
+    return m_new, l_new, t_new
+
+
+@triton.jit
+def _finish(m, l, t, s_pos, inv_temp, rows, row_ok, LOSS, LSE, DSCALE,
+            WITH_DSCALE: tl.constexpr, EXP2: tl.constexpr, BLOCK: tl.constexpr):
+    """loss = (m - s_pos) + log l (exact when the positive is the max), lse = m + log l in
+    float64, dscale = (t / l + (m - s_pos)) / inv_temp; converted to natural units with EXP2."""
+    l = tl.where(row_ok, l, 1.0)  # padding rows: no log(0) (their results are not stored)
+    if EXP2:
+        log_l = tl.log2(l)
+        loss = ((m - s_pos) + log_l) * 0.6931471805599453
+        ln2 = tl.full([BLOCK], 0.6931471805599453, tl.float64)
+        lse = (m.to(tl.float64) + log_l.to(tl.float64)) * ln2
+    else:
+        log_l = tl.log(l)
+        loss = (m - s_pos) + log_l
+        lse = m.to(tl.float64) + log_l.to(tl.float64)
+    tl.store(LOSS + rows, loss, mask=row_ok)
+    tl.store(LSE + rows, lse, mask=row_ok)
+    if WITH_DSCALE:
+        ds = t / l + (m - s_pos)
+        if EXP2:
+            ds = ds * 0.6931471805599453
+        tl.store(DSCALE + rows, ds / inv_temp, mask=row_ok)
+
+
+# ----------------------------------------------------------------------------- forward ----
+
+
+@triton.jit
 def _lse_fwd_kernel(
-    Q, K, NQ, NK, KP, NP, LOSS, LSE,
-    n_q, n_k, d, pos_offset,
+    Q, K, NQ, NK, KP, NP, SCALE, PART, LOSS, LSE, DSCALE,
+    n_q, n_k, d, pos_offset, cols_per_split, n_splits,
     stride_qm, stride_qd, stride_km, stride_kd, stride_pm, stride_pd,
-    inv_temp,
+    scale_val,
+    SCALE_PTR: tl.constexpr,
     POS_ROWS: tl.constexpr,
     EXCLUDE_DIAG: tl.constexpr,
     POS_IN_COLUMNS: tl.constexpr,
-    ONE_D_CHUNK: tl.constexpr,
+    POS_IN_DENOM: tl.constexpr,
+    WITH_DSCALE: tl.constexpr,
+    ONE_SPLIT: tl.constexpr,
+    RESIDENT: tl.constexpr,
+    EXP2: tl.constexpr,
     PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,
     NORM_TILES: tl.constexpr,
+    SUM_DOT: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    pid_m = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < n_q
     rows64 = rows.to(tl.int64)
     offs_d = tl.arange(0, BLOCK_D)
     offs_n = tl.arange(0, BLOCK_N)
+    inv_temp, scale = _load_scale(SCALE, scale_val, SCALE_PTR, EXP2)
+    col_start = pid_s * cols_per_split
+    col_end = tl.minimum(n_k, col_start + cols_per_split)
 
     # Row norms (clamped at eps, so never 0; 1.0 in padding rows).
     nq = tl.load(NQ + rows, mask=row_ok, other=1.0)
-    # Running max m and sum l of exp(s - m); s_pos is the positive logit.
+    # Online state: max m, sum l of exp(s - m), centred t = sum exp(s - m) (s - m).
+    m = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l = tl.zeros([BLOCK_M], tl.float32)
+    t = tl.zeros([BLOCK_M], tl.float32)
+    s_pos = tl.zeros([BLOCK_M], tl.float32)  # stays 0 without a positive: loss = lse
+    if RESIDENT:  # the row tile, loaded and normalized once
+        q_tile = _load_rows(Q, rows64, row_ok, offs_d, d, stride_qm, stride_qd, nq, NORM_TILES)
     if POS_ROWS:
-        # Row i's positive is KP[i]: its logit joins the logsumexp first, scaled exactly as
-        # the tiles are, so a positive equal to a column gives the same float.
-        dot_pos = tl.zeros([BLOCK_M], tl.float32)
+        # Row i's positive is KP[i], scaled exactly as the tiles are. Split 0 owns it.
         n_p = tl.load(NP + rows, mask=row_ok, other=1.0)
-        for start_d in range(0, d, BLOCK_D):
-            dd = start_d + offs_d
-            mask_qd = row_ok[:, None] & (dd[None, :] < d)
-            q_part = tl.load(Q + rows64[:, None] * stride_qm + dd[None, :] * stride_qd,
-                             mask=mask_qd, other=0.0)
-            p_part = tl.load(KP + rows64[:, None] * stride_pm + dd[None, :] * stride_pd,
-                             mask=mask_qd, other=0.0)
-            if NORM_TILES:
-                dot_pos += tl.sum((q_part / nq[:, None]) * (p_part / n_p[:, None]), 1)
-            else:
+        if RESIDENT:
+            p_tile = _load_rows(KP, rows64, row_ok, offs_d, d, stride_pm, stride_pd, n_p,
+                                NORM_TILES)
+            dot_pos = tl.sum(q_tile.to(tl.float32) * p_tile.to(tl.float32), 1)
+        else:
+            dot_pos = tl.zeros([BLOCK_M], tl.float32)
+            for start_d in range(0, d, BLOCK_D):
+                dd = start_d + offs_d
+                q_part = _load_rows(Q, rows64, row_ok, dd, d, stride_qm, stride_qd, nq,
+                                    NORM_TILES)
+                p_part = _load_rows(KP, rows64, row_ok, dd, d, stride_pm, stride_pd, n_p,
+                                    NORM_TILES)
                 dot_pos += tl.sum(q_part.to(tl.float32) * p_part.to(tl.float32), 1)
         if NORM_TILES:
-            m = dot_pos * inv_temp
+            sp = dot_pos * scale
         else:
-            m = dot_pos * (((1.0 / nq) * (1.0 / n_p)) * inv_temp)
-        s_pos = m
-        l = tl.full([BLOCK_M], 1.0, tl.float32)
-    else:
-        m = tl.full([BLOCK_M], float("-inf"), tl.float32)
-        l = tl.zeros([BLOCK_M], tl.float32)
-        s_pos = tl.zeros([BLOCK_M], tl.float32)  # stays 0 without a positive: loss = lse
+            sp = dot_pos * (((1.0 / nq) * (1.0 / n_p)) * scale)
+        first = pid_s == 0
+        s_pos = tl.where(first, sp, 0.0)
+        if POS_IN_DENOM:  # it starts the state: m = s_pos, l = 1, t = 0
+            m = tl.where(first, sp, m)
+            l = tl.where(first, l + 1.0, l)
     if POS_IN_COLUMNS:
         pos_col = (rows + pos_offset) % n_k
-        s_pos = tl.zeros([BLOCK_M], tl.float32)
 
-    if ONE_D_CHUNK:
-        q_tile = tl.load(
-            Q + rows64[:, None] * stride_qm + offs_d[None, :] * stride_qd,
-            mask=row_ok[:, None] & (offs_d[None, :] < d), other=0.0,
-        )
-        if NORM_TILES:
-            q_tile = q_tile / nq[:, None]
-
-    for start_n in range(0, n_k, BLOCK_N):
+    for start_n in range(col_start, col_end, BLOCK_N):
         cols = start_n + offs_n
-        col_ok = cols < n_k
+        col_ok = cols < col_end
         cols64 = cols.to(tl.int64)
         nk = tl.load(NK + cols, mask=col_ok, other=1.0)
-        if ONE_D_CHUNK:  # the row tile was loaded (and normalized) once, before the loop
-            k_tile = tl.load(
-                K + cols64[:, None] * stride_km + offs_d[None, :] * stride_kd,
-                mask=col_ok[:, None] & (offs_d[None, :] < d), other=0.0,
-            )
-            if NORM_TILES:
-                k_tile = k_tile / nk[:, None]
-            acc = _dot(q_tile, tl.trans(k_tile), tl.zeros([BLOCK_M, BLOCK_N], tl.float32),
-                       PRECISION, UPCAST)
-            s = _scale_logits(acc, nq, nk, inv_temp, NORM_TILES)
+        if RESIDENT:
+            k_tile = _load_rows(K, cols64, col_ok, offs_d, d, stride_km, stride_kd, nk,
+                                NORM_TILES)
+            acc = _ldot(q_tile, k_tile, tl.zeros([BLOCK_M, BLOCK_N], tl.float32),
+                        PRECISION, UPCAST, SUM_DOT)
+            s = _scale_logits(acc, nq, nk, scale, NORM_TILES)
         else:
             s = _logit_tile(Q, K, rows64, cols64, row_ok, col_ok, nq, nk, d,
-                            stride_qm, stride_qd, stride_km, stride_kd, inv_temp,
-                            PRECISION, UPCAST, NORM_TILES, BLOCK_M, BLOCK_N, BLOCK_D)
-        if POS_IN_COLUMNS:
-            s_pos += tl.sum(tl.where(cols[None, :] == pos_col[:, None], s, 0.0), 1)
+                            stride_qm, stride_qd, stride_km, stride_kd, scale,
+                            PRECISION, UPCAST, NORM_TILES, SUM_DOT, BLOCK_M, BLOCK_N, BLOCK_D)
         valid = col_ok[None, :]
         if EXCLUDE_DIAG:
             valid = valid & (rows[:, None] != cols[None, :])
+        if POS_IN_COLUMNS:
+            is_pos = (cols[None, :] == pos_col[:, None]) & col_ok[None, :]
+            s_pos += tl.sum(tl.where(is_pos, s, 0.0), 1)
+            if not POS_IN_DENOM:
+                valid = valid & (~is_pos)
         s = tl.where(valid, s, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, 1))
         # A row whose every logit so far is excluded keeps m = -inf; shift by 0 there.
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        l = l * tl.exp(m - m_safe) + tl.sum(tl.exp(s - m_safe[:, None]), 1)
+        alpha = _exp(m - m_safe, EXP2)
+        p = _exp(s - m_safe[:, None], EXP2)
+        if WITH_DSCALE:
+            # Masked entries (p = 0, s - m = -inf) add 0, never 0 * -inf.
+            centred = p * tl.where(valid, s - m_safe[:, None], 0.0)
+            dm = tl.where(m == float("-inf"), 0.0, m - m_safe)
+            t = alpha * (t + dm * l) + tl.sum(centred, 1)
+        l = l * alpha + tl.sum(p, 1)
         m = m_new
 
-    log_l = tl.log(l)
-    tl.store(LOSS + rows, (m - s_pos) + log_l, mask=row_ok)
-    tl.store(LSE + rows, m.to(tl.float64) + log_l.to(tl.float64), mask=row_ok)
+    if ONE_SPLIT:
+        _finish(m, l, t, s_pos, inv_temp, rows, row_ok, LOSS, LSE, DSCALE,
+                WITH_DSCALE, EXP2, BLOCK_M)
+    else:
+        plane = tl.full([], n_splits, tl.int64) * n_q
+        off = tl.full([], pid_s, tl.int64) * n_q + rows64
+        tl.store(PART + off, m, mask=row_ok)
+        tl.store(PART + plane + off, l, mask=row_ok)
+        tl.store(PART + 2 * plane + off, s_pos, mask=row_ok)
+        if WITH_DSCALE:
+            tl.store(PART + 3 * plane + off, t, mask=row_ok)
 
 
 @triton.jit
-def _split_lse(lse):
-    """A float64 lse as (hi, lo), float32: hi the nearest float, lo the rest."""
+def _combine_kernel(
+    PART, SCALE, LOSS, LSE, DSCALE, n_q, n_splits, scale_val,
+    SCALE_PTR: tl.constexpr, WITH_DSCALE: tl.constexpr, EXP2: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """Merge each row's partial states in split order (deterministic) and finish the row."""
+    rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    row_ok = rows < n_q
+    rows64 = rows.to(tl.int64)
+    inv_temp, _scale = _load_scale(SCALE, scale_val, SCALE_PTR, EXP2)
+    plane = tl.full([], n_splits, tl.int64) * n_q
+    m = tl.full([BLOCK], float("-inf"), tl.float32)
+    l = tl.zeros([BLOCK], tl.float32)
+    t = tl.zeros([BLOCK], tl.float32)
+    s_pos = tl.zeros([BLOCK], tl.float32)
+    for sp in range(0, n_splits):
+        off = tl.full([], sp, tl.int64) * n_q + rows64
+        m_p = tl.load(PART + off, mask=row_ok, other=float("-inf"))
+        l_p = tl.load(PART + plane + off, mask=row_ok, other=0.0)
+        s_pos += tl.load(PART + 2 * plane + off, mask=row_ok, other=0.0)
+        if WITH_DSCALE:
+            t_p = tl.load(PART + 3 * plane + off, mask=row_ok, other=0.0)
+        else:
+            t_p = tl.zeros([BLOCK], tl.float32)
+        m, l, t = _merge(m, l, t, m_p, l_p, t_p, EXP2)
+    _finish(m, l, t, s_pos, inv_temp, rows, row_ok, LOSS, LSE, DSCALE, WITH_DSCALE, EXP2,
+            BLOCK)
+
+
+# ---------------------------------------------------------------------------- backward ----
+
+
+@triton.jit
+def _split_lse(lse, EXP2: tl.constexpr, BLOCK: tl.constexpr):
+    """A float64 lse (natural units) as (hi, lo), float32, in the logits' units: hi the nearest
+    float, lo the rest."""
+    if EXP2:
+        lse = lse * tl.full([BLOCK], 1.4426950408889634, tl.float64)
     hi = lse.to(tl.float32)
     return hi, (lse - hi.to(tl.float64)).to(tl.float32)
 
 
 @triton.jit
 def _grad_kernel(
-    A, B, NA, NB, LSE_A, G_A, LSE_B, G_B, OUT,
-    n_a, n_b, d, pos_offset,
+    A, B, NA, NB, LSE_A, G_A, LSE_B, G_B, SCALE, OUT,
+    n_a, n_b, d, pos_offset, cols_per_split,
     stride_am, stride_ad, stride_bm, stride_bd, stride_om,
-    inv_temp,
+    scale_val,
+    SCALE_PTR: tl.constexpr,
     USE_A: tl.constexpr,
     USE_B: tl.constexpr,
     EXCLUDE_DIAG: tl.constexpr,
     POS_IN_COLUMNS: tl.constexpr,
     CAST_W: tl.constexpr,
+    RESIDENT: tl.constexpr,
+    EXP2: tl.constexpr,
     PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,
     NORM_TILES: tl.constexpr,
+    SUM_DOT: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
-    BLOCK_DO: tl.constexpr,
 ):
-    """OUT[a, dchunk] = inv_temp * sum_b W_ab * rb_b * B[b, dchunk]; grid (row blocks, D chunks)."""
+    """OUT[s, a, :] = inv_temp * sum_b W_ab * bhat_b over all of D, b in column split s; grid
+    (row blocks, column splits). With one split OUT is the result; with several, the launcher
+    sums the splits' partial rows in split order (``_sum_splits_kernel``)."""
     pid_m = tl.program_id(0)
-    pid_d = tl.program_id(1)
+    pid_s = tl.program_id(1)
+    col_start = pid_s * cols_per_split
+    col_end = tl.minimum(n_b, col_start + cols_per_split)
+    OUT = OUT + tl.full([], pid_s, tl.int64) * n_a * stride_om  # this split's partial rows
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < n_a
     rows64 = rows.to(tl.int64)
     offs_n = tl.arange(0, BLOCK_N)
-    d_out = pid_d * BLOCK_DO + tl.arange(0, BLOCK_DO)
-    d_out_ok = d_out < d
+    offs_d = tl.arange(0, BLOCK_D)
+    inv_temp, scale = _load_scale(SCALE, scale_val, SCALE_PTR, EXP2)
 
     na = tl.load(NA + rows, mask=row_ok, other=1.0)
     if POS_IN_COLUMNS:
         pos_col = (rows + pos_offset) % n_b
     if USE_A:
-        hi_a, lo_a = _split_lse(tl.load(LSE_A + rows, mask=row_ok, other=0.0))
+        hi_a, lo_a = _split_lse(tl.load(LSE_A + rows, mask=row_ok, other=0.0), EXP2, BLOCK_M)
         g_a = tl.load(G_A + rows, mask=row_ok, other=0.0)
 
-    out = tl.zeros([BLOCK_M, BLOCK_DO], tl.float32)
-    for start_n in range(0, n_b, BLOCK_N):
+    if RESIDENT:
+        a_tile = _load_rows(A, rows64, row_ok, offs_d, d, stride_am, stride_ad, na, NORM_TILES)
+        out = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    else:
+        # This program's output rows accumulate in OUT itself: zero them first.
+        for start_d in range(0, d, BLOCK_D):
+            dd = start_d + offs_d
+            tl.store(OUT + rows64[:, None] * stride_om + dd[None, :],
+                     tl.zeros([BLOCK_M, BLOCK_D], tl.float32),
+                     mask=row_ok[:, None] & (dd[None, :] < d))
+        tl.debug_barrier()
+
+    for start_n in range(col_start, col_end, BLOCK_N):
         cols = start_n + offs_n
-        col_ok = cols < n_b
+        col_ok = cols < col_end
         cols64 = cols.to(tl.int64)
         nb = tl.load(NB + cols, mask=col_ok, other=1.0)
-        s = _logit_tile(A, B, rows64, cols64, row_ok, col_ok, na, nb, d,
-                        stride_am, stride_ad, stride_bm, stride_bd, inv_temp,
-                        PRECISION, UPCAST, NORM_TILES, BLOCK_M, BLOCK_N, BLOCK_D)
+        if RESIDENT:
+            b_tile = _load_rows(B, cols64, col_ok, offs_d, d, stride_bm, stride_bd, nb,
+                                NORM_TILES)
+            acc = _ldot(a_tile, b_tile, tl.zeros([BLOCK_M, BLOCK_N], tl.float32),
+                        PRECISION, UPCAST, SUM_DOT)
+            s = _scale_logits(acc, na, nb, scale, NORM_TILES)
+        else:
+            s = _logit_tile(A, B, rows64, cols64, row_ok, col_ok, na, nb, d,
+                            stride_am, stride_ad, stride_bm, stride_bd, scale,
+                            PRECISION, UPCAST, NORM_TILES, SUM_DOT, BLOCK_M, BLOCK_N, BLOCK_D)
         valid = row_ok[:, None] & col_ok[None, :]
         if EXCLUDE_DIAG:
             valid = valid & (rows[:, None] != cols[None, :])
@@ -241,141 +488,434 @@ def _grad_kernel(
         w = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
         # exp((s - hi) - lo): s - hi is exact wherever the weight is not negligible.
         if USE_A:
-            w += g_a[:, None] * tl.exp((s - hi_a[:, None]) - lo_a[:, None])
+            w += g_a[:, None] * _exp((s - hi_a[:, None]) - lo_a[:, None], EXP2)
         if USE_B:
-            hi_b, lo_b = _split_lse(tl.load(LSE_B + cols, mask=col_ok, other=0.0))
+            hi_b, lo_b = _split_lse(tl.load(LSE_B + cols, mask=col_ok, other=0.0), EXP2,
+                                    BLOCK_N)
             g_b = tl.load(G_B + cols, mask=col_ok, other=0.0)
-            w += g_b[None, :] * tl.exp((s - hi_b[None, :]) - lo_b[None, :])
-        w = w / nb[None, :]
-        b_out = tl.load(
-            B + cols64[:, None] * stride_bm + d_out[None, :] * stride_bd,
-            mask=col_ok[:, None] & d_out_ok[None, :], other=0.0,
-        )
-        if CAST_W:
-            out = _dot(w.to(b_out.dtype), b_out, out, PRECISION, UPCAST)
+            w += g_b[None, :] * _exp((s - hi_b[None, :]) - lo_b[None, :], EXP2)
+        w = w * inv_temp
+        if not NORM_TILES:  # the raw column rows are the second product's operand
+            w = w / nb[None, :]
+        if RESIDENT:  # the tile loaded for the logits serves the second product too
+            out = _wdot(w, b_tile, out, CAST_W, PRECISION, UPCAST)
         else:
-            out = tl.dot(w, b_out.to(tl.float32), out, input_precision=PRECISION)
+            for start_d in range(0, d, BLOCK_D):
+                dd = start_d + offs_d
+                d_ok = dd < d
+                b_part = _load_rows(B, cols64, col_ok, dd, d, stride_bm, stride_bd, nb,
+                                    NORM_TILES)
+                o_ptr = OUT + rows64[:, None] * stride_om + dd[None, :]
+                o_mask = row_ok[:, None] & d_ok[None, :]
+                o = tl.load(o_ptr, mask=o_mask, other=0.0)
+                tl.store(o_ptr, _wdot(w, b_part, o, CAST_W, PRECISION, UPCAST), mask=o_mask)
+            tl.debug_barrier()  # the next tile reads what this one wrote
 
-    out = out * inv_temp
-    tl.store(
-        OUT + rows64[:, None] * stride_om + d_out[None, :],
-        out,
-        mask=row_ok[:, None] & d_out_ok[None, :],
-    )
+    if RESIDENT:
+        tl.store(OUT + rows64[:, None] * stride_om + offs_d[None, :], out,
+                 mask=row_ok[:, None] & (offs_d[None, :] < d))
+
+
+@triton.jit
+def _sum_splits_kernel(PART, OUT, numel, n_splits, BLOCK: tl.constexpr):
+    """OUT = sum over s of PART[s] (numel values each), in split order: deterministic."""
+    offs = tl.full([], tl.program_id(0), tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < numel
+    acc = tl.zeros([BLOCK], tl.float32)
+    for sp in range(0, n_splits):
+        acc += tl.load(PART + tl.full([], sp, tl.int64) * numel + offs, mask=mask, other=0.0)
+    tl.store(OUT + offs, acc, mask=mask)
+
+
+# --------------------------------------------------------------- tiles, configs, tuning ----
 
 
 def _pow2(x: int, lo: int, hi: int) -> int:
     return max(lo, min(hi, triton.next_power_of_2(max(int(x), 1))))
 
 
-def _tiles(d: int, on_cuda: bool) -> dict:
-    """Tile sizes. The interpreter gets small tiles so tests cross many tile boundaries."""
+def d_tiling(d: int, on_cuda: bool, dtype: torch.dtype = torch.bfloat16,
+             precision: str = "ieee") -> Tuple[bool, int]:
+    """(RESIDENT, BLOCK_D) for feature size d: the same in every kernel (the logits' D
+    chunking must not differ between forward and backward). On the GPU the resident limit
+    depends on what the dot runs on (measured with ptxas, sm_90: spills beyond these): bf16/fp16
+    matrix units up to D = 128 (D = 256 spills 2-4 KB at BLOCK_M = 64), TF32 up to 64; the
+    float32 IEEE dot is an FMA chain that holds its operands in registers, so it always streams
+    D in chunks of 16."""
     if not on_cuda:
-        return dict(BLOCK_M=32, BLOCK_N=32, BLOCK_D=_pow2(d, 16, 32))
-    return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_D=_pow2(d, 16, 64))
+        max_d, chunk = INTERPRETER_RESIDENT_MAX_D, INTERPRETER_CHUNK_D
+    elif dtype == torch.float32 and precision == "ieee":
+        max_d, chunk = 0, FMA_CHUNK_D
+    elif dtype == torch.float32:
+        max_d, chunk = TF32_RESIDENT_MAX_D, TF32_CHUNK_D
+    else:
+        max_d, chunk = RESIDENT_MAX_D, CHUNK_D
+    if d <= max_d:
+        return True, _pow2(d, 16, max_d)
+    return False, chunk
+
+
+def block_n(d: int, dtype: torch.dtype, kind: str = "fwd") -> int:
+    """BLOCK_N on the GPU: fixed by (D, dtype), not tuned (it orders the row reductions). 128
+    only for half types at D <= 64, and in the backward only for bf16 (fp16 keeps W in float32
+    for the second product: 8-24 B of spills at 128)."""
+    half = (torch.bfloat16, torch.float16) if kind == "fwd" else (torch.bfloat16,)
+    return 128 if dtype in half and d <= 64 else 64
+
+
+def _cfg(bm, bn, w, s):
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+
+
+# (BLOCK_M, BLOCK_N, num_warps, num_stages); prune_configs keeps the BLOCK_N of block_n().
+# Measured with ptxas for sm_90 (Triton 3.9; the heaviest variants: dscale, positives, splits):
+# with 4 warps every kernel spills (16 B to 2.4 KB) at BLOCK_M = 64, and BLOCK_M = 128 spills
+# with 8 warps too (32 B to 1.6 KB) in most (dtype, D) classes; BLOCK_M = 64 with 8 warps
+# spills nowhere, and BLOCK_N = 128 only for bf16/fp16 at D <= 64 (108 B at D = 128). So the
+# tuned dimension is the pipeline depth, over the tiles that fit.
+# The backward holds more (the W tile and the output accumulator): 4 stages spill there (8-64 B),
+# and so do 3 with float32 FMA dots (52 B), which keep 2.
+_TUNE = [(64, 64, 8, 2), (64, 64, 8, 3), (64, 64, 8, 4),
+         (64, 128, 8, 2), (64, 128, 8, 3), (64, 128, 8, 4)]
+FWD_CONFIGS: List[triton.Config] = [_cfg(*c) for c in _TUNE]
+GRAD_CONFIGS: List[triton.Config] = [_cfg(*c) for c in _TUNE if c[3] <= 3]
+
+_REG_BUDGET = 128            # estimated float32 values per thread for the big tiles
+_SMEM_BUDGET = 160 * 1024    # bytes: under sm_80's 164 KiB (sm_90: 227 KiB)
+
+
+def _fits(cfg: triton.Config, kind: str, d: int, dtype: torch.dtype, resident: bool,
+          block_d: int) -> bool:
+    bm, bn = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"]
+    threads = 32 * cfg.num_warps
+    esize = torch.empty((), dtype=dtype).element_size()
+    width = block_d  # the D extent of the row/column tiles
+    regs = bm * bn + bm * width * esize / 4
+    if kind == "grad":
+        regs += bn * width * esize / 4 + (bm * width if resident else bm * block_d)
+    smem = (cfg.num_stages * bn * width + bm * width) * esize
+    return regs / threads <= _REG_BUDGET and smem <= _SMEM_BUDGET
+
+
+def prune_configs(configs, kind: str, d: int, dtype: torch.dtype,
+                  precision: str = "ieee") -> List[triton.Config]:
+    """The configs that may run for (kind, d, dtype, precision): BLOCK_N = block_n(d, dtype),
+    within the register and shared-memory budgets (at least one: the smallest)."""
+    precision = precision if dtype == torch.float32 else "tf32"
+    resident, block_d = d_tiling(d, True, dtype, precision)
+    bn = block_n(d, dtype, kind)
+    same_n = [c for c in configs if c.kwargs["BLOCK_N"] == bn]
+    if kind == "grad" and dtype == torch.float32 and precision == "ieee":
+        same_n = [c for c in same_n if c.num_stages <= 2] or same_n
+    kept = [c for c in same_n if _fits(c, kind, d, dtype, resident, block_d)]
+    if not kept:
+        kept = [min(same_n, key=lambda c: (c.kwargs["BLOCK_M"], c.num_warps, c.num_stages))]
+    return kept
+
+
+def _early_prune(kind, input_name):
+    def prune(configs, named_args, **kwargs):
+        return prune_configs(configs, kind, int(named_args["d"]), named_args[input_name].dtype,
+                             kwargs.get("PRECISION", "ieee"))
+    return prune
+
+
+_KEY_FWD = ["d", "POS_ROWS", "EXCLUDE_DIAG", "POS_IN_COLUMNS", "POS_IN_DENOM", "WITH_DSCALE",
+            "ONE_SPLIT", "RESIDENT", "BLOCK_D", "PRECISION", "NORM_TILES", "SCALE_PTR"]
+_KEY_GRAD = ["d", "USE_A", "USE_B", "EXCLUDE_DIAG", "POS_IN_COLUMNS", "RESIDENT", "BLOCK_D",
+             "PRECISION", "NORM_TILES", "SCALE_PTR"]
+
+_lse_fwd_tuned = triton.autotune(
+    configs=FWD_CONFIGS, key=_KEY_FWD,
+    prune_configs_by={"early_config_prune": _early_prune("fwd", "Q")},
+)(_lse_fwd_kernel)
+_grad_tuned = triton.autotune(
+    configs=GRAD_CONFIGS, key=_KEY_GRAD,
+    prune_configs_by={"early_config_prune": _early_prune("grad", "A")},
+)(_grad_kernel)
 
 
 def _common_meta(dtype: torch.dtype, d: int, on_cuda: bool, precision: str) -> dict:
-    meta = _tiles(d, on_cuda)
     # bf16/fp16 dots ignore the setting; fp32 follows torch.get_float32_matmul_precision().
-    meta["PRECISION"] = precision if dtype == torch.float32 else "tf32"
+    precision = precision if dtype == torch.float32 else "tf32"
+    resident, block_d = d_tiling(d, on_cuda, dtype, precision)
+    meta = dict(RESIDENT=resident, BLOCK_D=block_d, EXP2=EXP2, PRECISION=precision)
     # The Triton interpreter (3.9) computes bf16 tl.dot wrongly: widen operands there.
     meta["UPCAST"] = not on_cuda and dtype == torch.bfloat16
     meta["NORM_TILES"] = dtype == torch.float32
-    if on_cuda:
-        meta.update(num_warps=4, num_stages=2)
+    meta["SUM_DOT"] = not on_cuda
+    if not on_cuda:
+        meta.update(INTERPRETER_TILES)
     return meta
 
 
-def lse_meta(dtype, d, on_cuda, positive_rows, exclude_diag, pos_in_columns, precision) -> dict:
-    """Compile-time arguments and launch options of ``_lse_fwd_kernel`` for one call."""
+def lse_meta(dtype, d, on_cuda, positive_rows, exclude_diag, pos_in_columns, precision,
+             positive_in_denominator=True, with_dscale=False, one_split=True,
+             scale_ptr=False) -> dict:
+    """Compile-time arguments of ``_lse_fwd_kernel`` for one call (without BLOCK_M/BLOCK_N and
+    launch options on CUDA: those come from the autotuner)."""
     meta = _common_meta(dtype, d, on_cuda, precision)
     meta.update(POS_ROWS=bool(positive_rows), EXCLUDE_DIAG=bool(exclude_diag),
-                POS_IN_COLUMNS=bool(pos_in_columns), ONE_D_CHUNK=d <= meta["BLOCK_D"])
+                POS_IN_COLUMNS=bool(pos_in_columns),
+                POS_IN_DENOM=bool(positive_in_denominator), WITH_DSCALE=bool(with_dscale),
+                ONE_SPLIT=bool(one_split), SCALE_PTR=bool(scale_ptr))
     return meta
 
 
-def grad_meta(dtype, d, on_cuda, use_a, use_b, exclude_diag, pos_in_columns, precision) -> dict:
-    """Compile-time arguments and launch options of ``_grad_kernel`` for one call."""
+def grad_meta(dtype, d, on_cuda, use_a, use_b, exclude_diag, pos_in_columns, precision,
+              scale_ptr=False) -> dict:
+    """Compile-time arguments of ``_grad_kernel`` for one call (see ``lse_meta``)."""
     meta = _common_meta(dtype, d, on_cuda, precision)
     meta.update(USE_A=bool(use_a), USE_B=bool(use_b), EXCLUDE_DIAG=bool(exclude_diag),
                 POS_IN_COLUMNS=bool(pos_in_columns), CAST_W=dtype == torch.bfloat16,
-                BLOCK_DO=_pow2(d, 16, 128 if on_cuda else 32))
+                SCALE_PTR=bool(scale_ptr))
     return meta
 
 
-def _lse(q, k, nq, nk, positive, inv_temp, exclude_diag, pos_offset, precision):
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def split_plan(n_q: int, n_k: int, device: torch.device,
+               max_splits: Optional[int] = None) -> Tuple[int, int]:
+    """(n_splits, cols_per_split) for n_q rows against n_k columns: from the shape and the
+    device's SM count only (never from the autotuned tiles), so results are deterministic.
+    Enough programs for PROGRAMS_PER_SM per SM, each with at least MIN_SPLIT_COLUMNS columns,
+    aligned to SPLIT_ALIGN, at most ``max_splits``. ``SPLIT_COLUMNS`` (tests) forces the
+    columns per split."""
+    on_cuda = device.type == "cuda"
+    align = SPLIT_ALIGN if on_cuda else INTERPRETER_TILES["BLOCK_N"]
+    if SPLIT_COLUMNS is not None:  # as given: a split may end inside a column tile (masked)
+        cps = max(1, int(SPLIT_COLUMNS))
+        return max(1, triton.cdiv(n_k, cps)), cps
+    if on_cuda:
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        row_blocks = triton.cdiv(max(n_q, 1), 64)
+        want = triton.cdiv(PROGRAMS_PER_SM * _sm_count(index), row_blocks)
+        splits = max(1, min(want, n_k // MIN_SPLIT_COLUMNS, max_splits or want))
+        cps = triton.cdiv(max(n_k, 1), splits)
+    else:
+        cps = INTERPRETER_SPLIT_COLUMNS
+    cps = max(align, triton.cdiv(cps, align) * align)
+    return max(1, triton.cdiv(n_k, cps)), cps
+
+
+def _scale_args(inv_temp, device, dummy):
+    """(SCALE pointer, scale_val, SCALE_PTR) for a float or a 0-dim tensor inv_temp."""
+    if isinstance(inv_temp, torch.Tensor):
+        if inv_temp.numel() != 1:
+            raise ValueError(f"inv_temp must be a 0-dim tensor, got shape {tuple(inv_temp.shape)}")
+        if inv_temp.device == device:
+            return inv_temp.reshape(()), 0.0, True
+        if inv_temp.device.type == "cpu":  # a CPU scalar: reading it syncs nothing
+            return dummy, float(inv_temp), False
+        raise ValueError(f"inv_temp is on {inv_temp.device}, the inputs on {device}")
+    return dummy, float(inv_temp), False
+
+
+def _on_device(t: torch.Tensor):
+    """Launch under the tensor's device (Triton launches on the current device)."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
+# ----------------------------------------------------------------------------- launchers ----
+
+
+def _lse(q, k, nq, nk, positive, inv_temp, exclude_diag, pos_offset, precision,
+         positive_in_denominator=True, with_dscale=False):
     n_q, d = q.shape
     n_k = k.shape[0]
-    meta = lse_meta(q.dtype, d, q.is_cuda, positive is not None, exclude_diag,
-                    pos_offset is not None, precision)
-    loss = torch.empty(n_q, dtype=torch.float32, device=q.device)
-    lse = torch.empty(n_q, dtype=torch.float64, device=q.device)
-    grid = (triton.cdiv(n_q, meta["BLOCK_M"]),)
+    dev = q.device
+    on_cuda = q.is_cuda
+    scale_t, scale_val, scale_ptr = _scale_args(inv_temp, dev, nq)
+    n_splits, cps = split_plan(n_q, n_k, dev)
+    meta = lse_meta(q.dtype, d, on_cuda, positive is not None, exclude_diag,
+                    pos_offset is not None, precision, positive_in_denominator, with_dscale,
+                    n_splits == 1, scale_ptr)
+    loss = torch.empty(n_q, dtype=torch.float32, device=dev)
+    lse = torch.empty(n_q, dtype=torch.float64, device=dev)
+    dscale = torch.empty(n_q if with_dscale else 0, dtype=torch.float32, device=dev)
+    if n_q == 0:
+        return loss, lse, dscale
+    part = (torch.empty((4 if with_dscale else 3) * n_splits * n_q, dtype=torch.float32,
+                        device=dev) if n_splits > 1 else loss)
     kp, n_p = positive if positive is not None else (q, nq)
-    _lse_fwd_kernel[grid](
-        q, k, nq, nk, kp, n_p, loss, lse,
-        n_q, n_k, d, pos_offset or 0,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), kp.stride(0), kp.stride(1),
-        float(inv_temp),
-        **meta,
-    )
-    return loss, lse
+    args = (q, k, nq, nk, kp, n_p, scale_t, part, loss, lse,
+            dscale if with_dscale else loss,
+            n_q, n_k, d, pos_offset or 0, cps, n_splits,
+            q.stride(0), q.stride(1), k.stride(0), k.stride(1), kp.stride(0), kp.stride(1),
+            scale_val)
+    with _on_device(q):
+        if on_cuda:
+            grid = lambda META: (triton.cdiv(n_q, META["BLOCK_M"]), n_splits)  # noqa: E731
+            _lse_fwd_tuned[grid](*args, **meta)
+        else:
+            _lse_fwd_kernel[(triton.cdiv(n_q, meta["BLOCK_M"]), n_splits)](*args, **meta)
+        if n_splits > 1:
+            block = COMBINE_BLOCK if on_cuda else 32
+            _combine_kernel[(triton.cdiv(n_q, block),)](
+                part, scale_t, loss, lse, dscale if with_dscale else loss, n_q, n_splits,
+                scale_val, SCALE_PTR=scale_ptr, WITH_DSCALE=bool(with_dscale), EXP2=EXP2,
+                BLOCK=block,
+            )
+    return loss, lse, dscale
 
 
 def _grad(a, b, na, nb, lse_a, g_a, lse_b, g_b, inv_temp, exclude_diag, pos_offset, precision):
     n_a, d = a.shape
     n_b = b.shape[0]
-    meta = grad_meta(a.dtype, d, a.is_cuda, lse_a is not None, lse_b is not None, exclude_diag,
-                     pos_offset is not None, precision)
+    on_cuda = a.is_cuda
+    scale_t, scale_val, scale_ptr = _scale_args(inv_temp, a.device, na)
+    meta = grad_meta(a.dtype, d, on_cuda, lse_a is not None, lse_b is not None, exclude_diag,
+                     pos_offset is not None, precision, scale_ptr)
     out = torch.empty(n_a, d, dtype=torch.float32, device=a.device)
-    grid = (triton.cdiv(n_a, meta["BLOCK_M"]), triton.cdiv(d, meta["BLOCK_DO"]))
+    if n_a == 0 or d == 0:
+        return out.zero_()
+    # Each split holds n_a x d float32 partial rows: at most ~64 MiB of them in all.
+    n_splits, cps = split_plan(n_a, n_b, a.device,
+                               max_splits=max(1, PARTIAL_BYTES // (4 * n_a * d)))
+    part = (torch.empty(n_splits, n_a, d, dtype=torch.float32, device=a.device)
+            if n_splits > 1 else out)
     dummy = na
     lse_a = lse_a.to(torch.float64).contiguous() if lse_a is not None else dummy
     lse_b = lse_b.to(torch.float64).contiguous() if lse_b is not None else dummy
-    _grad_kernel[grid](
-        a, b, na, nb,
-        lse_a, g_a if g_a is not None else dummy,
-        lse_b, g_b if g_b is not None else dummy,
-        out,
-        n_a, n_b, d, pos_offset or 0,
-        a.stride(0), a.stride(1), b.stride(0), b.stride(1), out.stride(0),
-        float(inv_temp),
-        **meta,
-    )
+    args = (a, b, na, nb,
+            lse_a, g_a if g_a is not None else dummy,
+            lse_b, g_b if g_b is not None else dummy,
+            scale_t, part,
+            n_a, n_b, d, pos_offset or 0, cps,
+            a.stride(0), a.stride(1), b.stride(0), b.stride(1), d,
+            scale_val)
+    with _on_device(a):
+        if on_cuda:
+            grid = lambda META: (triton.cdiv(n_a, META["BLOCK_M"]), n_splits)  # noqa: E731
+            _grad_tuned[grid](*args, **meta)
+        else:
+            _grad_kernel[(triton.cdiv(n_a, meta["BLOCK_M"]), n_splits)](*args, **meta)
+        if n_splits > 1:
+            block = SUM_BLOCK if on_cuda else 1024
+            _sum_splits_kernel[(triton.cdiv(n_a * d, block),)](part, out, n_a * d, n_splits,
+                                                               BLOCK=block)
     return out
 
 
 # ------------------------------------------------------------ the fastcl.kernels contract ----
 
 
-def _v1_only(positive_in_denominator: bool, with_dscale: bool, inv_temp) -> None:
-    # Interim: the kernels of contract v2 (dscale, DCL, a device scale) land next.
-    if with_dscale or not positive_in_denominator or isinstance(inv_temp, torch.Tensor):
-        raise NotImplementedError("fastcl's Triton kernels do not compute dscale or DCL, or take "
-                                  "a tensor scale, yet")
-
-
-def nt_xent_forward(z, nz, inv_temp: float, precision: str = "ieee",
+def nt_xent_forward(z, nz, inv_temp, precision: str = "ieee",
                     positive_in_denominator: bool = True, with_dscale: bool = False):
-    _v1_only(positive_in_denominator, with_dscale, inv_temp)
-    loss, lse = _lse(z, z, nz, nz, None, inv_temp, True, z.shape[0] // 2, precision)
-    return loss, lse, loss.new_empty(0)
+    return _lse(z, z, nz, nz, None, inv_temp, True, z.shape[0] // 2, precision,
+                positive_in_denominator, with_dscale)
 
 
-def nt_xent_grad(z, nz, lse, g, inv_temp: float, precision: str = "ieee"):
+def nt_xent_grad(z, nz, lse, g, inv_temp, precision: str = "ieee"):
     # The symmetric form: W_ij = g_i P_ij + g_j P_ji from one tile, dz = W z / tau, no atomics.
     return _grad(z, z, nz, nz, lse, g, lse, g, inv_temp, True, z.shape[0] // 2, precision)
 
 
 def lse_forward(q, k, nq, nk, positive: Optional[Tuple[torch.Tensor, torch.Tensor]],
-                inv_temp: float, pos_offset: Optional[int], precision: str = "ieee",
-                positive_in_denominator: bool = True, with_dscale: bool = False):
-    _v1_only(positive_in_denominator, with_dscale, inv_temp)
-    loss, lse = _lse(q, k, nq, nk, positive, inv_temp, False, pos_offset, precision)
-    return loss, lse, loss.new_empty(0)
+                inv_temp, pos_offset: Optional[int], precision: str = "ieee",
+                positive_in_denominator: bool = True, with_dscale: bool = False
+                ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _lse(q, k, nq, nk, positive, inv_temp, False, pos_offset, precision,
+                positive_in_denominator, with_dscale)
 
 
-def grad_accumulate(a, b, na, nb, lse_a, g_a, lse_b, g_b, inv_temp: float,
+def grad_accumulate(a, b, na, nb, lse_a, g_a, lse_b, g_b, inv_temp,
                     pos_offset: Optional[int], precision: str = "ieee") -> torch.Tensor:
     return _grad(a, b, na, nb, lse_a, g_a, lse_b, g_b, inv_temp, False, pos_offset, precision)
+
+
+# ------------------------------------------------------------------- ahead-of-time list ----
+
+_PTR = {torch.float32: "*fp32", torch.bfloat16: "*bf16", torch.float16: "*fp16"}
+_OPTIONS = ("num_warps", "num_stages")
+# (positive_rows, exclude_diag, pos_in_columns)
+LSE_CASES = {"nt_xent": (False, True, True), "in_batch": (False, False, True),
+             "queue": (True, False, False), "no_positive": (False, False, False)}
+# (use_a, use_b, exclude_diag, pos_in_columns)
+GRAD_CASES = {"nt_xent": (True, True, True, True), "in_batch_dq": (True, False, False, True),
+              "in_batch_dk": (False, True, False, True), "queue_dq": (True, False, False, False),
+              "queue_dneg": (False, True, False, False)}
+
+
+def _signature(kernel, dtype, constexprs, scale_dtype):
+    sig = {}
+    inputs = {"Q", "K", "KP", "A", "B"}
+    for arg in kernel.arg_names:
+        if arg in constexprs:
+            sig[arg] = "constexpr"
+        elif arg in inputs:
+            sig[arg] = _PTR[dtype]
+        elif arg in ("LSE", "LSE_A", "LSE_B"):  # the row lse is float64
+            sig[arg] = "*fp64"
+        elif arg == "SCALE":
+            sig[arg] = scale_dtype
+        elif arg.isupper():
+            sig[arg] = "*fp32"
+        elif arg == "scale_val":
+            sig[arg] = "fp32"
+        else:
+            sig[arg] = "i32"
+    return sig
+
+
+def aot_variants(ds=(128, 512), dtypes=(torch.float32, torch.bfloat16),
+                 precisions=("ieee",), every_config: bool = True) -> Iterator[dict]:
+    """What can run on a GPU, for the ahead-of-time compile test: dicts with ``kernel`` (the
+    @triton.jit function), ``label``, ``signature`` and ``constexprs`` (for
+    ``triton.compiler.ASTSource``) and ``options`` (num_warps, num_stages). For each case in
+    LSE_CASES / GRAD_CASES (forward with one and with several splits, with and without dscale
+    and the positive in the denominator, scale as a float and as a device pointer), each D in
+    ``ds`` (give one at most RESIDENT_MAX_D and one above it), dtype and precision, and each
+    config ``prune_configs`` keeps (or only the first with every_config=False); plus the
+    combine and split-sum kernels. (The backward's pointer-scale form only for NT-Xent: it is
+    one load, independent of the case.) Arguments the launchers pass as Python ints are "i32"
+    here; the JIT also specializes those divisible by 16 (tt.divisibility), which the caller
+    may add."""
+    for dtype in dtypes:
+        for d in ds:
+            for precision in (precisions if dtype == torch.float32 else ("ieee",)):
+                fwd = prune_configs(FWD_CONFIGS, "fwd", d, dtype, precision)
+                grad = prune_configs(GRAD_CONFIGS, "grad", d, dtype, precision)
+                for case, flags in LSE_CASES.items():
+                    for one_split, pid, ds_, sptr in ((True, True, False, False),
+                                                      (False, False, True, True)):
+                        meta = lse_meta(dtype, d, True, *flags, precision, pid, ds_,
+                                        one_split, sptr)
+                        for cfg in (fwd if every_config else fwd[:1]):
+                            yield _variant(_lse_fwd_kernel, f"lse/{case}", dtype, d, precision,
+                                           meta, cfg, sptr,
+                                           f"splits={'1' if one_split else 'n'} pid={pid} "
+                                           f"dscale={ds_} scale_ptr={sptr}")
+                for case, flags in GRAD_CASES.items():
+                    # The scale's pointer form is one load, independent of the case: once.
+                    for sptr in ((False, True) if case == "nt_xent" else (False,)):
+                        meta = grad_meta(dtype, d, True, *flags, precision, sptr)
+                        for cfg in (grad if every_config else grad[:1]):
+                            yield _variant(_grad_kernel, f"grad/{case}", dtype, d, precision,
+                                           meta, cfg, sptr, f"scale_ptr={sptr}")
+    sig = {"PART": "*fp32", "OUT": "*fp32", "numel": "i32", "n_splits": "i32",
+           "BLOCK": "constexpr"}
+    yield dict(kernel=_sum_splits_kernel, signature=sig, constexprs=dict(BLOCK=SUM_BLOCK),
+               options=dict(num_warps=4, num_stages=1), label="sum_splits")
+    for with_dscale in (False, True):
+        for sptr in (False, True):
+            constexprs = dict(SCALE_PTR=sptr, WITH_DSCALE=with_dscale, EXP2=EXP2,
+                              BLOCK=COMBINE_BLOCK)
+            sig = _signature(_combine_kernel, torch.float32, constexprs,
+                             "*fp32" if sptr else "*fp32")
+            yield dict(kernel=_combine_kernel, signature=sig, constexprs=constexprs,
+                       options=dict(num_warps=4, num_stages=1),
+                       label=f"combine dscale={with_dscale} scale_ptr={sptr}")
+
+
+def _variant(kernel, name, dtype, d, precision, meta, cfg, scale_ptr, extra):
+    constexprs = dict(meta, **cfg.kwargs)
+    sig = _signature(kernel, dtype, constexprs, "*fp64" if scale_ptr else "*fp32")
+    options = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    label = (f"{name} {str(dtype)[6:]} d={d} {precision} BM={cfg.kwargs['BLOCK_M']} "
+             f"BN={cfg.kwargs['BLOCK_N']} w={cfg.num_warps} s={cfg.num_stages} {extra}")
+    return dict(kernel=kernel, signature=sig, constexprs=constexprs, options=options,
+                label=label)

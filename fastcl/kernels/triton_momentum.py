@@ -124,13 +124,17 @@ def ema_(targets: List[torch.Tensor], sources: List[torch.Tensor], momentum: tor
 
 @triton.jit
 def _queue_push_kernel(queue, ptr, keys, K, D, first, BLOCK_D: tl.constexpr):
-    i = tl.program_id(0) + first  # the key this program writes
-    start = ((tl.load(ptr) % K) + K) % K
-    row = (start + i) % K
+    # int64 throughout: ptr + i wraps mod K, and row * D passes 2^31 in a queue with K * D > 2^31.
+    i = (tl.program_id(0) + first).to(tl.int64)  # the key this program writes
+    k = tl.full([], K, tl.int64)
+    start = ((tl.load(ptr).to(tl.int64) % k) + k) % k
+    row = (start + i) % k
+    dst = queue + row * D
+    src = keys + i * D
     for d0 in range(0, D, BLOCK_D):
         offs = d0 + tl.arange(0, BLOCK_D)
         mask = offs < D
-        tl.store(queue + row * D + offs, tl.load(keys + i * D + offs, mask=mask), mask=mask)
+        tl.store(dst + offs, tl.load(src + offs, mask=mask), mask=mask)
 
 
 def queue_push_(queue: torch.Tensor, ptr: torch.Tensor, keys: torch.Tensor) -> None:

@@ -98,12 +98,14 @@ def _triton_for(t: torch.Tensor, family: str = "contrastive") -> ModuleType:
     return _load_triton(family)
 
 
-def implementation(t: torch.Tensor, family: str = "contrastive") -> ModuleType:
-    """The kernel module of op ``family`` (see FAMILIES) that runs an op whose main input is ``t``.
+def implementation(t: torch.Tensor, family: str = "contrastive",
+                   backend: str = "") -> ModuleType:
+    """The kernel module of op ``family`` (see FAMILIES) that runs an op whose main input is ``t``,
+    under ``backend`` (default: ``fastcl.get_backend()``).
 
     The C++ module (``fastcl.kernels.cpp``) serves every family.
     """
-    backend = _config.get_backend()
+    backend = backend or _config.get_backend()
     if backend == "triton":
         return _triton_for(t, family)
     if backend == "chunked":

@@ -3,7 +3,8 @@
 fastcl's public ops call these from inside their own implementations, so tracing never reaches
 them; the fakes exist so that the operators pass ``torch.library.opcheck`` on their own and can
 be traced if called directly. Shapes only: the outputs are in the norms' dtype (float32, or
-float64 for float64 inputs), except the row lse, always float64 (see csrc/contrastive.cpp).
+float64 for float64 inputs), except the row lse, always float64 (see csrc/contrastive.cpp);
+dscale has one entry per row when requested, else shape (0,).
 """
 from __future__ import annotations
 
@@ -20,6 +21,10 @@ def _lse(x: torch.Tensor, norm: torch.Tensor) -> torch.Tensor:
     return norm.new_empty(x.shape[0], dtype=torch.float64)
 
 
+def _dscale(x: torch.Tensor, norm: torch.Tensor, requested: bool) -> torch.Tensor:
+    return norm.new_empty(x.shape[0] if requested else 0)
+
+
 def register() -> None:
     global _registered
     if _registered:
@@ -27,17 +32,18 @@ def register() -> None:
     _registered = True
 
     @torch.library.register_fake("fastcl_cpu::nt_xent_forward")
-    def _(z, nz, inv_temp, tile):
-        return _rows(z, nz), _lse(z, nz)
+    def _(z, nz, inv_temp, tile, positive_in_denominator=True, with_dscale=False):
+        return _rows(z, nz), _lse(z, nz), _dscale(z, nz, with_dscale)
 
     @torch.library.register_fake("fastcl_cpu::nt_xent_grad")
     def _(z, nz, lse, g, inv_temp, tile):
         return nz.new_empty(z.shape)
 
     @torch.library.register_fake("fastcl_cpu::lse_forward")
-    def _(q, k, nq, nk, k_pos, n_pos, inv_temp, pos_offset, with_grad, tile):
+    def _(q, k, nq, nk, k_pos, n_pos, inv_temp, pos_offset, with_grad, tile,
+          positive_in_denominator=True, with_dscale=False):
         v = nq.new_empty(q.shape) if with_grad else nq.new_empty(0)
-        return _rows(q, nq), _lse(q, nq), v
+        return _rows(q, nq), _lse(q, nq), v, _dscale(q, nq, with_dscale)
 
     @torch.library.register_fake("fastcl_cpu::dense_forward")
     def _(q, k, nq, nk, inv_temp, pos_offset, positive_in_denominator, with_dscale,

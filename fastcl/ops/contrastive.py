@@ -61,7 +61,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from fastcl import engine
+from fastcl import _config, engine
 from fastcl.ops._backend import dot_precision, implementation, refuse_double_backward
 
 _EPS = 1e-12  # as F.normalize
@@ -92,13 +92,19 @@ def _normalized(x: Tensor, norm: Tensor) -> Tensor:
     return x.to(norm.dtype) / norm[:, None]
 
 
-def _normalize_backward(x: Tensor, norm: Tensor, grad_hat: Tensor) -> Tensor:
-    """Gradient through xhat = x / max(|x|, eps), given d/d xhat; returned in x's dtype."""
-    x_hat = _normalized(x, norm)
-    radial = (x_hat * grad_hat).sum(dim=1, keepdim=True)
+def _normalize_backward(x: Tensor, norm: Tensor, grad_hat: Tensor,
+                        x_hat: Optional[Tensor] = None) -> Tensor:
+    """Gradient through xhat = x / max(|x|, eps), given d/d xhat (a fresh tensor: it is
+    overwritten); returned in x's dtype. ``x_hat``: xhat when the caller has it."""
+    if x_hat is None:
+        x_hat = _normalized(x, norm)
+    # Row dot products as a batched product: no (n, D) temporary.
+    radial = torch.bmm(x_hat.unsqueeze(1), grad_hat.unsqueeze(2)).view(-1, 1)
     # Where the norm was clamped to eps, xhat = x / eps is linear in x: no projection.
     radial = torch.where(norm[:, None] > _EPS, radial, torch.zeros_like(radial))
-    return ((grad_hat - x_hat * radial) / norm[:, None]).to(x.dtype).contiguous()
+    grad_hat.addcmul_(x_hat, radial, value=-1).div_(norm[:, None])
+    # Row-major whatever the inputs' strides (elementwise results follow a permuted input).
+    return grad_hat.to(x.dtype).contiguous()
 
 
 def _rows_like(x: Tensor, dtype: Optional[torch.dtype] = None) -> Tensor:
@@ -151,8 +157,8 @@ def _scale_arg(scale: Tensor):
     return scale.detach()
 
 
-def _impl(spec: engine.Spec, x: Tensor, others: Optional[Tensor]):
-    impl = implementation(x)
+def _impl(spec: engine.Spec, x: Tensor, others: Optional[Tensor], backend: str):
+    impl = implementation(x, backend=backend)
     engine.require(spec, _BACKEND_NAMES.get(impl.__name__, "chunked"), others is not None)
     return impl
 
@@ -178,10 +184,16 @@ def _use_dense(impl, sp: engine.Spec, rows: Tensor, cols: Optional[Tensor],
             and impl.dense_fits(rows.shape[0], cols.shape[0], _acc_dtype(rows)))
 
 
-def _merge(loss, lse, dscale, lse_o, dscale_o, a):
-    """Row statistics of the own block merged with those of the other ranks' block."""
+def _merge(loss, lse, dscale, lse_o, dscale_o, a, s_pos=None):
+    """Row statistics of the own block merged with those of the other ranks' block.
+
+    ``s_pos``: the positive logits computed apart, given when the positive is not in the
+    denominator (DCL): a row whose own block then holds no logit of its denominator (one
+    sample on this rank) has lse = loss = -inf there, and its statistics are the other
+    block's alone (no host sync: selected elementwise)."""
     delta = torch.nn.functional.softplus(lse_o - lse, threshold=50.0)
     lse_t = lse + delta
+    loss_t = loss + delta.to(loss.dtype)
     if dscale.numel():
         # dscale = sum over both blocks of p (d) - d_pos, with each block's weights
         # exp(lse_block - lse) and d_pos = s_pos / scale = (lse - loss) / scale.
@@ -189,7 +201,25 @@ def _merge(loss, lse, dscale, lse_o, dscale_o, a):
         w_own = torch.exp(lse - lse_t).to(dscale.dtype)
         w_oth = torch.exp(lse_o - lse_t).to(dscale.dtype)
         dscale = w_own * dscale + w_oth * (dscale_o - d_pos)
-    return loss + delta.to(loss.dtype), lse_t, dscale
+    if s_pos is not None:
+        empty = lse == float("-inf")
+        lse_t = torch.where(empty, lse_o, lse_t)
+        loss_t = torch.where(empty, (lse_o - s_pos.double()).to(loss.dtype), loss_t)
+        if dscale.numel():
+            dscale = torch.where(empty, dscale_o - (s_pos / a).to(dscale.dtype), dscale)
+    return loss_t, lse_t, dscale
+
+
+def _positive_logits(sp: engine.Spec, rows, nr, cols, key, a) -> Tensor:
+    """scale * rhat_i . chat_pos(i) for every row, apart from the tiles (O(n D))."""
+    r_hat = _normalized(rows, nr)
+    if sp.positive == "offset":
+        pos_hat = r_hat.roll(-(rows.shape[0] // 2), dims=0)
+    elif sp.positive == "key":
+        pos_hat = _normalized(key, _norm(key))
+    else:
+        pos_hat = _normalized(cols, _norm(cols))
+    return (r_hat * pos_hat).sum(dim=1) * a
 
 
 @torch.library.custom_op("fastcl::softmax_rows", mutates_args=())
@@ -197,9 +227,10 @@ def _merge(loss, lse, dscale, lse_o, dscale_o, a):
 def softmax_rows(
     rows: Tensor, cols: Optional[Tensor], others: Optional[Tensor], key: Optional[Tensor],
     scale: Tensor, spec: str, need_row_grad: bool = False, need_dscale: bool = False,
+    backend: str = "",
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     sp = engine.Spec.parse(spec)
-    impl = _impl(sp, rows, others)
+    impl = _impl(sp, rows, others, backend)
     a, precision = _scale_arg(scale), dot_precision()
     in_denominator = sp.positive_in_denominator
     nr = _norm(rows)
@@ -229,13 +260,15 @@ def softmax_rows(
     if others is not None and others.shape[0] > 0:
         _, lse_o, dscale_o = impl.lse_forward(rows, others, nr, _norm(others), None, a, None,
                                               precision, True, need_dscale)
+        s_pos = (None if in_denominator else
+                 _positive_logits(sp, rows, nr, cols, key, a))
         loss, lse, dscale = _merge(loss, lse, dscale, lse_o.to(torch.float64),
-                                   dscale_o.to(nr.dtype), a)
+                                   dscale_o.to(nr.dtype), a, s_pos)
     return loss, lse, dscale.contiguous(), row_grad.to(nr.dtype).contiguous(), probs
 
 
 @softmax_rows.register_fake
-def _(rows, cols, others, key, scale, spec, need_row_grad=False, need_dscale=False):
+def _(rows, cols, others, key, scale, spec, need_row_grad=False, need_dscale=False, backend=""):
     acc = _acc_dtype(rows)
     n = rows.shape[0]
     # probs is flat, of a size the fake leaves open (n * m on the dense path, else 0): which
@@ -253,10 +286,10 @@ def softmax_rows_backward(
     grad_loss: Tensor, rows: Tensor, cols: Optional[Tensor], others: Optional[Tensor],
     key: Optional[Tensor], loss: Tensor, lse: Tensor, scale: Tensor,
     row_grad: Optional[Tensor], spec: str, need_rows: bool, need_cols: bool,
-    need_others: bool, need_key: bool, probs: Optional[Tensor] = None,
+    need_others: bool, need_key: bool, backend: str = "", probs: Optional[Tensor] = None,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     sp = engine.Spec.parse(spec)
-    impl = _impl(sp, rows, others)
+    impl = _impl(sp, rows, others, backend)
     a, precision = _scale_arg(scale), dot_precision()
     nr = _norm(rows)
     g = grad_loss.to(nr.dtype).contiguous()
@@ -275,12 +308,15 @@ def softmax_rows_backward(
         if need_rows:
             n = rows.shape[0] // 2
             d_hat = impl.nt_xent_grad(rows, nr, lse, g, a, precision)
-            # The positive pairs (i, i + N) are symmetric: both rows' weights land on each.
-            d_hat += (c + c.roll(n))[:, None] * _normalized(rows, nr).roll(n, dims=0)
             if has_others:
                 d_hat += impl.grad_accumulate(rows, others, nr, n_o, lse, g, None, None, a,
                                               None, precision)
-            d_rows = _normalize_backward(rows, nr, d_hat)
+            # The positive pairs (i, i + N) are symmetric: both rows' weights land on each.
+            z_hat = _normalized(rows, nr)
+            w = (c + c.roll(n))[:, None]
+            d_hat[:n].addcmul_(w[:n], z_hat[n:])
+            d_hat[n:].addcmul_(w[n:], z_hat[:n])
+            d_rows = _normalize_backward(rows, nr, d_hat, z_hat)
     elif _dense_backward_ok(impl, sp, rows, cols, has_others, row_grad, probs, need_rows,
                             need_cols):
         # The dense path: both gradients from the forward's v and P, the positives' terms and
@@ -348,7 +384,7 @@ def _dense_backward_ok(impl, sp, rows, cols, has_others, row_grad, probs, need_r
 
 @softmax_rows_backward.register_fake
 def _(grad_loss, rows, cols, others, key, loss, lse, scale, row_grad, spec, need_rows,
-      need_cols, need_others, need_key, probs=None):
+      need_cols, need_others, need_key, backend="", probs=None):
     def grad(x, need):
         return _empty_rows(x) if need and x is not None else rows.new_empty(0)
 
@@ -358,7 +394,7 @@ def _(grad_loss, rows, cols, others, key, loss, lse, scale, row_grad, spec, need
 
 
 def _setup(ctx, inputs, output):
-    rows, cols, others, key, scale, spec, _need_v, _need_dscale = inputs
+    rows, cols, others, key, scale, spec, _need_v, _need_dscale, backend = inputs
     loss, lse, dscale, row_grad, probs = output
     ctx.mark_non_differentiable(lse, dscale, row_grad, probs)
     # No zero-filled gradients for the outputs nobody differentiates: autograd would otherwise
@@ -366,6 +402,8 @@ def _setup(ctx, inputs, output):
     # N = 1024). grad_loss may then come as None (handled in _backward).
     ctx.set_materialize_grads(False)
     ctx.spec = spec
+    # The backward runs on the forward's backend, whatever is in force when it runs.
+    ctx.backend = backend or _config.get_backend()
     ctx.has_cols = cols is not None
     sp = engine.Spec.parse(spec)
     # The backward reads a key-mode pass's columns only for their own gradient, or for the
@@ -398,7 +436,7 @@ def _backward(ctx, grad_loss, _g_lse, _g_dscale, _g_row_grad, _g_probs):
     d_rows, d_cols, d_others, d_key = softmax_rows_backward(
         g, rows, cols, others, key, loss, lse, scale, row_grad, ctx.spec, need_rows,
         need_cols, bool(need_others and others is not None),
-        bool(need_key and key is not None), probs)
+        bool(need_key and key is not None), ctx.backend, probs)
     d_scale = None
     if need_scale:
         if dscale.numel() == 0:
@@ -407,7 +445,7 @@ def _backward(ctx, grad_loss, _g_lse, _g_dscale, _g_row_grad, _g_probs):
         d_scale = (g.to(dscale.dtype) * dscale).sum().to(scale.dtype).to(scale.device)
     return (d_rows if need_rows else None, d_cols if need_cols else None,
             d_others if need_others and others is not None else None,
-            d_key if need_key and key is not None else None, d_scale, None, None, None)
+            d_key if need_key and key is not None else None, d_scale, None, None, None, None)
 
 
 softmax_rows.register_autograd(_backward, setup_context=_setup)

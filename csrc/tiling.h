@@ -1,0 +1,343 @@
+// The tiling machinery shared by fastcl's pairwise-similarity kernels (contrastive.cpp, and the
+// losses that will reuse it: CLIP's row + column statistics, SigLIP's sigmoid, SupCon's labels).
+//
+// Every kernel walks (tile x tile) blocks of a similarity matrix s = scale * rhat chat^T. A tile's
+// logits come from one BLAS product (ATen's matmul, single-threaded inside the parallel region)
+// into a per-thread scratch buffer that stays in the core's L2 cache; the max / exp / sum work on
+// it runs in vectorized loops (fast_exp.h); at::parallel_for spreads tiles over the cores. Nothing
+// of size N x N is ever allocated. Arithmetic is in float32 for float32/bfloat16/float16 inputs
+// (the Python side passes float32 norms), float64 for float64.
+//
+// Two loops: for_each_symmetric_tile (C = R: only tiles with J >= I, each feeding its rows' and
+// its columns' statistics, scheduled in rounds of disjoint block pairs so that no two threads
+// ever write the same rows) and for_each_row_block (row blocks owned by one thread each, walking
+// all column tiles in order). Neither needs atomics, and each row's accumulation order is fixed
+// by the shapes alone: results are bitwise reproducible and independent of the thread count.
+//
+// Header-only (templates and inline functions) in namespace fastcl::tiling.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <tuple>
+#include <utility>
+#include <vector>
+
+#include "fast_exp.h"
+
+namespace fastcl {
+namespace tiling {
+
+// Tiles are tile x tile logits; fastcl/kernels/cpp.py passes 128 (measured best on a 2-core
+// Zen 4 at N = 1024..4096, D = 128: 256 was 10-20% slower at N = 1024, equal at 4096), tests pass
+// small ones to cross many tile boundaries on small inputs.
+constexpr int64_t kMaxTile = 4096;
+
+template <typename T>
+constexpr T neg_inf() {
+  return -std::numeric_limits<T>::infinity();
+}
+
+// Off-diagonal NT-Xent tiles need exp(s - x_r) for their rows and exp(s - x_c) for their columns
+// (x a running max or an lse). When every such exponent lies within kExpRange of every other,
+// one exp per element does: exp(s - x_c) = exp(s - x_r) * exp(x_r - ref) * exp(ref - x_c) with
+// factors that neither overflow nor leave the normal range. Logits are cosines over tau, so
+// |s| <= 1/tau, and lse <= max + log(n): the spread is at most 2/tau + log(n). Beyond that
+// (tau below about 0.03 in float32) the tiles take two exps per element.
+template <typename T>
+constexpr double kExpRange = 80.0;  // exp(-80) = 1.8e-35 > FLT_MIN = 1.2e-38
+template <>
+constexpr double kExpRange<double> = 700.0;
+
+template <typename T>
+inline bool one_exp(double inv_temp, int64_t n) {
+  return 2.0 * inv_temp + std::log(static_cast<double>(std::max<int64_t>(n, 1))) + 1.0 <=
+         kExpRange<T>;
+}
+
+// ------------------------------------------------------------------------------ helpers ---
+
+// Rows divided by their clamped norms, as F.normalize does, contiguous, in the norms' dtype.
+inline at::Tensor normalized(const at::Tensor& x, const at::Tensor& norm) {
+  return (x.to(norm.scalar_type()) / norm.unsqueeze(1)).contiguous();
+}
+
+inline void check_tile(int64_t tile) {
+  TORCH_CHECK(tile >= 1 && tile <= kMaxTile, "fastcl_cpu: tile must be in [1, ", kMaxTile,
+              "], got ", tile);
+}
+
+inline void check_rows(const at::Tensor& x, const at::Tensor& norm, const char* name) {
+  TORCH_CHECK(x.device().is_cpu() && norm.device().is_cpu(), "fastcl_cpu: ", name,
+              " must be a CPU tensor");
+  TORCH_CHECK(x.dim() == 2, "fastcl_cpu: ", name, " must be 2-D, got ", x.dim(), "-D");
+  TORCH_CHECK(norm.dim() == 1 && norm.size(0) == x.size(0), "fastcl_cpu: the norms of ", name,
+              " must have shape (", x.size(0), ",)");
+  TORCH_CHECK(norm.scalar_type() == at::kFloat || norm.scalar_type() == at::kDouble,
+              "fastcl_cpu: norms must be float32 or float64");
+}
+
+inline at::Tensor row_vector(const at::Tensor& v, const at::Tensor& like_norm, int64_t n,
+                      const char* name) {
+  TORCH_CHECK(v.dim() == 1 && v.size(0) == n, "fastcl_cpu: ", name, " must have shape (", n,
+              ",)");
+  return v.to(like_norm.scalar_type()).contiguous();
+}
+
+// A row lse (float64, or the norms' dtype) as hi + lo in the norms' dtype, hi the nearest float
+// and lo the rest. Softmax weights are exp((s - hi) - lo): s - hi is exact wherever the weight
+// is not negligible (s within a factor 2 of hi), so lse carries no rounding of its own into
+// them. That rounding, half an ulp of |lse| ~ 1/tau, would shift every weight of a row by up
+// to 5e-4 at tau = 1e-4 in float32: a one-hot row's weight 1/l would come out exp(-log l
+// rounded to a multiple of 1e-3), eager's ~1e-7 error made ~1e4 times larger.
+inline std::pair<at::Tensor, at::Tensor> split_lse(const at::Tensor& lse,
+                                                   const at::Tensor& like_norm, int64_t n,
+                                                   const char* name) {
+  TORCH_CHECK(lse.dim() == 1 && lse.size(0) == n, "fastcl_cpu: ", name, " must have shape (", n,
+              ",)");
+  auto hi = lse.to(like_norm.scalar_type()).contiguous();
+  auto lo = (lse.to(at::kDouble) - hi.to(at::kDouble)).to(like_norm.scalar_type()).contiguous();
+  return {hi, lo};
+}
+
+// Per-thread scratch: one tile of logits plus a few (kVecs) tile-length vectors.
+template <typename T>
+struct Scratch {
+  Scratch(int64_t threads, int64_t rows, int64_t cols)
+      : len(std::max(rows, cols)), tiles(threads, std::vector<T>(rows * cols)),
+        vecs(threads, std::vector<T>(kVecs * len)) {}
+  static constexpr int kVecs = 6;
+  T* tile() { return tiles[at::get_thread_num()].data(); }
+  T* vec(int k) { return vecs[at::get_thread_num()].data() + k * len; }
+  int64_t len;
+  std::vector<std::vector<T>> tiles, vecs;
+};
+
+// A (rows x len) view of contiguous rows of x starting at `start`, without a copy.
+template <typename T>
+at::Tensor rows_view(const T* base, int64_t start, int64_t rows, int64_t len,
+                     const at::TensorOptions& opts) {
+  return at::from_blob(const_cast<T*>(base) + start * len, {rows, len}, opts);
+}
+
+// c (m x n, contiguous) = alpha * a @ b^T, a (m x d) and b (n x d) row-major.
+template <typename T>
+void logits_tile(const T* a, int64_t m, const T* b, int64_t n, int64_t d, double alpha, T* c,
+                 const at::TensorOptions& opts) {
+  auto out = at::from_blob(c, {m, n}, opts);
+  at::addmm_out(out, out, at::from_blob(const_cast<T*>(a), {m, d}, opts),
+                at::from_blob(const_cast<T*>(b), {n, d}, opts).t(), /*beta=*/0, alpha);
+}
+
+// out (m x d, contiguous rows) += w (m x n, contiguous; transposed when trans) @ b (n x d).
+template <typename T>
+void accumulate_tile(T* out, const T* w, int64_t m, int64_t n, bool trans, const T* b, int64_t d,
+                     const at::TensorOptions& opts) {
+  auto o = at::from_blob(out, {m, d}, opts);
+  auto wt = trans ? at::from_blob(const_cast<T*>(w), {n, m}, opts).t()
+                  : at::from_blob(const_cast<T*>(w), {m, n}, opts);
+  at::addmm_out(o, o, wt, at::from_blob(const_cast<T*>(b), {n, d}, opts));
+}
+
+template <typename T>
+T row_max(const T* s, int64_t n) {
+  T mx = neg_inf<T>();
+#pragma omp simd reduction(max : mx)
+  for (int64_t c = 0; c < n; ++c) mx = s[c] > mx ? s[c] : mx;
+  return mx;
+}
+
+// sum_c exp(s_c - shift)
+template <typename T>
+T row_exp_sum(const T* s, int64_t n, T shift) {
+  T sum = 0;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t c = 0; c < n; ++c) sum += exp_f(s[c] - shift);
+  return sum;
+}
+
+// One term exp(x) * x of a centred sum t (x = s - shift, e = exp(x)), for the gradient of a
+// softmax with respect to its scale: 0 for a masked logit (s = -inf), where e * x would be
+// 0 * -inf = NaN. Branch-free (a select), so the loops that call it still vectorize; a NaN
+// logit still gives NaN.
+template <typename T>
+FASTCL_INLINE T centred(T s, T e, T x) {
+  return s == neg_inf<T>() ? T(0) : e * x;
+}
+
+// sum_c exp(s_c - shift), and t += sum_c exp(s_c - shift) * (s_c - shift)
+template <typename T>
+T row_exp_sum(const T* s, int64_t n, T shift, T& t) {
+  T sum = 0, ts = 0;
+#pragma omp simd reduction(+ : sum, ts)
+  for (int64_t c = 0; c < n; ++c) {
+    const T x = s[c] - shift;
+    const T e = exp_f(x);
+    sum += e;
+    ts += centred(s[c], e, x);
+  }
+  t = ts;
+  return sum;
+}
+
+// The shift for a running max: 0 while nothing finite has been seen (keeps exp(-inf + inf) away).
+template <typename T>
+T shift_of(T m) {
+  return m == neg_inf<T>() ? T(0) : m;
+}
+
+// Online log-sum-exp state of a set of rows: running max m and sum l of exp(s - m); and,
+// optionally (t not null), the centred sum t = sum exp(s - m) * (s - m), from which the
+// softmax's mean logit is m + t / l (what the gradient with respect to the scale needs:
+// sum_j p_ij s_ij = m_i + t_i / l_i, with no cancellation between large logits).
+template <typename T>
+struct OnlineLSE {
+  T* m;
+  double* l;
+  double* t = nullptr;
+  // Row i's new running max `new_m` (its old one merged with a block's) and the block's sum
+  // of exp(s - shift_of(new_m)).
+  //
+  // l is updated with an explicit fma: for T = double, l * rescale + f * col_sum (a column's
+  // merge) offers the compiler two products to contract, and which one it picks may change with
+  // the surrounding code; both merges below must give bitwise the same l.
+  void merge(int64_t i, T new_m, T sum) {
+    const T old = m[i];
+    l[i] = std::fma(l[i], static_cast<double>(exp_f(old - shift_of(new_m))),
+                    static_cast<double>(sum));
+    m[i] = new_m;
+  }
+  // The same with the block's centred sum tsum = sum exp(s - new_m) * (s - new_m). When the
+  // max moves from m_old to m_new, t <- exp(m_old - m_new) * (t + (m_old - m_new) * l_old);
+  // a row that has seen nothing finite yet (m_old = -inf, l = t = 0) just takes the block's.
+  void merge(int64_t i, T new_m, T sum, T tsum) {
+    const T old = m[i];
+    const T shift = shift_of(new_m);
+    const double rescale = static_cast<double>(exp_f(old - shift));
+    if (old != neg_inf<T>()) {
+      t[i] = rescale * (t[i] + (static_cast<double>(old) - static_cast<double>(shift)) * l[i]);
+    }
+    t[i] += static_cast<double>(tsum);
+    l[i] = std::fma(l[i], rescale, static_cast<double>(sum));
+    m[i] = new_m;
+  }
+};
+
+template <typename T>
+std::tuple<at::Tensor, at::Tensor> finish(const at::Tensor& m, const at::Tensor& l,
+                                          const at::Tensor& s_pos) {
+  // loss = (m - s_pos) + log l: exact when the positive is the max (no lse - s_pos cancellation).
+  // lse = m + log l in float64 (l is float64 already): rounded to a float of size ~1/tau it
+  // would shift every softmax weight of the backward by up to half an ulp of 1/tau (see
+  // split_lse).
+  auto log_l = at::log(l);
+  return {(m - s_pos) + log_l.to(m.scalar_type()), m.to(at::kDouble) + log_l};
+}
+
+// d loss_i / d scale for loss_i = lse_i - s_pos_i: sum_j p_ij d_ij - d_pos_i with d = s / scale,
+// computed as (t_i / l_i + (m_i - s_pos_i)) / scale (s_pos = 0 without a positive), in float64,
+// returned in m's dtype.
+inline at::Tensor scale_grad(const at::Tensor& m, const at::Tensor& l, const at::Tensor& t,
+                             const at::Tensor& s_pos, double scale) {
+  auto mean = t / l + (m.to(at::kDouble) - s_pos.to(at::kDouble));
+  return mean.div_(scale).to(m.scalar_type());
+}
+
+// Block pairs of the symmetric NT-Xent schedule. Round 0 holds the diagonal tiles (I, I); the
+// other rounds are the circle method's: each round pairs every block with at most one other, so
+// the tiles of a round touch disjoint rows and run in parallel without synchronization.
+inline std::vector<std::vector<std::pair<int64_t, int64_t>>> symmetric_rounds(int64_t blocks) {
+  std::vector<std::vector<std::pair<int64_t, int64_t>>> rounds(1);
+  for (int64_t b = 0; b < blocks; ++b) rounds[0].emplace_back(b, b);
+  const int64_t players = blocks + (blocks % 2);  // an odd count gets a "bye" player
+  for (int64_t r = 0; r + 1 < players; ++r) {
+    std::vector<std::pair<int64_t, int64_t>> round;
+    auto add = [&](int64_t a, int64_t b) {
+      if (a < blocks && b < blocks) round.emplace_back(std::min(a, b), std::max(a, b));
+    };
+    add(players - 1, r);
+    for (int64_t k = 1; k < players / 2; ++k)
+      add((r + k) % (players - 1), (r - k + players - 1) % (players - 1));
+    if (!round.empty()) rounds.push_back(std::move(round));
+  }
+  return rounds;
+}
+
+template <typename F>
+void run_rounds(const std::vector<std::vector<std::pair<int64_t, int64_t>>>& rounds, F&& tile) {
+  for (const auto& round : rounds) {
+    at::parallel_for(0, static_cast<int64_t>(round.size()), 1, [&](int64_t b, int64_t e) {
+      for (int64_t p = b; p < e; ++p) tile(round[p].first, round[p].second);
+    });
+  }
+}
+
+// NT-Xent's loop: every tile (I, J >= I) of the symmetric logits, in the rounds above.
+// tile_fn(diagonal, i0, rows, j0, cols, s, scratch) gets s = inv_temp * zhat_I zhat_J^T
+// (rows x cols, in per-thread scratch it may overwrite).
+template <typename T, typename TileFn>
+void for_each_symmetric_tile(const T* zp, int64_t n, int64_t d, double inv_temp, int64_t tile,
+                             const at::TensorOptions& opts, TileFn&& tile_fn) {
+  const int64_t blocks = (n + tile - 1) / tile;
+  Scratch<T> scratch(at::get_num_threads(), tile, tile);
+  run_rounds(symmetric_rounds(blocks), [&](int64_t bi, int64_t bj) {
+    const int64_t i0 = bi * tile, rows = std::min(tile, n - i0);
+    const int64_t j0 = bj * tile, cols = std::min(tile, n - j0);
+    T* s = scratch.tile();
+    logits_tile(zp + i0 * d, rows, zp + j0 * d, cols, d, inv_temp, s, opts);
+    tile_fn(bi == bj, i0, rows, j0, cols, s, scratch);
+  });
+}
+
+// The general kernels' blocks: row blocks of at most `tile` rows, small enough that a MoCo batch
+// (few rows, many negatives) still gives several blocks to share out over the cores, derived
+// from the shape alone so that results do not depend on the thread count; column tiles of
+// 4 x tile, so that each product is large enough to run BLAS near its peak (N = 256, M = 16384:
+// 128-wide tiles spent more time in per-call overhead than in arithmetic).
+inline int64_t row_block(int64_t rows, int64_t tile) {
+  const int64_t target = (rows + 3) / 4;
+  return std::min<int64_t>(tile, std::max<int64_t>(16, (target + 15) / 16 * 16));
+}
+
+constexpr int64_t kColumnTiles = 4;
+
+// The general kernels' loop: row blocks of a in parallel, each walking all column tiles of b in
+// order. tile_fn(i0, rows, j0, cols, s) gets the logits s = inv_temp * ahat_I bhat_J^T (rows x
+// cols, in per-thread scratch it may overwrite); block_end(i0, rows) runs after a block's last
+// tile. Each row block is owned by one thread: its outputs need no synchronization.
+template <typename T, typename TileFn, typename EndFn>
+void for_each_row_block(const T* ap, int64_t nr, const T* bp, int64_t nc, int64_t d,
+                        double inv_temp, int64_t tile, const at::TensorOptions& opts,
+                        TileFn&& tile_fn, EndFn&& block_end) {
+  const int64_t rb = row_block(nr, tile), blocks = (nr + rb - 1) / rb;
+  const int64_t cw = kColumnTiles * tile;
+  Scratch<T> scratch(at::get_num_threads(), rb, cw);
+  at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+    T* s = scratch.tile();
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t i0 = b * rb, rows = std::min(rb, nr - i0);
+      for (int64_t j0 = 0; j0 < nc; j0 += cw) {
+        const int64_t cols = std::min(cw, nc - j0);
+        logits_tile(ap + i0 * d, rows, bp + j0 * d, cols, d, inv_temp, s, opts);
+        tile_fn(i0, rows, j0, cols, s);
+      }
+      block_end(i0, rows);
+    }
+  });
+}
+
+// ----------------------------------------------------------------- dtype dispatch ---------
+
+// f(T{}) with T the kernels' arithmetic type: the norms' dtype.
+template <typename F>
+auto dispatch(const at::Tensor& norm, F&& f) {
+  if (norm.scalar_type() == at::kDouble) return f(double{});
+  return f(float{});
+}
+
+}  // namespace tiling
+}  // namespace fastcl

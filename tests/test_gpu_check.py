@@ -1,0 +1,59 @@
+"""benchmarks/gpu_check.py and benchmarks/gpu.sh, which only do their real work on a CUDA
+machine, run here in their CPU smoke modes so that the first GPU run is not their first run."""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _env():
+    env = dict(os.environ)
+    env["PYTHONPATH"] = ROOT + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    return env
+
+
+def test_gpu_check_smoke_on_cpu(tmp_path):
+    """One line per case (configuration x loss x D) appended to --out, then the queue push and
+    a summary; the established losses within the 2x-eager rule on the CPU backend."""
+    out = tmp_path / "check.txt"
+    proc = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "benchmarks", "gpu_check.py"), "--device", "cpu",
+         "--small", "--configs", "fp32,bf16", "--dims", "64,200", "--out", str(out),
+         "--stats", str(tmp_path / "stats.txt")],
+        capture_output=True, text=True, env=_env(), timeout=600)
+    assert out.exists(), (proc.stdout + proc.stderr)[-3000:]
+    lines = out.read_text().splitlines()
+    cases = [line for line in lines if line.startswith(("ok", "FAIL"))]
+    losses = {line.split()[2] for line in cases if "queue_push" not in line}
+    assert {"nt_xent", "info_nce", "info_nce_queue", "byol_loss"} <= losses
+    assert len(cases) == 2 * len(losses) * 2 + 1  # configs x losses x dims + the push
+    # The four losses every backend has must pass; a newer one (dcl_loss) only has to be run.
+    base = [line for line in cases if "queue_push" in line or line.split()[2] in
+            ("nt_xent", "info_nce", "info_nce_queue", "byol_loss")]
+    assert all(line.startswith("ok") for line in base), "\n".join(base)
+    failed = sum(line.startswith("FAIL") for line in cases)
+    assert lines[-1] == f"gpu_check: {len(cases)} cases, {failed} failed"
+    assert proc.returncode == (1 if failed else 0), (proc.stdout + proc.stderr)[-3000:]
+    assert (tmp_path / "stats.txt").read_text().startswith("0 Triton kernels compiled")
+
+
+def test_gpu_check_counts_launches_on_cpu(tmp_path):
+    out = tmp_path / "launches.txt"
+    proc = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "benchmarks", "gpu_check.py"), "--device", "cpu",
+         "--small", "--launches", "--out", str(out)],
+        capture_output=True, text=True, env=_env(), timeout=600)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    text = out.read_text()
+    assert "nt_xent forward+backward:" in text and "moco info_nce(queue)" in text
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
+def test_gpu_sh_parses():
+    subprocess.run(["bash", "-n", os.path.join(ROOT, "benchmarks", "gpu.sh")], check=True)
