@@ -27,6 +27,8 @@ Ratios (``python benchmarks/bench_nt_xent.py --ratios``)
     One process; for each case and size, the providers run interleaved, round-robin, with the
     starting provider rotated every round, after two warm-up calls each; the table gives each
     provider's median over the rounds (7, or 5 at N >= 4096), the ratios reference/fastcl,
+    (cases: NT-Xent at ``--sizes``, MoCo InfoNCE, in-batch InfoNCE at ``--in-batch``, 1024 by
+    default: issue 13's target)
     compile/fastcl and chunked/fastcl (> 1: fastcl faster), and the peak memory from the
     subprocess probe. This
     is the figure to quote: on a shared, noisy machine only ratios from interleaved runs in
@@ -145,6 +147,8 @@ def ratios(argv=None) -> int:
                    help="torch.set_num_threads for the timed process (default: torch's)")
     p.add_argument("--no-memory", action="store_true")
     p.add_argument("--no-moco", action="store_true", help="skip the info_nce MoCo case")
+    p.add_argument("--in-batch", default="1024",
+                   help="N of the in-batch InfoNCE case (comma-separated; empty: skip)")
     a = p.parse_args(argv)
     if a.threads:
         import torch
@@ -158,6 +162,7 @@ def ratios(argv=None) -> int:
     work = [("nt_xent", n) for n in sizes]
     if not a.no_moco:
         work.append(("info_nce", _common.MOCO_N))
+    work += [("in_batch", int(n)) for n in a.in_batch.split(",") if n]
 
     info = _common.machine_info()
     started = datetime.datetime.now().astimezone()
@@ -184,7 +189,8 @@ def ratios(argv=None) -> int:
             if device == "cuda" and not a.no_memory:
                 for prov, st in steps.items():
                     mem.setdefault((case, n, prov), {})[f"{mode}_mib"] = _common.cuda_peak_mib(st)
-            label = "nt_xent" if case == "nt_xent" else f"info_nce M={_common.MOCO_M}"
+            label = {"nt_xent": "nt_xent", "in_batch": "in_batch"}.get(
+                case, f"info_nce M={_common.MOCO_M}")
             rows.append((label, n, mode, rounds, med,
                          {prov: (mem.get((case, n, prov)) or {}).get(f"{mode}_mib")
                           for prov in providers}))

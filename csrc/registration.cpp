@@ -1,6 +1,6 @@
 // The C++ CPU kernels' operator library, "fastcl_cpu". fastcl's public custom ops ("fastcl::...",
 // fastcl/ops/) call these on CPU tensors; the schemas mirror the backend contracts in
-// fastcl/kernels/__init__.py (contrastive.cpp), fastcl/ops/momentum.py (momentum.cpp) and
+// fastcl/kernels/__init__.py (contrastive.cpp, dense.cpp), fastcl/ops/momentum.py (momentum.cpp) and
 // fastcl/ops/cosine.py (cosine.cpp). Their
 // fake (meta) implementations are registered from Python.
 
@@ -30,6 +30,17 @@ at::Tensor grad_accumulate(const at::Tensor& a, const at::Tensor& b, const at::T
                            const c10::optional<at::Tensor>& g_b, double inv_temp,
                            c10::optional<int64_t> pos_offset, int64_t tile);
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dense_forward(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& nq, const at::Tensor& nk,
+    double inv_temp, c10::optional<int64_t> pos_offset, bool positive_in_denominator,
+    bool with_dscale, bool with_row_grad);
+at::Tensor dense_grad_cols(const at::Tensor& probs, const at::Tensor& g, const at::Tensor& q,
+                           const at::Tensor& nq, double inv_temp);
+std::tuple<at::Tensor, at::Tensor> dense_backward(
+    const at::Tensor& probs, const at::Tensor& v, const at::Tensor& g, const at::Tensor& c,
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& nq, const at::Tensor& nk,
+    double inv_temp, bool need_rows, bool need_cols);
+
 void ema_(at::TensorList targets, at::TensorList sources, const at::Tensor& momentum);
 void queue_push_(const at::Tensor& queue, const at::Tensor& ptr, const at::Tensor& keys);
 bool queue_push_eager_(const at::Tensor& queue, const at::Tensor& ptr, const at::Tensor& keys);
@@ -57,6 +68,16 @@ TORCH_LIBRARY(fastcl_cpu, m) {
   m.def(
       "grad_accumulate(Tensor a, Tensor b, Tensor na, Tensor nb, Tensor? lse_a, Tensor? g_a, "
       "Tensor? lse_b, Tensor? g_b, float inv_temp, int? pos_offset, int tile) -> Tensor");
+  // dense.cpp: the materialized-logits path for small inputs (fastcl.kernels.cpp.DENSE_CAP_BYTES).
+  m.def(
+      "dense_forward(Tensor q, Tensor k, Tensor nq, Tensor nk, float inv_temp, int? pos_offset, "
+      "bool positive_in_denominator, bool with_dscale, bool with_row_grad) "
+      "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "dense_grad_cols(Tensor probs, Tensor g, Tensor q, Tensor nq, float inv_temp) -> Tensor");
+  m.def(
+      "dense_backward(Tensor probs, Tensor v, Tensor g, Tensor c, Tensor q, Tensor k, Tensor nq, "
+      "Tensor nk, float inv_temp, bool need_rows, bool need_cols) -> (Tensor, Tensor)");
   m.def("ema_(Tensor(a!)[] targets, Tensor[] sources, Tensor momentum) -> ()");
   m.def("queue_push_(Tensor(a!) queue, Tensor(b!) ptr, Tensor keys) -> ()");
   m.def("queue_push_eager_(Tensor(a!) queue, Tensor(b!) ptr, Tensor keys) -> bool");
@@ -69,6 +90,9 @@ TORCH_LIBRARY_IMPL(fastcl_cpu, CPU, m) {
   m.impl("nt_xent_grad", &fastcl::nt_xent_grad);
   m.impl("lse_forward", &fastcl::lse_forward);
   m.impl("grad_accumulate", &fastcl::grad_accumulate);
+  m.impl("dense_forward", &fastcl::dense_forward);
+  m.impl("dense_grad_cols", &fastcl::dense_grad_cols);
+  m.impl("dense_backward", &fastcl::dense_backward);
   m.impl("ema_", &fastcl::ema_);
   m.impl("queue_push_", &fastcl::queue_push_);
   m.impl("cosine_forward", &fastcl::cosine_forward);

@@ -132,7 +132,7 @@ def test_opcheck_softmax_rows_backward(backend, name, others):
         pytest.skip("covered by test_opcheck_softmax_rows: the forward raises")
     rows, cols, oth, key = _op_inputs(name, "permuted", backend.device, others)
     code = SPECS[name].code()
-    loss, lse, _, _ = ops.softmax_rows(rows, cols, oth, key, _scale(), code)
+    loss, lse, *_ = ops.softmax_rows(rows, cols, oth, key, _scale(), code)
     lse = torch.stack([lse, lse], dim=1)[:, 0]  # same values, stride 2
     grad = _vec("permuted", rows.shape[0], 3, backend.device)
     op = torch.ops.fastcl.softmax_rows_backward.default
@@ -151,8 +151,8 @@ def test_forward_rows_give_the_backward_pass_gradient(backend, name):
     n, m, d = (12, 20, 16) if backend.small else (70, 300, 40)
     rows, cols, _, key = _op_inputs(name, "contiguous", backend.device, n=n, m=m, d=d)
     code = SPECS[name].code()
-    loss, lse, _, v = ops.softmax_rows(rows, cols, None, key, _scale(0.15), code, True)
-    loss0, lse0, _, empty = ops.softmax_rows(rows, cols, None, key, _scale(0.15), code)
+    loss, lse, _, v, _ = ops.softmax_rows(rows, cols, None, key, _scale(0.15), code, True)
+    loss0, lse0, _, empty, _ = ops.softmax_rows(rows, cols, None, key, _scale(0.15), code)
     assert empty.numel() == 0 and v.shape == rows.shape
     assert torch.equal(loss, loss0) and torch.equal(lse, lse0)
     grad = _randn(n, seed=3, device=backend.device)
@@ -452,7 +452,7 @@ def test_backward_op_skips_unneeded_gradient(backend):
     k = _randn(10, 12, seed=3, device=backend.device)
     queue = _randn(30, 12, seed=1, device=backend.device)
     code = engine.QUEUE.code()
-    loss, lse, _, _ = ops.softmax_rows(q, queue, None, k, _scale(0.2), code)
+    loss, lse, *_ = ops.softmax_rows(q, queue, None, k, _scale(0.2), code)
     grad = torch.ones_like(loss)
     args = (grad, q, queue, None, k, loss, lse, _scale(0.2), None, code)
     dq, dn, _, dk = ops.softmax_rows_backward(*args, True, False, False, True)

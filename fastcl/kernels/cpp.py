@@ -1,5 +1,10 @@
-"""The C++ CPU kernels (``csrc/contrastive.cpp``) behind the backend contract of
-``fastcl.kernels``: thin calls into the ``torch.ops.fastcl_cpu`` operators.
+"""The C++ CPU kernels (``csrc/contrastive.cpp``, ``csrc/dense.cpp``) behind the backend
+contract of ``fastcl.kernels``: thin calls into the ``torch.ops.fastcl_cpu`` operators.
+
+Beyond the contract, the dense path (``dense_forward``, ``dense_grad_cols``,
+``dense_backward``): for in-batch passes whose logits fit ``DENSE_CAP_BYTES``, the op layer
+(``fastcl.ops.contrastive``) keeps the softmax weights from forward to backward, 3 matrix
+products in all instead of the tiled kernels' 4.
 
 ``precision`` is accepted for the contract's sake: the tiles' products are ATen matmuls, which
 follow torch's own float32 matmul settings on the CPU, as eager PyTorch does.
@@ -68,6 +73,47 @@ def grad_accumulate(a, b, na, nb, lse_a, g_a, lse_b, g_b, inv_temp: float,
                     pos_offset: Optional[int], precision: str = "ieee") -> torch.Tensor:
     return _ops.grad_accumulate(a, b, na, nb, lse_a, g_a, lse_b, g_b, inv_temp, pos_offset,
                                 _TILE)
+
+
+# ----------------------------------------------------------- dense path (csrc/dense.cpp) ------
+
+# The largest logits matrix the dense path materializes: n_rows * n_cols * element size (4 bytes
+# in float32, 8 in float64). Within it, the softmax weights P are kept from forward to backward
+# and forward + backward is 3 matrix products (eager's count) instead of the tiled kernels' 4;
+# beyond it, the tiled kernels run and memory stays O((n + m) D). 16 MiB is 2048 x 2048 float32
+# logits; the op layer (fastcl.ops.contrastive) reads this at each call (tests patch it).
+DENSE_CAP_BYTES = 16 * 2**20
+
+
+def dense_fits(n_rows: int, n_cols: int, dtype: torch.dtype) -> bool:
+    """Whether an (n_rows x n_cols) logits matrix of ``dtype`` accumulation fits the cap."""
+    size = 8 if dtype == torch.float64 else 4
+    return n_rows * n_cols * size <= DENSE_CAP_BYTES
+
+
+def dense_forward(q, k, nq, nk, inv_temp: float, pos_offset: Optional[int],
+                  positive_in_denominator: bool = True, with_dscale: bool = False,
+                  with_row_grad: bool = True):
+    """``lse_forward_with_grad`` on the materialized logits: (loss, lse, dscale, v, probs),
+    probs the (n x m) softmax weights P = exp(s - lse) with the positive's entries 0, kept for
+    :func:`dense_grad_cols`; v empty without ``with_row_grad``."""
+    return _ops.dense_forward(q, k, nq, nk, inv_temp, pos_offset, positive_in_denominator,
+                              with_dscale, with_row_grad)
+
+
+def dense_grad_cols(probs, g, q, nq, inv_temp: float) -> torch.Tensor:
+    """The columns' gradient direction inv_temp * (g o P)^T qhat (positive pairs skipped):
+    ``grad_accumulate`` of the columns, from the forward's own weights."""
+    return _ops.dense_grad_cols(probs, g, q, nq, inv_temp)
+
+
+def dense_backward(probs, v, g, c, q, k, nq, nk, inv_temp: float, need_rows: bool,
+                   need_cols: bool):
+    """(dq, dk) of an in-batch pass (positive of row i: column i) in the inputs' dtypes, from
+    the forward's v and probs: d qhat = g v + c khat and d khat = :func:`dense_grad_cols` + c
+    qhat (c the positive pairs' weights times the scale), each through the normalization's
+    backward. One not needed comes back empty."""
+    return _ops.dense_backward(probs, v, g, c, q, k, nq, nk, inv_temp, need_rows, need_cols)
 
 
 # ----------------------------------------------------------------------- momentum -------------

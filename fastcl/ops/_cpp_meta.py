@@ -45,6 +45,23 @@ def register() -> None:
         v = nq.new_empty(q.shape) if with_grad else nq.new_empty(0)
         return _rows(q, nq), _lse(q, nq), v, _dscale(q, nq, with_dscale)
 
+    @torch.library.register_fake("fastcl_cpu::dense_forward")
+    def _(q, k, nq, nk, inv_temp, pos_offset, positive_in_denominator, with_dscale,
+          with_row_grad):
+        dscale = _rows(q, nq) if with_dscale else nq.new_empty(0)
+        v = nq.new_empty(q.shape) if with_row_grad else nq.new_empty(0)
+        return (_rows(q, nq), _lse(q, nq), dscale, v,
+                nq.new_empty((q.shape[0], k.shape[0])))
+
+    @torch.library.register_fake("fastcl_cpu::dense_grad_cols")
+    def _(probs, g, q, nq, inv_temp):
+        return nq.new_empty((probs.shape[1], q.shape[1]))
+
+    @torch.library.register_fake("fastcl_cpu::dense_backward")
+    def _(probs, v, g, c, q, k, nq, nk, inv_temp, need_rows, need_cols):
+        return (q.new_empty(q.shape) if need_rows else q.new_empty(0),
+                k.new_empty(k.shape) if need_cols else k.new_empty(0))
+
     @torch.library.register_fake("fastcl_cpu::ema_")
     def _(targets, sources, momentum):
         return None

@@ -1,7 +1,7 @@
 """The softmax-family custom ops of the engine (``fastcl.engine``): one op pair for every loss.
 
 ``fastcl::softmax_rows(rows, cols, others, key, scale, spec, need_row_grad, need_dscale)
--> (loss, lse, dscale, row_grad)``
+-> (loss, lse, dscale, row_grad, probs)``
     The per-row losses l_i = lse_i - s_pos_i of the pass that ``spec`` (``Spec.code()``)
     describes, logits s_ij = scale * rhat_i . chat_j over the columns (``cols``, or the rows
     themselves when ``columns="rows"``) plus ``others`` (other ranks' rows: negatives only),
@@ -12,11 +12,26 @@
     tensor, no others) is v_i = scale * sum_j P_ij chat_j over the non-positive columns: d l_i
     / d rhat_i up to the factor g_i and the positive's term, formed in the forward tile pass
     (C++ and chunked: one product there instead of two in backward). Empty otherwise.
+    ``probs`` (the dense path, below) is the (n x m) matrix of softmax weights P = exp(s - lse)
+    with the positives' entries 0, flattened (n * m,), saved for the backward (no gradient).
+    Empty otherwise. Its size is left open in the fake (an unbacked size under torch.compile):
+    whether the dense path runs depends on the backend in force, which compiled graphs do not
+    guard on.
 ``fastcl::softmax_rows_backward(grad_loss, rows, cols, others, key, loss, lse, scale,
-row_grad, spec, need_rows, need_cols, need_others, need_key) -> (d_rows, d_cols, d_others,
-d_key)``
+row_grad, spec, need_rows, need_cols, need_others, need_key, probs=None) -> (d_rows, d_cols,
+d_others, d_key)``
     The input gradients, each from its own tile pass without atomics (deterministic); one
-    that is not needed (e.g. a detached queue) is not computed and comes back empty.
+    that is not needed (e.g. a detached queue) is not computed and comes back empty. With the
+    forward's ``probs``, the columns' gradient is one product over them instead of a pass that
+    recomputes every logit.
+
+The dense path (in-batch specs, ``positive="index"``, on a backend with ``dense_forward``: the
+C++ kernels): when the logits fit the backend's cap (``fastcl.kernels.cpp.DENSE_CAP_BYTES``,
+16 MiB: N = M = 2048 in float32), the forward materializes them, keeps P for the backward, and
+forward + backward is 3 matrix products, eager's count, instead of the tiled kernels' 4. The
+choice depends on the shapes and dtype alone (not on which inputs require grad), so a row's
+loss is the same float in training and under ``no_grad``. Beyond the cap the tiled kernels run
+and memory stays O((n + m) D).
 
 Other ranks' rows are a second block of columns: each block runs through the backend's fused
 kernels, and the row statistics merge exactly (lse = logaddexp(lse_own, lse_other); loss =
@@ -160,6 +175,15 @@ def _columns(spec: engine.Spec, rows: Tensor, nr: Tensor, cols, key):
     return cols, _norm(cols), None, (0 if spec.positive == "index" else None)
 
 
+def _use_dense(impl, sp: engine.Spec, rows: Tensor, cols: Optional[Tensor],
+               others: Optional[Tensor]) -> bool:
+    """Whether this pass runs the dense path (see the module docstring). Shapes only: the
+    fake implementation takes the same decision."""
+    return (sp.columns == "tensor" and sp.positive == "index" and cols is not None
+            and (others is None or others.shape[0] == 0) and hasattr(impl, "dense_forward")
+            and impl.dense_fits(rows.shape[0], cols.shape[0], _acc_dtype(rows)))
+
+
 def _merge(loss, lse, dscale, lse_o, dscale_o, a, s_pos=None):
     """Row statistics of the own block merged with those of the other ranks' block.
 
@@ -204,14 +228,19 @@ def softmax_rows(
     rows: Tensor, cols: Optional[Tensor], others: Optional[Tensor], key: Optional[Tensor],
     scale: Tensor, spec: str, need_row_grad: bool = False, need_dscale: bool = False,
     backend: str = "",
-) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     sp = engine.Spec.parse(spec)
     impl = _impl(sp, rows, others, backend)
     a, precision = _scale_arg(scale), dot_precision()
     in_denominator = sp.positive_in_denominator
     nr = _norm(rows)
     row_grad = rows.new_empty(0, dtype=nr.dtype)
-    if sp.columns == "rows":
+    probs = rows.new_empty(0, dtype=nr.dtype)
+    if _use_dense(impl, sp, rows, cols, others):
+        loss, lse, dscale, row_grad, probs = impl.dense_forward(
+            rows, cols, nr, _norm(cols), a, 0, in_denominator, need_dscale, need_row_grad)
+        probs = probs.view(-1)  # flat: see the fake
+    elif sp.columns == "rows":
         loss, lse, dscale = impl.nt_xent_forward(rows, nr, a, precision, in_denominator,
                                                  need_dscale)
     else:
@@ -235,15 +264,20 @@ def softmax_rows(
                  _positive_logits(sp, rows, nr, cols, key, a))
         loss, lse, dscale = _merge(loss, lse, dscale, lse_o.to(torch.float64),
                                    dscale_o.to(nr.dtype), a, s_pos)
-    return loss, lse, dscale.contiguous(), row_grad.to(nr.dtype).contiguous()
+    return loss, lse, dscale.contiguous(), row_grad.to(nr.dtype).contiguous(), probs
 
 
 @softmax_rows.register_fake
 def _(rows, cols, others, key, scale, spec, need_row_grad=False, need_dscale=False, backend=""):
     acc = _acc_dtype(rows)
     n = rows.shape[0]
+    # probs is flat, of a size the fake leaves open (n * m on the dense path, else 0): which
+    # path runs depends on the backend in force when the op runs, which a compiled graph does
+    # not guard on (a graph traced under one backend may run under another).
+    size = torch.library.get_ctx().new_dynamic_size()
     return (_rows_like(rows), _lse_like(rows), rows.new_empty(n if need_dscale else 0, dtype=acc),
-            rows.new_empty(rows.shape if need_row_grad else (0,), dtype=acc))
+            rows.new_empty(rows.shape if need_row_grad else (0,), dtype=acc),
+            rows.new_empty(size, dtype=acc))
 
 
 @torch.library.custom_op("fastcl::softmax_rows_backward", mutates_args=())
@@ -252,7 +286,7 @@ def softmax_rows_backward(
     grad_loss: Tensor, rows: Tensor, cols: Optional[Tensor], others: Optional[Tensor],
     key: Optional[Tensor], loss: Tensor, lse: Tensor, scale: Tensor,
     row_grad: Optional[Tensor], spec: str, need_rows: bool, need_cols: bool,
-    need_others: bool, need_key: bool, backend: str = "",
+    need_others: bool, need_key: bool, backend: str = "", probs: Optional[Tensor] = None,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     sp = engine.Spec.parse(spec)
     impl = _impl(sp, rows, others, backend)
@@ -283,6 +317,18 @@ def softmax_rows_backward(
             d_hat[:n].addcmul_(w[:n], z_hat[n:])
             d_hat[n:].addcmul_(w[n:], z_hat[:n])
             d_rows = _normalize_backward(rows, nr, d_hat, z_hat)
+    elif _dense_backward_ok(impl, sp, rows, cols, has_others, row_grad, probs, need_rows,
+                            need_cols):
+        # The dense path: both gradients from the forward's v and P, the positives' terms and
+        # the normalizations' backward in one call (csrc/dense.cpp).
+        empty = rows.new_empty(0, dtype=nr.dtype)
+        p = probs.view(rows.shape[0], -1) if need_cols else empty
+        d_rows, d_cols = impl.dense_backward(p, row_grad if need_rows else empty, g, c, rows,
+                                             cols, nr, _norm(cols), a, need_rows, need_cols)
+        if not need_rows:
+            d_rows = rows.new_empty(0)
+        if not need_cols:
+            d_cols = rows.new_empty(0)
     else:
         have_v = row_grad is not None and row_grad.numel() > 0
         pos_offset = 0 if sp.positive == "index" else None
@@ -305,8 +351,11 @@ def softmax_rows_backward(
                 d_hat += c[:, None] * _normalized(pos_vec, n_pos)
             d_rows = _normalize_backward(rows, nr, d_hat)
         if need_cols:
-            dc_hat = impl.grad_accumulate(cols, rows, nc, nr, None, None, lse, g, a, pos_offset,
-                                          precision)
+            if probs is not None and probs.numel() > 0:  # the dense path's forward weights
+                dc_hat = impl.dense_grad_cols(probs.view(rows.shape[0], -1), g, rows, nr, a)
+            else:
+                dc_hat = impl.grad_accumulate(cols, rows, nc, nr, None, None, lse, g, a,
+                                              pos_offset, precision)
             if sp.positive == "index":
                 dc_hat += c[:, None] * _normalized(rows, nr)
             d_cols = _normalize_backward(cols, nc, dc_hat)
@@ -321,9 +370,21 @@ def softmax_rows_backward(
     return d_rows, d_cols, d_others, d_key
 
 
+def _dense_backward_ok(impl, sp, rows, cols, has_others, row_grad, probs, need_rows,
+                       need_cols) -> bool:
+    """Whether the backward of an in-batch pass can come from the forward's v and P alone."""
+    if not (need_rows or need_cols) or has_others or sp.positive != "index":
+        return False
+    if not hasattr(impl, "dense_backward") or cols is None or cols.shape != rows.shape:
+        return False
+    have_v = row_grad is not None and row_grad.numel() > 0
+    have_p = probs is not None and probs.numel() > 0
+    return (have_v or not need_rows) and (have_p or not need_cols)
+
+
 @softmax_rows_backward.register_fake
 def _(grad_loss, rows, cols, others, key, loss, lse, scale, row_grad, spec, need_rows,
-      need_cols, need_others, need_key, backend=""):
+      need_cols, need_others, need_key, backend="", probs=None):
     def grad(x, need):
         return _empty_rows(x) if need and x is not None else rows.new_empty(0)
 
@@ -334,8 +395,12 @@ def _(grad_loss, rows, cols, others, key, loss, lse, scale, row_grad, spec, need
 
 def _setup(ctx, inputs, output):
     rows, cols, others, key, scale, spec, _need_v, _need_dscale, backend = inputs
-    loss, lse, dscale, row_grad = output
-    ctx.mark_non_differentiable(lse, dscale, row_grad)
+    loss, lse, dscale, row_grad, probs = output
+    ctx.mark_non_differentiable(lse, dscale, row_grad, probs)
+    # No zero-filled gradients for the outputs nobody differentiates: autograd would otherwise
+    # allocate and fill one per output each backward (4 MiB for the dense path's probs at
+    # N = 1024). grad_loss may then come as None (handled in _backward).
+    ctx.set_materialize_grads(False)
     ctx.spec = spec
     # The backward runs on the forward's backend, whatever is in force when it runs.
     ctx.backend = backend or _config.get_backend()
@@ -348,18 +413,21 @@ def _setup(ctx, inputs, output):
     keep = cols is not None and (
         sp.positive != "key" or cols.requires_grad or (rows.requires_grad and
                                                        row_grad.numel() == 0))
+    # The dense path's weights serve the columns' gradient only. (No test of probs' size here:
+    # it is data-dependent under torch.compile; an empty one costs nothing.)
+    keep_probs = cols is not None and cols.requires_grad
     ctx.save_for_backward(rows, cols if keep else None, others, key, loss, lse, scale,
-                          row_grad, dscale)
+                          row_grad, dscale, probs if keep_probs else None)
 
 
 _NAMES = {engine.NT_XENT: "fastcl.nt_xent", engine.DCL: "fastcl.dcl_loss"}
 
 
-def _backward(ctx, grad_loss, _g_lse, _g_dscale, _g_row_grad):
+def _backward(ctx, grad_loss, _g_lse, _g_dscale, _g_row_grad, _g_probs):
     sp = engine.Spec.parse(ctx.spec)
     refuse_double_backward(f"{_NAMES.get(sp, 'fastcl.info_nce')} (op fastcl::softmax_rows, "
                            f"spec {ctx.spec})")
-    rows, cols, others, key, loss, lse, scale, row_grad, dscale = ctx.saved_tensors
+    rows, cols, others, key, loss, lse, scale, row_grad, dscale, probs = ctx.saved_tensors
     need_rows, need_cols, need_others, need_key, need_scale = ctx.needs_input_grad[:5]
     need_cols = bool(need_cols and ctx.has_cols)
     if ctx.has_cols and cols is None:  # not kept: its rows are not read
@@ -368,7 +436,7 @@ def _backward(ctx, grad_loss, _g_lse, _g_dscale, _g_row_grad):
     d_rows, d_cols, d_others, d_key = softmax_rows_backward(
         g, rows, cols, others, key, loss, lse, scale, row_grad, ctx.spec, need_rows,
         need_cols, bool(need_others and others is not None),
-        bool(need_key and key is not None), ctx.backend)
+        bool(need_key and key is not None), ctx.backend, probs)
     d_scale = None
     if need_scale:
         if dscale.numel() == 0:
@@ -388,9 +456,8 @@ softmax_rows.register_autograd(_backward, setup_context=_setup)
 
 def nt_xent(z: Tensor, temperature: Tensor) -> Tuple[Tensor, Tensor]:
     """(loss, lse) of NT-Xent over z = cat([z1, z2]) (temperature: a 0-dim tensor)."""
-    loss, lse, _, _ = softmax_rows(z, None, None, None, 1.0 / temperature,
-                                   engine.NT_XENT.code())
-    return loss, lse
+    out = softmax_rows(z, None, None, None, 1.0 / temperature, engine.NT_XENT.code())
+    return out[0], out[1]
 
 
 def info_nce(q: Tensor, k: Tensor, negatives: Optional[Tensor], temperature: Tensor,

@@ -1,0 +1,129 @@
+"""In-batch InfoNCE (``fastcl.info_nce(q, k)``, q and k requiring grad): fastcl against eager
+and torch.compile, interleaved in one process (the figure of issue 13).
+
+    python benchmarks/interleaved.py [--n 1024] [--d 128] [--mode full] [--rounds 15]
+                                     [--repeats 3] [--threads T] [--clock wall|cpu]
+
+Providers: ``fastcl`` (the C++ kernels, the automatic choice: the dense path within
+``fastcl.kernels.cpp.DENSE_CAP_BYTES``), ``tiled`` (the C++ kernels with the dense path off:
+the cap set to 0), ``reference`` (eager: F.normalize, q @ k.T / tau, cross_entropy) and
+``compile`` (``torch.compile`` of the reference). Each repeat runs every provider round-robin
+(start rotated every round, after two warm-up calls each) on rotating inputs
+(``_common.Step``) and prints the medians and the ratios eager/fastcl, compile/fastcl and
+tiled/fastcl (> 1: fastcl faster); the last line gives each ratio's median and range over the
+repeats, which is what to quote on a shared machine (with the load average printed beside it).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import torch  # noqa: E402
+
+import _common  # noqa: E402
+
+
+class _Tiled:
+    """A fastcl step with the dense path switched off (the cap at 0) while it runs."""
+
+    def __init__(self, step):
+        from fastcl.kernels import cpp
+
+        self.step, self.cpp = step, cpp
+        self.prepare = getattr(step, "prepare", None)
+        if self.prepare is not None:
+            self.prepare = self._wrap(self.prepare)
+
+    def _wrap(self, fn):
+        def run():
+            with self._off():
+                return fn()
+        return run
+
+    @contextlib.contextmanager
+    def _off(self):
+        before = self.cpp.DENSE_CAP_BYTES
+        self.cpp.DENSE_CAP_BYTES = 0
+        try:
+            yield
+        finally:
+            self.cpp.DENSE_CAP_BYTES = before
+
+    def __call__(self):
+        with self._off():
+            return self.step()
+
+
+def _interleaved(steps, rounds, clock):
+    """_common.interleaved with a choice of clock: median seconds per provider."""
+    import time
+
+    now = time.perf_counter if clock == "wall" else time.process_time
+    names = list(steps)
+    times = {name: [] for name in names}
+
+    def run(name):
+        prepare = getattr(steps[name], "prepare", None)
+        if prepare is not None:
+            prepare()
+        t0 = now()
+        steps[name]()
+        return now() - t0
+
+    for name in names:
+        run(name)
+        run(name)
+    for r in range(rounds):
+        for j in range(len(names)):
+            name = names[(r + j) % len(names)]
+            times[name].append(run(name))
+    return {name: _common.median(ts) for name, ts in times.items()}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--case", default="in_batch", choices=_common.CASES)
+    p.add_argument("--n", type=int, default=1024)
+    p.add_argument("--mode", default="full", choices=_common.MODES)
+    p.add_argument("--rounds", type=int, default=15)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--providers", default="fastcl,tiled,reference,compile")
+    p.add_argument("--clock", default="wall", choices=("wall", "cpu"),
+                   help="wall: perf_counter; cpu: the process's CPU time (time.process_time), "
+                        "less sensitive to other processes on a loaded machine; meaningful with "
+                        "--threads 1 (with more, idle worker threads may spin)")
+    a = p.parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    names = [x for x in a.providers.split(",") if x]
+    _common.print_header(f"interleaved {a.case} N={a.n} D={_common.D} fp32 {a.mode}, "
+                         f"{a.clock} clock")
+    print("# command: python benchmarks/interleaved.py " +
+          " ".join(sys.argv[1:] if argv is None else argv))
+    steps = {}
+    for name in names:
+        provider = "fastcl" if name == "tiled" else name
+        step = _common.make_step(a.case, provider, a.n, a.mode)
+        steps[name] = _Tiled(step) if name == "tiled" else step
+    others = [x for x in names if x != "fastcl"]
+    ratios = {x: [] for x in others}
+    for rep in range(a.repeats):
+        med = _interleaved(steps, a.rounds, a.clock)
+        for x in others:
+            ratios[x].append(med[x] / med["fastcl"])
+        print(f"repeat {rep}: " + "  ".join(f"{x} {_common.fmt_time(med[x])}" for x in names)
+              + "  |  " + "  ".join(f"{x}/fastcl {med[x] / med['fastcl']:.2f}x" for x in others)
+              + f"  | load {_common.loadavg()}", flush=True)
+    print("ratios over repeats (median [min, max]): " + "  ".join(
+        f"{x}/fastcl {_common.median(r):.2f}x [{min(r):.2f}, {max(r):.2f}]"
+        for x, r in ratios.items()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
