@@ -172,7 +172,8 @@ def test_gpu_script_parses():
     proc = subprocess.run(["bash", "-n", script], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     text = open(script).read()
-    for needed in ("tests.log", "report.log", "--device cuda", "timeout"):
+    for needed in ("tests.log", "check.txt", "summary.txt", "report-",
+                   "DEVICE=${FASTCL_GPU_SH_DEVICE:-cuda}", '--device "$DEVICE"', "timeout"):
         assert needed in text
 
 
