@@ -67,9 +67,10 @@ come from the matrix units: that identity is claimed only where tested on a devi
 
 Autotuning (``triton.autotune``, on CUDA only): configs ``FWD_CONFIGS`` / ``GRAD_CONFIGS``,
 keyed on D, the dtypes and the code-path constexprs; ``prune_configs`` keeps those within a
-register and shared-memory budget and with BLOCK_N = ``block_n(d, dtype)``. BLOCK_N is not
-tuned because it sets the order of the online row reductions: with it fixed by (D, dtype), the
-autotuner's pick (by timing, so possibly different per process) changes no float32 result.
+register and shared-memory budget and with BLOCK_N = ``block_n(d, dtype, kind)``. BLOCK_N is
+not tuned because it sets the order of the online row reductions: with it fixed by (kind, D,
+dtype), the autotuner's pick (by timing, so possibly different per process) changes no float32
+result: the configs it picks from differ only in the pipeline depth.
 The configs are those that compile without spills on sm_80, sm_89 and sm_90 (``_TUNE``,
 ``_stages``; the AOT check compiles them with the JIT's specializations): BLOCK_M = 64 with 8
 warps, BLOCK_N 64 (128 only in bf16/fp16 forwards at D <= 64: in the backward it spilled 16 B),
@@ -85,9 +86,8 @@ and the pipeline depths that fit each tiling class:
 (4 stages spilled 8 B in some forwards; more stages than these spill 8-52 B on some
 architecture.) The TF32 backward keeps its rows resident only up to D = 32
 (``TF32_GRAD_RESIDENT_MAX_D``; at D = 64 the resident form spilled 16-184 B on sm_80): above,
-it streams them in the forward's BLOCK_D, so its logits are the forward's very dots. Autotuning
-benchmarks on the
-first call per key (host syncs): do a warm-up call outside CUDA-graph capture. Under the
+it streams them in the forward's BLOCK_D, so its logits are the forward's very dots.
+Autotuning benchmarks on the first call per key (host syncs): do a warm-up call outside CUDA-graph capture. Under the
 interpreter one small fixed config is used (``INTERPRETER_TILES``). ``aot_variants()`` lists
 every (kernel, signature, constexprs, options) that can run, for the ahead-of-time compile test.
 
@@ -625,8 +625,7 @@ def _stages(kind: str, dtype: torch.dtype, precision: str, resident: bool) -> Tu
         sm_90 with dscale and splits); the backward 2 (3 spills 52 B).
       TF32 forward, D > 64 (chunks of 32): 3 (2 spills 8 B on sm_89, 4 8 B on sm_80 / sm_89).
       bf16 / fp16 backward, D > 128 (chunks of 64): 1 (2 spills 8-24 B on sm_80 / sm_89, 3
-        8-16 B); every other class 2 and 3 (4 spills in the forward, 8 B; 4 not tried in the
-        backward)."""
+        8-16 B); every other class 2 and 3 (4 spilled 8 B in forwards, 8-64 B in backwards)."""
     if dtype == torch.float32 and precision == "ieee":
         return (2,)
     if kind == "fwd":
