@@ -27,13 +27,19 @@ push) and BYOL's cosine-loss kernels are added for each (D, dtype).
 The matrix (documented choice, to stay near 2 minutes of CI on 2 cores): D in {64, 128, 256,
 1024} x storage dtype in {float32 (IEEE and TF32 products), bfloat16, float16} x every code
 path, all of it for sm_90 (the H100/H200 class the benchmarks run on); for sm_80 and sm_89 one
-dtype per D, rotating, so that each architecture sees every D, every dtype and every code path
-without the full cross product (group (D_i, dtype_j) goes to sm_80 when (i + j) % 3 == 0 and
-to sm_89 when it is 1). Each group compiles every code path with the first autotune config
-the kernels' pruning keeps; for sm_90 at D = 128 (the benchmarks' width), every kept config
-(the autotuner may pick any of them). Variants whose specialization is identical (same arch, signature,
-constants, attributes and options: e.g. D = 256 and D = 1024 when the tiles do not depend on D)
-are compiled once and reported on each of their lines.
+group per dtype, D rotating over {64, 128, 256} (group (D_i, dtype_j) goes to sm_80 when
+(i + j) % 3 == 0 and to sm_89 when it is 1), so that each architecture sees every dtype and
+every code path, and the two between them every tiling class (IEEE chunks; TF32 resident and
+chunked; bf16/fp16 resident at 64 and 128 and chunked). D = 1024 is compiled for sm_90 only:
+the contrastive kernels tile it as D = 256 (the same compiles), so elsewhere it would add only
+the small momentum and cosine kernels. Each group compiles every code path with the first
+autotune config the kernels' pruning keeps; for sm_90 at D = 128 (the benchmarks' width), every
+kept config (the autotuner may pick any of them). Variants whose specialization is identical
+(same arch, signature, constants, attributes and options: e.g. D = 256 and D = 1024, or every D
+of the float32 IEEE path, whose tiles do not depend on D) are compiled once and reported on each
+of their lines. The pipeline depths the kernels keep were chosen by compiling every depth of
+every tiling class for all three architectures (see ``_stages`` in the kernel module): a spill
+on one architecture removes that depth for all.
 
 Resources: shared memory is the compiled kernel's ``metadata.shared`` (bytes per block,
 including the dynamic part); registers and spills come from the cubin's resource usage
@@ -197,13 +203,16 @@ def _other_variants(d, dtype):
 
 
 def archs_for(d_index: int, dtype_index: int, archs) -> list:
-    """The architectures that compile group (D_i, dtype_j): FULL_ARCH always; sm_80 when
-    (i + j) % 3 == 0, sm_89 when it is 1 (each then sees every D and every dtype)."""
+    """The architectures that compile group (D_i, dtype_j): FULL_ARCH always; for i < 3
+    (D in {64, 128, 256}) sm_80 when (i + j) % 3 == 0, sm_89 when it is 1 (each then sees every
+    dtype, and between them every tiling class). D = 1024 only on FULL_ARCH: its tiles are
+    D = 256's (the contrastive kernels' compiles are the same), so on sm_80 / sm_89 it would add
+    only the small momentum and cosine kernels."""
     out = []
     for arch in archs:
         if arch == FULL_ARCH or arch not in (80, 89):
             out.append(arch)
-        elif (d_index + dtype_index) % 3 == (0 if arch == 80 else 1):
+        elif d_index < 3 and (d_index + dtype_index) % 3 == (0 if arch == 80 else 1):
             out.append(arch)
     return out
 

@@ -17,6 +17,9 @@ loaded (and normalized) once, before the column loop; above, and always for floa
 (FMA chains that hold their operands in registers), the logits are reduced over BLOCK_D chunks
 of D. The limits are measured: with ptxas for sm_90, a resident bf16 row tile of D = 256 spills
 2-4 KB per thread (so does TF32 at D = 128), and the FMA dot spills from 32-wide chunks up.
+A positive given as rows (POS_ROWS, MoCo's) is computed before the column loop and waits in its
+output slot (the row's loss, or its partial-state plane) until the loop ends: held in registers,
+ptxas spilled it across the loop (16-32 B).
 
 Backward (``_grad_kernel``): the same (row blocks, column splits) grid, no atomics: each split
 writes its partial rows and ``_sum_splits_kernel`` adds them in split order (so the dq of a MoCo
@@ -64,12 +67,27 @@ come from the matrix units: that identity is claimed only where tested on a devi
 
 Autotuning (``triton.autotune``, on CUDA only): configs ``FWD_CONFIGS`` / ``GRAD_CONFIGS``,
 keyed on D, the dtypes and the code-path constexprs; ``prune_configs`` keeps those within a
-register and shared-memory budget and with BLOCK_N = ``block_n(d, dtype)``. BLOCK_N is not
-tuned because it sets the order of the online row reductions: with it fixed by (D, dtype), the
-autotuner's pick (by timing, so possibly different per process) changes no float32 result.
-The configs are those that compile without spills (see ``_TUNE``): BLOCK_M = 64 with 8 warps,
-BLOCK_N 64 (128 for bf16/fp16 at D <= 64), 2-4 pipeline stages. Autotuning benchmarks on the
-first call per key (host syncs): do a warm-up call outside CUDA-graph capture. Under the
+register and shared-memory budget and with BLOCK_N = ``block_n(d, dtype, kind)``. BLOCK_N is
+not tuned because it sets the order of the online row reductions: with it fixed by (kind, D,
+dtype), the autotuner's pick (by timing, so possibly different per process) changes no float32
+result: the configs it picks from differ only in the pipeline depth.
+The configs are those that compile without spills on sm_80, sm_89 and sm_90 (``_TUNE``,
+``_stages``; the AOT check compiles them with the JIT's specializations): BLOCK_M = 64 with 8
+warps, BLOCK_N 64 (128 only in bf16/fp16 forwards at D <= 64: in the backward it spilled 16 B),
+and the pipeline depths that fit each tiling class:
+
+    class (D chunk)                       forward stages   backward stages
+    float32 IEEE (FMA, BLOCK_D 16)        2                2
+    TF32, D <= 64 (BLOCK_D = D)           2, 3             2, 3   (rows stream: see below)
+    TF32, D > 64 (BLOCK_D 32)             3                2, 3
+    bf16/fp16, D <= 128 (resident)        2, 3             2, 3
+    bf16/fp16, D > 128 (BLOCK_D 64)       2, 3             1
+
+(4 stages spilled 8 B in some forwards; more stages than these spill 8-52 B on some
+architecture.) The TF32 backward keeps its rows resident only up to D = 32
+(``TF32_GRAD_RESIDENT_MAX_D``; at D = 64 the resident form spilled 16-184 B on sm_80): above,
+it streams them in the forward's BLOCK_D, so its logits are the forward's very dots.
+Autotuning benchmarks on the first call per key (host syncs): do a warm-up call outside CUDA-graph capture. Under the
 interpreter one small fixed config is used (``INTERPRETER_TILES``). ``aot_variants()`` lists
 every (kernel, signature, constexprs, options) that can run, for the ahead-of-time compile test.
 
@@ -97,6 +115,7 @@ RESIDENT_MAX_D = 128          # GPU, bf16/fp16: D up to this keeps the row tile 
 CHUNK_D = 64                  # GPU, bf16/fp16: D chunk above it
 TF32_RESIDENT_MAX_D = 64      # GPU, float32 with TF32 dots
 TF32_CHUNK_D = 32
+TF32_GRAD_RESIDENT_MAX_D = 32  # GPU backward, TF32: D = 64 streams, in one BLOCK_D = 64 chunk
 FMA_CHUNK_D = 16              # GPU, float32 IEEE (FMA) dots: never resident
 INTERPRETER_TILES = dict(BLOCK_M=32, BLOCK_N=32)
 INTERPRETER_RESIDENT_MAX_D = 64
@@ -306,10 +325,21 @@ def _lse_fwd_kernel(
         else:
             sp = dot_pos * (((1.0 / nq) * (1.0 / n_p)) * scale)
         first = pid_s == 0
-        s_pos = tl.where(first, sp, 0.0)
         if POS_IN_DENOM:  # it starts the state: m = s_pos, l = 1, t = 0
             m = tl.where(first, sp, m)
             l = tl.where(first, l + 1.0, l)
+        if POS_IN_COLUMNS:  # the column loop adds to it
+            s_pos = tl.where(first, sp, 0.0)
+        else:
+            # Unused in the column loop, s_pos waits in its output slot (the row's loss, or its
+            # partial-state plane) rather than in registers, which ptxas spilled across the
+            # loop (16-32 B); read back after the loop (and a barrier), in the same layout.
+            if ONE_SPLIT:
+                pos_slot = LOSS + rows
+            else:
+                pos_slot = PART + 2 * (tl.full([], n_splits, tl.int64) * n_q) \
+                    + tl.full([], pid_s, tl.int64) * n_q + rows64
+            tl.store(pos_slot, tl.where(first, sp, 0.0), mask=row_ok)
     if POS_IN_COLUMNS:
         pos_col = (rows + pos_offset) % n_k
 
@@ -350,6 +380,10 @@ def _lse_fwd_kernel(
         l = l * alpha + tl.sum(p, 1)
         m = m_new
 
+    if POS_ROWS:
+        if not POS_IN_COLUMNS:
+            tl.debug_barrier()
+            s_pos = tl.load(pos_slot, mask=row_ok, other=0.0)
     if ONE_SPLIT:
         _finish(m, l, t, s_pos, inv_temp, rows, row_ok, LOSS, LSE, DSCALE,
                 WITH_DSCALE, EXP2, BLOCK_M)
@@ -358,7 +392,8 @@ def _lse_fwd_kernel(
         off = tl.full([], pid_s, tl.int64) * n_q + rows64
         tl.store(PART + off, m, mask=row_ok)
         tl.store(PART + plane + off, l, mask=row_ok)
-        tl.store(PART + 2 * plane + off, s_pos, mask=row_ok)
+        if POS_IN_COLUMNS or not POS_ROWS:  # else it is there already
+            tl.store(PART + 2 * plane + off, s_pos, mask=row_ok)
         if WITH_DSCALE:
             tl.store(PART + 3 * plane + off, t, mask=row_ok)
 
@@ -557,28 +592,48 @@ def d_tiling(d: int, on_cuda: bool, dtype: torch.dtype = torch.bfloat16,
 
 def block_n(d: int, dtype: torch.dtype, kind: str = "fwd") -> int:
     """BLOCK_N on the GPU: fixed by (D, dtype), not tuned (it orders the row reductions). 128
-    only for half types at D <= 64, and in the backward only for bf16 (fp16 keeps W in float32
-    for the second product: 8-24 B of spills at 128)."""
-    half = (torch.bfloat16, torch.float16) if kind == "fwd" else (torch.bfloat16,)
-    return 128 if dtype in half and d <= 64 else 64
+    only for half types at D <= 64 in the forward; the backward keeps 64 (128 spilled: fp16
+    8-24 B, bf16 NT-Xent 16 B on sm_89 / sm_90 at every depth)."""
+    if kind != "fwd":
+        return 64
+    return 128 if dtype in (torch.bfloat16, torch.float16) and d <= 64 else 64
 
 
 def _cfg(bm, bn, w, s):
     return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
 
 
-# (BLOCK_M, BLOCK_N, num_warps, num_stages); prune_configs keeps the BLOCK_N of block_n().
+# (BLOCK_M, BLOCK_N, num_warps, num_stages); prune_configs keeps the BLOCK_N of block_n() and
+# the stages of _stages().
 # Measured with ptxas for sm_90 (Triton 3.9; the heaviest variants: dscale, positives, splits):
 # with 4 warps every kernel spills (16 B to 2.4 KB) at BLOCK_M = 64, and BLOCK_M = 128 spills
 # with 8 warps too (32 B to 1.6 KB) in most (dtype, D) classes; BLOCK_M = 64 with 8 warps
-# spills nowhere, and BLOCK_N = 128 only for bf16/fp16 at D <= 64 (108 B at D = 128). So the
-# tuned dimension is the pipeline depth, over the tiles that fit.
-# The backward holds more (the W tile and the output accumulator): 4 stages spill there (8-64 B),
-# and so do 3 with float32 FMA dots (52 B), which keep 2.
-_TUNE = [(64, 64, 8, 2), (64, 64, 8, 3), (64, 64, 8, 4),
-         (64, 128, 8, 2), (64, 128, 8, 3), (64, 128, 8, 4)]
+# spills nowhere, and BLOCK_N = 128 only for bf16/fp16 forwards at D <= 64 (108 B at D = 128).
+# So the tuned dimension is the pipeline depth, over the tiles that fit; which depths fit
+# depends on the tiling class and the architecture (see _stages).
+_TUNE = [(64, 64, 8, 1), (64, 64, 8, 2), (64, 64, 8, 3),
+         (64, 128, 8, 1), (64, 128, 8, 2), (64, 128, 8, 3)]
 FWD_CONFIGS: List[triton.Config] = [_cfg(*c) for c in _TUNE]
-GRAD_CONFIGS: List[triton.Config] = [_cfg(*c) for c in _TUNE if c[3] <= 3]
+GRAD_CONFIGS: List[triton.Config] = [_cfg(*c) for c in _TUNE]
+
+
+def _stages(kind: str, dtype: torch.dtype, precision: str, resident: bool) -> Tuple[int, ...]:
+    """The pipeline depths that compile without spills on sm_80, sm_89 and sm_90 alike
+    (ptxas of Triton 3.9, every code path; the stage count changes no result, so the autotuner
+    may pick any). Measured, per tiling class (spills in bytes per thread):
+      float32 IEEE (FMA chain, D chunks of 16): 2 (3 spills 8 B on sm_80 / sm_89, 4 8 B on
+        sm_90 with dscale and splits); the backward 2 (3 spills 52 B).
+      TF32 forward, D > 64 (chunks of 32): 3 (2 spills 8 B on sm_89, 4 8 B on sm_80 / sm_89).
+      bf16 / fp16 backward, D > 128 (chunks of 64): 1 (2 spills 8-24 B on sm_80 / sm_89, 3
+        8-16 B); every other class 2 and 3 (4 spilled 8 B in forwards, 8-64 B in backwards)."""
+    if dtype == torch.float32 and precision == "ieee":
+        return (2,)
+    if kind == "fwd":
+        return (2, 3) if resident or dtype != torch.float32 else (3,)
+    if dtype != torch.float32 and not resident:
+        return (1,)
+    return (2, 3)
+
 
 _REG_BUDGET = 128            # estimated float32 values per thread for the big tiles
 _SMEM_BUDGET = 160 * 1024    # bytes: under sm_80's 164 KiB (sm_90: 227 KiB)
@@ -604,9 +659,9 @@ def prune_configs(configs, kind: str, d: int, dtype: torch.dtype,
     precision = precision if dtype == torch.float32 else "tf32"
     resident, block_d = d_tiling(d, True, dtype, precision)
     bn = block_n(d, dtype, kind)
+    stages = _stages(kind, dtype, precision, resident)
     same_n = [c for c in configs if c.kwargs["BLOCK_N"] == bn]
-    if kind == "grad" and dtype == torch.float32 and precision == "ieee":
-        same_n = [c for c in same_n if c.num_stages <= 2] or same_n
+    same_n = [c for c in same_n if c.num_stages in stages] or same_n
     kept = [c for c in same_n if _fits(c, kind, d, dtype, resident, block_d)]
     if not kept:
         kept = [min(same_n, key=lambda c: (c.kwargs["BLOCK_M"], c.num_warps, c.num_stages))]
@@ -666,6 +721,9 @@ def grad_meta(dtype, d, on_cuda, use_a, use_b, exclude_diag, pos_in_columns, pre
               scale_ptr=False) -> dict:
     """Compile-time arguments of ``_grad_kernel`` for one call (see ``lse_meta``)."""
     meta = _common_meta(dtype, d, on_cuda, precision)
+    if on_cuda and dtype == torch.float32 and d > TF32_GRAD_RESIDENT_MAX_D:
+        # The same BLOCK_D (so the same logits) as the forward; the rows stream (spills).
+        meta["RESIDENT"] = False
     meta.update(USE_A=bool(use_a), USE_B=bool(use_b), EXCLUDE_DIAG=bool(exclude_diag),
                 POS_IN_COLUMNS=bool(pos_in_columns), CAST_W=dtype == torch.bfloat16,
                 SCALE_PTR=bool(scale_ptr))
