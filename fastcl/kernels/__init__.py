@@ -44,6 +44,12 @@ in the kernel). The C++ kernels are CPU-only and always get a float.
     d/d zhat of sum_i g_i lse_i over the non-positive pairs, by symmetry: out = inv_temp *
     sum_j (g_i P_ij + g_j P_ji) zhat_j, diagonal and positive pairs skipped.
 
+Optional, C++ only: the dense path for small in-batch passes (``dense_forward``,
+``dense_grad_cols``, ``dense_backward``, ``dense_fits``; see ``fastcl.kernels.cpp``). While the
+(n x m) logits fit ``DENSE_CAP_BYTES`` (16 MiB) the op keeps the probabilities from the forward
+for the columns' gradient: 3 products for forward + backward instead of 4; beyond the cap, the
+tiled passes above (memory O(N*D)). The choice is the op layer's, from the shape alone.
+
 The backward passes need nothing new for DCL: they skip positive pairs already, and the lse they
 are given is the one the forward computed (without the positive).
 
