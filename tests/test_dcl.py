@@ -32,7 +32,6 @@ from hypothesis import strategies as st
 import fastcl
 from fastcl import engine
 from fastcl.functional import negative_mises_fisher_weights
-from conftest import CPU_BACKENDS, kernel_module, tile_patch
 from test_dtypes import _one_rank_group
 from tolerances import assert_within_rule, max_err
 
@@ -133,6 +132,10 @@ def test_formula_is_lightlys_dcl(weights, n, d, seed, temperature):
 
 
 def _tiling(backend, data):
+    # Imported here, not at the top: the 2-process test's workers import this module in a
+    # fresh interpreter whose sys.path may find benchmarks/conftest.py first.
+    from conftest import CPU_BACKENDS, kernel_module, tile_patch
+
     if backend.name not in CPU_BACKENDS:
         import contextlib
 
