@@ -33,7 +33,6 @@
 #include <tuple>
 
 #include "fast_exp.h"
-#include "tiling.h"
 
 namespace fastcl {
 namespace {
@@ -45,6 +44,20 @@ constexpr T neg_inf_d() {
 
 // Columns summed in the row's dtype before the partial sum goes into a double.
 constexpr int64_t kChunk = 512;
+
+at::Tensor normalized_rows(const at::Tensor& x, const at::Tensor& norm) {
+  return (x.to(norm.scalar_type()) / norm.unsqueeze(1)).contiguous();
+}
+
+void check_rows_d(const at::Tensor& x, const at::Tensor& norm, const char* name) {
+  TORCH_CHECK(x.device().is_cpu() && norm.device().is_cpu(), "fastcl_cpu: ", name,
+              " must be a CPU tensor");
+  TORCH_CHECK(x.dim() == 2, "fastcl_cpu: ", name, " must be 2-D, got ", x.dim(), "-D");
+  TORCH_CHECK(norm.dim() == 1 && norm.size(0) == x.size(0), "fastcl_cpu: the norms of ", name,
+              " must have shape (", x.size(0), ",)");
+  TORCH_CHECK(norm.scalar_type() == at::kFloat || norm.scalar_type() == at::kDouble,
+              "fastcl_cpu: norms must be float32 or float64");
+}
 
 // One row of logits s (m entries) -> its statistics, and s overwritten with the softmax weights
 // (the positive's set to 0: its weight is added by the op layer from the exact loss).
@@ -110,8 +123,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dense_for
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& nq, const at::Tensor& nk,
     double inv_temp, c10::optional<int64_t> pos_offset, bool in_denominator, bool with_dscale,
     bool with_row_grad) {
-  const auto qh = tiling::normalized(q, nq);
-  const auto kh = tiling::normalized(k, nk);
+  const auto qh = normalized_rows(q, nq);
+  const auto kh = normalized_rows(k, nk);
   const int64_t n = qh.size(0), m = kh.size(0);
   const auto opts = qh.options();
   // S = inv_temp * qhat khat^T: one product, ATen's threads. (Strips of rows kept in L2 through
@@ -218,8 +231,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dense_for
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& nq, const at::Tensor& nk,
     double inv_temp, c10::optional<int64_t> pos_offset, bool positive_in_denominator,
     bool with_dscale, bool with_row_grad) {
-  tiling::check_rows(q, nq, "q");
-  tiling::check_rows(k, nk, "k");
+  check_rows_d(q, nq, "q");
+  check_rows_d(k, nk, "k");
   TORCH_CHECK(q.size(1) == k.size(1), "fastcl_cpu: q and k must have the same width");
   TORCH_CHECK(nq.scalar_type() == nk.scalar_type(), "fastcl_cpu: nq and nk must share a dtype");
   TORCH_CHECK(k.size(0) > 0, "fastcl_cpu: k must not be empty");
@@ -234,7 +247,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dense_for
 
 at::Tensor dense_grad_cols(const at::Tensor& probs, const at::Tensor& g, const at::Tensor& q,
                            const at::Tensor& nq, double inv_temp) {
-  tiling::check_rows(q, nq, "q");
+  check_rows_d(q, nq, "q");
   TORCH_CHECK(probs.dim() == 2 && probs.size(0) == q.size(0),
               "fastcl_cpu: probs must have shape (", q.size(0), ", m)");
   TORCH_CHECK(probs.scalar_type() == nq.scalar_type(),
@@ -248,8 +261,8 @@ std::tuple<at::Tensor, at::Tensor> dense_backward(
     const at::Tensor& probs, const at::Tensor& v, const at::Tensor& g, const at::Tensor& c,
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& nq, const at::Tensor& nk,
     double inv_temp, bool need_rows, bool need_cols) {
-  tiling::check_rows(q, nq, "q");
-  tiling::check_rows(k, nk, "k");
+  check_rows_d(q, nq, "q");
+  check_rows_d(k, nk, "k");
   const int64_t n = q.size(0);
   TORCH_CHECK(k.sizes() == q.sizes(), "fastcl_cpu: dense_backward's k must have q's shape "
               "(in-batch: the positive of row i is column i)");
