@@ -45,18 +45,46 @@ constexpr T neg_inf_d() {
 // Columns summed in the row's dtype before the partial sum goes into a double.
 constexpr int64_t kChunk = 512;
 
-at::Tensor normalized_rows(const at::Tensor& x, const at::Tensor& norm) {
-  return (x.to(norm.scalar_type()) / norm.unsqueeze(1)).contiguous();
-}
+constexpr double kEps = 1e-12;  // F.normalize's
 
+// Norms may be passed empty: the kernels then compute them (fused into the pass that reads the
+// rows anyway; the op layer's four vector_norm calls per step cost ~0.1 ms at N = 1024).
 void check_rows_d(const at::Tensor& x, const at::Tensor& norm, const char* name) {
   TORCH_CHECK(x.device().is_cpu() && norm.device().is_cpu(), "fastcl_cpu: ", name,
               " must be a CPU tensor");
   TORCH_CHECK(x.dim() == 2, "fastcl_cpu: ", name, " must be 2-D, got ", x.dim(), "-D");
-  TORCH_CHECK(norm.dim() == 1 && norm.size(0) == x.size(0), "fastcl_cpu: the norms of ", name,
-              " must have shape (", x.size(0), ",)");
+  TORCH_CHECK(norm.dim() == 1 && (norm.size(0) == x.size(0) || norm.size(0) == 0),
+              "fastcl_cpu: the norms of ", name, " must have shape (", x.size(0),
+              ",) or be empty (computed here)");
   TORCH_CHECK(norm.scalar_type() == at::kFloat || norm.scalar_type() == at::kDouble,
               "fastcl_cpu: norms must be float32 or float64");
+}
+
+// Row norms as F.normalize takes them, max(|x_i|, eps): the given ones (contiguous), or, when
+// `norm` is empty, computed from x's rows (sqrt of the sum of squares in T).
+template <typename T>
+at::Tensor norms_of(const at::Tensor& x, const at::Tensor& norm) {
+  if (norm.numel() > 0 || x.size(0) == 0) return norm.to(c10::CppTypeToScalarType<T>::value).contiguous();
+  const int64_t n = x.size(0), d = x.size(1);
+  const at::Tensor xc = x.to(c10::CppTypeToScalarType<T>::value).contiguous();
+  at::Tensor out = at::empty({n}, xc.options());
+  const T* xp = xc.data_ptr<T>();
+  T* np = out.data_ptr<T>();
+  at::parallel_for(0, n, 64, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const T* xr = xp + r * d;
+      T ss = 0;
+#pragma omp simd reduction(+ : ss)
+      for (int64_t j = 0; j < d; ++j) ss += xr[j] * xr[j];
+      const T nr = std::sqrt(ss);
+      np[r] = nr < T(kEps) ? T(kEps) : nr;  // NaN stays NaN (the comparison is false)
+    }
+  });
+  return out;
+}
+
+at::Tensor normalized_rows(const at::Tensor& x, const at::Tensor& norm) {
+  return (x.to(norm.scalar_type()) / norm.unsqueeze(1)).contiguous();
 }
 
 // One row of logits s (m entries) -> its statistics, and s overwritten with the softmax weights
@@ -123,8 +151,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dense_for
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& nq, const at::Tensor& nk,
     double inv_temp, c10::optional<int64_t> pos_offset, bool in_denominator, bool with_dscale,
     bool with_row_grad) {
-  const auto qh = normalized_rows(q, nq);
-  const auto kh = normalized_rows(k, nk);
+  const at::Tensor qh = normalized_rows(q, norms_of<T>(q, nq));
+  const at::Tensor kh = normalized_rows(k, norms_of<T>(k, nk));
   const int64_t n = qh.size(0), m = kh.size(0);
   const auto opts = qh.options();
   // S = inv_temp * qhat khat^T: one product, ATen's threads. (Strips of rows kept in L2 through
@@ -156,42 +184,53 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dense_for
 }
 
 // The columns' gradient direction inv_temp * P^T (g o qhat): qhat's rows scaled by g (n x d)
-// rather than P (n x m). Computed transposed, (g o qhat)^T P (d x m), then transposed back: BLAS
-// then reads P in its own row-major layout (MKL, N = 1024, D = 128, one core: 2.7 ms against
-// 2.9 ms for P^T (g o qhat), the copy included).
-at::Tensor grad_cols(const at::Tensor& probs, const at::Tensor& g, const at::Tensor& q,
-                     const at::Tensor& nq, double inv_temp) {
+// rather than P (n x m). Computed transposed, (g o qhat)^T P (d x m): BLAS then reads P in its
+// own row-major layout (MKL, N = 1024, D = 128, one core: 2.7 ms against 2.9 ms for
+// P^T (g o qhat)). Returned so, (d x m); dense_backward reads it transposed in the pass that
+// applies the normalization's backward, dense_grad_cols transposes it.
+at::Tensor grad_cols_t(const at::Tensor& probs, const at::Tensor& g, const at::Tensor& q,
+                       const at::Tensor& nq, double inv_temp) {
   const auto qg = q.to(nq.scalar_type()) * (g.to(nq.scalar_type()) / nq).unsqueeze(1);
   auto out_t = at::empty({q.size(1), probs.size(1)}, qg.options());
   at::addmm_out(out_t, out_t, qg.t(), probs, /*beta=*/0, inv_temp);
-  return out_t.t().contiguous();
+  return out_t;
 }
 
-constexpr double kEps = 1e-12;  // F.normalize's
-
-// In place, row by row: h_i <- d/dx_i through xhat_i = x_i / max(|x_i|, eps) of (h_i + c_i *
-// yhat_i), yhat_i = y_i / ny_i (the positive pair's term, y the other side's rows); the op
-// layer's _normalize_backward with the positive's term folded in, in one pass over the rows.
+// Row by row, into h (n x d, row-major): h_i <- d/dx_i through xhat_i = x_i / max(|x_i|, eps)
+// of (h_i + c_i * yhat_i), yhat_i = y_i / ny_i (the positive pair's term, y the other side's
+// rows); the op layer's _normalize_backward with the positive's term folded in, in one pass
+// over the rows. With `h_t` (d x n, row-major) the incoming gradient is read from it,
+// transposed block by block into h (no separate transposed copy), else h holds it already.
 template <typename T>
-void normalize_backward_rows(T* h, const T* x, const T* nx, const T* y, const T* ny, const T* c,
-                             int64_t n, int64_t d) {
-  at::parallel_for(0, n, 64, [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r) {
-      T* hr = h + r * d;
-      const T* xr = x + r * d;
-      const T* yr = y + r * d;
-      const T nxr = nx[r], nyr = ny[r], cr = c[r];
-      T radial = 0;
-#pragma omp simd reduction(+ : radial)
-      for (int64_t j = 0; j < d; ++j) {
-        const T gh = hr[j] + cr * (yr[j] / nyr);
-        hr[j] = gh;
-        radial += (xr[j] / nxr) * gh;
+void normalize_backward_rows(T* h, const T* h_t, const T* x, const T* nx, const T* y,
+                             const T* ny, const T* c, int64_t n, int64_t d) {
+  constexpr int64_t kBlock = 16;  // rows per block: one 64-byte line of h_t's columns
+  at::parallel_for(0, (n + kBlock - 1) / kBlock, 4, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t r0 = b * kBlock, r1 = std::min(n, r0 + kBlock);
+      if (h_t != nullptr) {
+        for (int64_t j = 0; j < d; ++j) {
+          const T* src = h_t + j * n;
+          for (int64_t r = r0; r < r1; ++r) h[r * d + j] = src[r];
+        }
       }
-      // Where the norm was clamped to eps, xhat = x / eps is linear in x: no projection.
-      if (!(static_cast<double>(nxr) > kEps)) radial = 0;
+      for (int64_t r = r0; r < r1; ++r) {
+        T* hr = h + r * d;
+        const T* xr = x + r * d;
+        const T* yr = y + r * d;
+        const T nxr = nx[r], nyr = ny[r], cr = c[r];
+        T radial = 0;
+#pragma omp simd reduction(+ : radial)
+        for (int64_t j = 0; j < d; ++j) {
+          const T gh = hr[j] + cr * (yr[j] / nyr);
+          hr[j] = gh;
+          radial += (xr[j] / nxr) * gh;
+        }
+        // Where the norm was clamped to eps, xhat = x / eps is linear in x: no projection.
+        if (!(static_cast<double>(nxr) > kEps)) radial = 0;
 #pragma omp simd
-      for (int64_t j = 0; j < d; ++j) hr[j] = (hr[j] - (xr[j] / nxr) * radial) / nxr;
+        for (int64_t j = 0; j < d; ++j) hr[j] = (hr[j] - (xr[j] / nxr) * radial) / nxr;
+      }
     }
   });
 }
@@ -204,22 +243,24 @@ std::tuple<at::Tensor, at::Tensor> dense_backward_impl(
   const int64_t n = q.size(0), d = q.size(1);
   const auto st = nq_in.scalar_type();
   const auto qc = q.to(st).contiguous(), kc = k.to(st).contiguous();
-  const auto nq = nq_in.contiguous(), nk = nk_in.to(st).contiguous();
+  const at::Tensor nq = norms_of<T>(qc, nq_in), nk = norms_of<T>(kc, nk_in.to(st));
   const auto g = g_in.to(st).contiguous(), c = c_in.to(st).contiguous();
   at::Tensor dq = at::empty({0}, q.options()), dk = at::empty({0}, k.options());
   if (need_rows) {
     // d qhat_i = g_i v_i + c_i khat_i
     auto h = (v.to(st) * g.unsqueeze(1)).contiguous();
-    normalize_backward_rows<T>(h.data_ptr<T>(), qc.data_ptr<T>(), nq.data_ptr<T>(),
+    normalize_backward_rows<T>(h.data_ptr<T>(), nullptr, qc.data_ptr<T>(), nq.data_ptr<T>(),
                                kc.data_ptr<T>(), nk.data_ptr<T>(), c.data_ptr<T>(), n, d);
     dq = h.to(q.scalar_type());
   }
   if (need_cols) {
     // d khat_j = inv_temp * sum_i g_i P_ij qhat_i + c_j qhat_j (the positive of column j is
     // row j)
-    auto h = grad_cols(probs, g, qc, nq, inv_temp);
-    normalize_backward_rows<T>(h.data_ptr<T>(), kc.data_ptr<T>(), nk.data_ptr<T>(),
-                               qc.data_ptr<T>(), nq.data_ptr<T>(), c.data_ptr<T>(), n, d);
+    const auto h_t = grad_cols_t(probs, g, qc, nq, inv_temp);
+    auto h = at::empty({n, d}, qc.options());
+    normalize_backward_rows<T>(h.data_ptr<T>(), h_t.data_ptr<T>(), kc.data_ptr<T>(),
+                               nk.data_ptr<T>(), qc.data_ptr<T>(), nq.data_ptr<T>(),
+                               c.data_ptr<T>(), n, d);
     dk = h.to(k.scalar_type());
   }
   return {dq, dk};
@@ -254,7 +295,8 @@ at::Tensor dense_grad_cols(const at::Tensor& probs, const at::Tensor& g, const a
               "fastcl_cpu: probs must have the norms' dtype");
   TORCH_CHECK(g.dim() == 1 && g.size(0) == q.size(0), "fastcl_cpu: g must have shape (",
               q.size(0), ",)");
-  return grad_cols(probs, g, q, nq, inv_temp);
+  TORCH_CHECK(nq.numel() == q.size(0), "fastcl_cpu: dense_grad_cols needs the norms of q");
+  return grad_cols_t(probs, g, q, nq, inv_temp).t().contiguous();
 }
 
 std::tuple<at::Tensor, at::Tensor> dense_backward(

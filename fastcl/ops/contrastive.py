@@ -126,6 +126,9 @@ def _no_autocast(fn):
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        # Entering the two contexts costs ~25 us a call: only when autocast is on.
+        if not (torch.is_autocast_enabled("cpu") or torch.is_autocast_enabled("cuda")):
+            return fn(*args, **kwargs)
         with torch.autocast("cpu", enabled=False), torch.autocast("cuda", enabled=False):
             return fn(*args, **kwargs)
 
@@ -233,17 +236,22 @@ def softmax_rows(
     impl = _impl(sp, rows, others, backend)
     a, precision = _scale_arg(scale), dot_precision()
     in_denominator = sp.positive_in_denominator
-    nr = _norm(rows)
-    row_grad = rows.new_empty(0, dtype=nr.dtype)
-    probs = rows.new_empty(0, dtype=nr.dtype)
+    acc = _acc_dtype(rows)
+    row_grad = rows.new_empty(0, dtype=acc)
+    probs = rows.new_empty(0, dtype=acc)
     if _use_dense(impl, sp, rows, cols, others):
+        # Empty norms: the kernel computes them in its normalization pass.
+        no_norms = rows.new_empty(0, dtype=acc)
         loss, lse, dscale, row_grad, probs = impl.dense_forward(
-            rows, cols, nr, _norm(cols), a, 0, in_denominator, need_dscale, need_row_grad)
+            rows, cols, no_norms, no_norms, a, 0, in_denominator, need_dscale, need_row_grad)
         probs = probs.view(-1)  # flat: see the fake
+        nr = None  # (others, below, never come with the dense path)
     elif sp.columns == "rows":
+        nr = _norm(rows)
         loss, lse, dscale = impl.nt_xent_forward(rows, nr, a, precision, in_denominator,
                                                  need_dscale)
     else:
+        nr = _norm(rows)
         c, nc, positive, pos_offset = _columns(sp, rows, nr, cols, key)
         if need_row_grad and hasattr(impl, "lse_forward_with_grad"):
             loss, lse, dscale, row_grad = impl.lse_forward_with_grad(
@@ -256,7 +264,7 @@ def softmax_rows(
                 ones = torch.ones_like(lse, dtype=nr.dtype)
                 row_grad = impl.grad_accumulate(rows, c, nr, nc, lse, ones, None, None, a,
                                                 pos_offset, precision)
-    loss, lse, dscale = loss.to(nr.dtype), lse.to(torch.float64), dscale.to(nr.dtype)
+    loss, lse, dscale = loss.to(acc), lse.to(torch.float64), dscale.to(acc)
     if others is not None and others.shape[0] > 0:
         _, lse_o, dscale_o = impl.lse_forward(rows, others, nr, _norm(others), None, a, None,
                                               precision, True, need_dscale)
@@ -264,7 +272,7 @@ def softmax_rows(
                  _positive_logits(sp, rows, nr, cols, key, a))
         loss, lse, dscale = _merge(loss, lse, dscale, lse_o.to(torch.float64),
                                    dscale_o.to(nr.dtype), a, s_pos)
-    return loss, lse, dscale.contiguous(), row_grad.to(nr.dtype).contiguous(), probs
+    return loss, lse, dscale.contiguous(), row_grad.to(acc).contiguous(), probs
 
 
 @softmax_rows.register_fake
@@ -291,16 +299,20 @@ def softmax_rows_backward(
     sp = engine.Spec.parse(spec)
     impl = _impl(sp, rows, others, backend)
     a, precision = _scale_arg(scale), dot_precision()
-    nr = _norm(rows)
-    g = grad_loss.to(nr.dtype).contiguous()
+    acc = _acc_dtype(rows)
+    g = grad_loss.to(acc).contiguous()
     lse = lse.to(torch.float64).contiguous()
     # The positive pair's weight (see the module docstring), times the scale.
     if sp.positive_in_denominator:
-        c = _positive_weight(g, loss.to(nr.dtype))
+        c = _positive_weight(g, loss.to(acc))
     else:
         c = -g
     c = c * a
     has_others = others is not None and others.shape[0] > 0
+    dense = _dense_backward_ok(impl, sp, rows, cols, has_others, row_grad, probs, need_rows,
+                               need_cols)
+    # The dense kernel computes the norms itself (empty ones passed).
+    nr = None if dense else _norm(rows)
     n_o = _norm(others) if has_others else None
     # Distinct empty tensors: a custom op's outputs may not alias each other.
     d_rows, d_cols, d_others, d_key = (rows.new_empty(0) for _ in range(4))
@@ -317,14 +329,13 @@ def softmax_rows_backward(
             d_hat[:n].addcmul_(w[:n], z_hat[n:])
             d_hat[n:].addcmul_(w[n:], z_hat[:n])
             d_rows = _normalize_backward(rows, nr, d_hat, z_hat)
-    elif _dense_backward_ok(impl, sp, rows, cols, has_others, row_grad, probs, need_rows,
-                            need_cols):
+    elif dense:
         # The dense path: both gradients from the forward's v and P, the positives' terms and
-        # the normalizations' backward in one call (csrc/dense.cpp).
-        empty = rows.new_empty(0, dtype=nr.dtype)
+        # the normalizations' backward in one call (csrc/dense.cpp), norms computed there.
+        empty = rows.new_empty(0, dtype=acc)
         p = probs.view(rows.shape[0], -1) if need_cols else empty
         d_rows, d_cols = impl.dense_backward(p, row_grad if need_rows else empty, g, c, rows,
-                                             cols, nr, _norm(cols), a, need_rows, need_cols)
+                                             cols, empty, empty, a, need_rows, need_cols)
         if not need_rows:
             d_rows = rows.new_empty(0)
         if not need_cols:
