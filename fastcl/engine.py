@@ -212,5 +212,5 @@ def run(spec: Spec, rows: Tensor, cols: Optional[Tensor] = None, key: Optional[T
     # product fewer), except with other ranks' columns (their statistics merge afterwards).
     need_row_grad = (grad_on and rows.requires_grad and spec.columns == "tensor"
                      and others is None)
-    return ops.softmax_rows(rows, cols, others, key, scale, spec.code(), need_row_grad,
-                            need_dscale, backend)[0]
+    return ops.contrastive.run(rows, cols, others, key, scale, spec.code(), need_row_grad,
+                               need_dscale, backend)[0]
