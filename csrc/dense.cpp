@@ -197,21 +197,31 @@ at::Tensor grad_cols_t(const at::Tensor& probs, const at::Tensor& g, const at::T
 }
 
 // Row by row, into h (n x d, row-major): h_i <- d/dx_i through xhat_i = x_i / max(|x_i|, eps)
-// of (h_i + c_i * yhat_i), yhat_i = y_i / ny_i (the positive pair's term, y the other side's
+// of (u_i + c_i * yhat_i), yhat_i = y_i / ny_i (the positive pair's term, y the other side's
 // rows); the op layer's _normalize_backward with the positive's term folded in, in one pass
-// over the rows. With `h_t` (d x n, row-major) the incoming gradient is read from it,
-// transposed block by block into h (no separate transposed copy), else h holds it already.
+// over the rows. The incoming gradient u is read from `src`: transposed (d x n, row-major),
+// block by block into h (no separate transposed copy), or row-major (n x d) with row i scaled
+// by scale[i] (the forward's v times g: no separate product).
 template <typename T>
-void normalize_backward_rows(T* h, const T* h_t, const T* x, const T* nx, const T* y,
-                             const T* ny, const T* c, int64_t n, int64_t d) {
-  constexpr int64_t kBlock = 16;  // rows per block: one 64-byte line of h_t's columns
+void normalize_backward_rows(T* h, const T* src, bool transposed, const T* scale, const T* x,
+                             const T* nx, const T* y, const T* ny, const T* c, int64_t n,
+                             int64_t d) {
+  constexpr int64_t kBlock = 16;  // rows per block: one 64-byte line of a transposed source
   at::parallel_for(0, (n + kBlock - 1) / kBlock, 4, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t r0 = b * kBlock, r1 = std::min(n, r0 + kBlock);
-      if (h_t != nullptr) {
+      if (transposed) {
         for (int64_t j = 0; j < d; ++j) {
-          const T* src = h_t + j * n;
-          for (int64_t r = r0; r < r1; ++r) h[r * d + j] = src[r];
+          const T* col = src + j * n;
+          for (int64_t r = r0; r < r1; ++r) h[r * d + j] = col[r];
+        }
+      } else {
+        for (int64_t r = r0; r < r1; ++r) {
+          const T sr = scale[r];
+          const T* in = src + r * d;
+          T* out = h + r * d;
+#pragma omp simd
+          for (int64_t j = 0; j < d; ++j) out[j] = in[j] * sr;
         }
       }
       for (int64_t r = r0; r < r1; ++r) {
@@ -248,9 +258,11 @@ std::tuple<at::Tensor, at::Tensor> dense_backward_impl(
   at::Tensor dq = at::empty({0}, q.options()), dk = at::empty({0}, k.options());
   if (need_rows) {
     // d qhat_i = g_i v_i + c_i khat_i
-    auto h = (v.to(st) * g.unsqueeze(1)).contiguous();
-    normalize_backward_rows<T>(h.data_ptr<T>(), nullptr, qc.data_ptr<T>(), nq.data_ptr<T>(),
-                               kc.data_ptr<T>(), nk.data_ptr<T>(), c.data_ptr<T>(), n, d);
+    const at::Tensor vc = v.to(st).contiguous();
+    at::Tensor h = at::empty({n, d}, qc.options());
+    normalize_backward_rows<T>(h.data_ptr<T>(), vc.data_ptr<T>(), false, g.data_ptr<T>(),
+                               qc.data_ptr<T>(), nq.data_ptr<T>(), kc.data_ptr<T>(),
+                               nk.data_ptr<T>(), c.data_ptr<T>(), n, d);
     dq = h.to(q.scalar_type());
   }
   if (need_cols) {
@@ -258,9 +270,9 @@ std::tuple<at::Tensor, at::Tensor> dense_backward_impl(
     // row j)
     const auto h_t = grad_cols_t(probs, g, qc, nq, inv_temp);
     auto h = at::empty({n, d}, qc.options());
-    normalize_backward_rows<T>(h.data_ptr<T>(), h_t.data_ptr<T>(), kc.data_ptr<T>(),
-                               nk.data_ptr<T>(), qc.data_ptr<T>(), nq.data_ptr<T>(),
-                               c.data_ptr<T>(), n, d);
+    normalize_backward_rows<T>(h.data_ptr<T>(), h_t.data_ptr<T>(), true, nullptr,
+                               kc.data_ptr<T>(), nk.data_ptr<T>(), qc.data_ptr<T>(),
+                               nq.data_ptr<T>(), c.data_ptr<T>(), n, d);
     dk = h.to(k.scalar_type());
   }
   return {dq, dk};

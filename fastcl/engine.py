@@ -75,8 +75,7 @@ class Spec:
 
     def code(self) -> str:
         """The string form the custom ops take (torch.library schemas have no dataclasses)."""
-        return ",".join(f"{f.name}={int(v) if isinstance(v, bool) else v}"
-                        for f in fields(self) for v in [getattr(self, f.name)])
+        return _code(self)
 
     @staticmethod
     @functools.lru_cache(maxsize=None)
@@ -87,6 +86,12 @@ class Spec:
             kwargs[name] = bool(int(value)) if name in ("exclude_self",
                                                         "positive_in_denominator") else value
         return Spec(**kwargs)
+
+
+@functools.lru_cache(maxsize=None)
+def _code(spec: Spec) -> str:  # cached: called at every loss call
+    return ",".join(f"{f.name}={int(v) if isinstance(v, bool) else v}"
+                    for f in fields(spec) for v in [getattr(spec, f.name)])
 
 
 # Today's losses, as rows of choices.
@@ -124,9 +129,14 @@ class Backend:
 BACKENDS = {name: Backend(name) for name in ("reference", "chunked", "cpp", "triton")}
 
 
+@functools.lru_cache(maxsize=None)
+def _unsupported(spec: Spec, backend: str, others: bool) -> Optional[str]:
+    return BACKENDS[backend].unsupported(spec, others)
+
+
 def require(spec: Spec, backend: str, others: bool = False) -> None:
     """Raise ``NotImplementedError`` naming the choice ``backend`` lacks for ``spec``."""
-    missing = BACKENDS[backend].unsupported(spec, others)
+    missing = _unsupported(spec, backend, others)
     if missing is not None:
         raise NotImplementedError(
             f"fastcl backend {backend!r} does not implement {missing} (spec {spec.code()}) yet")
