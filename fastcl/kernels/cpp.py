@@ -96,7 +96,9 @@ def dense_forward(q, k, nq, nk, inv_temp: float, pos_offset: Optional[int],
                   with_row_grad: bool = True):
     """``lse_forward_with_grad`` on the materialized logits: (loss, lse, dscale, v, probs),
     probs the (n x m) softmax weights P = exp(s - lse) with the positive's entries 0, kept for
-    :func:`dense_grad_cols`; v empty without ``with_row_grad``."""
+    :func:`dense_grad_cols`; v empty without ``with_row_grad``. ``nq`` / ``nk`` may be empty
+    (of the accumulation dtype): the kernel then computes the norms itself (max(|x|, eps),
+    as F.normalize) in its normalization pass."""
     return _ops.dense_forward(q, k, nq, nk, inv_temp, pos_offset, positive_in_denominator,
                               with_dscale, with_row_grad)
 
@@ -112,7 +114,8 @@ def dense_backward(probs, v, g, c, q, k, nq, nk, inv_temp: float, need_rows: boo
     """(dq, dk) of an in-batch pass (positive of row i: column i) in the inputs' dtypes, from
     the forward's v and probs: d qhat = g v + c khat and d khat = :func:`dense_grad_cols` + c
     qhat (c the positive pairs' weights times the scale), each through the normalization's
-    backward. One not needed comes back empty."""
+    backward. One not needed comes back empty. Empty ``nq`` / ``nk``: computed here, as in
+    :func:`dense_forward`."""
     return _ops.dense_backward(probs, v, g, c, q, k, nq, nk, inv_temp, need_rows, need_cols)
 
 
