@@ -98,6 +98,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 from typing import Iterator, List, Optional, Tuple
 
 import torch
@@ -126,6 +127,9 @@ PROGRAMS_PER_SM = 4
 INTERPRETER_SPLIT_COLUMNS = 64
 # Tests: force the columns per split (rounded up to a multiple of BLOCK_N); None = the plan.
 SPLIT_COLUMNS: Optional[int] = None
+INTERPRETER_GROUP_ROWS = 64   # the rows+columns forward: rows per program (2 row blocks)
+# Tests: force the rows+columns forward's rows per program (as given); None = the plan.
+RC_GROUP_ROWS: Optional[int] = None
 COMBINE_BLOCK = 128
 SUM_BLOCK = 1024
 PARTIAL_BYTES = 64 << 20      # GPU backward: the split partial rows' budget
@@ -428,6 +432,184 @@ def _combine_kernel(
             BLOCK)
 
 
+# ------------------------------------------------------- rows and columns (CLIP) forward ----
+
+
+@triton.jit
+def _rows_cols_fwd_kernel(
+    X, Y, NX, NY, SCALE, RPART, CPART,
+    n, d, rows_per_group, cols_per_split, n_splits, n_groups,
+    stride_xm, stride_xd, stride_ym, stride_yd,
+    scale_val,
+    SCALE_PTR: tl.constexpr,
+    WITH_DSCALE: tl.constexpr,
+    RESIDENT: tl.constexpr,
+    EXP2: tl.constexpr,
+    PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
+    NORM_TILES: tl.constexpr,
+    SUM_DOT: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """Both softmax directions of s_ij = scale * xhat_i . yhat_j from one pass over the tiles.
+
+    Grid (row groups, column splits): program (g, s) owns rows [g * rows_per_group, ...) and
+    columns [s * cols_per_split, ...). For each of its BLOCK_M row blocks (in order) it walks its
+    columns in BLOCK_N tiles; each logit tile feeds
+    - the row block's online state (max m, sum l, centred t, positive s_ii), written at the end
+      of the block to RPART[., s, rows] (the layout of ``_combine_kernel``'s partials: planes m,
+      l, s_pos, t of n_splits * n each);
+    - the tile's column statistics over the block's rows, merged into the group's running column
+      state CPART[., g, cols] (planes m, l, t of n_groups * n each): read, merge, write. The
+      columns of split s in plane g are this program's alone and its row blocks merge in order,
+      so this is deterministic without atomics; a barrier orders each row block's writes before
+      the next block's reads.
+    ``_combine_rows_cols_kernel`` then merges the rows over splits and the columns over groups.
+    """
+    pid_g = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    row_lo = pid_g * rows_per_group
+    row_hi = tl.minimum(n, row_lo + rows_per_group)
+    col_start = pid_s * cols_per_split
+    col_end = tl.minimum(n, col_start + cols_per_split)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    inv_temp, scale = _load_scale(SCALE, scale_val, SCALE_PTR, EXP2)
+    rplane = tl.full([], n_splits, tl.int64) * n
+    cplane = tl.full([], n_groups, tl.int64) * n
+    rbase = tl.full([], pid_s, tl.int64) * n
+    cbase = tl.full([], pid_g, tl.int64) * n
+
+    for start_m in range(row_lo, row_hi, BLOCK_M):
+        rows = start_m + offs_m
+        row_ok = rows < row_hi
+        rows64 = rows.to(tl.int64)
+        nx = tl.load(NX + rows, mask=row_ok, other=1.0)
+        m = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l = tl.zeros([BLOCK_M], tl.float32)
+        t = tl.zeros([BLOCK_M], tl.float32)
+        s_pos = tl.zeros([BLOCK_M], tl.float32)
+        if RESIDENT:  # the row tile, loaded (and normalized) once per row block
+            x_tile = _load_rows(X, rows64, row_ok, offs_d, d, stride_xm, stride_xd, nx,
+                                NORM_TILES)
+        # The group's first row block starts the column state (its reads are masked off).
+        not_first = (tl.zeros([BLOCK_N], tl.int32) + start_m) != row_lo
+        for start_n in range(col_start, col_end, BLOCK_N):
+            cols = start_n + offs_n
+            col_ok = cols < col_end
+            cols64 = cols.to(tl.int64)
+            ny = tl.load(NY + cols, mask=col_ok, other=1.0)
+            if RESIDENT:
+                y_tile = _load_rows(Y, cols64, col_ok, offs_d, d, stride_ym, stride_yd, ny,
+                                    NORM_TILES)
+                acc = _ldot(x_tile, y_tile, tl.zeros([BLOCK_M, BLOCK_N], tl.float32),
+                            PRECISION, UPCAST, SUM_DOT)
+                s = _scale_logits(acc, nx, ny, scale, NORM_TILES)
+            else:
+                s = _logit_tile(X, Y, rows64, cols64, row_ok, col_ok, nx, ny, d,
+                                stride_xm, stride_xd, stride_ym, stride_yd, scale,
+                                PRECISION, UPCAST, NORM_TILES, SUM_DOT, BLOCK_M, BLOCK_N,
+                                BLOCK_D)
+            valid = row_ok[:, None] & col_ok[None, :]
+            # The positive pair (i, i) is in both denominators; its logit is taken from the
+            # tile, the very float both maxima saw.
+            s_pos += tl.sum(tl.where(valid & (rows[:, None] == cols[None, :]), s, 0.0), 1)
+            s = tl.where(valid, s, float("-inf"))
+
+            # Rows: the online update of _lse_fwd_kernel.
+            m_new = tl.maximum(m, tl.max(s, 1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = _exp(m - m_safe, EXP2)
+            p = _exp(s - m_safe[:, None], EXP2)
+            if WITH_DSCALE:
+                centred = p * tl.where(valid, s - m_safe[:, None], 0.0)
+                dm = tl.where(m == float("-inf"), 0.0, m - m_safe)
+                t = alpha * (t + dm * l) + tl.sum(centred, 1)
+            l = l * alpha + tl.sum(p, 1)
+            m = m_new
+
+            # Columns: this tile's statistics over the block's rows, merged into the state.
+            mc = tl.max(s, 0)
+            mc_safe = tl.where(mc == float("-inf"), 0.0, mc)
+            pc = _exp(s - mc_safe[None, :], EXP2)
+            lc = tl.sum(pc, 0)
+            if WITH_DSCALE:
+                tc = tl.sum(pc * tl.where(valid, s - mc_safe[None, :], 0.0), 0)
+            else:
+                tc = tl.zeros([BLOCK_N], tl.float32)
+            c_off = cbase + cols64
+            c_rd = col_ok & not_first
+            m_o = tl.load(CPART + c_off, mask=c_rd, other=float("-inf"))
+            l_o = tl.load(CPART + cplane + c_off, mask=c_rd, other=0.0)
+            if WITH_DSCALE:
+                t_o = tl.load(CPART + 2 * cplane + c_off, mask=c_rd, other=0.0)
+            else:
+                t_o = tl.zeros([BLOCK_N], tl.float32)
+            m_c, l_c, t_c = _merge(m_o, l_o, t_o, mc, lc, tc, EXP2)
+            tl.store(CPART + c_off, m_c, mask=col_ok)
+            tl.store(CPART + cplane + c_off, l_c, mask=col_ok)
+            if WITH_DSCALE:
+                tl.store(CPART + 2 * cplane + c_off, t_c, mask=col_ok)
+
+        r_off = rbase + rows64
+        tl.store(RPART + r_off, m, mask=row_ok)
+        tl.store(RPART + rplane + r_off, l, mask=row_ok)
+        tl.store(RPART + 2 * rplane + r_off, s_pos, mask=row_ok)
+        if WITH_DSCALE:
+            tl.store(RPART + 3 * rplane + r_off, t, mask=row_ok)
+        tl.debug_barrier()  # the next row block reads the column state this one wrote
+
+
+@triton.jit
+def _combine_rows_cols_kernel(
+    RPART, CPART, SCALE, LOSS, LSE, DSCALE, n, n_splits, n_groups, scale_val,
+    SCALE_PTR: tl.constexpr, WITH_DSCALE: tl.constexpr, EXP2: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """Index i: row i's partials merged over the column splits in split order, column i's over
+    the row groups in group order (deterministic); both finished with the positive logit
+    s_ii (the sum of the row's s_pos planes: one split holds it, the others 0). Writes
+    LOSS/LSE/DSCALE[i] (rows) and [n + i] (columns)."""
+    idx = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = idx < n
+    idx64 = idx.to(tl.int64)
+    inv_temp, _scale = _load_scale(SCALE, scale_val, SCALE_PTR, EXP2)
+    rplane = tl.full([], n_splits, tl.int64) * n
+    cplane = tl.full([], n_groups, tl.int64) * n
+    m = tl.full([BLOCK], float("-inf"), tl.float32)
+    l = tl.zeros([BLOCK], tl.float32)
+    t = tl.zeros([BLOCK], tl.float32)
+    s_pos = tl.zeros([BLOCK], tl.float32)
+    for sp in range(0, n_splits):
+        off = tl.full([], sp, tl.int64) * n + idx64
+        m_p = tl.load(RPART + off, mask=ok, other=float("-inf"))
+        l_p = tl.load(RPART + rplane + off, mask=ok, other=0.0)
+        s_pos += tl.load(RPART + 2 * rplane + off, mask=ok, other=0.0)
+        if WITH_DSCALE:
+            t_p = tl.load(RPART + 3 * rplane + off, mask=ok, other=0.0)
+        else:
+            t_p = tl.zeros([BLOCK], tl.float32)
+        m, l, t = _merge(m, l, t, m_p, l_p, t_p, EXP2)
+    _finish(m, l, t, s_pos, inv_temp, idx, ok, LOSS, LSE, DSCALE, WITH_DSCALE, EXP2, BLOCK)
+    m = tl.full([BLOCK], float("-inf"), tl.float32)
+    l = tl.zeros([BLOCK], tl.float32)
+    t = tl.zeros([BLOCK], tl.float32)
+    for gr in range(0, n_groups):
+        off = tl.full([], gr, tl.int64) * n + idx64
+        m_p = tl.load(CPART + off, mask=ok, other=float("-inf"))
+        l_p = tl.load(CPART + cplane + off, mask=ok, other=0.0)
+        if WITH_DSCALE:
+            t_p = tl.load(CPART + 2 * cplane + off, mask=ok, other=0.0)
+        else:
+            t_p = tl.zeros([BLOCK], tl.float32)
+        m, l, t = _merge(m, l, t, m_p, l_p, t_p, EXP2)
+    _finish(m, l, t, s_pos, inv_temp, idx, ok, LOSS + n, LSE + n, DSCALE + n, WITH_DSCALE,
+            EXP2, BLOCK)
+
+
 # ---------------------------------------------------------------------------- backward ----
 
 
@@ -628,7 +810,7 @@ def _stages(kind: str, dtype: torch.dtype, precision: str, resident: bool) -> Tu
         8-16 B); every other class 2 and 3 (4 spilled 8 B in forwards, 8-64 B in backwards)."""
     if dtype == torch.float32 and precision == "ieee":
         return (2,)
-    if kind == "fwd":
+    if kind in ("fwd", "rc"):
         return (2, 3) if resident or dtype != torch.float32 else (3,)
     if dtype != torch.float32 and not resident:
         return (1,)
@@ -688,6 +870,11 @@ _grad_tuned = triton.autotune(
     configs=GRAD_CONFIGS, key=_KEY_GRAD,
     prune_configs_by={"early_config_prune": _early_prune("grad", "A")},
 )(_grad_kernel)
+_KEY_RC = ["d", "WITH_DSCALE", "RESIDENT", "BLOCK_D", "PRECISION", "NORM_TILES", "SCALE_PTR"]
+_rows_cols_tuned = triton.autotune(
+    configs=FWD_CONFIGS, key=_KEY_RC,
+    prune_configs_by={"early_config_prune": _early_prune("rc", "X")},
+)(_rows_cols_fwd_kernel)
 
 
 def _common_meta(dtype: torch.dtype, d: int, on_cuda: bool, precision: str) -> dict:
@@ -714,6 +901,15 @@ def lse_meta(dtype, d, on_cuda, positive_rows, exclude_diag, pos_in_columns, pre
                 POS_IN_COLUMNS=bool(pos_in_columns),
                 POS_IN_DENOM=bool(positive_in_denominator), WITH_DSCALE=bool(with_dscale),
                 ONE_SPLIT=bool(one_split), SCALE_PTR=bool(scale_ptr))
+    return meta
+
+
+def rows_cols_meta(dtype, d, on_cuda, precision, with_dscale=False, scale_ptr=False) -> dict:
+    """Compile-time arguments of ``_rows_cols_fwd_kernel`` for one call (see ``lse_meta``): the
+    D tiling of the other kernels, so that the backward (``_grad_kernel``) recomputes the very
+    logits the forward's statistics saw."""
+    meta = _common_meta(dtype, d, on_cuda, precision)
+    meta.update(WITH_DSCALE=bool(with_dscale), SCALE_PTR=bool(scale_ptr))
     return meta
 
 
@@ -757,6 +953,32 @@ def split_plan(n_q: int, n_k: int, device: torch.device,
         cps = INTERPRETER_SPLIT_COLUMNS
     cps = max(align, triton.cdiv(cps, align) * align)
     return max(1, triton.cdiv(n_k, cps)), cps
+
+
+def rows_cols_plan(n: int, device: torch.device) -> Tuple[int, int, int, int]:
+    """(n_groups, rows_per_group, n_splits, cols_per_split) of the rows+columns forward over an
+    n x n logit matrix: a grid of n_groups x n_splits programs. From the shape and the SM count
+    only (never the autotuned tiles; BLOCK_M and BLOCK_N are fixed per (D, dtype) anyway), so the
+    column merge order, and the results, are deterministic. On the GPU: about
+    PROGRAMS_PER_SM * SMs programs, k x k with k = ceil(sqrt(that)), rows and columns per
+    program rounded up to SPLIT_ALIGN (a multiple of every tile): on an H100 (132 SMs) k = 23,
+    and n = 32768 gives 22 x 22 programs of 1536 x 1536 logits each. The partial statistics are
+    (4 n_splits + 3 n_groups) * n floats (20 MiB at n = 32768, 40 MiB at 65536): O(n sqrt(SMs)),
+    not O(n^2 / BLOCK_M). ``SPLIT_COLUMNS`` / ``RC_GROUP_ROWS`` (tests) force the columns per
+    split / rows per group."""
+    n = max(int(n), 1)
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        k = max(1, math.isqrt(PROGRAMS_PER_SM * _sm_count(index) - 1) + 1)
+        align = SPLIT_ALIGN
+        rows = cols = max(align, triton.cdiv(triton.cdiv(n, k), align) * align)
+    else:
+        rows, cols = INTERPRETER_GROUP_ROWS, INTERPRETER_SPLIT_COLUMNS
+    if RC_GROUP_ROWS is not None:
+        rows = max(1, int(RC_GROUP_ROWS))
+    if SPLIT_COLUMNS is not None:
+        cols = max(1, int(SPLIT_COLUMNS))
+    return triton.cdiv(n, rows), rows, triton.cdiv(n, cols), cols
 
 
 def _scale_args(inv_temp, device, dummy):
@@ -859,6 +1081,100 @@ def _grad(a, b, na, nb, lse_a, g_a, lse_b, g_b, inv_temp, exclude_diag, pos_offs
 
 
 # ------------------------------------------------------------ the fastcl.kernels contract ----
+
+
+def _check_pair(x, y, nx, ny):
+    for name, t in (("x", x), ("y", y)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 2:
+            raise ValueError(f"{name} must be a 2-D tensor (n, D), got "
+                             f"{getattr(t, 'shape', type(t).__name__)}")
+    if x.shape != y.shape:
+        raise ValueError(f"x and y must have the same shape (n, D), got {tuple(x.shape)} and "
+                         f"{tuple(y.shape)}")
+    if x.dtype != y.dtype:
+        raise TypeError(f"x and y must have the same dtype, got {x.dtype} and {y.dtype}")
+    if x.dtype not in _PTR:
+        raise TypeError(f"the Triton kernels take float32, bfloat16 or float16 rows, got "
+                        f"{x.dtype}")
+    for name, t in (("nx", nx), ("ny", ny)):
+        if t.shape != (x.shape[0],) or t.dtype != torch.float32:
+            raise ValueError(f"{name} must be float32 of shape ({x.shape[0]},), got {t.dtype} "
+                             f"{tuple(t.shape)}")
+
+
+def rows_cols_forward(x, y, nx, ny, inv_temp, precision: str = "ieee",
+                      with_dscale: bool = False
+                      ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """CLIP's two directions in one pass (``_rows_cols_fwd_kernel`` + ``_combine_rows_cols_kernel``).
+
+    s_ij = inv_temp * xhat_i . yhat_j, xhat = x / nx. Returns loss (2n,) float32 =
+    [row losses (m_i - s_ii) + log l_i ; column losses (m_j - s_jj) + log l_j], lse (2n,)
+    float64 = [row lse ; column lse], and with ``with_dscale`` dscale (2n,) float32 = [sum_j
+    p^r_ij d_ij - d_ii ; sum_i p^c_ij d_ij - d_jj] (d = s / inv_temp), else an empty tensor.
+    Two launches; memory: the partial statistics of ``rows_cols_plan`` (O(n sqrt(SMs)))."""
+    _check_pair(x, y, nx, ny)
+    n, d = x.shape
+    dev = x.device
+    on_cuda = x.is_cuda
+    scale_t, scale_val, scale_ptr = _scale_args(inv_temp, dev, nx)
+    loss = torch.empty(2 * n, dtype=torch.float32, device=dev)
+    lse = torch.empty(2 * n, dtype=torch.float64, device=dev)
+    dscale = torch.empty(2 * n if with_dscale else 0, dtype=torch.float32, device=dev)
+    if n == 0:
+        return loss, lse, dscale
+    n_groups, rows_per_group, n_splits, cols_per_split = rows_cols_plan(n, dev)
+    meta = rows_cols_meta(x.dtype, d, on_cuda, precision, with_dscale, scale_ptr)
+    rpart = torch.empty((4 if with_dscale else 3) * n_splits * n, dtype=torch.float32,
+                        device=dev)
+    cpart = torch.empty((3 if with_dscale else 2) * n_groups * n, dtype=torch.float32,
+                        device=dev)
+    args = (x, y, nx, ny, scale_t, rpart, cpart,
+            n, d, rows_per_group, cols_per_split, n_splits, n_groups,
+            x.stride(0), x.stride(1), y.stride(0), y.stride(1), scale_val)
+    with _on_device(x):
+        if on_cuda:
+            _rows_cols_tuned[(n_groups, n_splits)](*args, **meta)
+        else:
+            _rows_cols_fwd_kernel[(n_groups, n_splits)](*args, **meta)
+        block = COMBINE_BLOCK if on_cuda else 32
+        _combine_rows_cols_kernel[(triton.cdiv(n, block),)](
+            rpart, cpart, scale_t, loss, lse, dscale if with_dscale else loss, n, n_splits,
+            n_groups, scale_val, SCALE_PTR=scale_ptr, WITH_DSCALE=bool(with_dscale),
+            EXP2=EXP2, BLOCK=block,
+        )
+    return loss, lse, dscale
+
+
+def rows_cols_grad(x, y, nx, ny, lse, g, inv_temp, precision: str = "ieee"
+                   ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(dx_hat, dy_hat), float32 (n, D): dx_hat_i = inv_temp * sum_{j != i} W_ij yhat_j and
+    dy_hat_j = inv_temp * sum_{i != j} W_ij xhat_i with W_ij = g_r_i exp(s_ij - lse_r_i) +
+    g_c_j exp(s_ij - lse_c_j), lse = [lse_r ; lse_c] and g = [g_r ; g_c] of length 2n; the
+    diagonal is skipped (the op layer adds the positives' terms).
+
+    Two passes of ``_grad_kernel``: row-owned for dx (a = x, b = y; both weights, the pair
+    (i, i) skipped as the positive column of offset 0) and column-owned for dy (a = y, b = x,
+    the roles swapped). Each recomputes its logits: 5 products in forward + backward, against
+    4 for one pass that would form both W @ Y and W^T @ X from one tile. That pass needs, without
+    atomics, a partial dY per row group summed in a fixed order: (groups x n x D) float32, 64
+    MiB per group at n = 32768, D = 512, and enough groups to fill 132 SMs is gigabytes; with
+    atomics it would not be deterministic. Each pass here holds n x D float32 (plus the split
+    partial rows ``_grad`` caps at PARTIAL_BYTES): memory O(n D). The logits are the forward's
+    floats: the same D tiling (``d_tiling``), products of the same normalized operands; the
+    column pass takes y_j . x_i, the same float under the interpreter's SUM_DOT and for the
+    GPU's IEEE FMA chains (as the existing in-batch dk pass assumes for the matrix units)."""
+    _check_pair(x, y, nx, ny)
+    n = x.shape[0]
+    for name, t in (("lse", lse), ("g", g)):
+        if t.shape != (2 * n,):
+            raise ValueError(f"{name} must have shape ({2 * n},) = [rows ; columns], got "
+                             f"{tuple(t.shape)}")
+    lse = lse.to(torch.float64).contiguous()
+    g = g.to(torch.float32).contiguous()
+    lse_r, lse_c, g_r, g_c = lse[:n], lse[n:], g[:n], g[n:]
+    dx = _grad(x, y, nx, ny, lse_r, g_r, lse_c, g_c, inv_temp, False, 0, precision)
+    dy = _grad(y, x, ny, nx, lse_c, g_c, lse_r, g_r, inv_temp, False, 0, precision)
+    return dx, dy
 
 
 def nt_xent_forward(z, nz, inv_temp, precision: str = "ieee",
