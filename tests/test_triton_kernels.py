@@ -283,7 +283,9 @@ def test_aot_variants_are_complete(tc):
         assert {k for k, t in sig.items() if t == "constexpr"} == set(constexprs), v["label"]
         assert set(v["options"]) == {"num_warps", "num_stages"}
         seen.add(kernel.__name__ if hasattr(kernel, "__name__") else kernel.fn.__name__)
-    assert len(seen) == 4  # forward, combine, backward, split sum
+    # forward, combine, backward, split sum; CLIP's rows+columns forward and its combine
+    assert seen == {"_lse_fwd_kernel", "_combine_kernel", "_grad_kernel", "_sum_splits_kernel",
+                    "_rows_cols_fwd_kernel", "_combine_rows_cols_kernel"}
 
 
 def test_exp2_path_matches_float64(tc, monkeypatch):

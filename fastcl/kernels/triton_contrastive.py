@@ -91,6 +91,22 @@ Autotuning benchmarks on the first call per key (host syncs): do a warm-up call 
 interpreter one small fixed config is used (``INTERPRETER_TILES``). ``aot_variants()`` lists
 every (kernel, signature, constexprs, options) that can run, for the ahead-of-time compile test.
 
+CLIP's rows+columns pass (``rows_cols_forward``, ``rows_cols_grad``; x, y of the same n):
+the forward is one pass over the n x n logits for both directions. ``_rows_cols_fwd_kernel``
+runs on (row groups x column splits) programs (``rows_cols_plan``: about PROGRAMS_PER_SM per
+SM); each walks its row blocks, and for each the column tiles of its split, and feeds every
+logit tile to the row block's online state (as ``_lse_fwd_kernel``; row partials per split)
+and to the tile's column statistics over the block's rows (max, sum, centred sum over
+axis 0), which it merges into its group's running column state in global memory (its own
+columns of its own plane: read, merge, write, in row-block order; no atomics).
+``_combine_rows_cols_kernel`` merges rows over splits and columns over groups in a fixed
+order. Each logit is exponentiated twice (centred on its row's and on its column's running
+max): at D = 512 in bf16 that is about half the tensor-core time of the tile's product on an
+H100 (MUFU ex2 vs HMMA rates), the price of one pass. The positive s_ii is the tile's own
+float, in both denominators. BLOCK_M / BLOCK_N are fixed per (D, dtype) (the autotuner picks
+only the depth), so the column merge order is fixed. The backward is two ``_grad_kernel``
+passes (row-owned dx, column-owned dy; see ``rows_cols_grad`` for why not one).
+
 Offsets that multiply a row index by a stride, and partial-state offsets, are int64.
 Launches run under ``torch.cuda.device(tensor.device)``.
 """
@@ -776,7 +792,7 @@ def block_n(d: int, dtype: torch.dtype, kind: str = "fwd") -> int:
     """BLOCK_N on the GPU: fixed by (D, dtype), not tuned (it orders the row reductions). 128
     only for half types at D <= 64 in the forward; the backward keeps 64 (128 spilled: fp16
     8-24 B, bf16 NT-Xent 16 B on sm_89 / sm_90 at every depth)."""
-    if kind != "fwd":
+    if kind not in ("fwd", "rc"):
         return 64
     return 128 if dtype in (torch.bfloat16, torch.float16) and d <= 64 else 64
 
@@ -809,7 +825,9 @@ def _stages(kind: str, dtype: torch.dtype, precision: str, resident: bool) -> Tu
       bf16 / fp16 backward, D > 128 (chunks of 64): 1 (2 spills 8-24 B on sm_80 / sm_89, 3
         8-16 B); every other class 2 and 3 (4 spilled 8 B in forwards, 8-64 B in backwards)."""
     if dtype == torch.float32 and precision == "ieee":
-        return (2,)
+        # The rows+columns forward ("rc") holds a second exponentiated tile: at depth 2 ptxas
+        # capped it at 128 registers and spilled 16-24 B on sm_90; depth 3 fits everywhere.
+        return (3,) if kind == "rc" else (2,)
     if kind in ("fwd", "rc"):
         return (2, 3) if resident or dtype != torch.float32 else (3,)
     if dtype != torch.float32 and not resident:
@@ -963,9 +981,11 @@ def rows_cols_plan(n: int, device: torch.device) -> Tuple[int, int, int, int]:
     PROGRAMS_PER_SM * SMs programs, k x k with k = ceil(sqrt(that)), rows and columns per
     program rounded up to SPLIT_ALIGN (a multiple of every tile): on an H100 (132 SMs) k = 23,
     and n = 32768 gives 22 x 22 programs of 1536 x 1536 logits each. The partial statistics are
-    (4 n_splits + 3 n_groups) * n floats (20 MiB at n = 32768, 40 MiB at 65536): O(n sqrt(SMs)),
-    not O(n^2 / BLOCK_M). ``SPLIT_COLUMNS`` / ``RC_GROUP_ROWS`` (tests) force the columns per
-    split / rows per group."""
+    (4 n_splits + 3 n_groups) * n floats (19.3 MiB at n = 32768, 40.3 MiB at 65536, with
+    dscale): O(n sqrt(SMs)). One program per row block with (row blocks, n) column partials
+    would be O(n^2 / BLOCK_M): 192 MiB at n = 32768 with BLOCK_M = 64, 768 MiB at 65536.
+    ``SPLIT_COLUMNS`` / ``RC_GROUP_ROWS`` (tests) force the columns per split / rows per
+    group."""
     n = max(int(n), 1)
     if device.type == "cuda":
         index = device.index if device.index is not None else torch.cuda.current_device()
@@ -1105,7 +1125,8 @@ def _check_pair(x, y, nx, ny):
 def rows_cols_forward(x, y, nx, ny, inv_temp, precision: str = "ieee",
                       with_dscale: bool = False
                       ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """CLIP's two directions in one pass (``_rows_cols_fwd_kernel`` + ``_combine_rows_cols_kernel``).
+    """CLIP's two directions in one pass (``_rows_cols_fwd_kernel``, then
+    ``_combine_rows_cols_kernel``).
 
     s_ij = inv_temp * xhat_i . yhat_j, xhat = x / nx. Returns loss (2n,) float32 =
     [row losses (m_i - s_ii) + log l_i ; column losses (m_j - s_jj) + log l_j], lse (2n,)
@@ -1211,12 +1232,14 @@ LSE_CASES = {"nt_xent": (False, True, True), "in_batch": (False, False, True),
 # (use_a, use_b, exclude_diag, pos_in_columns)
 GRAD_CASES = {"nt_xent": (True, True, True, True), "in_batch_dq": (True, False, False, True),
               "in_batch_dk": (False, True, False, True), "queue_dq": (True, False, False, False),
-              "queue_dneg": (False, True, False, False)}
+              "queue_dneg": (False, True, False, False),
+              # CLIP (rows_cols_grad): both weights, the diagonal skipped as offset 0's positive
+              "clip": (True, True, False, True)}
 
 
 def _signature(kernel, dtype, constexprs, scale_dtype):
     sig = {}
-    inputs = {"Q", "K", "KP", "A", "B"}
+    inputs = {"Q", "K", "KP", "A", "B", "X", "Y"}
     for arg in kernel.arg_names:
         if arg in constexprs:
             sig[arg] = "constexpr"
@@ -1263,6 +1286,17 @@ def aot_variants(ds=(128, 512), dtypes=(torch.float32, torch.bfloat16),
                                            meta, cfg, sptr,
                                            f"splits={'1' if one_split else 'n'} pid={pid} "
                                            f"dscale={ds_} scale_ptr={sptr}")
+                # CLIP's rows+columns forward: dscale with the scale as a pointer (the
+                # heavier form) always; without dscale (float scale) with every_config (the
+                # CI's sm_90 group at D = 128): both forms of every (arch, D, dtype, config)
+                # were compiled once without spills (see rows_cols_plan's docstring).
+                rc = prune_configs(FWD_CONFIGS, "rc", d, dtype, precision)
+                for ds_ in ((False, True) if every_config else (True,)):
+                    meta = rows_cols_meta(dtype, d, True, precision, ds_, ds_)
+                    for cfg in (rc if every_config else rc[:1]):
+                        yield _variant(_rows_cols_fwd_kernel, "rows_cols", dtype, d,
+                                       precision, meta, cfg, ds_,
+                                       f"dscale={ds_} scale_ptr={ds_}")
                 for case, flags in GRAD_CASES.items():
                     # The scale's pointer form is one load, independent of the case: once.
                     for sptr in ((False, True) if case == "nt_xent" else (False,)):
@@ -1283,6 +1317,12 @@ def aot_variants(ds=(128, 512), dtypes=(torch.float32, torch.bfloat16),
             yield dict(kernel=_combine_kernel, signature=sig, constexprs=constexprs,
                        options=dict(num_warps=4, num_stages=1),
                        label=f"combine dscale={with_dscale} scale_ptr={sptr}")
+            if sptr != with_dscale:  # the rows+columns combine: its two launch forms
+                continue
+            sig = _signature(_combine_rows_cols_kernel, torch.float32, constexprs, "*fp32")
+            yield dict(kernel=_combine_rows_cols_kernel, signature=sig, constexprs=constexprs,
+                       options=dict(num_warps=4, num_stages=1),
+                       label=f"combine_rows_cols dscale={with_dscale} scale_ptr={sptr}")
 
 
 def _variant(kernel, name, dtype, d, precision, meta, cfg, scale_ptr, extra):
