@@ -33,7 +33,8 @@ def tc():
 
 def _inputs(seed, n, d, dtype, unit):
     """x, y (n, D) in ``dtype`` on DEV and their float32 norms: unit rows with norms of ones
-    (as the CLIP op passes them), or raw rows with their own norms."""
+    (as the CLIP op passes them), or raw rows with their own norms, then as strided views
+    (row stride D + 3, the columns of a wider tensor)."""
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(n, d, generator=gen, dtype=torch.float64)
     y = torch.randn(n, d, generator=gen, dtype=torch.float64)
@@ -41,6 +42,10 @@ def _inputs(seed, n, d, dtype, unit):
         x = x / x.norm(dim=1, keepdim=True)
         y = y / y.norm(dim=1, keepdim=True)
     x, y = x.to(dtype).to(DEV), y.to(dtype).to(DEV)
+    if not unit:
+        pad = torch.zeros(n, 3, dtype=dtype, device=DEV)
+        x, y = torch.cat([x, pad], 1)[:, :d], torch.cat([pad, y], 1)[:, 3:]
+        assert x.stride() == y.stride() == (d + 3, 1)
     if unit:
         nx = ny = torch.ones(n, dtype=torch.float32, device=DEV)
     else:
@@ -228,6 +233,24 @@ def test_groups_and_splits_agree_with_one_program(tc, monkeypatch):
     for other in results[1:]:
         for a_, b_ in zip(results[0], other):
             _close(a_, b_.cpu().double(), 2e-6)
+
+
+def test_exp2_path_matches_float64(tc, monkeypatch):
+    """The EXP2 code path (off by default: see the module docstring) stays correct here too."""
+    monkeypatch.setattr(tc, "EXP2", True)
+    monkeypatch.setattr(tc, "SPLIT_COLUMNS", 20)
+    monkeypatch.setattr(tc, "RC_GROUP_ROWS", 20)
+    x, y, nx, ny = _inputs(9, 37, 24, F32, False)
+    out = tc.rows_cols_forward(x, y, nx, ny, 6.0, with_dscale=True)
+    r_loss, r_lse, r_ds = ref_forward(x, y, nx, ny, 6.0)
+    _close(out[0], r_loss, 4e-6)
+    _close(out[1], r_lse, 4e-6)
+    _close(out[2] * 6.0, r_ds * 6.0, 4e-6)
+    g = (torch.rand(74, generator=torch.Generator().manual_seed(4)) + 0.5).to(DEV)
+    dx, dy = tc.rows_cols_grad(x, y, nx, ny, out[1], g, 6.0)
+    r_dx, r_dy = ref_grad(x, y, nx, ny, out[1], g, 6.0)
+    _close(dx, r_dx, 2e-5)
+    _close(dy, r_dy, 2e-5)
 
 
 def test_rejects_bad_arguments(tc):

@@ -268,7 +268,8 @@ def test_moco_batch_fills_an_h100(tc, monkeypatch):
 def test_configs_pruned_per_d_and_dtype(tc):
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
         for d in (16, 64, 128, 200, 256, 512, 2048):
-            for kind, configs in (("fwd", tc.FWD_CONFIGS), ("grad", tc.GRAD_CONFIGS)):
+            for kind, configs in (("fwd", tc.FWD_CONFIGS), ("grad", tc.GRAD_CONFIGS),
+                                  ("rc", tc.FWD_CONFIGS)):
                 kept = tc.prune_configs(configs, kind, d, dtype)
                 assert kept, (kind, d, dtype)
                 assert {c.kwargs["BLOCK_N"] for c in kept} == {tc.block_n(d, dtype, kind)}
