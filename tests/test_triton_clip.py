@@ -278,3 +278,26 @@ def test_plan_on_an_h100(tc, monkeypatch):
     for n, mib in ((32768, 20), (65536, 41)):
         groups, _, splits, _ = tc.rows_cols_plan(n, cuda)
         assert math.ceil((4 * splits + 3 * groups) * n * 4 / 2**20) <= mib
+
+
+def test_backward_tiling_per_d_and_dtype(tc):
+    """On the GPU, CLIP's backward keeps its 32-row tiles resident for bf16/fp16 at
+    128 < D <= 512 (configs RC_GRAD_CONFIGS, BLOCK_D = D rounded up to a power of two), and
+    otherwise uses the other backward passes' tiling; the interpreter always the latter."""
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        for d in (64, 128, 200, 256, 512, 600, 1024):
+            meta = tc.rows_cols_grad_meta(dtype, d, True, "tf32")
+            plain = tc.grad_meta(dtype, d, True, True, True, False, True, "tf32")
+            special = dtype != F32 and 128 < d <= 512
+            assert tc.rc_grad_resident(dtype, d, True) == special
+            if special:
+                assert meta == dict(plain, RESIDENT=True, BLOCK_D=256 if d <= 256 else 512)
+                kept = tc.prune_configs(tc.RC_GRAD_CONFIGS, "rc_grad", d, dtype)
+                assert {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps)
+                        for c in kept} == {(32, 32, 8)}
+                assert {c.num_stages for c in kept} == {1, 2}
+            else:
+                assert meta == plain
+            assert not tc.rc_grad_resident(dtype, d, False)
+            assert tc.rows_cols_grad_meta(dtype, d, False, "ieee") == tc.grad_meta(
+                dtype, d, False, True, True, False, True, "ieee")

@@ -105,7 +105,9 @@ max): at D = 512 in bf16 that is about half the tensor-core time of the tile's p
 H100 (MUFU ex2 vs HMMA rates), the price of one pass. The positive s_ii is the tile's own
 float, in both denominators. BLOCK_M / BLOCK_N are fixed per (D, dtype) (the autotuner picks
 only the depth), so the column merge order is fixed. The backward is two ``_grad_kernel``
-passes (row-owned dx, column-owned dy; see ``rows_cols_grad`` for why not one).
+passes (row-owned dx, column-owned dy; see ``rows_cols_grad`` for why not one), which for
+bf16/fp16 at 128 < D <= 512 keep 32-row tiles and their accumulators resident
+(``rows_cols_grad_meta``) instead of streaming D through global memory.
 
 Offsets that multiply a row index by a stride, and partial-state offsets, are int64.
 Launches run under ``torch.cuda.device(tensor.device)``.
@@ -144,6 +146,7 @@ INTERPRETER_SPLIT_COLUMNS = 64
 # Tests: force the columns per split (rounded up to a multiple of BLOCK_N); None = the plan.
 SPLIT_COLUMNS: Optional[int] = None
 INTERPRETER_GROUP_ROWS = 64   # the rows+columns forward: rows per program (2 row blocks)
+RC_GRAD_RESIDENT_MAX_D = 512  # GPU, bf16/fp16: CLIP's backward keeps 32-row tiles resident
 # Tests: force the rows+columns forward's rows per program (as given); None = the plan.
 RC_GROUP_ROWS: Optional[int] = None
 COMBINE_BLOCK = 128
@@ -815,6 +818,13 @@ _TUNE = [(64, 64, 8, 1), (64, 64, 8, 2), (64, 64, 8, 3),
          (64, 128, 8, 1), (64, 128, 8, 2), (64, 128, 8, 3)]
 FWD_CONFIGS: List[triton.Config] = [_cfg(*c) for c in _TUNE]
 GRAD_CONFIGS: List[triton.Config] = [_cfg(*c) for c in _TUNE]
+# CLIP's backward for bf16/fp16 at RESIDENT_MAX_D < D <= RC_GRAD_RESIDENT_MAX_D (see
+# rows_cols_grad_meta): 32 x 32 tiles, 8 warps, the row tile and the BLOCK_M x D accumulator
+# resident. Measured with ptxas (Triton 3.9, D = 256 and 512, bf16 and fp16, sm_80 / sm_89 /
+# sm_90): no spills at depths 1-3 (167-196 registers); depth 3 needs 101-103 KiB of shared
+# memory at D = 512, over sm_89's 99 KiB, so depths 1 and 2. (64-row tiles spill 512 B at
+# D = 512; 32 x 64 tiles need 101-160 KiB.)
+RC_GRAD_CONFIGS: List[triton.Config] = [_cfg(32, 32, 8, 1), _cfg(32, 32, 8, 2)]
 
 
 def _stages(kind: str, dtype: torch.dtype, precision: str, resident: bool) -> Tuple[int, ...]:
@@ -859,6 +869,8 @@ def prune_configs(configs, kind: str, d: int, dtype: torch.dtype,
     """The configs that may run for (kind, d, dtype, precision): BLOCK_N = block_n(d, dtype),
     within the register and shared-memory budgets (at least one: the smallest)."""
     precision = precision if dtype == torch.float32 else "tf32"
+    if kind == "rc_grad":  # CLIP's resident backward: its own configs, kept as measured
+        return [c for c in configs if c in RC_GRAD_CONFIGS] or list(RC_GRAD_CONFIGS)
     resident, block_d = d_tiling(d, True, dtype, precision)
     bn = block_n(d, dtype, kind)
     stages = _stages(kind, dtype, precision, resident)
@@ -889,6 +901,10 @@ _lse_fwd_tuned = triton.autotune(
 _grad_tuned = triton.autotune(
     configs=GRAD_CONFIGS, key=_KEY_GRAD,
     prune_configs_by={"early_config_prune": _early_prune("grad", "A")},
+)(_grad_kernel)
+_grad_rc_tuned = triton.autotune(
+    configs=RC_GRAD_CONFIGS, key=_KEY_GRAD,
+    prune_configs_by={"early_config_prune": _early_prune("rc_grad", "A")},
 )(_grad_kernel)
 _KEY_RC = ["d", "WITH_DSCALE", "RESIDENT", "BLOCK_D", "PRECISION", "NORM_TILES", "SCALE_PTR"]
 _rows_cols_tuned = triton.autotune(
@@ -930,6 +946,32 @@ def rows_cols_meta(dtype, d, on_cuda, precision, with_dscale=False, scale_ptr=Fa
     logits the forward's statistics saw."""
     meta = _common_meta(dtype, d, on_cuda, precision)
     meta.update(WITH_DSCALE=bool(with_dscale), SCALE_PTR=bool(scale_ptr))
+    return meta
+
+
+def rc_grad_resident(dtype, d: int, on_cuda: bool) -> bool:
+    """Whether CLIP's backward runs the resident 32-row tiling (RC_GRAD_CONFIGS): on the GPU,
+    bf16/fp16 at RESIDENT_MAX_D < D <= RC_GRAD_RESIDENT_MAX_D (below, the usual resident
+    tiling; above, D chunks)."""
+    return (on_cuda and dtype in (torch.bfloat16, torch.float16)
+            and RESIDENT_MAX_D < d <= RC_GRAD_RESIDENT_MAX_D)
+
+
+def rows_cols_grad_meta(dtype, d, on_cuda, precision, scale_ptr=False) -> dict:
+    """Compile-time arguments of the two ``_grad_kernel`` passes of ``rows_cols_grad`` (both
+    weights, the diagonal skipped as the positive column of offset 0). For bf16/fp16 at
+    128 < D <= 512 on the GPU (``rc_grad_resident``) the row tile and the accumulator stay
+    resident (BLOCK_D = D rounded up to a power of two) with the 32-row configs
+    RC_GRAD_CONFIGS, where ``grad_meta`` would stream D in chunks of 64 and add each column
+    tile's W @ B into the output rows in global memory (a read and a write of BLOCK_M x D
+    float32 per column tile: about 19 FLOP per byte moved at D = 512, against 64 here, where
+    each column tile is loaded once for both products). The logits are then an MMA over all of
+    D in one dot: the same products in the same k order as the forward's chunks; that it is the
+    same float is claimed only where tested on a device, and a last-bit difference is far below
+    the bf16 rounding of the weights (CAST_W)."""
+    meta = grad_meta(dtype, d, on_cuda, True, True, False, True, precision, scale_ptr)
+    if rc_grad_resident(dtype, d, on_cuda):
+        meta.update(RESIDENT=True, BLOCK_D=_pow2(d, 16, RC_GRAD_RESIDENT_MAX_D))
     return meta
 
 
@@ -1064,13 +1106,19 @@ def _lse(q, k, nq, nk, positive, inv_temp, exclude_diag, pos_offset, precision,
     return loss, lse, dscale
 
 
-def _grad(a, b, na, nb, lse_a, g_a, lse_b, g_b, inv_temp, exclude_diag, pos_offset, precision):
+def _grad(a, b, na, nb, lse_a, g_a, lse_b, g_b, inv_temp, exclude_diag, pos_offset, precision,
+          rows_cols=False):
     n_a, d = a.shape
     n_b = b.shape[0]
     on_cuda = a.is_cuda
     scale_t, scale_val, scale_ptr = _scale_args(inv_temp, a.device, na)
-    meta = grad_meta(a.dtype, d, on_cuda, lse_a is not None, lse_b is not None, exclude_diag,
-                     pos_offset is not None, precision, scale_ptr)
+    if rows_cols:  # CLIP's passes: both weights, the diagonal skipped (offset 0)
+        meta = rows_cols_grad_meta(a.dtype, d, on_cuda, precision, scale_ptr)
+    else:
+        meta = grad_meta(a.dtype, d, on_cuda, lse_a is not None, lse_b is not None,
+                         exclude_diag, pos_offset is not None, precision, scale_ptr)
+    tuned = (_grad_rc_tuned if rows_cols and rc_grad_resident(a.dtype, d, on_cuda)
+             else _grad_tuned)
     out = torch.empty(n_a, d, dtype=torch.float32, device=a.device)
     if n_a == 0 or d == 0:
         return out.zero_()
@@ -1092,7 +1140,7 @@ def _grad(a, b, na, nb, lse_a, g_a, lse_b, g_b, inv_temp, exclude_diag, pos_offs
     with _on_device(a):
         if on_cuda:
             grid = lambda META: (triton.cdiv(n_a, META["BLOCK_M"]), n_splits)  # noqa: E731
-            _grad_tuned[grid](*args, **meta)
+            tuned[grid](*args, **meta)
         else:
             _grad_kernel[(triton.cdiv(n_a, meta["BLOCK_M"]), n_splits)](*args, **meta)
         if n_splits > 1:
@@ -1182,7 +1230,9 @@ def rows_cols_grad(x, y, nx, ny, lse, g, inv_temp, precision: str = "ieee"
     atomics, a partial dY per row group summed in a fixed order: (groups x n x D) float32, 64
     MiB per group at n = 32768, D = 512, and enough groups to fill 132 SMs is gigabytes; with
     atomics it would not be deterministic. Each pass here holds n x D float32 (plus the split
-    partial rows ``_grad`` caps at PARTIAL_BYTES): memory O(n D). The logits are the forward's
+    partial rows ``_grad`` caps at PARTIAL_BYTES): memory O(n D). Tiling: ``rows_cols_grad_meta``
+    (at N = 32768, D = 512, bf16 on an H100: 1024 programs of 32 rows per pass, each column
+    tile loaded once for the logits and the product). The logits are the forward's
     floats: the same D tiling (``d_tiling``), products of the same normalized operands; the
     column pass takes y_j . x_i, the same float under the interpreter's SUM_DOT and for the
     GPU's IEEE FMA chains (as the existing in-batch dk pass assumes for the matrix units)."""
@@ -1195,8 +1245,8 @@ def rows_cols_grad(x, y, nx, ny, lse, g, inv_temp, precision: str = "ieee"
     lse = lse.to(torch.float64).contiguous()
     g = g.to(torch.float32).contiguous()
     lse_r, lse_c, g_r, g_c = lse[:n], lse[n:], g[:n], g[n:]
-    dx = _grad(x, y, nx, ny, lse_r, g_r, lse_c, g_c, inv_temp, False, 0, precision)
-    dy = _grad(y, x, ny, nx, lse_c, g_c, lse_r, g_r, inv_temp, False, 0, precision)
+    dx = _grad(x, y, nx, ny, lse_r, g_r, lse_c, g_c, inv_temp, False, 0, precision, True)
+    dy = _grad(y, x, ny, nx, lse_c, g_c, lse_r, g_r, inv_temp, False, 0, precision, True)
     return dx, dy
 
 
@@ -1234,9 +1284,7 @@ LSE_CASES = {"nt_xent": (False, True, True), "in_batch": (False, False, True),
 # (use_a, use_b, exclude_diag, pos_in_columns)
 GRAD_CASES = {"nt_xent": (True, True, True, True), "in_batch_dq": (True, False, False, True),
               "in_batch_dk": (False, True, False, True), "queue_dq": (True, False, False, False),
-              "queue_dneg": (False, True, False, False),
-              # CLIP (rows_cols_grad): both weights, the diagonal skipped as offset 0's positive
-              "clip": (True, True, False, True)}
+              "queue_dneg": (False, True, False, False)}
 
 
 def _signature(kernel, dtype, constexprs, scale_dtype):
@@ -1299,6 +1347,14 @@ def aot_variants(ds=(128, 512), dtypes=(torch.float32, torch.bfloat16),
                         yield _variant(_rows_cols_fwd_kernel, "rows_cols", dtype, d,
                                        precision, meta, cfg, ds_,
                                        f"dscale={ds_} scale_ptr={ds_}")
+                # CLIP's backward passes (rows_cols_grad_meta: its own tiling at some D).
+                meta = rows_cols_grad_meta(dtype, d, True, precision)
+                kind = "rc_grad" if rc_grad_resident(dtype, d, True) else "grad"
+                cfgs = prune_configs(RC_GRAD_CONFIGS if kind == "rc_grad" else GRAD_CONFIGS,
+                                     kind, d, dtype, precision)
+                for cfg in (cfgs if every_config else cfgs[:1]):
+                    yield _variant(_grad_kernel, "grad/clip", dtype, d, precision, meta, cfg,
+                                   False, f"scale_ptr=False tiles={kind}")
                 for case, flags in GRAD_CASES.items():
                     # The scale's pointer form is one load, independent of the case: once.
                     for sptr in ((False, True) if case == "nt_xent" else (False,)):
