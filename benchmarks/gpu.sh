@@ -16,6 +16,10 @@
 #           compiled, rewritten after each dtype) copied into c.log; launches.txt: kernels per
 #           training step (torch.profiler) for nt_xent and the MoCo queue loss
 #   d  110  tests.log: the CUDA parametrizations of the test suite (pytest -k cuda)
+#   clip 90 clip.txt: benchmarks/gpu_clip.py, CLIP's loss forward + backward with a learnable
+#           scale at N = 16384 and 32768, D = 512, bf16: fastcl against open_clip's formula
+#           (eager, torch.compile) and Inf-CL when installed, time and peak memory (its
+#           correctness cases are in b's matrix)
 #   e  rest report-fp32/, report-bf16/, report-tf32/: python -m fastcl.bench, one folder per
 #           input configuration (report.txt, results.json, plot.png), fp32 with --large
 # summary.txt gets "SECTION x: ok|failed|timeout in N s" as each section ends.
@@ -94,6 +98,18 @@ cuda_tests() {
   return $rc
 }
 
+clip_bench() {
+  local budget=$1
+  if [ "$DEVICE" = cpu ]; then
+    $PY benchmarks/gpu_clip.py --device cpu --small --providers fastcl,eager \
+      --out "$OUT/clip.txt"
+  else
+    # Stop starting measurements 15 s before the section's end (a compile takes ~20-40 s).
+    $PY benchmarks/gpu_clip.py --device cuda --sizes 16384,32768 --dim 512 --dtype bf16 \
+      --budget $(( budget > 30 ? budget - 15 : budget )) --out "$OUT/clip.txt"
+  fi
+}
+
 report() {  # report CONFIG [EXTRA...]: one input configuration into report-CONFIG/
   local config=$1
   shift
@@ -101,11 +117,12 @@ report() {  # report CONFIG [EXTRA...]: one input configuration into report-CONF
 }
 
 export PY DEVICE SMALL QUICK LARGE OUT
-export -f env_info check stats cuda_tests report
+export -f env_info check stats cuda_tests clip_bench report
 section a 15 bash -c env_info > "$OUT/env.txt" 2>&1
 section b 170 bash -c check > "$OUT/check.log" 2>&1
 section c 40 bash -c stats > "$OUT/c.log" 2>&1
 section d 110 bash -c cuda_tests > "$OUT/tests.log" 2>&1
+section clip 90 bash -c 'clip_bench 90' > "$OUT/clip.log" 2>&1
 # The report: fp32 first (with --large on CUDA), then bf16 and tf32, sharing what is left.
 left=$(( TOTAL_BUDGET - ($(date +%s) - START) ))
 section e.fp32 $(( left * 45 / 100 )) bash -c 'report fp32 $LARGE' > "$OUT/report-fp32.log" 2>&1

@@ -9,7 +9,8 @@ a small atol); a queue push past 2^31 elements; then what the run compiled and l
 Matrix (``--device cuda``): configurations fp32 (IEEE products), tf32
 (``torch.set_float32_matmul_precision("high")``, eager too), bf16, fp16 x losses
 ``fastcl.nt_xent``, ``fastcl.info_nce`` in-batch and with a queue (16384 keys, the queue gets a
-gradient too), ``fastcl.byol_loss`` and ``fastcl.dcl_loss`` where fastcl has it x D in {64, 128,
+gradient too), ``fastcl.byol_loss``, and ``fastcl.dcl_loss`` and ``fastcl.clip_loss`` (with a
+learnable scale, against open_clip's formula) where fastcl has them x D in {64, 128,
 256, 1024}; N = 256 rows per view, reduction "none" with a random cotangent. One line per case
 is appended to ``--out`` as soon as it is known (``ok`` / ``FAIL``, the errors and their
 bounds). Then the queue push: a float16 queue of K = 2^22 + 3 rows of D = 520 (K * D > 2^31;
@@ -115,7 +116,29 @@ def losses():
             lambda a, b: reference.dcl_loss(*_widen([a, b]), temperature=0.1, reduction="none"),
             lambda a, b: reference.dcl_loss(a, b, temperature=0.1, reduction="none"),
             lambda n, k, d: [(n, d), (n, d)], (True, True)))
+    if hasattr(fastcl, "clip_loss"):
+        # CLIP with a learnable scale: the third input s (one element) gives the scale
+        # 10 + 5 |s| (in the accumulation dtype, for all three), so its gradient is checked.
+        out.append((
+            "clip_loss",
+            lambda x, y, s: fastcl.clip_loss(x, y, _clip_scale(s), reduction="none"),
+            lambda x, y, s: eager_clip(*_widen([x, y, s])),
+            lambda x, y, s: eager_clip(x, y, s),
+            lambda n, k, d: [(n, d), (n, d), (1,)], (True, True, True)))
     return out
+
+
+def _clip_scale(s):
+    return 10.0 + 5.0 * s.reshape(()).to(tolerances.acc(s.dtype)).abs()
+
+
+def eager_clip(x, y, s):
+    """open_clip's ClipLoss, per pair (reduction "none": (CE of row i + CE of column i) / 2),
+    from the inputs as given, logits in their dtype."""
+    logits = _clip_scale(s) * x @ y.T
+    labels = torch.arange(x.shape[0], device=x.device)
+    ce = torch.nn.functional.cross_entropy
+    return (ce(logits, labels, reduction="none") + ce(logits.T, labels, reduction="none")) / 2
 
 
 def _within(actual, oracle, baseline, dtype):

@@ -268,7 +268,8 @@ def test_moco_batch_fills_an_h100(tc, monkeypatch):
 def test_configs_pruned_per_d_and_dtype(tc):
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
         for d in (16, 64, 128, 200, 256, 512, 2048):
-            for kind, configs in (("fwd", tc.FWD_CONFIGS), ("grad", tc.GRAD_CONFIGS)):
+            for kind, configs in (("fwd", tc.FWD_CONFIGS), ("grad", tc.GRAD_CONFIGS),
+                                  ("rc", tc.FWD_CONFIGS)):
                 kept = tc.prune_configs(configs, kind, d, dtype)
                 assert kept, (kind, d, dtype)
                 assert {c.kwargs["BLOCK_N"] for c in kept} == {tc.block_n(d, dtype, kind)}
@@ -283,7 +284,9 @@ def test_aot_variants_are_complete(tc):
         assert {k for k, t in sig.items() if t == "constexpr"} == set(constexprs), v["label"]
         assert set(v["options"]) == {"num_warps", "num_stages"}
         seen.add(kernel.__name__ if hasattr(kernel, "__name__") else kernel.fn.__name__)
-    assert len(seen) == 4  # forward, combine, backward, split sum
+    # forward, combine, backward, split sum; CLIP's rows+columns forward and its combine
+    assert seen == {"_lse_fwd_kernel", "_combine_kernel", "_grad_kernel", "_sum_splits_kernel",
+                    "_rows_cols_fwd_kernel", "_combine_rows_cols_kernel"}
 
 
 def test_exp2_path_matches_float64(tc, monkeypatch):

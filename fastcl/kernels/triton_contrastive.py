@@ -91,6 +91,24 @@ Autotuning benchmarks on the first call per key (host syncs): do a warm-up call 
 interpreter one small fixed config is used (``INTERPRETER_TILES``). ``aot_variants()`` lists
 every (kernel, signature, constexprs, options) that can run, for the ahead-of-time compile test.
 
+CLIP's rows+columns pass (``rows_cols_forward``, ``rows_cols_grad``; x, y of the same n):
+the forward is one pass over the n x n logits for both directions. ``_rows_cols_fwd_kernel``
+runs on (row groups x column splits) programs (``rows_cols_plan``: about PROGRAMS_PER_SM per
+SM); each walks its row blocks, and for each the column tiles of its split, and feeds every
+logit tile to the row block's online state (as ``_lse_fwd_kernel``; row partials per split)
+and to the tile's column statistics over the block's rows (max, sum, centred sum over
+axis 0), which it merges into its group's running column state in global memory (its own
+columns of its own plane: read, merge, write, in row-block order; no atomics).
+``_combine_rows_cols_kernel`` merges rows over splits and columns over groups in a fixed
+order. Each logit is exponentiated twice (centred on its row's and on its column's running
+max): at D = 512 in bf16 that is about half the tensor-core time of the tile's product on an
+H100 (MUFU ex2 vs HMMA rates), the price of one pass. The positive s_ii is the tile's own
+float, in both denominators. BLOCK_M / BLOCK_N are fixed per (D, dtype) (the autotuner picks
+only the depth), so the column merge order is fixed. The backward is two ``_grad_kernel``
+passes (row-owned dx, column-owned dy; see ``rows_cols_grad`` for why not one), which for
+bf16/fp16 at 128 < D <= 512 keep 32-row tiles and their accumulators resident
+(``rows_cols_grad_meta``) instead of streaming D through global memory.
+
 Offsets that multiply a row index by a stride, and partial-state offsets, are int64.
 Launches run under ``torch.cuda.device(tensor.device)``.
 """
@@ -98,6 +116,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 from typing import Iterator, List, Optional, Tuple
 
 import torch
@@ -126,6 +145,10 @@ PROGRAMS_PER_SM = 4
 INTERPRETER_SPLIT_COLUMNS = 64
 # Tests: force the columns per split (rounded up to a multiple of BLOCK_N); None = the plan.
 SPLIT_COLUMNS: Optional[int] = None
+INTERPRETER_GROUP_ROWS = 64   # the rows+columns forward: rows per program (2 row blocks)
+RC_GRAD_RESIDENT_MAX_D = 512  # GPU, bf16/fp16: CLIP's backward keeps 32-row tiles resident
+# Tests: force the rows+columns forward's rows per program (as given); None = the plan.
+RC_GROUP_ROWS: Optional[int] = None
 COMBINE_BLOCK = 128
 SUM_BLOCK = 1024
 PARTIAL_BYTES = 64 << 20      # GPU backward: the split partial rows' budget
@@ -428,6 +451,184 @@ def _combine_kernel(
             BLOCK)
 
 
+# ------------------------------------------------------- rows and columns (CLIP) forward ----
+
+
+@triton.jit
+def _rows_cols_fwd_kernel(
+    X, Y, NX, NY, SCALE, RPART, CPART,
+    n, d, rows_per_group, cols_per_split, n_splits, n_groups,
+    stride_xm, stride_xd, stride_ym, stride_yd,
+    scale_val,
+    SCALE_PTR: tl.constexpr,
+    WITH_DSCALE: tl.constexpr,
+    RESIDENT: tl.constexpr,
+    EXP2: tl.constexpr,
+    PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
+    NORM_TILES: tl.constexpr,
+    SUM_DOT: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """Both softmax directions of s_ij = scale * xhat_i . yhat_j from one pass over the tiles.
+
+    Grid (row groups, column splits): program (g, s) owns rows [g * rows_per_group, ...) and
+    columns [s * cols_per_split, ...). For each of its BLOCK_M row blocks (in order) it walks its
+    columns in BLOCK_N tiles; each logit tile feeds
+    - the row block's online state (max m, sum l, centred t, positive s_ii), written at the end
+      of the block to RPART[., s, rows] (the layout of ``_combine_kernel``'s partials: planes m,
+      l, s_pos, t of n_splits * n each);
+    - the tile's column statistics over the block's rows, merged into the group's running column
+      state CPART[., g, cols] (planes m, l, t of n_groups * n each): read, merge, write. The
+      columns of split s in plane g are this program's alone and its row blocks merge in order,
+      so this is deterministic without atomics; a barrier orders each row block's writes before
+      the next block's reads.
+    ``_combine_rows_cols_kernel`` then merges the rows over splits and the columns over groups.
+    """
+    pid_g = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    row_lo = pid_g * rows_per_group
+    row_hi = tl.minimum(n, row_lo + rows_per_group)
+    col_start = pid_s * cols_per_split
+    col_end = tl.minimum(n, col_start + cols_per_split)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    inv_temp, scale = _load_scale(SCALE, scale_val, SCALE_PTR, EXP2)
+    rplane = tl.full([], n_splits, tl.int64) * n
+    cplane = tl.full([], n_groups, tl.int64) * n
+    rbase = tl.full([], pid_s, tl.int64) * n
+    cbase = tl.full([], pid_g, tl.int64) * n
+
+    for start_m in range(row_lo, row_hi, BLOCK_M):
+        rows = start_m + offs_m
+        row_ok = rows < row_hi
+        rows64 = rows.to(tl.int64)
+        nx = tl.load(NX + rows, mask=row_ok, other=1.0)
+        m = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l = tl.zeros([BLOCK_M], tl.float32)
+        t = tl.zeros([BLOCK_M], tl.float32)
+        s_pos = tl.zeros([BLOCK_M], tl.float32)
+        if RESIDENT:  # the row tile, loaded (and normalized) once per row block
+            x_tile = _load_rows(X, rows64, row_ok, offs_d, d, stride_xm, stride_xd, nx,
+                                NORM_TILES)
+        # The group's first row block starts the column state (its reads are masked off).
+        not_first = (tl.zeros([BLOCK_N], tl.int32) + start_m) != row_lo
+        for start_n in range(col_start, col_end, BLOCK_N):
+            cols = start_n + offs_n
+            col_ok = cols < col_end
+            cols64 = cols.to(tl.int64)
+            ny = tl.load(NY + cols, mask=col_ok, other=1.0)
+            if RESIDENT:
+                y_tile = _load_rows(Y, cols64, col_ok, offs_d, d, stride_ym, stride_yd, ny,
+                                    NORM_TILES)
+                acc = _ldot(x_tile, y_tile, tl.zeros([BLOCK_M, BLOCK_N], tl.float32),
+                            PRECISION, UPCAST, SUM_DOT)
+                s = _scale_logits(acc, nx, ny, scale, NORM_TILES)
+            else:
+                s = _logit_tile(X, Y, rows64, cols64, row_ok, col_ok, nx, ny, d,
+                                stride_xm, stride_xd, stride_ym, stride_yd, scale,
+                                PRECISION, UPCAST, NORM_TILES, SUM_DOT, BLOCK_M, BLOCK_N,
+                                BLOCK_D)
+            valid = row_ok[:, None] & col_ok[None, :]
+            # The positive pair (i, i) is in both denominators; its logit is taken from the
+            # tile, the very float both maxima saw.
+            s_pos += tl.sum(tl.where(valid & (rows[:, None] == cols[None, :]), s, 0.0), 1)
+            s = tl.where(valid, s, float("-inf"))
+
+            # Rows: the online update of _lse_fwd_kernel.
+            m_new = tl.maximum(m, tl.max(s, 1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = _exp(m - m_safe, EXP2)
+            p = _exp(s - m_safe[:, None], EXP2)
+            if WITH_DSCALE:
+                centred = p * tl.where(valid, s - m_safe[:, None], 0.0)
+                dm = tl.where(m == float("-inf"), 0.0, m - m_safe)
+                t = alpha * (t + dm * l) + tl.sum(centred, 1)
+            l = l * alpha + tl.sum(p, 1)
+            m = m_new
+
+            # Columns: this tile's statistics over the block's rows, merged into the state.
+            mc = tl.max(s, 0)
+            mc_safe = tl.where(mc == float("-inf"), 0.0, mc)
+            pc = _exp(s - mc_safe[None, :], EXP2)
+            lc = tl.sum(pc, 0)
+            if WITH_DSCALE:
+                tc = tl.sum(pc * tl.where(valid, s - mc_safe[None, :], 0.0), 0)
+            else:
+                tc = tl.zeros([BLOCK_N], tl.float32)
+            c_off = cbase + cols64
+            c_rd = col_ok & not_first
+            m_o = tl.load(CPART + c_off, mask=c_rd, other=float("-inf"))
+            l_o = tl.load(CPART + cplane + c_off, mask=c_rd, other=0.0)
+            if WITH_DSCALE:
+                t_o = tl.load(CPART + 2 * cplane + c_off, mask=c_rd, other=0.0)
+            else:
+                t_o = tl.zeros([BLOCK_N], tl.float32)
+            m_c, l_c, t_c = _merge(m_o, l_o, t_o, mc, lc, tc, EXP2)
+            tl.store(CPART + c_off, m_c, mask=col_ok)
+            tl.store(CPART + cplane + c_off, l_c, mask=col_ok)
+            if WITH_DSCALE:
+                tl.store(CPART + 2 * cplane + c_off, t_c, mask=col_ok)
+
+        r_off = rbase + rows64
+        tl.store(RPART + r_off, m, mask=row_ok)
+        tl.store(RPART + rplane + r_off, l, mask=row_ok)
+        tl.store(RPART + 2 * rplane + r_off, s_pos, mask=row_ok)
+        if WITH_DSCALE:
+            tl.store(RPART + 3 * rplane + r_off, t, mask=row_ok)
+        tl.debug_barrier()  # the next row block reads the column state this one wrote
+
+
+@triton.jit
+def _combine_rows_cols_kernel(
+    RPART, CPART, SCALE, LOSS, LSE, DSCALE, n, n_splits, n_groups, scale_val,
+    SCALE_PTR: tl.constexpr, WITH_DSCALE: tl.constexpr, EXP2: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """Index i: row i's partials merged over the column splits in split order, column i's over
+    the row groups in group order (deterministic); both finished with the positive logit
+    s_ii (the sum of the row's s_pos planes: one split holds it, the others 0). Writes
+    LOSS/LSE/DSCALE[i] (rows) and [n + i] (columns)."""
+    idx = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = idx < n
+    idx64 = idx.to(tl.int64)
+    inv_temp, _scale = _load_scale(SCALE, scale_val, SCALE_PTR, EXP2)
+    rplane = tl.full([], n_splits, tl.int64) * n
+    cplane = tl.full([], n_groups, tl.int64) * n
+    m = tl.full([BLOCK], float("-inf"), tl.float32)
+    l = tl.zeros([BLOCK], tl.float32)
+    t = tl.zeros([BLOCK], tl.float32)
+    s_pos = tl.zeros([BLOCK], tl.float32)
+    for sp in range(0, n_splits):
+        off = tl.full([], sp, tl.int64) * n + idx64
+        m_p = tl.load(RPART + off, mask=ok, other=float("-inf"))
+        l_p = tl.load(RPART + rplane + off, mask=ok, other=0.0)
+        s_pos += tl.load(RPART + 2 * rplane + off, mask=ok, other=0.0)
+        if WITH_DSCALE:
+            t_p = tl.load(RPART + 3 * rplane + off, mask=ok, other=0.0)
+        else:
+            t_p = tl.zeros([BLOCK], tl.float32)
+        m, l, t = _merge(m, l, t, m_p, l_p, t_p, EXP2)
+    _finish(m, l, t, s_pos, inv_temp, idx, ok, LOSS, LSE, DSCALE, WITH_DSCALE, EXP2, BLOCK)
+    m = tl.full([BLOCK], float("-inf"), tl.float32)
+    l = tl.zeros([BLOCK], tl.float32)
+    t = tl.zeros([BLOCK], tl.float32)
+    for gr in range(0, n_groups):
+        off = tl.full([], gr, tl.int64) * n + idx64
+        m_p = tl.load(CPART + off, mask=ok, other=float("-inf"))
+        l_p = tl.load(CPART + cplane + off, mask=ok, other=0.0)
+        if WITH_DSCALE:
+            t_p = tl.load(CPART + 2 * cplane + off, mask=ok, other=0.0)
+        else:
+            t_p = tl.zeros([BLOCK], tl.float32)
+        m, l, t = _merge(m, l, t, m_p, l_p, t_p, EXP2)
+    _finish(m, l, t, s_pos, inv_temp, idx, ok, LOSS + n, LSE + n, DSCALE + n, WITH_DSCALE,
+            EXP2, BLOCK)
+
+
 # ---------------------------------------------------------------------------- backward ----
 
 
@@ -593,8 +794,10 @@ def d_tiling(d: int, on_cuda: bool, dtype: torch.dtype = torch.bfloat16,
 def block_n(d: int, dtype: torch.dtype, kind: str = "fwd") -> int:
     """BLOCK_N on the GPU: fixed by (D, dtype), not tuned (it orders the row reductions). 128
     only for half types at D <= 64 in the forward; the backward keeps 64 (128 spilled: fp16
-    8-24 B, bf16 NT-Xent 16 B on sm_89 / sm_90 at every depth)."""
-    if kind != "fwd":
+    8-24 B, bf16 NT-Xent 16 B on sm_89 / sm_90 at every depth). The rows+columns forward
+    ("rc") follows the forward (its 64 x 128 half tiles: no spills, at most 244 registers, on
+    sm_89 at depth 3)."""
+    if kind not in ("fwd", "rc"):
         return 64
     return 128 if dtype in (torch.bfloat16, torch.float16) and d <= 64 else 64
 
@@ -615,6 +818,13 @@ _TUNE = [(64, 64, 8, 1), (64, 64, 8, 2), (64, 64, 8, 3),
          (64, 128, 8, 1), (64, 128, 8, 2), (64, 128, 8, 3)]
 FWD_CONFIGS: List[triton.Config] = [_cfg(*c) for c in _TUNE]
 GRAD_CONFIGS: List[triton.Config] = [_cfg(*c) for c in _TUNE]
+# CLIP's backward for bf16/fp16 at RESIDENT_MAX_D < D <= RC_GRAD_RESIDENT_MAX_D (see
+# rows_cols_grad_meta): 32 x 32 tiles, 8 warps, the row tile and the BLOCK_M x D accumulator
+# resident. Measured with ptxas (Triton 3.9, D = 256 and 512, bf16 and fp16, sm_80 / sm_89 /
+# sm_90): no spills at depths 1-3 (167-196 registers); depth 3 needs 101-103 KiB of shared
+# memory at D = 512, over sm_89's 99 KiB, so depths 1 and 2. (64-row tiles spill 512 B at
+# D = 512; 32 x 64 tiles need 101-160 KiB.)
+RC_GRAD_CONFIGS: List[triton.Config] = [_cfg(32, 32, 8, 1), _cfg(32, 32, 8, 2)]
 
 
 def _stages(kind: str, dtype: torch.dtype, precision: str, resident: bool) -> Tuple[int, ...]:
@@ -627,8 +837,10 @@ def _stages(kind: str, dtype: torch.dtype, precision: str, resident: bool) -> Tu
       bf16 / fp16 backward, D > 128 (chunks of 64): 1 (2 spills 8-24 B on sm_80 / sm_89, 3
         8-16 B); every other class 2 and 3 (4 spilled 8 B in forwards, 8-64 B in backwards)."""
     if dtype == torch.float32 and precision == "ieee":
-        return (2,)
-    if kind == "fwd":
+        # The rows+columns forward ("rc") holds a second exponentiated tile: at depth 2 ptxas
+        # capped it at 128 registers and spilled 16-24 B on sm_90; depth 3 fits everywhere.
+        return (3,) if kind == "rc" else (2,)
+    if kind in ("fwd", "rc"):
         return (2, 3) if resident or dtype != torch.float32 else (3,)
     if dtype != torch.float32 and not resident:
         return (1,)
@@ -657,6 +869,8 @@ def prune_configs(configs, kind: str, d: int, dtype: torch.dtype,
     """The configs that may run for (kind, d, dtype, precision): BLOCK_N = block_n(d, dtype),
     within the register and shared-memory budgets (at least one: the smallest)."""
     precision = precision if dtype == torch.float32 else "tf32"
+    if kind == "rc_grad":  # CLIP's resident backward: its own configs, kept as measured
+        return [c for c in configs if c in RC_GRAD_CONFIGS] or list(RC_GRAD_CONFIGS)
     resident, block_d = d_tiling(d, True, dtype, precision)
     bn = block_n(d, dtype, kind)
     stages = _stages(kind, dtype, precision, resident)
@@ -688,6 +902,15 @@ _grad_tuned = triton.autotune(
     configs=GRAD_CONFIGS, key=_KEY_GRAD,
     prune_configs_by={"early_config_prune": _early_prune("grad", "A")},
 )(_grad_kernel)
+_grad_rc_tuned = triton.autotune(
+    configs=RC_GRAD_CONFIGS, key=_KEY_GRAD,
+    prune_configs_by={"early_config_prune": _early_prune("rc_grad", "A")},
+)(_grad_kernel)
+_KEY_RC = ["d", "WITH_DSCALE", "RESIDENT", "BLOCK_D", "PRECISION", "NORM_TILES", "SCALE_PTR"]
+_rows_cols_tuned = triton.autotune(
+    configs=FWD_CONFIGS, key=_KEY_RC,
+    prune_configs_by={"early_config_prune": _early_prune("rc", "X")},
+)(_rows_cols_fwd_kernel)
 
 
 def _common_meta(dtype: torch.dtype, d: int, on_cuda: bool, precision: str) -> dict:
@@ -714,6 +937,41 @@ def lse_meta(dtype, d, on_cuda, positive_rows, exclude_diag, pos_in_columns, pre
                 POS_IN_COLUMNS=bool(pos_in_columns),
                 POS_IN_DENOM=bool(positive_in_denominator), WITH_DSCALE=bool(with_dscale),
                 ONE_SPLIT=bool(one_split), SCALE_PTR=bool(scale_ptr))
+    return meta
+
+
+def rows_cols_meta(dtype, d, on_cuda, precision, with_dscale=False, scale_ptr=False) -> dict:
+    """Compile-time arguments of ``_rows_cols_fwd_kernel`` for one call (see ``lse_meta``): the
+    D tiling of the other kernels, so that the backward (``_grad_kernel``) recomputes the very
+    logits the forward's statistics saw."""
+    meta = _common_meta(dtype, d, on_cuda, precision)
+    meta.update(WITH_DSCALE=bool(with_dscale), SCALE_PTR=bool(scale_ptr))
+    return meta
+
+
+def rc_grad_resident(dtype, d: int, on_cuda: bool) -> bool:
+    """Whether CLIP's backward runs the resident 32-row tiling (RC_GRAD_CONFIGS): on the GPU,
+    bf16/fp16 at RESIDENT_MAX_D < D <= RC_GRAD_RESIDENT_MAX_D (below, the usual resident
+    tiling; above, D chunks)."""
+    return (on_cuda and dtype in (torch.bfloat16, torch.float16)
+            and RESIDENT_MAX_D < d <= RC_GRAD_RESIDENT_MAX_D)
+
+
+def rows_cols_grad_meta(dtype, d, on_cuda, precision, scale_ptr=False) -> dict:
+    """Compile-time arguments of the two ``_grad_kernel`` passes of ``rows_cols_grad`` (both
+    weights, the diagonal skipped as the positive column of offset 0). For bf16/fp16 at
+    128 < D <= 512 on the GPU (``rc_grad_resident``) the row tile and the accumulator stay
+    resident (BLOCK_D = D rounded up to a power of two) with the 32-row configs
+    RC_GRAD_CONFIGS, where ``grad_meta`` would stream D in chunks of 64 and add each column
+    tile's W @ B into the output rows in global memory (a read and a write of BLOCK_M x D
+    float32 per column tile: about 19 FLOP per byte moved at D = 512, against 64 here, where
+    each column tile is loaded once for both products). The logits are then an MMA over all of
+    D in one dot: the same products in the same k order as the forward's chunks; that it is the
+    same float is claimed only where tested on a device, and a last-bit difference is far below
+    the bf16 rounding of the weights (CAST_W)."""
+    meta = grad_meta(dtype, d, on_cuda, True, True, False, True, precision, scale_ptr)
+    if rc_grad_resident(dtype, d, on_cuda):
+        meta.update(RESIDENT=True, BLOCK_D=_pow2(d, 16, RC_GRAD_RESIDENT_MAX_D))
     return meta
 
 
@@ -757,6 +1015,34 @@ def split_plan(n_q: int, n_k: int, device: torch.device,
         cps = INTERPRETER_SPLIT_COLUMNS
     cps = max(align, triton.cdiv(cps, align) * align)
     return max(1, triton.cdiv(n_k, cps)), cps
+
+
+def rows_cols_plan(n: int, device: torch.device) -> Tuple[int, int, int, int]:
+    """(n_groups, rows_per_group, n_splits, cols_per_split) of the rows+columns forward over an
+    n x n logit matrix: a grid of n_groups x n_splits programs. From the shape and the SM count
+    only (never the autotuned tiles; BLOCK_M and BLOCK_N are fixed per (D, dtype) anyway), so the
+    column merge order, and the results, are deterministic. On the GPU: about
+    PROGRAMS_PER_SM * SMs programs, k x k with k = ceil(sqrt(that)), rows and columns per
+    program rounded up to SPLIT_ALIGN (a multiple of every tile): on an H100 (132 SMs) k = 23,
+    and n = 32768 gives 22 x 22 programs of 1536 x 1536 logits each. The partial statistics are
+    (4 n_splits + 3 n_groups) * n floats (19.3 MiB at n = 32768, 40.3 MiB at 65536, with
+    dscale): O(n sqrt(SMs)). One program per row block with (row blocks, n) column partials
+    would be O(n^2 / BLOCK_M): 192 MiB at n = 32768 with BLOCK_M = 64, 768 MiB at 65536.
+    ``SPLIT_COLUMNS`` / ``RC_GROUP_ROWS`` (tests) force the columns per split / rows per
+    group."""
+    n = max(int(n), 1)
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        k = max(1, math.isqrt(PROGRAMS_PER_SM * _sm_count(index) - 1) + 1)
+        align = SPLIT_ALIGN
+        rows = cols = max(align, triton.cdiv(triton.cdiv(n, k), align) * align)
+    else:
+        rows, cols = INTERPRETER_GROUP_ROWS, INTERPRETER_SPLIT_COLUMNS
+    if RC_GROUP_ROWS is not None:
+        rows = max(1, int(RC_GROUP_ROWS))
+    if SPLIT_COLUMNS is not None:
+        cols = max(1, int(SPLIT_COLUMNS))
+    return triton.cdiv(n, rows), rows, triton.cdiv(n, cols), cols
 
 
 def _scale_args(inv_temp, device, dummy):
@@ -820,13 +1106,19 @@ def _lse(q, k, nq, nk, positive, inv_temp, exclude_diag, pos_offset, precision,
     return loss, lse, dscale
 
 
-def _grad(a, b, na, nb, lse_a, g_a, lse_b, g_b, inv_temp, exclude_diag, pos_offset, precision):
+def _grad(a, b, na, nb, lse_a, g_a, lse_b, g_b, inv_temp, exclude_diag, pos_offset, precision,
+          rows_cols=False):
     n_a, d = a.shape
     n_b = b.shape[0]
     on_cuda = a.is_cuda
     scale_t, scale_val, scale_ptr = _scale_args(inv_temp, a.device, na)
-    meta = grad_meta(a.dtype, d, on_cuda, lse_a is not None, lse_b is not None, exclude_diag,
-                     pos_offset is not None, precision, scale_ptr)
+    if rows_cols:  # CLIP's passes: both weights, the diagonal skipped (offset 0)
+        meta = rows_cols_grad_meta(a.dtype, d, on_cuda, precision, scale_ptr)
+    else:
+        meta = grad_meta(a.dtype, d, on_cuda, lse_a is not None, lse_b is not None,
+                         exclude_diag, pos_offset is not None, precision, scale_ptr)
+    tuned = (_grad_rc_tuned if rows_cols and rc_grad_resident(a.dtype, d, on_cuda)
+             else _grad_tuned)
     out = torch.empty(n_a, d, dtype=torch.float32, device=a.device)
     if n_a == 0 or d == 0:
         return out.zero_()
@@ -848,7 +1140,7 @@ def _grad(a, b, na, nb, lse_a, g_a, lse_b, g_b, inv_temp, exclude_diag, pos_offs
     with _on_device(a):
         if on_cuda:
             grid = lambda META: (triton.cdiv(n_a, META["BLOCK_M"]), n_splits)  # noqa: E731
-            _grad_tuned[grid](*args, **meta)
+            tuned[grid](*args, **meta)
         else:
             _grad_kernel[(triton.cdiv(n_a, meta["BLOCK_M"]), n_splits)](*args, **meta)
         if n_splits > 1:
@@ -859,6 +1151,103 @@ def _grad(a, b, na, nb, lse_a, g_a, lse_b, g_b, inv_temp, exclude_diag, pos_offs
 
 
 # ------------------------------------------------------------ the fastcl.kernels contract ----
+
+
+def _check_pair(x, y, nx, ny):
+    for name, t in (("x", x), ("y", y)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 2:
+            raise ValueError(f"{name} must be a 2-D tensor (n, D), got "
+                             f"{getattr(t, 'shape', type(t).__name__)}")
+    if x.shape != y.shape:
+        raise ValueError(f"x and y must have the same shape (n, D), got {tuple(x.shape)} and "
+                         f"{tuple(y.shape)}")
+    if x.dtype != y.dtype:
+        raise TypeError(f"x and y must have the same dtype, got {x.dtype} and {y.dtype}")
+    if x.dtype not in _PTR:
+        raise TypeError(f"the Triton kernels take float32, bfloat16 or float16 rows, got "
+                        f"{x.dtype}")
+    for name, t in (("nx", nx), ("ny", ny)):
+        if t.shape != (x.shape[0],) or t.dtype != torch.float32:
+            raise ValueError(f"{name} must be float32 of shape ({x.shape[0]},), got {t.dtype} "
+                             f"{tuple(t.shape)}")
+
+
+def rows_cols_forward(x, y, nx, ny, inv_temp, precision: str = "ieee",
+                      with_dscale: bool = False
+                      ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """CLIP's two directions in one pass (``_rows_cols_fwd_kernel``, then
+    ``_combine_rows_cols_kernel``).
+
+    s_ij = inv_temp * xhat_i . yhat_j, xhat = x / nx. Returns loss (2n,) float32 =
+    [row losses (m_i - s_ii) + log l_i ; column losses (m_j - s_jj) + log l_j], lse (2n,)
+    float64 = [row lse ; column lse], and with ``with_dscale`` dscale (2n,) float32 = [sum_j
+    p^r_ij d_ij - d_ii ; sum_i p^c_ij d_ij - d_jj] (d = s / inv_temp), else an empty tensor.
+    Two launches; memory: the partial statistics of ``rows_cols_plan`` (O(n sqrt(SMs)))."""
+    _check_pair(x, y, nx, ny)
+    n, d = x.shape
+    dev = x.device
+    on_cuda = x.is_cuda
+    scale_t, scale_val, scale_ptr = _scale_args(inv_temp, dev, nx)
+    loss = torch.empty(2 * n, dtype=torch.float32, device=dev)
+    lse = torch.empty(2 * n, dtype=torch.float64, device=dev)
+    dscale = torch.empty(2 * n if with_dscale else 0, dtype=torch.float32, device=dev)
+    if n == 0:
+        return loss, lse, dscale
+    n_groups, rows_per_group, n_splits, cols_per_split = rows_cols_plan(n, dev)
+    meta = rows_cols_meta(x.dtype, d, on_cuda, precision, with_dscale, scale_ptr)
+    rpart = torch.empty((4 if with_dscale else 3) * n_splits * n, dtype=torch.float32,
+                        device=dev)
+    cpart = torch.empty((3 if with_dscale else 2) * n_groups * n, dtype=torch.float32,
+                        device=dev)
+    args = (x, y, nx, ny, scale_t, rpart, cpart,
+            n, d, rows_per_group, cols_per_split, n_splits, n_groups,
+            x.stride(0), x.stride(1), y.stride(0), y.stride(1), scale_val)
+    with _on_device(x):
+        if on_cuda:
+            _rows_cols_tuned[(n_groups, n_splits)](*args, **meta)
+        else:
+            _rows_cols_fwd_kernel[(n_groups, n_splits)](*args, **meta)
+        block = COMBINE_BLOCK if on_cuda else 32
+        _combine_rows_cols_kernel[(triton.cdiv(n, block),)](
+            rpart, cpart, scale_t, loss, lse, dscale if with_dscale else loss, n, n_splits,
+            n_groups, scale_val, SCALE_PTR=scale_ptr, WITH_DSCALE=bool(with_dscale),
+            EXP2=EXP2, BLOCK=block,
+        )
+    return loss, lse, dscale
+
+
+def rows_cols_grad(x, y, nx, ny, lse, g, inv_temp, precision: str = "ieee"
+                   ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(dx_hat, dy_hat), float32 (n, D): dx_hat_i = inv_temp * sum_{j != i} W_ij yhat_j and
+    dy_hat_j = inv_temp * sum_{i != j} W_ij xhat_i with W_ij = g_r_i exp(s_ij - lse_r_i) +
+    g_c_j exp(s_ij - lse_c_j), lse = [lse_r ; lse_c] and g = [g_r ; g_c] of length 2n; the
+    diagonal is skipped (the op layer adds the positives' terms).
+
+    Two passes of ``_grad_kernel``: row-owned for dx (a = x, b = y; both weights, the pair
+    (i, i) skipped as the positive column of offset 0) and column-owned for dy (a = y, b = x,
+    the roles swapped). Each recomputes its logits: 5 products in forward + backward, against
+    4 for one pass that would form both W @ Y and W^T @ X from one tile. That pass needs, without
+    atomics, a partial dY per row group summed in a fixed order: (groups x n x D) float32, 64
+    MiB per group at n = 32768, D = 512, and enough groups to fill 132 SMs is gigabytes; with
+    atomics it would not be deterministic. Each pass here holds n x D float32 (plus the split
+    partial rows ``_grad`` caps at PARTIAL_BYTES): memory O(n D). Tiling: ``rows_cols_grad_meta``
+    (at N = 32768, D = 512, bf16 on an H100: 1024 programs of 32 rows per pass, each column
+    tile loaded once for the logits and the product). The logits are the forward's
+    floats: the same D tiling (``d_tiling``), products of the same normalized operands; the
+    column pass takes y_j . x_i, the same float under the interpreter's SUM_DOT and for the
+    GPU's IEEE FMA chains (as the existing in-batch dk pass assumes for the matrix units)."""
+    _check_pair(x, y, nx, ny)
+    n = x.shape[0]
+    for name, t in (("lse", lse), ("g", g)):
+        if t.shape != (2 * n,):
+            raise ValueError(f"{name} must have shape ({2 * n},) = [rows ; columns], got "
+                             f"{tuple(t.shape)}")
+    lse = lse.to(torch.float64).contiguous()
+    g = g.to(torch.float32).contiguous()
+    lse_r, lse_c, g_r, g_c = lse[:n], lse[n:], g[:n], g[n:]
+    dx = _grad(x, y, nx, ny, lse_r, g_r, lse_c, g_c, inv_temp, False, 0, precision, True)
+    dy = _grad(y, x, ny, nx, lse_c, g_c, lse_r, g_r, inv_temp, False, 0, precision, True)
+    return dx, dy
 
 
 def nt_xent_forward(z, nz, inv_temp, precision: str = "ieee",
@@ -900,7 +1289,7 @@ GRAD_CASES = {"nt_xent": (True, True, True, True), "in_batch_dq": (True, False, 
 
 def _signature(kernel, dtype, constexprs, scale_dtype):
     sig = {}
-    inputs = {"Q", "K", "KP", "A", "B"}
+    inputs = {"Q", "K", "KP", "A", "B", "X", "Y"}
     for arg in kernel.arg_names:
         if arg in constexprs:
             sig[arg] = "constexpr"
@@ -947,6 +1336,25 @@ def aot_variants(ds=(128, 512), dtypes=(torch.float32, torch.bfloat16),
                                            meta, cfg, sptr,
                                            f"splits={'1' if one_split else 'n'} pid={pid} "
                                            f"dscale={ds_} scale_ptr={sptr}")
+                # CLIP's rows+columns forward: dscale with the scale as a pointer (the
+                # heavier form) always; without dscale (float scale) with every_config (the
+                # CI's sm_90 group at D = 128): both forms of every (arch, D, dtype, config)
+                # were compiled once without spills (see rows_cols_plan's docstring).
+                rc = prune_configs(FWD_CONFIGS, "rc", d, dtype, precision)
+                for ds_ in ((False, True) if every_config else (True,)):
+                    meta = rows_cols_meta(dtype, d, True, precision, ds_, ds_)
+                    for cfg in (rc if every_config else rc[:1]):
+                        yield _variant(_rows_cols_fwd_kernel, "rows_cols", dtype, d,
+                                       precision, meta, cfg, ds_,
+                                       f"dscale={ds_} scale_ptr={ds_}")
+                # CLIP's backward passes (rows_cols_grad_meta: its own tiling at some D).
+                meta = rows_cols_grad_meta(dtype, d, True, precision)
+                kind = "rc_grad" if rc_grad_resident(dtype, d, True) else "grad"
+                cfgs = prune_configs(RC_GRAD_CONFIGS if kind == "rc_grad" else GRAD_CONFIGS,
+                                     kind, d, dtype, precision)
+                for cfg in (cfgs if every_config else cfgs[:1]):
+                    yield _variant(_grad_kernel, "grad/clip", dtype, d, precision, meta, cfg,
+                                   False, f"scale_ptr=False tiles={kind}")
                 for case, flags in GRAD_CASES.items():
                     # The scale's pointer form is one load, independent of the case: once.
                     for sptr in ((False, True) if case == "nt_xent" else (False,)):
@@ -967,6 +1375,12 @@ def aot_variants(ds=(128, 512), dtypes=(torch.float32, torch.bfloat16),
             yield dict(kernel=_combine_kernel, signature=sig, constexprs=constexprs,
                        options=dict(num_warps=4, num_stages=1),
                        label=f"combine dscale={with_dscale} scale_ptr={sptr}")
+            if sptr != with_dscale:  # the rows+columns combine: its two launch forms
+                continue
+            sig = _signature(_combine_rows_cols_kernel, torch.float32, constexprs, "*fp32")
+            yield dict(kernel=_combine_rows_cols_kernel, signature=sig, constexprs=constexprs,
+                       options=dict(num_warps=4, num_stages=1),
+                       label=f"combine_rows_cols dscale={with_dscale} scale_ptr={sptr}")
 
 
 def _variant(kernel, name, dtype, d, precision, meta, cfg, scale_ptr, extra):

@@ -1,0 +1,222 @@
+"""CLIP's loss on a GPU: speed and memory of one training step's loss (forward + backward with
+a learnable logit scale) at open_clip's sizes, fastcl against open_clip's formulation.
+
+    python benchmarks/gpu_clip.py [--device cuda|cpu] [--small] [--sizes 16384,32768]
+        [--dim 512] [--dtype bf16] [--providers fastcl,eager,compile,inf_cl] [--budget S]
+        [--out FILE]
+
+Providers, each on the same inputs (image and text features (N, D) in ``--dtype``, unit rows
+as open_clip's model returns them, requiring grad; logit_scale = exp(p) of a float32
+parameter p = ln(1/0.07), as open_clip's model holds it):
+- ``fastcl``: ``fastcl.clip_loss(image, text, logit_scale)`` (skipped, with a line saying so,
+  where fastcl has no clip_loss);
+- ``eager``: open_clip's ``ClipLoss`` formula: logits_per_image = scale * image @ text.T,
+  logits_per_text = scale * text @ image.T, (CE(per_image) + CE(per_text)) / 2, under
+  autocast in the features' dtype for half types (as open_clip trains);
+- ``compile``: the same function under ``torch.compile`` (its compile time is reported apart);
+- ``inf_cl``: Inf-CL's ``cal_inf_loss`` called once per direction, when ``inf_cl`` is
+  installed (it computes in float32).
+
+Per (N, provider): one warm-up step (compiles, autotunes), then the median of ``--reps`` steps
+timed with CUDA events (wall clock on the CPU), and the peak memory of one step beyond what the
+inputs hold (``torch.cuda.max_memory_allocated`` after a reset; on the CPU: not measured). One
+line per measurement is appended to ``--out`` as soon as it is known, then the ratios of each
+size. A provider that runs out of memory gets an "OOM" line; a size whose first measurement
+would start after ``--budget`` seconds is skipped with a line saying so. ``--small`` (a CPU
+smoke test): N in {64, 96}, D = 32, float32.
+
+Exit status 0 unless a provider other than inf_cl fails with something else than OOM.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+
+import fastcl  # noqa: E402
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class Log:
+    def __init__(self, path):
+        self.path = path
+
+    def __call__(self, line: str) -> None:
+        print(line, flush=True)
+        if self.path:
+            with open(self.path, "a") as fh:
+                fh.write(line + "\n")
+
+
+def open_clip_loss(image, text, logit_scale):
+    """open_clip's ClipLoss (one process, no bias): the two logit matrices and two CEs."""
+    logits_per_image = logit_scale * image @ text.T
+    logits_per_text = logit_scale * text @ image.T
+    labels = torch.arange(image.shape[0], device=image.device)
+    return (F.cross_entropy(logits_per_image, labels)
+            + F.cross_entropy(logits_per_text, labels)) / 2
+
+
+def _autocast(device, dtype):
+    if dtype in (torch.bfloat16, torch.float16):
+        return torch.autocast(device.type, dtype=dtype)
+    import contextlib
+    return contextlib.nullcontext()
+
+
+def providers(names, device, dtype):
+    """{name: (loss function or None, why it is unavailable)}."""
+    out = {}
+    for name in names:
+        if name == "fastcl":
+            fn = getattr(fastcl, "clip_loss", None)
+            out[name] = ((lambda x, y, s: fn(x, y, s)) if fn is not None else None,
+                         "fastcl has no clip_loss in this checkout")
+        elif name == "eager":
+            out[name] = (open_clip_loss, "")
+        elif name == "compile":
+            out[name] = (torch.compile(open_clip_loss, dynamic=False), "")
+        elif name == "inf_cl":
+            try:
+                from inf_cl import cal_inf_loss
+            except Exception as exc:  # not installed
+                out[name] = (None, f"inf_cl not importable ({type(exc).__name__})")
+                continue
+
+            def inf_cl(x, y, s, _f=cal_inf_loss):
+                # One direction per call; Inf-CL forces float32.
+                x, y = x.float(), y.float()
+                return (_f(x, y, scale=s).mean() + _f(y, x, scale=s).mean()) / 2
+            out[name] = (inf_cl, "")
+        else:
+            raise ValueError(f"unknown provider {name!r}")
+    return out
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure(fn, x, y, p, device, dtype, reps):
+    """(warm-up s, median step s, peak extra MiB or None)."""
+    def step():
+        x.grad = y.grad = p.grad = None
+        with _autocast(device, dtype):
+            loss = fn(x, y, p.exp())
+        loss.backward()
+        return loss
+
+    t0 = time.perf_counter()
+    step()
+    _sync(device)
+    warm = time.perf_counter() - t0
+    times = []
+    for _ in range(reps):
+        if device.type == "cuda":
+            start = torch.cuda.Event(enable_timing=True)
+            end = torch.cuda.Event(enable_timing=True)
+            start.record()
+            step()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+        else:
+            t = time.perf_counter()
+            step()
+            times.append(time.perf_counter() - t)
+    peak = None
+    if device.type == "cuda":
+        x.grad = y.grad = p.grad = None
+        _sync(device)
+        base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        step()
+        _sync(device)
+        peak = (torch.cuda.max_memory_allocated(device) - base) / 2**20
+    return warm, statistics.median(times), peak
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--small", action="store_true")
+    ap.add_argument("--sizes", default="16384,32768")
+    ap.add_argument("--dim", type=int, default=512)
+    ap.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
+    ap.add_argument("--providers", default="fastcl,eager,compile,inf_cl")
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--budget", type=float, default=math.inf, help="seconds")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args(argv)
+    if args.small:
+        args.sizes, args.dim, args.dtype, args.reps = "64,96", 32, "fp32", 2
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("gpu_clip: no CUDA device (use --device cpu for a smoke test)", file=sys.stderr)
+        return 2
+    dtype = DTYPES[args.dtype]
+    log = Log(args.out)
+    start = time.perf_counter()
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    log(f"gpu_clip on {name}: CLIP loss forward + backward (features and the logit scale), "
+        f"D={args.dim} {args.dtype}, torch {torch.__version__}, backend "
+        f"{fastcl.get_backend()}; step time median of {args.reps}, peak extra memory of one "
+        f"step")
+    provs = providers(args.providers.split(","), device, dtype)
+    failures = 0
+    for n in (int(v) for v in args.sizes.split(",")):
+        results = {}
+        for pname, (fn, why) in provs.items():
+            label = f"clip N={n:<6} D={args.dim} {args.dtype} {pname:<8}"
+            if fn is None:
+                log(f"{label} unavailable: {why}")
+                continue
+            if time.perf_counter() - start > args.budget:
+                log(f"{label} skipped: past the {args.budget:.0f} s budget")
+                continue
+            gen = torch.Generator().manual_seed(n)
+            x = F.normalize(torch.randn(n, args.dim, generator=gen), dim=1).to(dtype)
+            y = F.normalize(torch.randn(n, args.dim, generator=gen), dim=1).to(dtype)
+            x = x.to(device).requires_grad_()
+            y = y.to(device).requires_grad_()
+            p = torch.tensor(math.log(1 / 0.07), device=device, requires_grad=True)
+            try:
+                warm, med, peak = measure(fn, x, y, p, device, dtype, args.reps)
+            except torch.cuda.OutOfMemoryError:
+                log(f"{label} OOM")
+                continue
+            except Exception as exc:
+                log(f"{label} FAILED {type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
+                failures += pname != "inf_cl"
+                continue
+            finally:
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+            results[pname] = (med, peak)
+            mem = "" if peak is None else f", peak extra {peak:,.0f} MiB"
+            log(f"{label} {med * 1e3:9.2f} ms{mem} (first step {warm:.1f} s)")
+        if "fastcl" in results:
+            f_t, f_m = results["fastcl"]
+            for other, (t, m) in results.items():
+                if other == "fastcl":
+                    continue
+                mem = ("" if m is None or f_m is None or f_m <= 0 else
+                       f", memory {m / f_m:.1f}x less")
+                log(f"clip N={n} fastcl vs {other}: {t / f_t:.2f}x faster{mem}")
+    log(f"gpu_clip: done in {time.perf_counter() - start:.0f} s, {failures} failed")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
