@@ -44,6 +44,9 @@ sys.path.insert(0, os.path.dirname(HERE))
 
 import fastcl  # noqa: E402
 
+sys.path.insert(0, HERE)
+from _common import open_clip_loss  # noqa: E402  (open_clip's ClipLoss formulation)
+
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -56,15 +59,6 @@ class Log:
         if self.path:
             with open(self.path, "a") as fh:
                 fh.write(line + "\n")
-
-
-def open_clip_loss(image, text, logit_scale):
-    """open_clip's ClipLoss (one process, no bias): the two logit matrices and two CEs."""
-    logits_per_image = logit_scale * image @ text.T
-    logits_per_text = logit_scale * text @ image.T
-    labels = torch.arange(image.shape[0], device=image.device)
-    return (F.cross_entropy(logits_per_image, labels)
-            + F.cross_entropy(logits_per_text, labels)) / 2
 
 
 def _autocast(device, dtype):
