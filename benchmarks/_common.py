@@ -10,6 +10,10 @@ Cases
     as unpaired negatives, temperature 0.07.
     ``in_batch``: CLIP-style one-directional InfoNCE (MoCo v3's ctr), ``query, key`` (N, D)
     requiring grad, logits q_i . k_j over the batch, label i, temperature 0.07.
+    ``clip``: ``fastcl.clip_loss(image, text, logit_scale)``: normalized (N, D) features and
+    the scale 1/0.07 (a 0-dim tensor), all requiring grad; the ``reference`` / ``peer`` and
+    ``compile`` providers are open_clip's ClipLoss formulation (``open_clip_loss``), eager
+    and compiled.
 
 Providers
     ``fastcl``: ``fastcl.nt_xent`` / ``fastcl.info_nce`` on the backend ``auto`` picks, forced,
@@ -65,7 +69,10 @@ IN_BATCH_TAU = 0.07
 PROVIDERS = ("fastcl", "chunked", "reference", "compile", "peer")
 OPTIONAL_PROVIDERS = ("inf_cl",)  # in_batch only, where inf_cl_status() says it runs
 MODES = ("full", "forward", "backward")
-CASES = ("nt_xent", "info_nce", "in_batch")
+CASES = ("nt_xent", "info_nce", "in_batch", "clip")
+# CLIP: open_clip's learnable logit scale (the multiplier, exp of the parameter), its initial
+# value 1 / 0.07; features normalized (open_clip's model does it) leaves requiring grad.
+CLIP_SCALE = 1 / 0.07
 
 
 def devices() -> List[str]:
@@ -77,7 +84,24 @@ def devices() -> List[str]:
 
 @functools.lru_cache(maxsize=None)
 def _compiled(case: str) -> Callable:
+    if case == "clip":
+        return torch.compile(open_clip_loss)
     return torch.compile(reference.nt_xent if case == "nt_xent" else reference.info_nce)
+
+
+def open_clip_loss(image_features, text_features, logit_scale, logit_bias=None):
+    """open_clip's ClipLoss (one process), from its description: logits = scale * image @
+    text^T (+ bias) and its transpose, each a (N x N) matrix, cross-entropy against arange in
+    both directions, averaged."""
+    logits_per_image = logit_scale * image_features @ text_features.T
+    if logit_bias is not None:
+        logits_per_image = logits_per_image + logit_bias
+    logits_per_text = logit_scale * text_features @ image_features.T
+    if logit_bias is not None:
+        logits_per_text = logits_per_text + logit_bias
+    labels = torch.arange(logits_per_image.shape[0], device=image_features.device)
+    return (torch.nn.functional.cross_entropy(logits_per_image, labels)
+            + torch.nn.functional.cross_entropy(logits_per_text, labels)) / 2
 
 
 def _lightly_nt_xent(z1, z2, temperature):
@@ -144,6 +168,11 @@ def _inf_cl_in_batch(query, positive_key, negative_keys, temperature):
 
 def loss_fn(case: str, provider: str, device: str) -> Callable:
     """A callable taking the case's inputs (see ``make_inputs``) and returning the loss."""
+    if case == "clip":
+        if provider in ("fastcl", "chunked"):
+            return fastcl.clip_loss
+        if provider in ("reference", "peer"):
+            return open_clip_loss
     if provider in ("fastcl", "chunked"):
         return fastcl.nt_xent if case == "nt_xent" else fastcl.info_nce
     if provider == "reference":
@@ -218,6 +247,11 @@ def make_inputs(
     if case == "in_batch":
         q, k = leaf(n, d), leaf(n, d)
         return (q, k, None, IN_BATCH_TAU), (q, k)
+    if case == "clip":
+        image, text = (torch.nn.functional.normalize(torch.randn(n, d, generator=g), dim=1)
+                       .to(device, dtype).requires_grad_(True) for _ in range(2))
+        scale = torch.tensor(CLIP_SCALE, device=device).requires_grad_(True)
+        return (image, text, scale), (image, text, scale)
     raise ValueError(f"unknown case {case!r}")
 
 
@@ -260,12 +294,12 @@ class Step:
 
 
 def make_step(case: str, provider: str, n: int, mode: str, device: str = "cpu",
-              config: str = "fp32") -> "Step":
+              config: str = "fp32", d: int = D) -> "Step":
     """A timed step of ``mode`` (full, forward, or backward: a BackwardStep) with inputs and
     matmul precision of ``config`` (a key of DTYPES)."""
     if mode == "backward":
-        return BackwardStep(case, provider, n, device, config=config)
-    return Step(case, provider, n, mode, device, config=config)
+        return BackwardStep(case, provider, n, device, d=d, config=config)
+    return Step(case, provider, n, mode, device, d=d, config=config)
 
 
 class BackwardStep(Step):

@@ -5,7 +5,7 @@
 - ``--fastcl-size=large`` adds N=16384 for fastcl alone (the eager reference would need
   several (2N)^2 float32 matrices, over 4 GiB each).
 - ``--fastcl-no-memory`` skips the peak-memory subprocesses (faster; no ``peak_mem_mib``).
-- ``memory_probe``: session-wide cache of peak memory per (case, provider, N, device); see
+- ``memory_probe``: session-wide cache of peak memory per (case, provider, N, device, D); see
   ``memory_probe.py`` for the method.
 """
 from __future__ import annotations
@@ -53,16 +53,16 @@ def memory_probe(request):
     cache = {}
     enabled = not request.config.getoption("--fastcl-no-memory")
 
-    def probe(case, provider, n, device, step=None, mode="full"):
+    def probe(case, provider, n, device, step=None, mode="full", d=_common.D):
         if not enabled:
             return None
         if device == "cuda":
             step()  # warm-up (Triton/Inductor compilation) before the measured call
             return {f"{mode}_mib": round(_common.cuda_peak_mib(step), 1),
                     "method": "cuda max_memory_allocated delta"}
-        key = (case, provider, n, device)
+        key = (case, provider, n, device, d)
         if key not in cache:
-            cache[key] = _common.probe_memory(case, provider, n, device=device)
+            cache[key] = _common.probe_memory(case, provider, n, d=d, device=device)
         return cache[key]
 
     return probe

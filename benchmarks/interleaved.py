@@ -1,8 +1,13 @@
 """In-batch InfoNCE (``fastcl.info_nce(q, k)``, q and k requiring grad): fastcl against eager
 and torch.compile, interleaved in one process (the figure of issue 13).
 
-    python benchmarks/interleaved.py [--n 1024] [--d 128] [--mode full] [--rounds 15]
-                                     [--repeats 3] [--threads T] [--clock wall|cpu]
+    python benchmarks/interleaved.py [--case in_batch] [--n 1024] [--d 128] [--mode full]
+                                     [--rounds 15] [--repeats 3] [--threads T]
+                                     [--clock wall|cpu] [--providers ...]
+
+Other cases (``_common.CASES``) run the same way; CLIP's figure (issue 14) is
+``--case clip --n 4096 --d 512 --providers fastcl,reference,compile``: ``fastcl.clip_loss``
+with a learnable scale against open_clip's ClipLoss formulation, eager and compiled.
 
 Providers: ``fastcl`` (the C++ kernels, the automatic choice: the dense path within
 ``fastcl.kernels.cpp.DENSE_CAP_BYTES``), ``tiled`` (the C++ kernels with the dense path off:
@@ -88,6 +93,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--case", default="in_batch", choices=_common.CASES)
     p.add_argument("--n", type=int, default=1024)
+    p.add_argument("--d", type=int, default=_common.D)
     p.add_argument("--mode", default="full", choices=_common.MODES)
     p.add_argument("--rounds", type=int, default=15)
     p.add_argument("--repeats", type=int, default=3)
@@ -101,14 +107,14 @@ def main(argv=None) -> int:
     if a.threads:
         torch.set_num_threads(a.threads)
     names = [x for x in a.providers.split(",") if x]
-    _common.print_header(f"interleaved {a.case} N={a.n} D={_common.D} fp32 {a.mode}, "
+    _common.print_header(f"interleaved {a.case} N={a.n} D={a.d} fp32 {a.mode}, "
                          f"{a.clock} clock")
     print("# command: python benchmarks/interleaved.py " +
           " ".join(sys.argv[1:] if argv is None else argv))
     steps = {}
     for name in names:
         provider = "fastcl" if name == "tiled" else name
-        step = _common.make_step(a.case, provider, a.n, a.mode)
+        step = _common.make_step(a.case, provider, a.n, a.mode, d=a.d)
         steps[name] = _Tiled(step) if name == "tiled" else step
     others = [x for x in names if x != "fastcl"]
     ratios = {x: [] for x in others}
