@@ -25,6 +25,15 @@ d_others, d_key)``
     forward's ``probs``, the columns' gradient is one product over them instead of a pass that
     recomputes every logit.
 
+The both-directions epilogue (``epilogue="softmax_rows_cols"``, CLIP): one pass gives the row
+and the column statistics (the backends' ``rows_cols_forward``), so loss, lse and dscale have
+2n entries, [rows ; columns], and so does ``grad_loss``; row_grad and probs are empty. The
+backward is one pass for both gradients (``rows_cols_grad``) plus the positives' term c_i =
+scale (g_r_i expm1(-lr_i) + g_c_i expm1(-lc_i)) on both inputs' row i. With
+``normalize=False`` (CLIP's features are used as given) the kernels get norms of ones (x / 1
+== x exactly) and no normalization backward runs; such specs never take the dense path (its
+backward normalizes).
+
 The dense path (in-batch specs, ``positive="index"``, on a backend with ``dense_forward``: the
 C++ kernels): when the logits fit the backend's cap (``fastcl.kernels.cpp.DENSE_CAP_BYTES``,
 16 MiB: N = M = 2048 in float32), the forward materializes them, keeps P for the backward, and
