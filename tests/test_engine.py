@@ -121,11 +121,13 @@ def make_inputs(spec, n, m, r, d, dtype, device, gen):
         t["others"] = _randn(gen, (r, d), dtype, device)
     if not spec.normalize:
         # Used as given (CLIP: features the model normalized, a scale up to 100): norms spread
-        # over [e^-0.5, e^0.5] around 1, so logits stay within a few times the scale.
+        # over [e^-0.5, 1], so the logits stay within the scale, as the normalizing specs' do
+        # (the rule's regime: logits of a few hundred at tau = 0.01 would make one float32
+        # rounding of a logit, ~3e-5, move the softmax weights by more than eager's luck).
         for k, v in t.items():
             if v is not None:
                 x = torch.nn.functional.normalize(v.double(), dim=1) * torch.exp(
-                    0.25 * torch.randn(v.shape[0], 1, generator=gen, dtype=torch.float64))
+                    -0.5 * torch.rand(v.shape[0], 1, generator=gen, dtype=torch.float64))
                 t[k] = x.to(v.dtype).to(device)
     return t
 
