@@ -2,6 +2,7 @@
 from fastcl._config import get_backend, set_backend, use_backend  # noqa: F401
 from fastcl.functional import (  # noqa: F401
     byol_loss,
+    clip_loss,
     dcl_loss,
     cosine_momentum,
     ema_,
@@ -14,6 +15,6 @@ from fastcl import models  # noqa: F401, E402
 
 __version__ = "0.1.0"
 __all__ = [
-    "nt_xent", "info_nce", "dcl_loss", "byol_loss", "ema_", "cosine_momentum", "queue_push_", "nn", "models",
+    "nt_xent", "info_nce", "dcl_loss", "clip_loss", "byol_loss", "ema_", "cosine_momentum", "queue_push_", "nn", "models",
     "get_backend", "set_backend", "use_backend",
 ]

@@ -61,7 +61,7 @@ from torch import Tensor
 from fastcl import engine
 
 __all__ = ["gather", "all_gather_rows", "nt_xent", "info_nce", "world", "reduce_value",
-           "check_ranks", "check_shards"]
+           "check_ranks", "check_shards", "clip_rows", "clip_local_loss"]
 
 
 def world() -> Tuple[int, int]:
@@ -94,7 +94,8 @@ def _all_gather_padded(x: Tensor, sizes: List[int]) -> Tensor:
 
 _CALLS = ("fastcl.nt_xent", "fastcl.info_nce", "fastcl.distributed.nt_xent",
           "fastcl.distributed.info_nce", "fastcl.distributed.gather",
-          "fastcl.distributed.all_gather_rows", "NegativeQueue.push", "fastcl.dcl_loss")
+          "fastcl.distributed.all_gather_rows", "NegativeQueue.push", "fastcl.dcl_loss",
+          "fastcl.clip_loss", "fastcl.nn.ClipLoss")
 # String arguments are sent as their index in these choices (-1: none of them).
 _CHOICES = {"reduction": ("mean", "sum", "none"), "negative_mode": ("unpaired", "paired")}
 # dtypes by name (not by torch object) so that the index does not depend on the torch version.
@@ -357,3 +358,34 @@ def info_nce(query: Tensor, positive_key: Tensor, temperature: float,
     rows = engine.run(engine.IN_BATCH, query, positive_key, others=_others(keys, start, end),
                       temperature=temperature)
     return reduce_value(rows, reduction)
+
+
+def _clip_directions(image: Tensor, text: Tensor, scale, sizes: List[int]) -> Tensor:
+    """(l_image_i + l_text_i) / 2 for this rank's pairs: its images against every rank's texts,
+    its texts against every rank's images. Two row passes of ``engine.CLIP_ROWS``, the own
+    block fused with the other ranks' rows as negatives-only columns (merged exactly); one
+    all-gather of [image | text] (its backward sums each shard's gradients over ranks)."""
+    d = image.shape[1]
+    both, start, end = _gather_with_offsets(torch.cat([image, text], dim=1), sizes)
+    others = _others(both, start, end)
+    l_image = engine.run(engine.CLIP_ROWS, image, text, others=others[:, d:], scale=scale)
+    l_text = engine.run(engine.CLIP_ROWS, text, image, others=others[:, :d], scale=scale)
+    return (l_image + l_text) / 2
+
+
+def clip_rows(image: Tensor, text: Tensor, scale, sizes: List[int]) -> Tensor:
+    """The per-pair CLIP values of this rank's pairs within the global batch (every rank's
+    texts are the columns of its images and the other way round). Arguments are checked by
+    ``fastcl.clip_loss``, which reduces them with :func:`reduce_value` (the global value, DDP's
+    gradient convention). Shards may differ in size."""
+    return _clip_directions(image, text, scale, sizes)
+
+
+def clip_local_loss(image: Tensor, text: Tensor, scale, sizes: List[int]) -> Tensor:
+    """open_clip's ``ClipLoss(local_loss=True, gather_with_grad=True)`` on this rank: the mean
+    over its own pairs of (l_image + l_text) / 2 against every rank's columns, with the
+    gathered features' gradients summed over ranks (``torch.distributed.nn.all_gather``'s
+    backward, as open_clip): each rank's features receive the sum over ranks of the gradients
+    of every rank's local loss, and the scale its own rank's term. Equal shards, as open_clip
+    assumes (checked by ``fastcl.nn.ClipLoss``)."""
+    return _clip_directions(image, text, scale, sizes).mean()

@@ -16,9 +16,18 @@ scale (call argument)      a 0-dim tensor with a gradient, or a Python float   l
                            ``"index"`` (column i), ``"key"`` (one explicit     InfoNCE, MoCo,
                            key per row), ``"labels"`` (planned)                SupCon
 ``positive_in_denominator``  the positive in the row's logsumexp or not         InfoNCE family / DCL
-``epilogue``               ``"softmax_rows"``; planned: ``"softmax_rows_cols"``  all above; CLIP,
-                           (both directions in one pass), ``"sigmoid"``         SigLIP
+``normalize``              rows and columns L2-normalized inside (True) or     all above / CLIP
+                           used as given (False: the op passes norms of ones)
+``epilogue``               ``"softmax_rows"``; ``"softmax_rows_cols"`` (both   all above; CLIP,
+                           directions in one pass); planned: ``"sigmoid"``      SigLIP
 =========================  ==================================================  ===================
+
+``"softmax_rows_cols"`` (CLIP) reads a second tensor with the index positive (``columns=
+"tensor"``, ``positive="index"``, n = m): row i's loss lr_i = lse_j(s_ij) - s_ii and column j's
+lc_j = lse_i(s_ij) - s_jj, from one pass over the tiles; the per-row outputs (loss, lse,
+dscale) have length 2n, [rows ; columns]. Other ranks' rows are not a choice of that epilogue:
+the distributed CLIP loss runs two row passes (:data:`CLIP_ROWS`), images against texts and
+texts against images.
 
 Per-row statistics a softmax pass returns: the loss l_i = lse_i - s_pos_i, the lse (float64),
 and on request ``dscale`` = d l_i / d scale = sum_j (p_ij - y_ij) (rhat_i . chat_j), on the raw
@@ -56,6 +65,7 @@ class Spec:
     exclude_self: bool = False
     positive_in_denominator: bool = True
     epilogue: str = "softmax_rows"
+    normalize: bool = True
 
     def __post_init__(self):
         for name, allowed in (("columns", COLUMNS), ("positive", POSITIVES),
@@ -72,6 +82,9 @@ class Spec:
             raise ValueError("Spec: a softmax over the rows themselves must exclude_self")
         if not self.positive_in_denominator and self.positive == "none":
             raise ValueError("Spec: positive_in_denominator=False needs a positive")
+        for name in ("exclude_self", "positive_in_denominator", "normalize"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"Spec.{name} must be a bool, got {getattr(self, name)!r}")
 
     def code(self) -> str:
         """The string form the custom ops take (torch.library schemas have no dataclasses)."""
@@ -83,8 +96,7 @@ class Spec:
         kwargs = {}
         for part in code.split(","):
             name, _, value = part.partition("=")
-            kwargs[name] = bool(int(value)) if name in ("exclude_self",
-                                                        "positive_in_denominator") else value
+            kwargs[name] = bool(int(value)) if name in _BOOL_FIELDS else value
         return Spec(**kwargs)
 
 
@@ -94,11 +106,18 @@ def _code(spec: Spec) -> str:  # cached: called at every loss call
                     for f in fields(spec) for v in [getattr(spec, f.name)])
 
 
+_BOOL_FIELDS = ("exclude_self", "positive_in_denominator", "normalize")
+
+
 # Today's losses, as rows of choices.
 NT_XENT = Spec(columns="rows", positive="offset", exclude_self=True)
 DCL = Spec(columns="rows", positive="offset", exclude_self=True, positive_in_denominator=False)
 IN_BATCH = Spec(columns="tensor", positive="index")
 QUEUE = Spec(columns="tensor", positive="key")
+# CLIP (open_clip's ClipLoss): features used as given, both softmax directions in one pass.
+CLIP = Spec(columns="tensor", positive="index", normalize=False, epilogue="softmax_rows_cols")
+# One direction of CLIP (its distributed form: two row passes with other ranks' columns).
+CLIP_ROWS = Spec(columns="tensor", positive="index", normalize=False)
 
 
 @dataclass(frozen=True)
@@ -111,6 +130,7 @@ class Backend:
     exclude_self: frozenset = frozenset((False, True))
     positive_in_denominator: frozenset = frozenset((False, True))
     epilogue: frozenset = frozenset(("softmax_rows",))
+    normalize: frozenset = frozenset((True, False))
     others: bool = True
 
     def unsupported(self, spec: Spec, others: bool = False) -> Optional[str]:
@@ -119,14 +139,30 @@ class Backend:
             value = getattr(spec, f.name)
             if value not in getattr(self, f.name):
                 return f"{f.name}={value!r}"
+        if spec.epilogue == "softmax_rows_cols":
+            # The one combination of that epilogue the contract has (module docstring).
+            for name, wanted in _ROWS_COLS_CHOICES:
+                if getattr(spec, name) != wanted:
+                    return f"epilogue='softmax_rows_cols' with {name}={getattr(spec, name)!r}"
+            if others:
+                return "epilogue='softmax_rows_cols' with other ranks' rows as columns"
         if others and not self.others:
             return "other ranks' rows as columns"
         return None
 
 
+_ROWS_COLS_CHOICES = (("columns", "tensor"), ("positive", "index"), ("exclude_self", False),
+                      ("positive_in_denominator", True))
+
 # The registry. "cpp", "chunked" and "triton" run the custom ops (fastcl.ops.contrastive);
-# "reference" is the dense PyTorch oracle, differentiable to any order.
-BACKENDS = {name: Backend(name) for name in ("reference", "chunked", "cpp", "triton")}
+# "reference" is the dense PyTorch oracle, differentiable to any order. Every backend runs
+# normalize=False (the op layer passes norms of ones to the kernels); the both-directions
+# epilogue needs a backend's rows_cols_forward / rows_cols_grad (fastcl.kernels).
+_ROWS_COLS = frozenset(("softmax_rows", "softmax_rows_cols"))
+BACKENDS = {"reference": Backend("reference", epilogue=_ROWS_COLS),
+            "chunked": Backend("chunked", epilogue=_ROWS_COLS),
+            "cpp": Backend("cpp"),
+            "triton": Backend("triton", epilogue=_ROWS_COLS)}
 
 
 @functools.lru_cache(maxsize=None)
@@ -195,32 +231,52 @@ def scale_of(temperature, like: Tensor) -> Tensor:
 # ------------------------------------------------------------------------------ running ----
 
 
+def scale_tensor(scale, like: Tensor) -> Tensor:
+    """The 0-dim scale tensor the ops take, from a multiplier given directly (CLIP's
+    ``logit_scale``): a Python float gives a float64 CPU tensor (as :func:`scale_of`); a tensor
+    is cast to float64 through autograd on ``like``'s device."""
+    if isinstance(scale, Tensor):
+        t = scale
+        if t.device != like.device:
+            t = t.to(like.device, non_blocking=True)
+        return t.to(torch.float64)
+    return torch.ones((), dtype=torch.float64, device="cpu") * scale
+
+
 def run(spec: Spec, rows: Tensor, cols: Optional[Tensor] = None, key: Optional[Tensor] = None,
-        others: Optional[Tensor] = None, *, temperature=None) -> Tensor:
+        others: Optional[Tensor] = None, *, temperature=None, scale=None) -> Tensor:
     """The per-row losses l_i = lse_i - s_pos_i of ``spec`` (float32; float64 for float64
     inputs), differentiable with respect to every tensor input and to a tensor temperature.
 
     ``rows`` (n, D); ``cols`` (m, D) unless ``columns="rows"``; ``key`` (n, D) for
     ``positive="key"``; ``others`` (r, D) the other ranks' rows, negatives only. Inputs of one
-    floating dtype (``fastcl.functional`` promotes mixed ones). The backend is
+    floating dtype (``fastcl.functional`` promotes mixed ones). The logits' multiplier is
+    1 / ``temperature``, or ``scale`` itself when given instead (a float or a 0-dim tensor,
+    possibly requiring grad: CLIP's ``logit_scale``). With ``epilogue="softmax_rows_cols"``
+    the result has 2n entries: the n row losses, then the n column losses. The backend is
     ``fastcl.get_backend()``: the reference computes the dense formula; the others run the
     fused custom ops.
     """
     from fastcl import _config, ops, reference
 
+    if (temperature is None) == (scale is None):
+        raise TypeError("engine.run takes exactly one of temperature= and scale=")
     backend = _config.get_backend()
     if spec.positive == "index" and cols is not None and cols.shape[0] != rows.shape[0]:
         raise ValueError(f"positive='index' pairs row i with column i: rows and columns must "
                          f"have the same count, got {rows.shape[0]} and {cols.shape[0]}")
     if backend == "reference":
         require(spec, "reference", others is not None)
-        return reference.softmax_rows(spec, rows, cols, key, others, temperature)
-    scale = scale_of(temperature, rows)
+        if spec.epilogue == "softmax_rows_cols":
+            return reference.softmax_rows_cols(spec, rows, cols, temperature, scale)
+        return reference.softmax_rows(spec, rows, cols, key, others, temperature, scale)
+    a = scale_of(temperature, rows) if scale is None else scale_tensor(scale, rows)
     grad_on = torch.is_grad_enabled()
-    need_dscale = grad_on and scale.requires_grad
+    need_dscale = grad_on and a.requires_grad
     # The rows' gradient is formed in the forward tile pass when it will be needed (one
-    # product fewer), except with other ranks' columns (their statistics merge afterwards).
+    # product fewer), except with other ranks' columns (their statistics merge afterwards)
+    # and for the both-directions epilogue (its backward is one pass for both gradients).
     need_row_grad = (grad_on and rows.requires_grad and spec.columns == "tensor"
-                     and others is None)
-    return ops.contrastive.run(rows, cols, others, key, scale, spec.code(), need_row_grad,
+                     and others is None and spec.epilogue == "softmax_rows")
+    return ops.contrastive.run(rows, cols, others, key, a, spec.code(), need_row_grad,
                                need_dscale, backend)[0]

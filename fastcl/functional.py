@@ -336,6 +336,109 @@ def _single_query(query: Tensor, positive_key, negative_keys, negative_mode: str
     return query.unsqueeze(0), positive_key.unsqueeze(0)
 
 
+def clip_loss(image_features: Tensor, text_features: Tensor, logit_scale, logit_bias=None,
+              reduction: str = "mean", distributed: bool = False) -> Tensor:
+    """CLIP's symmetric loss (open_clip's ``ClipLoss``), fused: both softmax directions from
+    one pass over the tiles, no (N x N) logits stored.
+
+    logits = logit_scale * image_features @ text_features^T (+ logit_bias);
+    loss = (CE(logits, arange(N)) + CE(logits^T, arange(N))) / 2.
+
+    Args:
+        image_features, text_features: (N, D), row i of each a matching pair; any floating
+            dtypes (promoted to a common one), same device. Used as given: open_clip's model
+            normalizes them, and they are not normalized again here.
+        logit_scale: the logits' multiplier, as open_clip passes it (``logit_scale.exp()`` of
+            the model's parameter): a positive finite Python float, or a one-element floating
+            tensor, possibly requiring grad (its gradient comes from the kernels' ``dscale``
+            statistic). The clamp of the learnable parameter stays in the training loop.
+        logit_bias: optional, accepted as open_clip accepts it (a number or a one-element
+            tensor). A bias added to every logit cancels exactly in both softmaxes: it changes
+            neither the value nor any other gradient, and its own gradient is zero (exactly
+            zero here, where open_clip's autograd gives zero up to rounding). It stays in the
+            graph (as ``0 * logit_bias``), so a NaN or infinite bias still gives a NaN loss, as
+            it does in open_clip, and its gradient is a real zero tensor (NaN where the upstream
+            gradient is).
+        reduction: ``"mean"`` (open_clip's value), ``"sum"``, or ``"none"``: the N per-pair
+            values (l_image_i + l_text_i) / 2, l_image_i the loss of row i of the logits,
+            l_text_i that of column i.
+        distributed: the global batch is every rank's rows (``torch.distributed``), as
+            ``nt_xent(distributed=True)``: every rank's images are scored against every rank's
+            texts and the other way round, ``"mean"``/``"sum"`` give the global value on every
+            rank, and gradients follow DDP's averaging convention (``fastcl.distributed``).
+            Shards may differ in size. (open_clip's per-rank ``local_loss=True,
+            gather_with_grad=True`` semantics are :class:`fastcl.nn.ClipLoss`'s.)
+
+    The loss is float32 for bfloat16, float16 and float32 inputs (float64 for float64), inside
+    and outside autocast; each gradient comes back in its input's dtype. Memory O(N D). Not
+    twice differentiable (``create_graph=True`` raises), except on the reference backend.
+    """
+    sizes = None
+    if distributed:
+        sizes = _dist().check_ranks("fastcl.clip_loss", "image_features", image_features,
+                                    text_features=text_features, logit_scale=logit_scale,
+                                    logit_bias=logit_bias, reduction=reduction)
+    image, text, scale, bias = _check_clip(image_features, text_features, logit_scale,
+                                           logit_bias, reduction)
+    if distributed:
+        loss = _dist().reduce_value(_dist().clip_rows(image, text, scale, sizes), reduction)
+    else:
+        loss = _reduce(_clip_rows(image, text, scale), reduction)
+    return _with_bias(loss, bias)
+
+
+def _check_clip(image_features, text_features, logit_scale, logit_bias, reduction: str):
+    """The checked arguments of clip_loss / ClipLoss: (image, text) promoted to one dtype, the
+    scale (a float or a 0-dim tensor) and the bias (None, a float or a 0-dim tensor)."""
+    _check_tensor(image_features, "image_features", 2)
+    _check_tensor(text_features, "text_features", 2)
+    _check_same(text_features, "text_features", image_features, "image_features")
+    if text_features.shape[0] != image_features.shape[0]:
+        raise ValueError(
+            f"image_features and text_features must hold the same number of pairs (row i of "
+            f"each is a matching image-text pair), got {image_features.shape[0]} and "
+            f"{text_features.shape[0]} rows")
+    scale = engine.check_temperature(logit_scale, "logit_scale")
+    bias = _check_bias(logit_bias)
+    _check_choice(reduction, "reduction", _REDUCTIONS)
+    image, text = _promote(image_features, text_features)
+    return image, text, scale, bias
+
+
+def _check_bias(logit_bias):
+    if logit_bias is None:
+        return None
+    if isinstance(logit_bias, Tensor):
+        if not logit_bias.is_floating_point() or logit_bias.numel() != 1:
+            raise TypeError(f"logit_bias must be None, a number or a one-element floating "
+                            f"tensor, got a {logit_bias.dtype} tensor of shape "
+                            f"{tuple(logit_bias.shape)}")
+        return logit_bias.reshape(())
+    if isinstance(logit_bias, bool) or not isinstance(logit_bias, numbers.Real):
+        raise TypeError(f"logit_bias must be None, a number or a one-element floating tensor, "
+                        f"got {type(logit_bias).__name__}")
+    return float(logit_bias)
+
+
+def _with_bias(loss: Tensor, bias) -> Tensor:
+    """The loss with the bias's exact contribution, 0 * bias (see clip_loss): the bias stays
+    in the graph (NaN / inf propagate, its gradient is a zero tensor) and changes nothing
+    else."""
+    if bias is None:
+        return loss
+    if isinstance(bias, Tensor):
+        return loss + (bias * 0).to(loss.dtype)
+    return loss + 0.0 * bias
+
+
+def _clip_rows(image: Tensor, text: Tensor, scale) -> Tensor:
+    """The N per-pair values (l_image_i + l_text_i) / 2 of checked arguments (one fused pass
+    for both directions)."""
+    both = engine.run(engine.CLIP, image, text, scale=scale)
+    n = image.shape[0]
+    return (both[:n] + both[n:]) / 2
+
+
 def _info_nce_rows(query, positive_key, negative_keys, tau, negative_mode) -> Tensor:
     """Per-row InfoNCE losses (float32, float64 for float64) of checked arguments."""
     if negative_keys is None:

@@ -45,24 +45,43 @@ def nt_xent_logits(z1: torch.Tensor, z2: torch.Tensor, temperature):
     return logits, labels
 
 
-def softmax_rows(spec, rows, cols=None, key=None, others=None, temperature=0.1) -> torch.Tensor:
+def _multiply(logits: torch.Tensor, scale) -> torch.Tensor:
+    """logits * scale (a float, or a tensor with a gradient)."""
+    if isinstance(scale, torch.Tensor):
+        scale = scale.to(logits.dtype)
+    return logits * scale
+
+
+def _scaler(temperature, scale):
+    """The function applying the logits' multiplier: 1 / temperature, or ``scale``."""
+    if scale is not None:
+        return lambda logits: _multiply(logits, scale)
+    return lambda logits: _divide(logits, temperature)
+
+
+def softmax_rows(spec, rows, cols=None, key=None, others=None, temperature=0.1,
+                 scale=None) -> torch.Tensor:
     """The per-row losses of a ``fastcl.engine.Spec`` pass, densely: the oracle of the engine.
 
-    Logits rhat_i . chat_j / temperature over the columns (``cols``, or the rows themselves
+    Logits rhat_i . chat_j / temperature (or times ``scale`` when given) over the columns (``cols``, or the rows themselves
     for ``columns="rows"``, the diagonal excluded), then the ``others`` (negatives only);
     the positive is column i + n/2 of the rows (``"offset"``), column i (``"index"``) or the
     explicit ``key[i]`` (``"key"``, placed first), and the row's loss is
     logsumexp(logits) - positive, over all logits, or (``positive_in_denominator=False``)
-    over all but the positive. Returned per row in the compute dtype.
+    over all but the positive. Returned per row in the compute dtype. With
+    ``spec.normalize=False`` the rows and columns are used as given (no L2 normalization).
     """
     dtype = _compute_dtype(rows)
-    r = F.normalize(rows.to(dtype), dim=1)
+    norm = (lambda x: F.normalize(x.to(dtype), dim=1)) if spec.normalize else (
+        lambda x: x.to(dtype))
+    _scale = _scaler(temperature, scale)
+    r = norm(rows)
     n = r.shape[0]
     if spec.columns == "rows":
         c = r
     else:
-        c = F.normalize(cols.to(dtype), dim=1)
-    logits = _divide(r @ c.T, temperature)
+        c = norm(cols)
+    logits = _scale(r @ c.T)
     if spec.exclude_self:
         logits = logits.masked_fill(torch.eye(n, dtype=torch.bool, device=r.device),
                                     float("-inf"))
@@ -74,12 +93,10 @@ def softmax_rows(spec, rows, cols=None, key=None, others=None, temperature=0.1) 
     else:
         pos_col = None
     if others is not None:
-        logits = torch.cat([logits, _divide(r @ F.normalize(others.to(dtype), dim=1).T,
-                                            temperature)], dim=1)
+        logits = torch.cat([logits, _scale(r @ norm(others).T)], dim=1)
     if spec.positive == "key":
-        k = F.normalize(key.to(dtype), dim=1)
-        logits = torch.cat([_divide((r * k).sum(dim=1, keepdim=True), temperature), logits],
-                           dim=1)
+        k = norm(key)
+        logits = torch.cat([_scale((r * k).sum(dim=1, keepdim=True)), logits], dim=1)
         pos_col = torch.zeros_like(rows_idx)
     if spec.positive == "none":
         return torch.logsumexp(logits, dim=1)
@@ -88,6 +105,37 @@ def softmax_rows(spec, rows, cols=None, key=None, others=None, temperature=0.1) 
     positive = logits.gather(1, pos_col[:, None])[:, 0]
     mask = torch.zeros_like(logits, dtype=torch.bool).scatter_(1, pos_col[:, None], True)
     return torch.logsumexp(logits.masked_fill(mask, float("-inf")), dim=1) - positive
+
+
+def softmax_rows_cols(spec, rows, cols, temperature=None, scale=None) -> torch.Tensor:
+    """Both softmax directions of an index-positive pass (``epilogue="softmax_rows_cols"``),
+    densely: [row losses ; column losses] (2n,), row i's CE(logits_i, i) and column j's
+    CE(logits^T_j, j), logits = rhat @ chat^T times ``scale`` (or / ``temperature``),
+    normalized as ``spec.normalize`` says. In the compute dtype; differentiable to any order.
+    """
+    dtype = _compute_dtype(rows)
+    norm = (lambda x: F.normalize(x.to(dtype), dim=1)) if spec.normalize else (
+        lambda x: x.to(dtype))
+    logits = _scaler(temperature, scale)(norm(rows) @ norm(cols).T)
+    labels = torch.arange(logits.shape[0], device=logits.device)
+    return torch.cat([F.cross_entropy(logits, labels, reduction="none"),
+                      F.cross_entropy(logits.T, labels, reduction="none")])
+
+
+def clip_loss(image_features, text_features, logit_scale, logit_bias=None,
+              reduction: str = "mean") -> torch.Tensor:
+    """open_clip's ``ClipLoss`` (one process) as it computes it: logits = logit_scale * image
+    @ text^T (+ logit_bias), (CE(logits, arange) + CE(logits^T, arange)) / 2, features used as
+    given; ``"none"``: the n per-pair values. In the compute dtype (float32 for 16-bit)."""
+    dtype = _compute_dtype(image_features)
+    logits = _multiply(image_features.to(dtype) @ text_features.to(dtype).T, logit_scale)
+    if logit_bias is not None:
+        logits = logits + (logit_bias.to(dtype) if isinstance(logit_bias, torch.Tensor)
+                           else logit_bias)
+    labels = torch.arange(logits.shape[0], device=logits.device)
+    loss = (F.cross_entropy(logits, labels, reduction="none")
+            + F.cross_entropy(logits.T, labels, reduction="none")) / 2
+    return _reduce(loss, reduction)
 
 
 def nt_xent(

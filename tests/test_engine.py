@@ -44,6 +44,7 @@ SPECS = {
     "no_positive": Spec(positive="none"),
     "index_not_in_denominator": Spec(positive="index", positive_in_denominator=False),
     "key_not_in_denominator": Spec(positive="key", positive_in_denominator=False),
+    "clip_rows": engine.CLIP_ROWS,  # inputs used as given (normalize=False)
 }
 TEMPERATURES = st.one_of(
     st.sampled_from([0.01, 0.05, 0.1, 0.5, 1.0, 2.0]),
@@ -118,6 +119,16 @@ def make_inputs(spec, n, m, r, d, dtype, device, gen):
         t["key"] = _randn(gen, (n, d), dtype, device)
     if r is not None:
         t["others"] = _randn(gen, (r, d), dtype, device)
+    if not spec.normalize:
+        # Used as given (CLIP: features the model normalized, a scale up to 100): norms spread
+        # over [e^-0.5, 1], so the logits stay within the scale, as the normalizing specs' do
+        # (the rule's regime: logits of a few hundred at tau = 0.01 would make one float32
+        # rounding of a logit, ~3e-5, move the softmax weights by more than eager's luck).
+        for k, v in t.items():
+            if v is not None:
+                x = torch.nn.functional.normalize(v.double(), dim=1) * torch.exp(
+                    -0.5 * torch.rand(v.shape[0], 1, generator=gen, dtype=torch.float64))
+                t[k] = x.to(v.dtype).to(device)
     return t
 
 
@@ -349,19 +360,29 @@ def test_every_backend_of_the_fixture_is_registered(backend):
 
 
 def test_planned_choices_are_refused_naming_the_choice(backend):
-    """``positive="labels"`` and the planned epilogues are part of the contract, implemented
-    by no backend: every backend (the reference too) raises NotImplementedError naming them."""
+    """``positive="labels"`` and the sigmoid epilogue are part of the contract, implemented
+    by no backend: every backend (the reference too) raises NotImplementedError naming them.
+    ``"softmax_rows_cols"`` is refused by the backends that do not declare it, and by every
+    backend outside its one combination (an index positive, no other ranks' rows)."""
     gen = torch.Generator().manual_seed(1)
     rows, cols = _randn(gen, (4, 5), torch.float32, backend.device), _randn(
         gen, (4, 5), torch.float32, backend.device)
-    for spec, word in [(Spec(positive="labels"), "positive='labels'"),
-                       (Spec(epilogue="softmax_rows_cols"), "epilogue='softmax_rows_cols'"),
-                       (Spec(epilogue="sigmoid"), "epilogue='sigmoid'")]:
-        for name in (backend.name, "reference"):
+    cases = [(Spec(positive="labels"), "positive='labels'"),
+             (Spec(epilogue="sigmoid"), "epilogue='sigmoid'")]
+    for name in (backend.name, "reference"):
+        refused = list(cases)
+        if "softmax_rows_cols" not in engine.BACKENDS[name].epilogue:
+            refused.append((engine.CLIP, "epilogue='softmax_rows_cols'"))
+        else:
+            refused.append((Spec(epilogue="softmax_rows_cols", positive="none"),
+                            "epilogue='softmax_rows_cols' with positive='none'"))
+        for spec, word in refused:
             assert engine.BACKENDS[name].unsupported(spec) == word
             with fastcl.use_backend(name), pytest.raises(NotImplementedError,
                                                          match=re.escape(word)):
                 engine.run(spec, rows, cols, temperature=0.5)
+        if "softmax_rows_cols" in engine.BACKENDS[name].epilogue:
+            assert "other ranks" in engine.BACKENDS[name].unsupported(engine.CLIP, True)
 
 
 def test_spec_rejects_incoherent_choices_and_round_trips():

@@ -44,6 +44,21 @@ in the kernel). The C++ kernels are CPU-only and always get a float.
     d/d zhat of sum_i g_i lse_i over the non-positive pairs, by symmetry: out = inv_temp *
     sum_j (g_i P_ij + g_j P_ji) zhat_j, diagonal and positive pairs skipped.
 
+``rows_cols_forward(x, y, nx, ny, inv_temp, precision, with_dscale=False) -> (loss, lse, dscale)``
+    The both-directions epilogue (CLIP, ``engine.CLIP``): x, y (n, D), s_ij = inv_temp *
+    xhat_i . yhat_j, the positive of row i and of column i at (i, i). One pass over the tiles
+    gives row losses lr_i = (m_i - s_ii) + log l_i and column losses lc_j likewise over column
+    j, each from the very float its max and sum saw: loss = [lr ; lc] (2n), lse (2n, float64)
+    and, with ``with_dscale``, dscale = [sum_j p^r_ij d_ij - d_ii ; sum_i p^c_ij d_ij - d_jj]
+    accumulated centred on the running max as above; else an empty tensor. The op passes norms
+    of ones for ``normalize=False`` (CLIP's features are used as given).
+``rows_cols_grad(x, y, nx, ny, lse, g, inv_temp, precision) -> (dx_hat, dy_hat)``
+    With W_ij = g_r_i exp(s_ij - lse_r_i) + g_c_j exp(s_ij - lse_c_j) over i != j (the diagonal
+    skipped; ``lse`` and ``g`` are (2n,), [rows ; columns]): dx_hat = inv_temp W yhat, dy_hat =
+    inv_temp W^T xhat, each logit recomputed by the forward's own product. The op layer adds
+    the positives' term c_i = inv_temp (g_r_i expm1(-lr_i) + g_c_i expm1(-lc_i)) to both, then
+    the normalization's backward when the spec normalizes.
+
 Optional, C++ only: the dense path for small in-batch passes (``dense_forward``,
 ``dense_grad_cols``, ``dense_backward``, ``dense_fits``; see ``fastcl.kernels.cpp``). While the
 (n x m) logits fit ``DENSE_CAP_BYTES`` (16 MiB) the op keeps the probabilities from the forward

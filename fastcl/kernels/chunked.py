@@ -279,3 +279,55 @@ def grad_accumulate(
             w[_pos_in_tile(rows, cols, pos_offset, n_b)] = 0.0
         out[r_sl].addmm_(w, bn[c_sl])
     return _scaled(out, inv_temp)
+
+
+# ------------------------------------------------------- both directions (CLIP) ----
+
+
+def rows_cols_forward(x, y, nx, ny, inv_temp, precision: str = "ieee",
+                      with_dscale: bool = False):
+    """Row and column statistics of s = inv_temp * xhat @ yhat^T (x, y: (n, D), the positive
+    of row i and of column i at (i, i)) from one pass over the tiles: each tile feeds the
+    running row state and the running column state. (loss, lse, dscale), each of length 2n:
+    [rows ; columns] (see ``fastcl.kernels``)."""
+    n = x.shape[0]
+    xh, yh = _normalized(x, nx), _normalized(y, ny)
+    rows_state = _OnlineLSE(n, xh.dtype, x.device, with_dscale)
+    cols_state = _OnlineLSE(n, xh.dtype, x.device, with_dscale)
+    s_pos = torch.empty(n, dtype=xh.dtype, device=x.device)
+    for rows, cols in _tiles(n, n):
+        i, j = rows.start, cols.start
+        s = _logits(xh[i:rows.stop], yh[j:cols.stop], inv_temp)
+        pos = _pos_in_tile(rows, cols, 0, n)
+        # Row i and column i take their positive from the very float their max and sum see.
+        s_pos[pos[0] + i] = s[pos]
+        rows_state.add(slice(i, rows.stop), s.clone(), dim=1)
+        cols_state.add(slice(j, cols.stop), s, dim=0)
+    loss_r, lse_r, ds_r = rows_state.result(s_pos, inv_temp)
+    loss_c, lse_c, ds_c = cols_state.result(s_pos, inv_temp)
+    return torch.cat([loss_r, loss_c]), torch.cat([lse_r, lse_c]), torch.cat([ds_r, ds_c])
+
+
+def rows_cols_grad(x, y, nx, ny, lse, g, inv_temp, precision: str = "ieee"):
+    """(dx_hat, dy_hat) of sum_i g_r_i lse_r_i + g_c_i lse_c_i over the off-diagonal pairs:
+    W_ij = g_r_i exp(s_ij - lse_r_i) + g_c_j exp(s_ij - lse_c_j) (i != j), dx_hat = inv_temp
+    W yhat, dy_hat = inv_temp W^T xhat. ``lse`` and ``g`` are (2n,), [rows ; columns]; the
+    positives' terms are the op layer's. Each logit is the forward's own float (same tile,
+    same product)."""
+    n = x.shape[0]
+    xh, yh = _normalized(x, nx), _normalized(y, ny)
+    acc = xh.dtype
+    hi, lo = _split(lse, acc)
+    g = g.to(acc)
+    dx, dy = torch.zeros_like(xh), torch.zeros_like(yh)
+    for rows, cols in _tiles(n, n):
+        i, j = rows.start, cols.start
+        r_sl, c_sl = slice(i, rows.stop), slice(j, cols.stop)
+        s = _logits(xh[r_sl], yh[c_sl], inv_temp)
+        w = _weights(s.clone(), hi[r_sl, None], lo[r_sl, None], g[r_sl, None])
+        c_hi, c_lo = hi[n + j:n + cols.stop], lo[n + j:n + cols.stop]
+        w.add_(_weights(s, c_hi[None, :], c_lo[None, :], g[n + j:n + cols.stop][None, :]))
+        w[_pos_in_tile(rows, cols, 0, n)] = 0.0  # the positives: added by the op layer
+        dx[r_sl].addmm_(w, yh[c_sl])
+        dy[c_sl].addmm_(w.T, xh[r_sl])
+    return _scaled(dx, inv_temp), _scaled(dy, inv_temp)

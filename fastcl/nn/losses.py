@@ -128,3 +128,94 @@ class DCLWLoss(DCLLoss):
         super().__init__(temperature, partial(FC.negative_mises_fisher_weights, sigma=sigma),
                          gather_distributed)
         self.sigma = sigma
+
+
+class ClipLoss(nn.Module):
+    """CLIP's symmetric loss, a drop-in for open_clip's ``ClipLoss(local_loss=False,
+    gather_with_grad=False, cache_labels=False, rank=0, world_size=1, use_horovod=False)``:
+    ``forward(image_features, text_features, logit_scale, logit_bias=None,
+    output_dict=False)`` gives open_clip's values and gradients, computed by the fused kernels
+    (:func:`fastcl.clip_loss`: both softmax directions from one pass, no N x N logits).
+
+    - ``logit_scale`` is the multiplier, as open_clip's model returns it (``logit_scale.exp()``
+      of its parameter): a float or a one-element tensor with a gradient. Clamping the
+      parameter (open_clip's training loop: to [0, ln 100]) stays in the training loop.
+    - ``logit_bias`` is accepted as open_clip accepts it; it cancels in both softmaxes, so its
+      gradient is zero (exactly zero here, zero up to rounding in open_clip).
+    - ``output_dict=True`` returns ``{"contrastive_loss": loss}``.
+    - One process (``world_size=1``): every flag combination gives open_clip's value (the mean
+      over the batch); ``cache_labels`` is accepted and has nothing to cache.
+    - Several ranks: ``local_loss=True, gather_with_grad=True`` only (what open_clip's
+      maintainers call the option that scales, and what almost every OpenCLIP model was
+      trained with), needing an initialized ``torch.distributed`` process group whose size
+      and rank match ``world_size`` and ``rank``. Each rank's value is open_clip's: the mean
+      over its own pairs of its rows against every rank's columns, both directions; its
+      features receive the sum over ranks of their gradients (open_clip's gather backward) and
+      the scale its own rank's term; the batch on every rank must be the same size, as open_clip
+      assumes. The other combinations raise at construction: their gradients surprise (open_clip
+      issue #616); for the global loss with gradients consistent with DDP's averaging, use
+      ``fastcl.clip_loss(..., distributed=True)``.
+    - ``use_horovod`` is accepted when False (recent open_clip releases removed it).
+    """
+
+    def __init__(self, local_loss: bool = False, gather_with_grad: bool = False,
+                 cache_labels: bool = False, rank: int = 0, world_size: int = 1,
+                 use_horovod: bool = False):
+        super().__init__()
+        for name, value in (("world_size", world_size), ("rank", rank)):
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+        if world_size < 1:
+            raise ValueError(f"world_size must be >= 1, got {world_size}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank must be in [0, world_size - 1] = [0, {world_size - 1}], "
+                             f"got {rank}")
+        if use_horovod:
+            raise ValueError("use_horovod=True is not supported: fastcl runs on "
+                             "torch.distributed (open_clip's recent releases removed horovod)")
+        if world_size > 1 and not (local_loss and gather_with_grad):
+            raise ValueError(
+                f"fastcl.nn.ClipLoss on several ranks (world_size={world_size}) supports "
+                f"local_loss=True, gather_with_grad=True only (open_clip's scalable setting), "
+                f"got local_loss={bool(local_loss)}, gather_with_grad={bool(gather_with_grad)}; "
+                "for the global loss with gradients consistent with DDP's averaging use "
+                "fastcl.clip_loss(image_features, text_features, logit_scale, "
+                "distributed=True)")
+        self.local_loss = bool(local_loss)
+        self.gather_with_grad = bool(gather_with_grad)
+        self.cache_labels = bool(cache_labels)
+        self.rank = rank
+        self.world_size = world_size
+        self.use_horovod = False
+
+    def forward(self, image_features: Tensor, text_features: Tensor, logit_scale,
+                logit_bias=None, output_dict: bool = False):
+        if self.world_size == 1:
+            loss = FC.clip_loss(image_features, text_features, logit_scale, logit_bias)
+        else:
+            loss = self._local_loss(image_features, text_features, logit_scale, logit_bias)
+        return {"contrastive_loss": loss} if output_dict else loss
+
+    def _local_loss(self, image_features, text_features, logit_scale, logit_bias):
+        from fastcl import distributed as D
+
+        size, rank = D.world()
+        if (size, rank) != (self.world_size, self.rank):
+            raise ValueError(f"ClipLoss was built with world_size={self.world_size}, "
+                             f"rank={self.rank}, but the process group has world size {size} "
+                             f"and this process is rank {rank}")
+        sizes = D.check_ranks("fastcl.nn.ClipLoss", "image_features", image_features,
+                              text_features=text_features, logit_scale=logit_scale,
+                              logit_bias=logit_bias)
+        if len(set(sizes)) != 1:
+            raise ValueError(f"ClipLoss(local_loss=True, gather_with_grad=True) needs the same "
+                             f"batch size on every rank, as open_clip assumes, got "
+                             f"{sizes} rows per rank; for uneven shards use "
+                             "fastcl.clip_loss(..., distributed=True)")
+        image, text, scale, bias = FC._check_clip(image_features, text_features, logit_scale,
+                                                  logit_bias, "mean")
+        return FC._with_bias(D.clip_local_loss(image, text, scale, sizes), bias)
+
+    def extra_repr(self) -> str:
+        return (f"local_loss={self.local_loss}, gather_with_grad={self.gather_with_grad}, "
+                f"rank={self.rank}, world_size={self.world_size}")

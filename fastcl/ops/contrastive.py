@@ -25,6 +25,15 @@ d_others, d_key)``
     forward's ``probs``, the columns' gradient is one product over them instead of a pass that
     recomputes every logit.
 
+The both-directions epilogue (``epilogue="softmax_rows_cols"``, CLIP): one pass gives the row
+and the column statistics (the backends' ``rows_cols_forward``), so loss, lse and dscale have
+2n entries, [rows ; columns], and so does ``grad_loss``; row_grad and probs are empty. The
+backward is one pass for both gradients (``rows_cols_grad``) plus the positives' term c_i =
+scale (g_r_i expm1(-lr_i) + g_c_i expm1(-lc_i)) on both inputs' row i. With
+``normalize=False`` (CLIP's features are used as given) the kernels get norms of ones (x / 1
+== x exactly) and no normalization backward runs; such specs never take the dense path (its
+backward normalizes).
+
 The dense path (in-batch specs, ``positive="index"``, on a backend with ``dense_forward``: the
 C++ kernels): when the logits fit the backend's cap (``fastcl.kernels.cpp.DENSE_CAP_BYTES``,
 16 MiB: N = M = 2048 in float32), the forward materializes them, keeps P for the backward, and
@@ -107,6 +116,23 @@ def _normalize_backward(x: Tensor, norm: Tensor, grad_hat: Tensor,
     return grad_hat.to(x.dtype).contiguous()
 
 
+def _norms(sp: engine.Spec, x: Tensor) -> Tensor:
+    """The norms the kernels divide by: the rows' own (``_norm``), or ones when the spec uses
+    its inputs as given (``normalize=False``: x / 1 == x exactly)."""
+    if sp.normalize:
+        return _norm(x)
+    return torch.ones(x.shape[0], dtype=_acc_dtype(x), device=x.device)
+
+
+def _input_grad(sp: engine.Spec, x: Tensor, norm: Tensor, grad_hat: Tensor,
+                x_hat: Optional[Tensor] = None) -> Tensor:
+    """d/dx from d/d xhat: through the normalization when the spec normalizes, else d/d xhat
+    itself (in x's dtype, row-major)."""
+    if sp.normalize:
+        return _normalize_backward(x, norm, grad_hat, x_hat)
+    return grad_hat.to(x.dtype).contiguous()
+
+
 def _rows_like(x: Tensor, dtype: Optional[torch.dtype] = None) -> Tensor:
     return x.new_empty(x.shape[0], dtype=dtype or _acc_dtype(x))
 
@@ -174,15 +200,19 @@ def _columns(spec: engine.Spec, rows: Tensor, nr: Tensor, cols, key):
     """(columns, their norms, explicit positive (key, norms) or None, positive column offset
     or None) of a columns="tensor" pass."""
     if spec.positive == "key":
-        return cols, _norm(cols), (key, _norm(key)), None
-    return cols, _norm(cols), None, (0 if spec.positive == "index" else None)
+        return cols, _norms(spec, cols), (key, _norms(spec, key)), None
+    return cols, _norms(spec, cols), None, (0 if spec.positive == "index" else None)
 
 
 def _use_dense(impl, sp: engine.Spec, rows: Tensor, cols: Optional[Tensor],
                others: Optional[Tensor]) -> bool:
     """Whether this pass runs the dense path (see the module docstring). Shapes only: the
     fake implementation takes the same decision."""
+    # Normalizing specs only: the dense backward includes the normalization's backward, and a
+    # pass whose backward then recomputed logits by the tiled products would see other floats
+    # (at logits of size |x| |y| scale, one rounding moves the softmax weights visibly).
     return (sp.columns == "tensor" and sp.positive == "index" and cols is not None
+            and sp.epilogue == "softmax_rows" and sp.normalize
             and (others is None or others.shape[0] == 0) and hasattr(impl, "dense_forward")
             and impl.dense_fits(rows.shape[0], cols.shape[0], _acc_dtype(rows)))
 
@@ -219,9 +249,9 @@ def _positive_logits(sp: engine.Spec, rows, nr, cols, key, a) -> Tensor:
     if sp.positive == "offset":
         pos_hat = r_hat.roll(-(rows.shape[0] // 2), dims=0)
     elif sp.positive == "key":
-        pos_hat = _normalized(key, _norm(key))
+        pos_hat = _normalized(key, _norms(sp, key))
     else:
-        pos_hat = _normalized(cols, _norm(cols))
+        pos_hat = _normalized(cols, _norms(sp, cols))
     return (r_hat * pos_hat).sum(dim=1) * a
 
 
@@ -238,19 +268,25 @@ def _softmax_rows(
     acc = _acc_dtype(rows)
     row_grad = rows.new_empty(0, dtype=acc)
     probs = rows.new_empty(0, dtype=acc)
-    if _use_dense(impl, sp, rows, cols, others):
-        # Empty norms: the kernel computes them in its normalization pass.
+    if sp.epilogue == "softmax_rows_cols":
+        # Both directions from one pass: [rows ; columns] statistics (2n).
+        nr = _norms(sp, rows)
+        loss, lse, dscale = impl.rows_cols_forward(rows, cols, nr, _norms(sp, cols), a,
+                                                   precision, need_dscale)
+    elif _use_dense(impl, sp, rows, cols, others):
+        # Empty norms: the kernel computes them in its normalization pass (the dense path
+        # runs normalized specs only).
         no_norms = rows.new_empty(0, dtype=acc)
         loss, lse, dscale, row_grad, probs = impl.dense_forward(
             rows, cols, no_norms, no_norms, a, 0, in_denominator, need_dscale, need_row_grad)
         probs = probs.view(-1)  # flat: see the fake
         nr = None  # (others, below, never come with the dense path)
     elif sp.columns == "rows":
-        nr = _norm(rows)
+        nr = _norms(sp, rows)
         loss, lse, dscale = impl.nt_xent_forward(rows, nr, a, precision, in_denominator,
                                                  need_dscale)
     else:
-        nr = _norm(rows)
+        nr = _norms(sp, rows)
         c, nc, positive, pos_offset = _columns(sp, rows, nr, cols, key)
         if need_row_grad and hasattr(impl, "lse_forward_with_grad"):
             loss, lse, dscale, row_grad = impl.lse_forward_with_grad(
@@ -265,8 +301,8 @@ def _softmax_rows(
                                                 pos_offset, precision)
     loss, lse, dscale = loss.to(acc), lse.to(torch.float64), dscale.to(acc)
     if others is not None and others.shape[0] > 0:
-        _, lse_o, dscale_o = impl.lse_forward(rows, others, nr, _norm(others), None, a, None,
-                                              precision, True, need_dscale)
+        _, lse_o, dscale_o = impl.lse_forward(rows, others, nr, _norms(sp, others), None, a,
+                                              None, precision, True, need_dscale)
         s_pos = (None if in_denominator else
                  _positive_logits(sp, rows, nr, cols, key, a))
         loss, lse, dscale = _merge(loss, lse, dscale, lse_o.to(torch.float64),
@@ -281,11 +317,14 @@ softmax_rows = torch.library.custom_op("fastcl::softmax_rows", _softmax_rows, mu
 def _(rows, cols, others, key, scale, spec, need_row_grad=False, need_dscale=False, backend=""):
     acc = _acc_dtype(rows)
     n = rows.shape[0]
+    if engine.Spec.parse(spec).epilogue == "softmax_rows_cols":
+        n = 2 * n  # [rows ; columns]
     # probs is flat, of a size the fake leaves open (n * m on the dense path, else 0): which
     # path runs depends on the backend in force when the op runs, which a compiled graph does
     # not guard on (a graph traced under one backend may run under another).
     size = torch.library.get_ctx().new_dynamic_size()
-    return (_rows_like(rows), _lse_like(rows), rows.new_empty(n if need_dscale else 0, dtype=acc),
+    return (rows.new_empty(n, dtype=acc), rows.new_empty(n, dtype=torch.float64),
+            rows.new_empty(n if need_dscale else 0, dtype=acc),
             rows.new_empty(rows.shape if need_row_grad else (0,), dtype=acc),
             rows.new_empty(size, dtype=acc))
 
@@ -303,6 +342,9 @@ def _softmax_rows_backward(
     acc = _acc_dtype(rows)
     g = grad_loss.to(acc).contiguous()
     lse = lse.to(torch.float64).contiguous()
+    if sp.epilogue == "softmax_rows_cols":
+        return _rows_cols_backward(impl, sp, g, rows, cols, _norms(sp, rows), loss, lse, a,
+                                   precision, need_rows, need_cols)
     # The positive pair's weight (see the module docstring), times the scale.
     if sp.positive_in_denominator:
         c = _positive_weight(g, loss.to(acc))
@@ -313,8 +355,8 @@ def _softmax_rows_backward(
     dense = _dense_backward_ok(impl, sp, rows, cols, has_others, row_grad, probs, need_rows,
                                need_cols)
     # The dense kernel computes the norms itself (empty ones passed).
-    nr = None if dense else _norm(rows)
-    n_o = _norm(others) if has_others else None
+    nr = None if dense else _norms(sp, rows)
+    n_o = _norms(sp, others) if has_others else None
     # Distinct empty tensors: a custom op's outputs may not alias each other.
     d_rows, d_cols, d_others, d_key = (rows.new_empty(0) for _ in range(4))
     if sp.columns == "rows":
@@ -329,7 +371,7 @@ def _softmax_rows_backward(
             w = (c + c.roll(n))[:, None]
             d_hat[:n].addcmul_(w[:n], z_hat[n:])
             d_hat[n:].addcmul_(w[n:], z_hat[:n])
-            d_rows = _normalize_backward(rows, nr, d_hat, z_hat)
+            d_rows = _input_grad(sp, rows, nr, d_hat, z_hat)
     elif dense:
         # The dense path: both gradients from the forward's v and P, the positives' terms and
         # the normalizations' backward in one call (csrc/dense.cpp), norms computed there.
@@ -347,8 +389,8 @@ def _softmax_rows_backward(
         # Columns are read for their own gradient, or for the rows' when the forward did not
         # form it (a MoCo queue that needs neither is not even passed in).
         read_cols = need_cols or (need_rows and not have_v)
-        nc = _norm(cols) if read_cols or sp.positive == "index" else None
-        pos_vec, n_pos = ((key, _norm(key)) if sp.positive == "key" else
+        nc = _norms(sp, cols) if read_cols or sp.positive == "index" else None
+        pos_vec, n_pos = ((key, _norms(sp, key)) if sp.positive == "key" else
                           (cols, nc) if sp.positive == "index" else (None, None))
         if need_rows:
             if have_v:
@@ -361,7 +403,7 @@ def _softmax_rows_backward(
                                               None, precision)
             if pos_vec is not None:
                 d_hat += c[:, None] * _normalized(pos_vec, n_pos)
-            d_rows = _normalize_backward(rows, nr, d_hat)
+            d_rows = _input_grad(sp, rows, nr, d_hat)
         if need_cols:
             if probs is not None and probs.numel() > 0:  # the dense path's forward weights
                 dc_hat = impl.dense_grad_cols(probs.view(rows.shape[0], -1), g, rows, nr, a)
@@ -370,13 +412,13 @@ def _softmax_rows_backward(
                                               pos_offset, precision)
             if sp.positive == "index":
                 dc_hat += c[:, None] * _normalized(rows, nr)
-            d_cols = _normalize_backward(cols, nc, dc_hat)
+            d_cols = _input_grad(sp, cols, nc, dc_hat)
         if need_key and sp.positive == "key":
-            d_key = _normalize_backward(key, n_pos, c[:, None] * _normalized(rows, nr))
+            d_key = _input_grad(sp, key, n_pos, c[:, None] * _normalized(rows, nr))
     if need_others and has_others:
         do_hat = impl.grad_accumulate(others, rows, n_o, nr, None, None, lse, g, a, None,
                                       precision)
-        d_others = _normalize_backward(others, n_o, do_hat)
+        d_others = _input_grad(sp, others, n_o, do_hat)
     elif need_others and others is not None:
         d_others = torch.zeros_like(others)
     return d_rows, d_cols, d_others, d_key
@@ -386,10 +428,35 @@ softmax_rows_backward = torch.library.custom_op("fastcl::softmax_rows_backward",
                                                 _softmax_rows_backward, mutates_args=())
 
 
+def _rows_cols_backward(impl, sp, g, rows, cols, nr, loss, lse, a, precision, need_rows,
+                        need_cols):
+    """The input gradients of the both-directions epilogue: the kernel's off-diagonal pass,
+    then the positives' terms c_i = scale (g_r_i expm1(-lr_i) + g_c_i expm1(-lc_i)) on the
+    diagonal pairs, then the normalization's backward when the spec normalizes."""
+    n = rows.shape[0]
+    empty = (rows.new_empty(0), rows.new_empty(0), rows.new_empty(0), rows.new_empty(0))
+    if not (need_rows or need_cols):
+        return empty
+    nc = _norms(sp, cols)
+    dx_hat, dy_hat = impl.rows_cols_grad(rows, cols, nr, nc, lse, g, a, precision)
+    loss = loss.to(nr.dtype)
+    c = (_positive_weight(g[:n], loss[:n]) + _positive_weight(g[n:], loss[n:])) * a
+    x_hat, y_hat = _normalized(rows, nr), _normalized(cols, nc)
+    d_rows, d_cols = empty[0], empty[1]
+    if need_rows:
+        d_rows = _input_grad(sp, rows, nr, dx_hat.addcmul_(c[:, None], y_hat), x_hat)
+    if need_cols:
+        d_cols = _input_grad(sp, cols, nc, dy_hat.addcmul_(c[:, None], x_hat), y_hat)
+    return d_rows, d_cols, empty[2], empty[3]
+
+
 def _dense_backward_ok(impl, sp, rows, cols, has_others, row_grad, probs, need_rows,
                        need_cols) -> bool:
-    """Whether the backward of an in-batch pass can come from the forward's v and P alone."""
+    """Whether the backward of an in-batch pass can come from the forward's v and P alone
+    (``dense_backward`` includes the normalization's backward: normalizing specs only)."""
     if not (need_rows or need_cols) or has_others or sp.positive != "index":
+        return False
+    if not sp.normalize or sp.epilogue != "softmax_rows":
         return False
     if not hasattr(impl, "dense_backward") or cols is None or cols.shape != rows.shape:
         return False
@@ -436,7 +503,8 @@ def _setup(ctx, inputs, output):
                           row_grad, dscale, probs if keep_probs else None)
 
 
-_NAMES = {engine.NT_XENT: "fastcl.nt_xent", engine.DCL: "fastcl.dcl_loss"}
+_NAMES = {engine.NT_XENT: "fastcl.nt_xent", engine.DCL: "fastcl.dcl_loss",
+          engine.CLIP: "fastcl.clip_loss", engine.CLIP_ROWS: "fastcl.clip_loss"}
 
 
 def _backward(ctx, grad_loss, _g_lse, _g_dscale, _g_row_grad, _g_probs):
