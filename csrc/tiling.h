@@ -300,8 +300,18 @@ void for_each_symmetric_tile(const T* zp, int64_t n, int64_t d, double inv_temp,
 // same rows or the same columns; row block I sees column blocks I, I + 1, ... and column block J
 // sees row blocks J, J - 1, ... (mod B) in that order whatever the thread count. Round 0 is the
 // diagonal (tiles (I, I)).
-// tile_fn(i0, rows, j0, cols, s, scratch) gets s = inv_temp * ahat_I bhat_J^T (rows x cols, in
-// per-thread scratch it may overwrite), a and b both n rows of width d.
+// tile_fn(i0, rows, j0, cols, s, scratch) gets s = inv_temp * (ahat_I bhat_J^T) (rows x cols, in
+// per-thread scratch it may overwrite), a and b both n rows of width d: the product, then the
+// scale, rounded as eager's `scale * (a @ b.T)` rounds them. (With the scale as BLAS's alpha,
+// MKL rounds inside the product: for features that are not unit vectors, whose dot products
+// may cancel, that was several times eager's error; tests/test_clip_kernels.py.)
+template <typename T>
+void scale_tile(T* s, int64_t len, double inv_temp) {
+  const T a = static_cast<T>(inv_temp);
+#pragma omp simd
+  for (int64_t k = 0; k < len; ++k) s[k] *= a;
+}
+
 template <typename T, typename TileFn>
 void for_each_tile_by_diagonals(const T* ap, const T* bp, int64_t n, int64_t d, double inv_temp,
                                 int64_t tile, const at::TensorOptions& opts, TileFn&& tile_fn) {
@@ -314,7 +324,8 @@ void for_each_tile_by_diagonals(const T* ap, const T* bp, int64_t n, int64_t d, 
         const int64_t i0 = bi * tile, rows = std::min(tile, n - i0);
         const int64_t j0 = bj * tile, cols = std::min(tile, n - j0);
         T* s = scratch.tile();
-        logits_tile(ap + i0 * d, rows, bp + j0 * d, cols, d, inv_temp, s, opts);
+        logits_tile(ap + i0 * d, rows, bp + j0 * d, cols, d, 1.0, s, opts);
+        scale_tile(s, rows * cols, inv_temp);
         tile_fn(i0, rows, j0, cols, s, scratch);
       }
     });
