@@ -37,7 +37,7 @@ def main() -> None:
     gvec = torch.full((2 * args.n,), 0.5 / args.n)
 
     def kernels(tile):
-        cpp._TILE = tile
+        cpp._TILE = cpp._TILE_WIDE = tile  # whichever the width picks
         loss, lse, dscale = cpp.rows_cols_forward(x, y, ones, ones, scale, with_dscale=True)
         dx, dy = cpp.rows_cols_grad(x, y, ones, ones, lse, gvec, scale)
         return dx, dy

@@ -129,6 +129,19 @@ def test_block_edges(dtype, n, tile):
         assert torch.equal(out["dx"], torch.zeros_like(out["dx"]))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, F64], ids=["f32", "f64"])
+def test_wide_features_take_the_wide_tile(dtype):
+    """D >= cpp._WIDE_D runs cpp._TILE_WIDE-edge tiles (300 rows: a full block and a partial
+    one), whatever _TILE is."""
+    cpp = _cpp()
+    assert cpp._rows_cols_tile(cpp._WIDE_D) == cpp._TILE_WIDE
+    x, y, nx, ny, gvec = _inputs(300, cpp._WIDE_D + 4, dtype, seed=9, norms="ones")
+    with tile_patch("cpp", 8):
+        assert cpp._rows_cols_tile(x.shape[1]) == cpp._TILE_WIDE
+        out = _run(x, y, nx, ny, 100.0, gvec)
+    _check(out, x, y, nx, ny, 100.0, gvec, dtype)
+
+
 def test_dscale_leaves_loss_and_lse_unchanged():
     """with_dscale only adds outputs: loss and lse are bitwise those without it."""
     cpp = _cpp()
