@@ -1,6 +1,6 @@
 // The C++ CPU kernels' operator library, "fastcl_cpu". fastcl's public custom ops ("fastcl::...",
 // fastcl/ops/) call these on CPU tensors; the schemas mirror the backend contracts in
-// fastcl/kernels/__init__.py (contrastive.cpp, dense.cpp), fastcl/ops/momentum.py (momentum.cpp) and
+// fastcl/kernels/__init__.py (contrastive.cpp, clip.cpp, dense.cpp), fastcl/ops/momentum.py (momentum.cpp) and
 // fastcl/ops/cosine.py (cosine.cpp). Their
 // fake (meta) implementations are registered from Python.
 
@@ -29,6 +29,17 @@ at::Tensor grad_accumulate(const at::Tensor& a, const at::Tensor& b, const at::T
                            const c10::optional<at::Tensor>& lse_b,
                            const c10::optional<at::Tensor>& g_b, double inv_temp,
                            c10::optional<int64_t> pos_offset, int64_t tile);
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> rows_cols_forward(const at::Tensor& x,
+                                                                 const at::Tensor& y,
+                                                                 const at::Tensor& nx,
+                                                                 const at::Tensor& ny,
+                                                                 double inv_temp, int64_t tile,
+                                                                 bool with_dscale);
+std::tuple<at::Tensor, at::Tensor> rows_cols_grad(const at::Tensor& x, const at::Tensor& y,
+                                                  const at::Tensor& nx, const at::Tensor& ny,
+                                                  const at::Tensor& lse, const at::Tensor& g,
+                                                  double inv_temp, int64_t tile);
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dense_forward(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& nq, const at::Tensor& nk,
@@ -68,6 +79,14 @@ TORCH_LIBRARY(fastcl_cpu, m) {
   m.def(
       "grad_accumulate(Tensor a, Tensor b, Tensor na, Tensor nb, Tensor? lse_a, Tensor? g_a, "
       "Tensor? lse_b, Tensor? g_b, float inv_temp, int? pos_offset, int tile) -> Tensor");
+  // clip.cpp: CLIP's row + column statistics (x images, y texts, n rows each); loss, lse and
+  // dscale are [rows ; columns] (2n), g too.
+  m.def(
+      "rows_cols_forward(Tensor x, Tensor y, Tensor nx, Tensor ny, float inv_temp, int tile, "
+      "bool with_dscale=False) -> (Tensor loss, Tensor lse, Tensor dscale)");
+  m.def(
+      "rows_cols_grad(Tensor x, Tensor y, Tensor nx, Tensor ny, Tensor lse, Tensor g, "
+      "float inv_temp, int tile) -> (Tensor, Tensor)");
   // dense.cpp: the materialized-logits path for small inputs (fastcl.kernels.cpp.DENSE_CAP_BYTES).
   m.def(
       "dense_forward(Tensor q, Tensor k, Tensor nq, Tensor nk, float inv_temp, int? pos_offset, "
@@ -90,6 +109,8 @@ TORCH_LIBRARY_IMPL(fastcl_cpu, CPU, m) {
   m.impl("nt_xent_grad", &fastcl::nt_xent_grad);
   m.impl("lse_forward", &fastcl::lse_forward);
   m.impl("grad_accumulate", &fastcl::grad_accumulate);
+  m.impl("rows_cols_forward", &fastcl::rows_cols_forward);
+  m.impl("rows_cols_grad", &fastcl::rows_cols_grad);
   m.impl("dense_forward", &fastcl::dense_forward);
   m.impl("dense_grad_cols", &fastcl::dense_grad_cols);
   m.impl("dense_backward", &fastcl::dense_backward);

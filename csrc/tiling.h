@@ -293,6 +293,45 @@ void for_each_symmetric_tile(const T* zp, int64_t n, int64_t d, double inv_temp,
   });
 }
 
+// Two-sided passes over a square (n x n) grid of tiles that feed both their rows' and their
+// columns' statistics (CLIP's row + column softmax): round r holds the tiles (I, (I + r) mod B)
+// of the r-th wrapped block diagonal, B = ceil(n / tile). Each round touches every row block and
+// every column block exactly once, so its tiles run in parallel with no two threads writing the
+// same rows or the same columns; row block I sees column blocks I, I + 1, ... and column block J
+// sees row blocks J, J - 1, ... (mod B) in that order whatever the thread count. Round 0 is the
+// diagonal (tiles (I, I)).
+// tile_fn(i0, rows, j0, cols, s, scratch) gets s = inv_temp * (ahat_I bhat_J^T) (rows x cols, in
+// per-thread scratch it may overwrite), a and b both n rows of width d: the product, then the
+// scale, rounded as eager's `scale * (a @ b.T)` rounds them. (With the scale as BLAS's alpha,
+// MKL rounds inside the product: for features that are not unit vectors, whose dot products
+// may cancel, that was several times eager's error; tests/test_clip_kernels.py.)
+template <typename T>
+void scale_tile(T* s, int64_t len, double inv_temp) {
+  const T a = static_cast<T>(inv_temp);
+#pragma omp simd
+  for (int64_t k = 0; k < len; ++k) s[k] *= a;
+}
+
+template <typename T, typename TileFn>
+void for_each_tile_by_diagonals(const T* ap, const T* bp, int64_t n, int64_t d, double inv_temp,
+                                int64_t tile, const at::TensorOptions& opts, TileFn&& tile_fn) {
+  const int64_t blocks = (n + tile - 1) / tile;
+  Scratch<T> scratch(at::get_num_threads(), std::min(tile, n), std::min(tile, n));
+  for (int64_t r = 0; r < blocks; ++r) {
+    at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+      for (int64_t bi = b0; bi < b1; ++bi) {
+        const int64_t bj = (bi + r) % blocks;
+        const int64_t i0 = bi * tile, rows = std::min(tile, n - i0);
+        const int64_t j0 = bj * tile, cols = std::min(tile, n - j0);
+        T* s = scratch.tile();
+        logits_tile(ap + i0 * d, rows, bp + j0 * d, cols, d, 1.0, s, opts);
+        scale_tile(s, rows * cols, inv_temp);
+        tile_fn(i0, rows, j0, cols, s, scratch);
+      }
+    });
+  }
+}
+
 // The general kernels' blocks: row blocks of at most `tile` rows, small enough that a MoCo batch
 // (few rows, many negatives) still gives several blocks to share out over the cores, derived
 // from the shape alone so that results do not depend on the thread count; column tiles of

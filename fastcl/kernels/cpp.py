@@ -1,5 +1,6 @@
-"""The C++ CPU kernels (``csrc/contrastive.cpp``, ``csrc/dense.cpp``) behind the backend
-contract of ``fastcl.kernels``: thin calls into the ``torch.ops.fastcl_cpu`` operators.
+"""The C++ CPU kernels (``csrc/contrastive.cpp``, ``csrc/clip.cpp``, ``csrc/dense.cpp``) behind
+the backend contract of ``fastcl.kernels``: thin calls into the ``torch.ops.fastcl_cpu``
+operators.
 
 Beyond the contract, the dense path (``dense_forward``, ``dense_grad_cols``,
 ``dense_backward``): for in-batch passes whose logits fit ``DENSE_CAP_BYTES``, the op layer
@@ -73,6 +74,38 @@ def grad_accumulate(a, b, na, nb, lse_a, g_a, lse_b, g_b, inv_temp: float,
                     pos_offset: Optional[int], precision: str = "ieee") -> torch.Tensor:
     return _ops.grad_accumulate(a, b, na, nb, lse_a, g_a, lse_b, g_b, inv_temp, pos_offset,
                                 _TILE)
+
+
+# ------------------------------------------------------- CLIP's rows + columns (csrc/clip.cpp) ---
+
+
+# CLIP's tiles: wide features (D >= _WIDE_D, CLIP's 512 and up) take _TILE_WIDE-edge tiles: fewer,
+# larger BLAS products (N = 4096, D = 512, 2 threads, forward + backward: 0.39-0.44 s at 256
+# against 0.41-0.44 s at 128, benchmarks/clip_kernels_probe.py); narrower ones _TILE (tests patch
+# it, with D < _WIDE_D). The choice depends on the shape alone: results stay independent of
+# the thread count.
+_TILE_WIDE = 256
+_WIDE_D = 256
+
+
+def _rows_cols_tile(d: int) -> int:
+    return _TILE_WIDE if d >= _WIDE_D else _TILE
+
+
+def rows_cols_forward(x, y, nx, ny, inv_temp: float, precision: str = "ieee",
+                      with_dscale: bool = False):
+    """(loss, lse, dscale) of both softmax directions of s = inv_temp * xhat yhat^T in one pass
+    over its tiles: each is [rows ; columns], length 2n (lse float64); dscale is empty (shape
+    (0,)) unless with_dscale. x and y have the same shape (n, D); row i's positive is column i."""
+    return _ops.rows_cols_forward(x, y, nx, ny, inv_temp, _rows_cols_tile(x.shape[1]),
+                                  with_dscale)
+
+
+def rows_cols_grad(x, y, nx, ny, lse, g, inv_temp: float, precision: str = "ieee"):
+    """(dxhat, dyhat): inv_temp W yhat and inv_temp W^T xhat with W_ij = g_r_i exp(s_ij -
+    lse_r_i) + g_c_j exp(s_ij - lse_c_j) off the diagonal (the positives' terms are the op
+    layer's); lse and g are [rows ; columns] (2n), lse the forward's."""
+    return _ops.rows_cols_grad(x, y, nx, ny, lse, g, inv_temp, _rows_cols_tile(x.shape[1]))
 
 
 # ----------------------------------------------------------- dense path (csrc/dense.cpp) ------

@@ -45,6 +45,16 @@ def register() -> None:
         v = nq.new_empty(q.shape) if with_grad else nq.new_empty(0)
         return _rows(q, nq), _lse(q, nq), v, _dscale(q, nq, with_dscale)
 
+    @torch.library.register_fake("fastcl_cpu::rows_cols_forward")
+    def _(x, y, nx, ny, inv_temp, tile, with_dscale=False):
+        n = x.shape[0]
+        return (nx.new_empty(2 * n), nx.new_empty(2 * n, dtype=torch.float64),
+                nx.new_empty(2 * n if with_dscale else 0))
+
+    @torch.library.register_fake("fastcl_cpu::rows_cols_grad")
+    def _(x, y, nx, ny, lse, g, inv_temp, tile):
+        return nx.new_empty(x.shape), nx.new_empty(y.shape)
+
     @torch.library.register_fake("fastcl_cpu::dense_forward")
     def _(q, k, nq, nk, inv_temp, pos_offset, positive_in_denominator, with_dscale,
           with_row_grad):
