@@ -161,7 +161,7 @@ _ROWS_COLS_CHOICES = (("columns", "tensor"), ("positive", "index"), ("exclude_se
 _ROWS_COLS = frozenset(("softmax_rows", "softmax_rows_cols"))
 BACKENDS = {"reference": Backend("reference", epilogue=_ROWS_COLS),
             "chunked": Backend("chunked", epilogue=_ROWS_COLS),
-            "cpp": Backend("cpp"),
+            "cpp": Backend("cpp", epilogue=_ROWS_COLS),
             "triton": Backend("triton", epilogue=_ROWS_COLS)}
 
 
