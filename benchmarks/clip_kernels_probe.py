@@ -7,8 +7,9 @@ their floor, interleaved in one process, medians.
 One repetition times, in turn: for each tile, rows_cols_forward(with_dscale=True) +
 rows_cols_grad (what a CLIP forward + backward with the scale's gradient runs); and the four
 products of that shape: x y^T (forward), x y^T again (the backward's recomputation), W y and
-W^T x (the two gradients). Prints the medians and each kernel's ratio to the products. Not a
-test: timings only, for choosing the tile.
+W^T x (the two gradients), by torch.mm, and once more into preallocated outputs. Prints the
+medians and each one's ratio to the first products. Not a test: timings only, for choosing
+the tile.
 """
 from __future__ import annotations
 
@@ -51,11 +52,22 @@ def main() -> None:
         b = torch.mm(w.t(), x)
         return s, s2, a, b
 
+    nn = torch.empty(args.n, args.n)
+    nd = torch.empty(args.n, args.d)
+
+    def products_out():  # the same into preallocated outputs (no 64 MiB allocations)
+        torch.mm(x, y.t(), out=nn)
+        torch.mm(x, y.t(), out=nn)
+        torch.mm(w, y, out=nd)
+        torch.mm(w.t(), x, out=nd)
+
     times = {f"kernels tile {t}": [] for t in tiles}
     times["4 products"] = []
+    times["4 products, out="] = []
     for t in tiles:  # warm-up
         kernels(t)
     products()
+    products_out()
     for _ in range(args.reps):
         for t in tiles:
             t0 = time.perf_counter()
@@ -64,6 +76,9 @@ def main() -> None:
         t0 = time.perf_counter()
         products()
         times["4 products"].append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        products_out()
+        times["4 products, out="].append(time.perf_counter() - t0)
     base = statistics.median(times["4 products"])
     print(f"n={args.n} d={args.d} threads={torch.get_num_threads()} reps={args.reps}")
     for name, ts in times.items():

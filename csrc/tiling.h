@@ -21,6 +21,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <limits>
 #include <tuple>
@@ -316,10 +317,16 @@ template <typename T, typename TileFn>
 void for_each_tile_by_diagonals(const T* ap, const T* bp, int64_t n, int64_t d, double inv_temp,
                                 int64_t tile, const at::TensorOptions& opts, TileFn&& tile_fn) {
   const int64_t blocks = (n + tile - 1) / tile;
-  Scratch<T> scratch(at::get_num_threads(), std::min(tile, n), std::min(tile, n));
+  const int64_t threads = at::get_num_threads();
+  Scratch<T> scratch(threads, std::min(tile, n), std::min(tile, n));
   for (int64_t r = 0; r < blocks; ++r) {
-    at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
-      for (int64_t bi = b0; bi < b1; ++bi) {
+    // A round's tiles are handed out one at a time (a shared counter) rather than in fixed
+    // shares: a thread the OS preempts (a busy machine, data-loader workers) holds up the
+    // round by one tile, not by its whole share. Which thread runs a tile changes nothing in
+    // its result (per-thread scratch only; disjoint outputs).
+    std::atomic<int64_t> next{0};
+    at::parallel_for(0, std::min(threads, blocks), 1, [&](int64_t, int64_t) {
+      for (int64_t bi; (bi = next.fetch_add(1, std::memory_order_relaxed)) < blocks;) {
         const int64_t bj = (bi + r) % blocks;
         const int64_t i0 = bi * tile, rows = std::min(tile, n - i0);
         const int64_t j0 = bj * tile, cols = std::min(tile, n - j0);

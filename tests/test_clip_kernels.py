@@ -59,8 +59,8 @@ def _formula(x, y, nx, ny, inv_temp, g, dtype):
 
 
 def _inputs(n, d, dtype, seed, norms):
-    """Unnormalized rows (norms spread over ~e^{+-1} around 1, up to ~e^{+-3}) and the norms passed: ones (CLIP:
-    the features as given) or the rows' own."""
+    """Unnormalized rows (norms spread over ~e^{+-1} around 1, up to ~e^{+-3}) and the norms
+    passed: ones (CLIP: the features as given) or the rows' own."""
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(n, d, generator=gen, dtype=F64) / d ** 0.5
     y = torch.randn(n, d, generator=gen, dtype=F64) / d ** 0.5

@@ -4,7 +4,8 @@ fastcl's public ops call these from inside their own implementations, so tracing
 them; the fakes exist so that the operators pass ``torch.library.opcheck`` on their own and can
 be traced if called directly. Shapes only: the outputs are in the norms' dtype (float32, or
 float64 for float64 inputs), except the row lse, always float64 (see csrc/contrastive.cpp);
-dscale has one entry per row when requested, else shape (0,).
+dscale has one entry per row when requested, else shape (0,). CLIP's rows_cols_forward
+(csrc/clip.cpp) gives both directions' statistics: 2n entries each.
 """
 from __future__ import annotations
 
