@@ -70,56 +70,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rows_cols_forward_impl(const at::
     T* col_sum = scratch.vec(2);
     T* col_shift = scratch.vec(3);
     T* col_t = scratch.vec(4);  // the columns' centred sums (kScaleGrad only)
-    for (int64_t c = 0; c < cols; ++c) {
-      col_m[c] = cs.m[j0 + c];
-      col_sum[c] = 0;
-    }
-    if constexpr (kScaleGrad) {
-      for (int64_t c = 0; c < cols; ++c) col_t[c] = 0;
-    }
-    for (int64_t r = 0; r < rows; ++r) {
-      const T* sr = s + r * cols;
-      row_m[r] = std::max(rs.m[i0 + r], row_max(sr, cols));
-#pragma omp simd
-      for (int64_t c = 0; c < cols; ++c) col_m[c] = sr[c] > col_m[c] ? sr[c] : col_m[c];
-    }
-    // Both maxima are known before the sums: each logit's row term is taken about its row's new
-    // max, its column term about its column's; merge() rescales the running sums.
-    for (int64_t c = 0; c < cols; ++c) col_shift[c] = shift_of(col_m[c]);
-    for (int64_t r = 0; r < rows; ++r) {
-      const T* sr = s + r * cols;
-      const T shift = shift_of(row_m[r]);
-      T sum = 0;
-      if constexpr (kScaleGrad) {
-        T ts = 0;
-#pragma omp simd reduction(+ : sum, ts)
-        for (int64_t c = 0; c < cols; ++c) {
-          const T xr = sr[c] - shift;
-          const T er = exp_f(xr);
-          sum += er;
-          ts += centred(sr[c], er, xr);
-          const T xc = sr[c] - col_shift[c];
-          const T ec = exp_f(xc);
-          col_sum[c] += ec;
-          col_t[c] += centred(sr[c], ec, xc);
-        }
-        rs.merge(i0 + r, row_m[r], sum, ts);
-      } else {
-#pragma omp simd reduction(+ : sum)
-        for (int64_t c = 0; c < cols; ++c) {
-          sum += exp_f(sr[c] - shift);
-          col_sum[c] += exp_f(sr[c] - col_shift[c]);
-        }
-        rs.merge(i0 + r, row_m[r], sum);
-      }
-    }
-    for (int64_t c = 0; c < cols; ++c) {
-      if constexpr (kScaleGrad) {
-        cs.merge(j0 + c, col_m[c], col_sum[c], col_t[c]);
-      } else {
-        cs.merge(j0 + c, col_m[c], col_sum[c]);
-      }
-    }
+    tile_maxima(s, rows, cols, rs.m + i0, cs.m + j0, row_m, col_m, col_sum,
+                kScaleGrad ? col_t : nullptr);
+    tile_rows_cols<T, kScaleGrad>(s, rows, cols, row_m, col_m, col_shift, col_sum, col_t, rs, i0,
+                                  cs, j0);
   };
   for_each_tile_by_diagonals(xh.data_ptr<T>(), yh.data_ptr<T>(), n, d, inv_temp, tile, opts,
                              tile_fn);

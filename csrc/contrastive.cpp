@@ -89,19 +89,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> nt_xent_forward_impl(
     T* col_sum = scratch.vec(2);
     T* row_a = scratch.vec(3);
     T* col_t = scratch.vec(4);  // the columns' centred sums (kScaleGrad only)
-    for (int64_t c = 0; c < cols; ++c) {
-      col_m[c] = st.m[j0 + c];
-      col_sum[c] = 0;
-    }
-    if constexpr (kScaleGrad) {
-      for (int64_t c = 0; c < cols; ++c) col_t[c] = 0;
-    }
-    for (int64_t r = 0; r < rows; ++r) {
-      const T* sr = s + r * cols;
-      row_m[r] = std::max(st.m[i0 + r], row_max(sr, cols));
-#pragma omp simd
-      for (int64_t c = 0; c < cols; ++c) col_m[c] = sr[c] > col_m[c] ? sr[c] : col_m[c];
-    }
+    tile_maxima(s, rows, cols, st.m + i0, st.m + j0, row_m, col_m, col_sum,
+                kScaleGrad ? col_t : nullptr);
     // Both maxima are known before the sums: the rows' and the columns' centred terms are taken
     // about them directly (s - row_m, s - col_m), and merge() rescales the running sums.
     if (fast) {
@@ -150,41 +139,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> nt_xent_forward_impl(
       }
       return;
     }
-    for (int64_t c = 0; c < cols; ++c) row_a[c] = shift_of(col_m[c]);  // the columns' shifts
-    for (int64_t r = 0; r < rows; ++r) {
-      const T* sr = s + r * cols;
-      const T shift = shift_of(row_m[r]);
-      T sum = 0;
-      if constexpr (kScaleGrad) {
-        T ts = 0;
-#pragma omp simd reduction(+ : sum, ts)
-        for (int64_t c = 0; c < cols; ++c) {
-          const T x = sr[c] - shift;
-          const T e = exp_f(x);
-          sum += e;
-          ts += centred(sr[c], e, x);
-          const T y = sr[c] - row_a[c];
-          const T ec = exp_f(y);
-          col_sum[c] += ec;
-          col_t[c] += centred(sr[c], ec, y);
-        }
-        st.merge(i0 + r, row_m[r], sum, ts);
-      } else {
-#pragma omp simd reduction(+ : sum)
-        for (int64_t c = 0; c < cols; ++c) {
-          sum += exp_f(sr[c] - shift);
-          col_sum[c] += exp_f(sr[c] - row_a[c]);
-        }
-        st.merge(i0 + r, row_m[r], sum);
-      }
-    }
-    for (int64_t c = 0; c < cols; ++c) {
-      if constexpr (kScaleGrad) {
-        st.merge(j0 + c, col_m[c], col_sum[c], col_t[c]);
-      } else {
-        st.merge(j0 + c, col_m[c], col_sum[c]);
-      }
-    }
+    // row_a as the columns' shifts
+    tile_rows_cols<T, kScaleGrad>(s, rows, cols, row_m, col_m, row_a, col_sum, col_t, st, i0, st,
+                                  j0);
   };
   for_each_symmetric_tile(zp, n, d, inv_temp, tile, opts, tile_fn);
   auto [loss, lse] = finish<T>(m, l, s_pos);

@@ -228,6 +228,75 @@ struct OnlineLSE {
   }
 };
 
+// The start of a tile's row + column update: row_m[r] = max(running_row_m[r], the tile row's
+// max), col_m[c] = max(running_col_m[c], the tile column's max), and the columns' sums col_sum
+// (and col_t, when not null) zeroed.
+template <typename T>
+void tile_maxima(const T* s, int64_t rows, int64_t cols, const T* running_row_m,
+                 const T* running_col_m, T* row_m, T* col_m, T* col_sum, T* col_t) {
+  for (int64_t c = 0; c < cols; ++c) {
+    col_m[c] = running_col_m[c];
+    col_sum[c] = 0;
+  }
+  if (col_t != nullptr) {
+    for (int64_t c = 0; c < cols; ++c) col_t[c] = 0;
+  }
+  for (int64_t r = 0; r < rows; ++r) {
+    const T* sr = s + r * cols;
+    row_m[r] = std::max(running_row_m[r], row_max(sr, cols));
+#pragma omp simd
+    for (int64_t c = 0; c < cols; ++c) col_m[c] = sr[c] > col_m[c] ? sr[c] : col_m[c];
+  }
+}
+
+// A tile's terms in its rows' and its columns' online statistics, two exps a logit (NT-Xent's
+// off-diagonal tiles at low temperature, CLIP's tiles): both maxima are known before the sums
+// (tile_maxima), each logit's row term is taken about its row's new max and its column term
+// about its column's, and merge() rescales the running sums. col_sum (and, with kScaleGrad,
+// col_t: the columns' centred sums) zeroed by the caller; col_shift is scratch. The rows'
+// states are row_state's entries i0.., the columns' col_state's entries j0.. (one object for
+// both when the columns are the rows themselves).
+template <typename T, bool kScaleGrad>
+void tile_rows_cols(const T* s, int64_t rows, int64_t cols, const T* row_m, const T* col_m,
+                    T* col_shift, T* col_sum, T* col_t, OnlineLSE<T>& row_state, int64_t i0,
+                    OnlineLSE<T>& col_state, int64_t j0) {
+  for (int64_t c = 0; c < cols; ++c) col_shift[c] = shift_of(col_m[c]);
+  for (int64_t r = 0; r < rows; ++r) {
+    const T* sr = s + r * cols;
+    const T shift = shift_of(row_m[r]);
+    T sum = 0;
+    if constexpr (kScaleGrad) {
+      T ts = 0;
+#pragma omp simd reduction(+ : sum, ts)
+      for (int64_t c = 0; c < cols; ++c) {
+        const T xr = sr[c] - shift;
+        const T er = exp_f(xr);
+        sum += er;
+        ts += centred(sr[c], er, xr);
+        const T xc = sr[c] - col_shift[c];
+        const T ec = exp_f(xc);
+        col_sum[c] += ec;
+        col_t[c] += centred(sr[c], ec, xc);
+      }
+      row_state.merge(i0 + r, row_m[r], sum, ts);
+    } else {
+#pragma omp simd reduction(+ : sum)
+      for (int64_t c = 0; c < cols; ++c) {
+        sum += exp_f(sr[c] - shift);
+        col_sum[c] += exp_f(sr[c] - col_shift[c]);
+      }
+      row_state.merge(i0 + r, row_m[r], sum);
+    }
+  }
+  for (int64_t c = 0; c < cols; ++c) {
+    if constexpr (kScaleGrad) {
+      col_state.merge(j0 + c, col_m[c], col_sum[c], col_t[c]);
+    } else {
+      col_state.merge(j0 + c, col_m[c], col_sum[c]);
+    }
+  }
+}
+
 template <typename T>
 std::tuple<at::Tensor, at::Tensor> finish(const at::Tensor& m, const at::Tensor& l,
                                           const at::Tensor& s_pos) {
