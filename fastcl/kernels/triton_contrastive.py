@@ -422,6 +422,31 @@ def _lse_fwd_kernel(
 
 
 @triton.jit
+def _merge_partials(PART, n_parts, n, idx64, ok, HAS_POS: tl.constexpr, T_PLANE: tl.constexpr,
+                    WITH_DSCALE: tl.constexpr, EXP2: tl.constexpr, BLOCK: tl.constexpr):
+    """(m, l, t, s_pos) of entries idx: the n_parts partial states in PART (planes of n_parts x
+    n floats: m, l, then s_pos when HAS_POS, t at plane T_PLANE with WITH_DSCALE) merged in
+    part order (deterministic); s_pos summed (one part holds it, the others 0)."""
+    plane = tl.full([], n_parts, tl.int64) * n
+    m = tl.full([BLOCK], float("-inf"), tl.float32)
+    l = tl.zeros([BLOCK], tl.float32)
+    t = tl.zeros([BLOCK], tl.float32)
+    s_pos = tl.zeros([BLOCK], tl.float32)
+    for p in range(0, n_parts):
+        off = tl.full([], p, tl.int64) * n + idx64
+        m_p = tl.load(PART + off, mask=ok, other=float("-inf"))
+        l_p = tl.load(PART + plane + off, mask=ok, other=0.0)
+        if HAS_POS:
+            s_pos += tl.load(PART + 2 * plane + off, mask=ok, other=0.0)
+        if WITH_DSCALE:
+            t_p = tl.load(PART + T_PLANE * plane + off, mask=ok, other=0.0)
+        else:
+            t_p = tl.zeros([BLOCK], tl.float32)
+        m, l, t = _merge(m, l, t, m_p, l_p, t_p, EXP2)
+    return m, l, t, s_pos
+
+
+@triton.jit
 def _combine_kernel(
     PART, SCALE, LOSS, LSE, DSCALE, n_q, n_splits, scale_val,
     SCALE_PTR: tl.constexpr, WITH_DSCALE: tl.constexpr, EXP2: tl.constexpr,
@@ -432,21 +457,8 @@ def _combine_kernel(
     row_ok = rows < n_q
     rows64 = rows.to(tl.int64)
     inv_temp, _scale = _load_scale(SCALE, scale_val, SCALE_PTR, EXP2)
-    plane = tl.full([], n_splits, tl.int64) * n_q
-    m = tl.full([BLOCK], float("-inf"), tl.float32)
-    l = tl.zeros([BLOCK], tl.float32)
-    t = tl.zeros([BLOCK], tl.float32)
-    s_pos = tl.zeros([BLOCK], tl.float32)
-    for sp in range(0, n_splits):
-        off = tl.full([], sp, tl.int64) * n_q + rows64
-        m_p = tl.load(PART + off, mask=row_ok, other=float("-inf"))
-        l_p = tl.load(PART + plane + off, mask=row_ok, other=0.0)
-        s_pos += tl.load(PART + 2 * plane + off, mask=row_ok, other=0.0)
-        if WITH_DSCALE:
-            t_p = tl.load(PART + 3 * plane + off, mask=row_ok, other=0.0)
-        else:
-            t_p = tl.zeros([BLOCK], tl.float32)
-        m, l, t = _merge(m, l, t, m_p, l_p, t_p, EXP2)
+    m, l, t, s_pos = _merge_partials(PART, n_splits, n_q, rows64, row_ok, True, 3, WITH_DSCALE,
+                                     EXP2, BLOCK)
     _finish(m, l, t, s_pos, inv_temp, rows, row_ok, LOSS, LSE, DSCALE, WITH_DSCALE, EXP2,
             BLOCK)
 
@@ -596,35 +608,11 @@ def _combine_rows_cols_kernel(
     ok = idx < n
     idx64 = idx.to(tl.int64)
     inv_temp, _scale = _load_scale(SCALE, scale_val, SCALE_PTR, EXP2)
-    rplane = tl.full([], n_splits, tl.int64) * n
-    cplane = tl.full([], n_groups, tl.int64) * n
-    m = tl.full([BLOCK], float("-inf"), tl.float32)
-    l = tl.zeros([BLOCK], tl.float32)
-    t = tl.zeros([BLOCK], tl.float32)
-    s_pos = tl.zeros([BLOCK], tl.float32)
-    for sp in range(0, n_splits):
-        off = tl.full([], sp, tl.int64) * n + idx64
-        m_p = tl.load(RPART + off, mask=ok, other=float("-inf"))
-        l_p = tl.load(RPART + rplane + off, mask=ok, other=0.0)
-        s_pos += tl.load(RPART + 2 * rplane + off, mask=ok, other=0.0)
-        if WITH_DSCALE:
-            t_p = tl.load(RPART + 3 * rplane + off, mask=ok, other=0.0)
-        else:
-            t_p = tl.zeros([BLOCK], tl.float32)
-        m, l, t = _merge(m, l, t, m_p, l_p, t_p, EXP2)
+    m, l, t, s_pos = _merge_partials(RPART, n_splits, n, idx64, ok, True, 3, WITH_DSCALE, EXP2,
+                                     BLOCK)
     _finish(m, l, t, s_pos, inv_temp, idx, ok, LOSS, LSE, DSCALE, WITH_DSCALE, EXP2, BLOCK)
-    m = tl.full([BLOCK], float("-inf"), tl.float32)
-    l = tl.zeros([BLOCK], tl.float32)
-    t = tl.zeros([BLOCK], tl.float32)
-    for gr in range(0, n_groups):
-        off = tl.full([], gr, tl.int64) * n + idx64
-        m_p = tl.load(CPART + off, mask=ok, other=float("-inf"))
-        l_p = tl.load(CPART + cplane + off, mask=ok, other=0.0)
-        if WITH_DSCALE:
-            t_p = tl.load(CPART + 2 * cplane + off, mask=ok, other=0.0)
-        else:
-            t_p = tl.zeros([BLOCK], tl.float32)
-        m, l, t = _merge(m, l, t, m_p, l_p, t_p, EXP2)
+    m, l, t, _ = _merge_partials(CPART, n_groups, n, idx64, ok, False, 2, WITH_DSCALE, EXP2,
+                                 BLOCK)
     _finish(m, l, t, s_pos, inv_temp, idx, ok, LOSS + n, LSE + n, DSCALE + n, WITH_DSCALE,
             EXP2, BLOCK)
 
