@@ -88,6 +88,8 @@ class Spec:
 
     def code(self) -> str:
         """The string form the custom ops take (torch.library schemas have no dataclasses)."""
+        if torch.compiler.is_compiling():  # traced once; dynamo warns about lru_cache wrappers
+            return _code.__wrapped__(self)
         return _code(self)
 
     @staticmethod
@@ -172,7 +174,8 @@ def _unsupported(spec: Spec, backend: str, others: bool) -> Optional[str]:
 
 def require(spec: Spec, backend: str, others: bool = False) -> None:
     """Raise ``NotImplementedError`` naming the choice ``backend`` lacks for ``spec``."""
-    missing = _unsupported(spec, backend, others)
+    missing = (_unsupported.__wrapped__ if torch.compiler.is_compiling() else _unsupported)(
+        spec, backend, others)
     if missing is not None:
         raise NotImplementedError(
             f"fastcl backend {backend!r} does not implement {missing} (spec {spec.code()}) yet")
