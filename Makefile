@@ -20,8 +20,10 @@ $(STAMP): pyproject.toml constraints.txt
 train: $(STAMP)
 	$(PY) -m fastcl.train $(ARGS)
 
+# The bounded, derandomized hypothesis profile unless one is chosen (HYPOTHESIS_PROFILE=dev:
+# 60 random examples a test).
 test: $(STAMP)
-	$(PY) -m pytest tests -q
+	HYPOTHESIS_PROFILE=$${HYPOTHESIS_PROFILE:-ci} $(PY) -m pytest tests -q
 
 bench: $(STAMP)
 	$(PY) -m pytest benchmarks --benchmark-only
