@@ -415,13 +415,15 @@ def median(xs: Sequence[float]) -> float:
 # ------------------------------------------------------------------------ interleaving ----
 
 
-def interleaved(steps, rounds):
+def interleaved(steps, rounds, clock: str = "wall"):
     """Median seconds per provider, the providers run round-robin, start rotated per round.
 
     A step with a ``prepare()`` method has it called, untimed, before each timed call (the
-    forward of a backward-only measurement)."""
+    forward of a backward-only measurement). ``clock``: ``"wall"`` (perf_counter) or
+    ``"cpu"`` (the process's CPU time, less sensitive to other processes with one thread)."""
     import time
 
+    now = time.perf_counter if clock == "wall" else time.process_time
     names = list(steps)
     times = {name: [] for name in names}
 
@@ -429,9 +431,9 @@ def interleaved(steps, rounds):
         prepare = getattr(steps[name], "prepare", None)
         if prepare is not None:
             prepare()
-        t0 = time.perf_counter()
+        t0 = now()
         steps[name]()
-        return time.perf_counter() - t0
+        return now() - t0
 
     for name in names:  # warm-up: compilation, first-call costs
         run(name)
@@ -441,6 +443,20 @@ def interleaved(steps, rounds):
             name = names[(r + j) % len(names)]
             times[name].append(run(name))
     return {name: median(ts) for name, ts in times.items()}, times
+
+
+class Log:
+    """Lines appended to a file (and printed) as they come: a report that a timeout cuts short
+    keeps what it had (the GPU scripts)."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __call__(self, line: str) -> None:
+        print(line, flush=True)
+        if self.path:
+            with open(self.path, "a") as fh:
+                fh.write(line + "\n")
 
 
 def loadavg() -> str:

@@ -17,14 +17,14 @@ from __future__ import annotations
 
 import argparse
 import functools
-import statistics
-import time
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 import fastcl
+
+import _common  # benchmarks/ (the script's own folder, or the benchmarks conftest)
 
 D = 128
 TAU = 0.1
@@ -101,19 +101,8 @@ def test_learnable_temperature(benchmark, provider, n):
 
 def interleaved(case: str, n: int, rounds: int):
     """{provider: median seconds} from round-robin runs with a rotating start."""
-    providers = PROVIDERS[case]
-    steps = {p: make_step(case, p, n) for p in providers}
-    for step in steps.values():
-        step()
-        step()
-    times = {p: [] for p in providers}
-    for r in range(rounds):
-        for i in range(len(providers)):
-            p = providers[(r + i) % len(providers)]
-            t0 = time.perf_counter()
-            steps[p]()
-            times[p].append(time.perf_counter() - t0)
-    return {p: statistics.median(t) for p, t in times.items()}
+    steps = {p: make_step(case, p, n) for p in PROVIDERS[case]}
+    return _common.interleaved(steps, rounds)[0]
 
 
 def main(argv=None) -> int:

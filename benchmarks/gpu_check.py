@@ -29,7 +29,6 @@ Exit status 1 if any case fails.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import sys
 import time
@@ -43,34 +42,12 @@ sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tests"))
 import fastcl  # noqa: E402
 from fastcl import reference  # noqa: E402
 import tolerances  # noqa: E402  (tests/tolerances.py: the rule and eager baselines)
+from _common import Log, matmul_precision  # noqa: E402  (benchmarks/, the script's folder)
 
 F64, F32, BF16, F16 = torch.float64, torch.float32, torch.bfloat16, torch.float16
 CONFIGS = {"fp32": (F32, "highest"), "tf32": (F32, "high"), "bf16": (BF16, "highest"),
            "fp16": (F16, "highest")}
 DIMS = (64, 128, 256, 1024)
-
-
-class Log:
-    """Lines appended to a file (and printed) as they come."""
-
-    def __init__(self, path):
-        self.path = path
-
-    def __call__(self, line: str) -> None:
-        print(line, flush=True)
-        if self.path:
-            with open(self.path, "a") as fh:
-                fh.write(line + "\n")
-
-
-@contextlib.contextmanager
-def matmul_precision(setting):
-    old = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision(setting)
-    try:
-        yield
-    finally:
-        torch.set_float32_matmul_precision(old)
 
 
 def _randn(gen, shape, dtype, device):

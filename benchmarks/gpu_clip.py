@@ -45,20 +45,9 @@ sys.path.insert(0, os.path.dirname(HERE))
 import fastcl  # noqa: E402
 
 sys.path.insert(0, HERE)
-from _common import open_clip_loss  # noqa: E402  (open_clip's ClipLoss formulation)
+from _common import Log, open_clip_loss  # noqa: E402  (open_clip's ClipLoss formulation)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-class Log:
-    def __init__(self, path):
-        self.path = path
-
-    def __call__(self, line: str) -> None:
-        print(line, flush=True)
-        if self.path:
-            with open(self.path, "a") as fh:
-                fh.write(line + "\n")
 
 
 def _autocast(device, dtype):

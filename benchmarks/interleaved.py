@@ -63,32 +63,6 @@ class _Tiled:
             return self.step()
 
 
-def _interleaved(steps, rounds, clock):
-    """_common.interleaved with a choice of clock: median seconds per provider."""
-    import time
-
-    now = time.perf_counter if clock == "wall" else time.process_time
-    names = list(steps)
-    times = {name: [] for name in names}
-
-    def run(name):
-        prepare = getattr(steps[name], "prepare", None)
-        if prepare is not None:
-            prepare()
-        t0 = now()
-        steps[name]()
-        return now() - t0
-
-    for name in names:
-        run(name)
-        run(name)
-    for r in range(rounds):
-        for j in range(len(names)):
-            name = names[(r + j) % len(names)]
-            times[name].append(run(name))
-    return {name: _common.median(ts) for name, ts in times.items()}
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--case", default="in_batch", choices=_common.CASES)
@@ -119,7 +93,7 @@ def main(argv=None) -> int:
     others = [x for x in names if x != "fastcl"]
     ratios = {x: [] for x in others}
     for rep in range(a.repeats):
-        med = _interleaved(steps, a.rounds, a.clock)
+        med, _ = _common.interleaved(steps, a.rounds, a.clock)
         for x in others:
             ratios[x].append(med[x] / med["fastcl"])
         print(f"repeat {rep}: " + "  ".join(f"{x} {_common.fmt_time(med[x])}" for x in names)
