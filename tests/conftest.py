@@ -80,6 +80,55 @@ def kernel_module(name: str):
     raise ValueError(f"no tile size to patch on backend {name!r}")
 
 
+def thread_runs(run):
+    """(one, many, again): ``run()``'s outputs with 1 thread, then twice with 2 (or torch's
+    count, if more); torch's thread count restored after."""
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = run()
+        torch.set_num_threads(max(2, threads))
+        many, again = run(), run()
+    finally:
+        torch.set_num_threads(threads)
+    return one, many, again
+
+
+def assert_thread_runs_agree(one, many, again):
+    """Bitwise the same from run to run at a fixed thread count; across thread counts equal to
+    float32 rounding (MKL's own products may round otherwise with more threads)."""
+    for a, b, c in zip(one, many, again):
+        assert torch.equal(b, c)
+        torch.testing.assert_close(a, b, rtol=2e-6, atol=2e-6)
+
+
+_BITWISE = """
+import sys
+sys.path.insert(0, {tests!r})
+import torch
+import {module}
+one, many, again = {module}._thread_runs()
+assert all(torch.equal(a, b) for a, b in zip(one, many)), "thread count changed a result"
+assert all(torch.equal(a, b) for a, b in zip(many, again)), "a rerun changed a result"
+print("bitwise")
+"""
+
+
+def assert_bitwise_across_threads(module: str):
+    """Runs ``module._thread_runs()`` in a fresh process with MKL's conditional numerical
+    reproducibility (MKL_CBWR=COMPATIBLE: products that are themselves thread-count
+    independent) and asserts 1 and several threads give bitwise the same outputs."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = dict(os.environ, MKL_CBWR="COMPATIBLE")
+    tests = str(Path(__file__).parent)
+    proc = subprocess.run([sys.executable, "-c", _BITWISE.format(tests=tests, module=module)],
+                          env=env, capture_output=True, text=True, timeout=600, cwd=tests)
+    assert proc.returncode == 0 and "bitwise" in proc.stdout, proc.stderr[-3000:]
+
+
 def tile_patch(name: str, tile: int):
     """Context manager: the ``cpp`` or ``chunked`` backend runs with tile edge ``tile``."""
     from unittest import mock

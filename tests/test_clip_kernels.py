@@ -13,17 +13,13 @@ The same formula in the kernels' dtype is the eager baseline of the tolerance ru
 """
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from conftest import tile_patch
+from conftest import (assert_bitwise_across_threads, assert_thread_runs_agree, thread_runs,
+                      tile_patch)
 from tolerances import assert_within_rule
 
 F64 = torch.float64
@@ -239,47 +235,20 @@ def _thread_runs():
                 out += list(_run(x, y, nx, ny, 40.0, gvec).values())
         return out
 
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        one = run()
-        torch.set_num_threads(max(2, threads))
-        many, again = run(), run()
-    finally:
-        torch.set_num_threads(threads)
-    return one, many, again
+    return thread_runs(run)
 
 
 def test_deterministic_and_thread_count_independent_up_to_the_products():
     """Bitwise the same from run to run; across thread counts equal to float32 rounding (MKL's
     own products may round otherwise with 2 threads: the bitwise test below pins them)."""
-    one, many, again = _thread_runs()
-    for a, b, c in zip(one, many, again):
-        assert torch.equal(b, c)
-        torch.testing.assert_close(a, b, rtol=2e-6, atol=2e-6)
-
-
-_BITWISE = """
-import sys
-sys.path.insert(0, {tests!r})
-import torch
-import test_clip_kernels
-one, many, again = test_clip_kernels._thread_runs()
-assert all(torch.equal(a, b) for a, b in zip(one, many)), "thread count changed a result"
-assert all(torch.equal(a, b) for a, b in zip(many, again)), "a rerun changed a result"
-print("bitwise")
-"""
+    assert_thread_runs_agree(*_thread_runs())
 
 
 def test_bitwise_the_same_for_any_thread_count_with_reproducible_products():
     """With MKL's conditional numerical reproducibility (MKL_CBWR=COMPATIBLE) the products are
     themselves thread-count independent; then 1 and 2 threads give bitwise the same outputs:
     the diagonal-rounds schedule fixes every row's and column's accumulation order."""
-    env = dict(os.environ, MKL_CBWR="COMPATIBLE")
-    tests = str(Path(__file__).parent)
-    proc = subprocess.run([sys.executable, "-c", _BITWISE.format(tests=tests)], env=env,
-                          capture_output=True, text=True, timeout=600, cwd=tests)
-    assert proc.returncode == 0 and "bitwise" in proc.stdout, proc.stderr[-3000:]
+    assert_bitwise_across_threads("test_clip_kernels")
 
 
 def test_opcheck_rows_cols_operators():

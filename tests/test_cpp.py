@@ -18,7 +18,8 @@ import fastcl
 from fastcl import _cpp, reference
 from fastcl.ops import _backend, contrastive
 
-from conftest import tile_patch
+from conftest import (assert_bitwise_across_threads, assert_thread_runs_agree, thread_runs,
+                      tile_patch)
 
 F64 = torch.float64
 
@@ -269,15 +270,7 @@ def _thread_runs():
                                            positive_in_denominator=pid, with_dscale=True)
         return out
 
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        one = run()
-        torch.set_num_threads(max(2, threads))
-        many, again = run(), run()
-    finally:
-        torch.set_num_threads(threads)
-    return one, many, again
+    return thread_runs(run)
 
 
 def test_results_do_not_depend_on_the_thread_count():
@@ -285,21 +278,7 @@ def test_results_do_not_depend_on_the_thread_count():
     by one thread. So the thread count changes nothing but the BLAS products themselves: equal
     to float32 rounding across thread counts, bitwise from run to run at a fixed count.
     (MKL's products on AVX-512 CPUs depend on the thread count; see the bitwise test below.)"""
-    one, many, again = _thread_runs()
-    for a, b, c in zip(one, many, again):
-        assert torch.equal(b, c)
-        torch.testing.assert_close(a, b, rtol=2e-6, atol=2e-6)
-
-
-_BITWISE = """
-import sys
-sys.path.insert(0, {tests!r})
-import torch
-import test_cpp
-one, many, again = test_cpp._thread_runs()
-assert all(torch.equal(a, b) for a, b in zip(one, many)), "thread count changed a result"
-print("bitwise")
-"""
+    assert_thread_runs_agree(*_thread_runs())
 
 
 def test_results_are_bitwise_the_same_for_any_thread_count_with_reproducible_products():
@@ -307,11 +286,7 @@ def test_results_are_bitwise_the_same_for_any_thread_count_with_reproducible_pro
     numerical reproducibility, MKL_CBWR=COMPATIBLE; on this Intel AVX-512 machine MKL's sgemm
     gives other roundings with 2 threads than with 1 otherwise), 1 thread and several give
     bitwise the same losses and gradients: fastcl's own schedule adds no dependence."""
-    env = dict(os.environ, MKL_CBWR="COMPATIBLE")
-    tests = str(Path(__file__).parent)
-    proc = subprocess.run([sys.executable, "-c", _BITWISE.format(tests=tests)], env=env,
-                          capture_output=True, text=True, timeout=600, cwd=tests)
-    assert proc.returncode == 0 and "bitwise" in proc.stdout, proc.stderr[-3000:]
+    assert_bitwise_across_threads("test_cpp")
 
 
 def test_nan_row_poisons_its_losses_on_cpp():
