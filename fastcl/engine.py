@@ -224,11 +224,8 @@ def scale_of(temperature, like: Tensor) -> Tensor:
     tau in tau's dtype), on ``like``'s device: a CPU tensor beside CUDA inputs is copied
     without a sync."""
     if isinstance(temperature, Tensor):
-        t = temperature
-        if t.device != like.device:
-            t = t.to(like.device, non_blocking=True)
-        return t.to(torch.float64).reciprocal()
-    return torch.ones((), dtype=torch.float64, device="cpu") * (1.0 / temperature)
+        return scale_tensor(temperature, like).reciprocal()
+    return scale_tensor(1.0 / temperature, like)
 
 
 # ------------------------------------------------------------------------------ running ----
@@ -236,8 +233,9 @@ def scale_of(temperature, like: Tensor) -> Tensor:
 
 def scale_tensor(scale, like: Tensor) -> Tensor:
     """The 0-dim scale tensor the ops take, from a multiplier given directly (CLIP's
-    ``logit_scale``): a Python float gives a float64 CPU tensor (as :func:`scale_of`); a tensor
-    is cast to float64 through autograd on ``like``'s device."""
+    ``logit_scale``): a Python float gives a float64 CPU tensor; a tensor is cast to float64
+    through autograd on ``like``'s device (a CPU tensor beside CUDA inputs copied without a
+    sync). :func:`scale_of` is this of 1 / temperature."""
     if isinstance(scale, Tensor):
         t = scale
         if t.device != like.device:

@@ -70,6 +70,8 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
+from torch.utils._python_dispatch import _get_current_dispatch_mode
+
 from fastcl import _config, engine
 from fastcl.ops._backend import dot_precision, implementation, refuse_double_backward
 
@@ -81,10 +83,6 @@ def temperature_tensor(temperature) -> Tensor:
     # Multiplying keeps a symbolic float symbolic under torch.compile; torch.as_tensor,
     # torch.full and torch.scalar_tensor would specialize it (a recompile per value).
     return torch.ones((), dtype=torch.float64, device="cpu") * temperature
-
-
-def _inv_temp(temperature: Tensor) -> float:
-    return 1.0 / float(temperature)
 
 
 def _acc_dtype(x: Tensor) -> torch.dtype:
@@ -170,13 +168,6 @@ def _grad_or_zeros(grad_loss: Optional[Tensor], like: Tensor) -> Tensor:
     if grad_loss is None:
         return torch.zeros_like(like)
     return grad_loss.to(like.dtype).contiguous()
-
-
-
-
-def temperature_tensor(temperature) -> Tensor:
-    """The 0-dim float64 CPU tensor form of a Python temperature (tests and benchmarks)."""
-    return torch.ones((), dtype=torch.float64, device="cpu") * temperature
 
 
 def _scale_arg(scale: Tensor):
@@ -561,8 +552,6 @@ def _plain(t: Optional[Tensor]) -> bool:
 
 
 def _eager_ok(*tensors) -> bool:
-    from torch.utils._python_dispatch import _get_current_dispatch_mode
-
     functorch_active = getattr(torch._C, "_are_functorch_transforms_active", None)
     return (not torch.compiler.is_compiling() and functorch_active is not None
             and not functorch_active() and _get_current_dispatch_mode() is None
