@@ -14,6 +14,10 @@ Cases
     the scale 1/0.07 (a 0-dim tensor), all requiring grad; the ``reference`` / ``peer`` and
     ``compile`` providers are open_clip's ClipLoss formulation (``open_clip_loss``), eager
     and compiled.
+    ``siglip``: ``fastcl.siglip_loss(image, text, logit_scale, logit_bias)``: normalized (N, D)
+    features, scale 10 and bias -10 (open_clip's initial values; 0-dim tensors), all requiring
+    grad; ``reference`` / ``peer`` and ``compile`` are open_clip's SigLipLoss formulation
+    (``open_siglip_loss``), eager and compiled.
 
 Providers
     ``fastcl``: ``fastcl.nt_xent`` / ``fastcl.info_nce`` on the backend ``auto`` picks, forced,
@@ -69,10 +73,14 @@ IN_BATCH_TAU = 0.07
 PROVIDERS = ("fastcl", "chunked", "reference", "compile", "peer")
 OPTIONAL_PROVIDERS = ("inf_cl",)  # in_batch only, where inf_cl_status() says it runs
 MODES = ("full", "forward", "backward")
-CASES = ("nt_xent", "info_nce", "in_batch", "clip")
+CASES = ("nt_xent", "info_nce", "in_batch", "clip", "siglip")
 # CLIP: open_clip's learnable logit scale (the multiplier, exp of the parameter), its initial
 # value 1 / 0.07; features normalized (open_clip's model does it) leaves requiring grad.
 CLIP_SCALE = 1 / 0.07
+# SigLIP: open_clip's initial scale (exp of ln 10) and bias, both learnable.
+SIGLIP_SCALE, SIGLIP_BIAS = 10.0, -10.0
+# The cases whose peer formulation stands in for the reference and compile providers.
+_PEER_FORMULAS = {}
 
 
 def devices() -> List[str]:
@@ -84,8 +92,8 @@ def devices() -> List[str]:
 
 @functools.lru_cache(maxsize=None)
 def _compiled(case: str) -> Callable:
-    if case == "clip":
-        return torch.compile(open_clip_loss)
+    if case in _PEER_FORMULAS:
+        return torch.compile(_PEER_FORMULAS[case])
     return torch.compile(reference.nt_xent if case == "nt_xent" else reference.info_nce)
 
 
@@ -102,6 +110,21 @@ def open_clip_loss(image_features, text_features, logit_scale, logit_bias=None):
     labels = torch.arange(logits_per_image.shape[0], device=image_features.device)
     return (torch.nn.functional.cross_entropy(logits_per_image, labels)
             + torch.nn.functional.cross_entropy(logits_per_text, labels)) / 2
+
+
+def open_siglip_loss(image_features, text_features, logit_scale, logit_bias=None):
+    """open_clip's SigLipLoss (one process), from its description: logits = scale * image @
+    text^T (+ bias), a (N x N) matrix, labels 2 I - 1 (a second N x N matrix),
+    -sum log sigmoid(labels * logits) / N."""
+    logits = logit_scale * image_features @ text_features.T
+    if logit_bias is not None:
+        logits = logits + logit_bias
+    n = logits.shape[0]
+    labels = 2 * torch.eye(n, device=logits.device, dtype=logits.dtype) - 1
+    return -torch.nn.functional.logsigmoid(labels * logits).sum() / n
+
+
+_PEER_FORMULAS.update(clip=open_clip_loss, siglip=open_siglip_loss)
 
 
 def _lightly_nt_xent(z1, z2, temperature):
@@ -168,11 +191,11 @@ def _inf_cl_in_batch(query, positive_key, negative_keys, temperature):
 
 def loss_fn(case: str, provider: str, device: str) -> Callable:
     """A callable taking the case's inputs (see ``make_inputs``) and returning the loss."""
-    if case == "clip":
+    if case in _PEER_FORMULAS:
         if provider in ("fastcl", "chunked"):
-            return fastcl.clip_loss
+            return fastcl.clip_loss if case == "clip" else fastcl.siglip_loss
         if provider in ("reference", "peer"):
-            return open_clip_loss
+            return _PEER_FORMULAS[case]
     if provider in ("fastcl", "chunked"):
         return fastcl.nt_xent if case == "nt_xent" else fastcl.info_nce
     if provider == "reference":
@@ -252,6 +275,12 @@ def make_inputs(
                        .to(device, dtype).requires_grad_(True) for _ in range(2))
         scale = torch.tensor(CLIP_SCALE, device=device).requires_grad_(True)
         return (image, text, scale), (image, text, scale)
+    if case == "siglip":
+        image, text = (torch.nn.functional.normalize(torch.randn(n, d, generator=g), dim=1)
+                       .to(device, dtype).requires_grad_(True) for _ in range(2))
+        scale, bias = (torch.tensor(v, device=device).requires_grad_(True)
+                       for v in (SIGLIP_SCALE, SIGLIP_BIAS))
+        return (image, text, scale, bias), (image, text, scale, bias)
     raise ValueError(f"unknown case {case!r}")
 
 

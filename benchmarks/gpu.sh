@@ -20,6 +20,9 @@
 #           scale at N = 16384 and 32768, D = 512, bf16: fastcl against open_clip's formula
 #           (eager, torch.compile) and Inf-CL when installed, time and peak memory (its
 #           correctness cases are in b's matrix)
+#   siglip 75 siglip.txt: the same script with --loss siglip: SigLIP's loss with a learnable
+#           scale and bias at N = 16384 and 32768, D = 512, bf16, against open_clip's
+#           SigLipLoss formula (eager, torch.compile); its correctness cases are in b's matrix
 #   e  rest report-fp32/, report-bf16/, report-tf32/: python -m fastcl.bench, one folder per
 #           input configuration (report.txt, results.json, plot.png), fp32 with --large
 # summary.txt gets "SECTION x: ok|failed|timeout in N s" as each section ends.
@@ -98,15 +101,15 @@ cuda_tests() {
   return $rc
 }
 
-clip_bench() {
-  local budget=$1
+clip_bench() {  # clip_bench LOSS BUDGET: LOSS is clip or siglip
+  local loss=$1 budget=$2
   if [ "$DEVICE" = cpu ]; then
-    $PY benchmarks/gpu_clip.py --device cpu --small --providers fastcl,eager \
-      --out "$OUT/clip.txt"
+    $PY benchmarks/gpu_clip.py --loss "$loss" --device cpu --small --providers fastcl,eager \
+      --out "$OUT/$loss.txt"
   else
     # Stop starting measurements 15 s before the section's end (a compile takes ~20-40 s).
-    $PY benchmarks/gpu_clip.py --device cuda --sizes 16384,32768 --dim 512 --dtype bf16 \
-      --budget $(( budget > 30 ? budget - 15 : budget )) --out "$OUT/clip.txt"
+    $PY benchmarks/gpu_clip.py --loss "$loss" --device cuda --sizes 16384,32768 --dim 512 \
+      --dtype bf16 --budget $(( budget > 30 ? budget - 15 : budget )) --out "$OUT/$loss.txt"
   fi
 }
 
@@ -122,7 +125,8 @@ section a 15 bash -c env_info > "$OUT/env.txt" 2>&1
 section b 170 bash -c check > "$OUT/check.log" 2>&1
 section c 40 bash -c stats > "$OUT/c.log" 2>&1
 section d 110 bash -c cuda_tests > "$OUT/tests.log" 2>&1
-section clip 90 bash -c 'clip_bench 90' > "$OUT/clip.log" 2>&1
+section clip 90 bash -c 'clip_bench clip 90' > "$OUT/clip.log" 2>&1
+section siglip 75 bash -c 'clip_bench siglip 75' > "$OUT/siglip.log" 2>&1
 # The report: fp32 first (with --large on CUDA), then bf16 and tf32, sharing what is left.
 left=$(( TOTAL_BUDGET - ($(date +%s) - START) ))
 section e.fp32 $(( left * 45 / 100 )) bash -c 'report fp32 $LARGE' > "$OUT/report-fp32.log" 2>&1

@@ -9,8 +9,9 @@ a small atol); a queue push past 2^31 elements; then what the run compiled and l
 Matrix (``--device cuda``): configurations fp32 (IEEE products), tf32
 (``torch.set_float32_matmul_precision("high")``, eager too), bf16, fp16 x losses
 ``fastcl.nt_xent``, ``fastcl.info_nce`` in-batch and with a queue (16384 keys, the queue gets a
-gradient too), ``fastcl.byol_loss``, and ``fastcl.dcl_loss`` and ``fastcl.clip_loss`` (with a
-learnable scale, against open_clip's formula) where fastcl has them x D in {64, 128,
+gradient too), ``fastcl.byol_loss``, and ``fastcl.dcl_loss``, ``fastcl.clip_loss`` (with a
+learnable scale, against open_clip's formula) and ``fastcl.siglip_loss`` (learnable scale and
+bias, against open_clip's SigLipLoss formula) where fastcl has them x D in {64, 128,
 256, 1024}; N = 256 rows per view, reduction "none" with a random cotangent. One line per case
 is appended to ``--out`` as soon as it is known (``ok`` / ``FAIL``, the errors and their
 bounds). Then the queue push: a float16 queue of K = 2^22 + 3 rows of D = 520 (K * D > 2^31;
@@ -102,7 +103,28 @@ def losses():
             lambda x, y, s: eager_clip(*_widen([x, y, s])),
             lambda x, y, s: eager_clip(x, y, s),
             lambda n, k, d: [(n, d), (n, d), (1,)], (True, True, True)))
+    if hasattr(fastcl, "siglip_loss"):
+        # SigLIP with a learnable scale (10 + 5 |s|) and bias (10 b), per image row.
+        out.append((
+            "siglip_loss",
+            lambda x, y, s, b: fastcl.siglip_loss(x, y, _clip_scale(s), _siglip_bias(b),
+                                                  reduction="none"),
+            lambda x, y, s, b: eager_siglip(*_widen([x, y, s, b])),
+            lambda x, y, s, b: eager_siglip(x, y, s, b),
+            lambda n, k, d: [(n, d), (n, d), (1,), (1,)], (True, True, True, True)))
     return out
+
+
+def _siglip_bias(b):
+    return 10.0 * b.reshape(()).to(tolerances.acc(b.dtype))
+
+
+def eager_siglip(x, y, s, b):
+    """open_clip's SigLipLoss per image row (-sum_j log sigmoid(label_ij logit_ij)), from the
+    inputs as given, logits in their dtype."""
+    logits = _clip_scale(s) * x @ y.T + _siglip_bias(b)
+    labels = 2 * torch.eye(x.shape[0], dtype=logits.dtype, device=x.device) - 1
+    return -torch.nn.functional.logsigmoid(labels * logits).sum(dim=1)
 
 
 def _clip_scale(s):

@@ -1,9 +1,15 @@
-"""CLIP's loss on a GPU: speed and memory of one training step's loss (forward + backward with
-a learnable logit scale) at open_clip's sizes, fastcl against open_clip's formulation.
+"""CLIP's and SigLIP's losses on a GPU: speed and memory of one training step's loss (forward +
+backward with a learnable logit scale, and SigLIP's learnable bias) at open_clip's sizes,
+fastcl against open_clip's formulation.
 
-    python benchmarks/gpu_clip.py [--device cuda|cpu] [--small] [--sizes 16384,32768]
-        [--dim 512] [--dtype bf16] [--providers fastcl,eager,compile,inf_cl] [--budget S]
-        [--out FILE]
+    python benchmarks/gpu_clip.py [--loss clip|siglip] [--device cuda|cpu] [--small]
+        [--sizes 16384,32768] [--dim 512] [--dtype bf16]
+        [--providers fastcl,eager,compile,inf_cl] [--budget S] [--out FILE]
+
+``--loss siglip``: ``fastcl.siglip_loss(image, text, logit_scale, logit_bias)`` against
+open_clip's SigLipLoss formula (logits = scale * image @ text.T + bias, labels 2 I - 1,
+-sum log sigmoid / N), scale exp(ln 10) and bias -10 as open_clip initializes them, the bias a
+float32 parameter too; Inf-CL has no sigmoid loss (the provider is skipped).
 
 Providers, each on the same inputs (image and text features (N, D) in ``--dtype``, unit rows
 as open_clip's model returns them, requiring grad; logit_scale = exp(p) of a float32
@@ -45,7 +51,7 @@ sys.path.insert(0, os.path.dirname(HERE))
 import fastcl  # noqa: E402
 
 sys.path.insert(0, HERE)
-from _common import Log, open_clip_loss  # noqa: E402  (open_clip's ClipLoss formulation)
+from _common import Log, open_clip_loss, open_siglip_loss  # noqa: E402  (open_clip's formulas)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -55,6 +61,27 @@ def _autocast(device, dtype):
         return torch.autocast(device.type, dtype=dtype)
     import contextlib
     return contextlib.nullcontext()
+
+
+def siglip_providers(names, bias):
+    """SigLIP's {name: (loss function of (x, y, scale) or None, why)}; ``bias`` the learnable
+    bias every provider adds."""
+    out = {}
+    for name in names:
+        if name == "fastcl":
+            fn = getattr(fastcl, "siglip_loss", None)
+            out[name] = ((lambda x, y, s: fn(x, y, s, bias)) if fn is not None else None,
+                         "fastcl has no siglip_loss in this checkout")
+        elif name == "eager":
+            out[name] = ((lambda x, y, s: open_siglip_loss(x, y, s, bias)), "")
+        elif name == "compile":
+            compiled = torch.compile(open_siglip_loss, dynamic=False)
+            out[name] = ((lambda x, y, s: compiled(x, y, s, bias)), "")
+        elif name == "inf_cl":
+            out[name] = (None, "Inf-CL has no sigmoid loss")
+        else:
+            raise ValueError(f"unknown provider {name!r}")
+    return out
 
 
 def providers(names, device, dtype):
@@ -132,6 +159,7 @@ def measure(fn, x, y, p, device, dtype, reps):
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--loss", default="clip", choices=("clip", "siglip"))
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--small", action="store_true")
     ap.add_argument("--sizes", default="16384,32768")
@@ -152,16 +180,24 @@ def main(argv=None) -> int:
     log = Log(args.out)
     start = time.perf_counter()
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    log(f"gpu_clip on {name}: CLIP loss forward + backward (features and the logit scale), "
+    what = ("CLIP loss forward + backward (features and the logit scale)" if args.loss == "clip"
+            else "SigLIP loss forward + backward (features, the logit scale and bias)")
+    log(f"gpu_clip on {name}: {what}, "
         f"D={args.dim} {args.dtype}, torch {torch.__version__}, backend "
         f"{fastcl.get_backend()}; step time median of {args.reps}, peak extra memory of one "
         f"step")
-    provs = providers(args.providers.split(","), device, dtype)
+    if args.loss == "clip":
+        provs = providers(args.providers.split(","), device, dtype)
+        p0 = math.log(1 / 0.07)
+    else:
+        bias = torch.tensor(-10.0, device=device, requires_grad=True)
+        provs = siglip_providers(args.providers.split(","), bias)
+        p0 = math.log(10.0)
     failures = 0
     for n in (int(v) for v in args.sizes.split(",")):
         results = {}
         for pname, (fn, why) in provs.items():
-            label = f"clip N={n:<6} D={args.dim} {args.dtype} {pname:<8}"
+            label = f"{args.loss} N={n:<6} D={args.dim} {args.dtype} {pname:<8}"
             if fn is None:
                 log(f"{label} unavailable: {why}")
                 continue
@@ -173,7 +209,7 @@ def main(argv=None) -> int:
             y = F.normalize(torch.randn(n, args.dim, generator=gen), dim=1).to(dtype)
             x = x.to(device).requires_grad_()
             y = y.to(device).requires_grad_()
-            p = torch.tensor(math.log(1 / 0.07), device=device, requires_grad=True)
+            p = torch.tensor(p0, device=device, requires_grad=True)
             try:
                 warm, med, peak = measure(fn, x, y, p, device, dtype, args.reps)
             except torch.cuda.OutOfMemoryError:
@@ -196,7 +232,7 @@ def main(argv=None) -> int:
                     continue
                 mem = ("" if m is None or f_m is None or f_m <= 0 else
                        f", memory {m / f_m:.1f}x less")
-                log(f"clip N={n} fastcl vs {other}: {t / f_t:.2f}x faster{mem}")
+                log(f"{args.loss} N={n} fastcl vs {other}: {t / f_t:.2f}x faster{mem}")
     log(f"gpu_clip: done in {time.perf_counter() - start:.0f} s, {failures} failed")
     return 1 if failures else 0
 

@@ -59,23 +59,24 @@ def test_gpu_sh_parses():
     subprocess.run(["bash", "-n", os.path.join(ROOT, "benchmarks", "gpu.sh")], check=True)
 
 
-def test_gpu_clip_smoke_on_cpu(tmp_path):
-    """benchmarks/gpu_clip.py (CLIP speed and memory) in its CPU smoke mode: one line per
-    (size, provider) appended as it runs (a measurement, or why the provider is unavailable),
-    then the summary."""
-    out = tmp_path / "clip.txt"
+@pytest.mark.parametrize("loss", ["clip", "siglip"])
+def test_gpu_clip_smoke_on_cpu(tmp_path, loss):
+    """benchmarks/gpu_clip.py (CLIP's and SigLIP's speed and memory) in its CPU smoke mode:
+    one line per (size, provider) appended as it runs (a measurement, or why the provider is
+    unavailable: Inf-CL has no sigmoid loss), then the summary."""
+    out = tmp_path / f"{loss}.txt"
     proc = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "benchmarks", "gpu_clip.py"), "--device", "cpu",
-         "--small", "--providers", "fastcl,eager,inf_cl", "--out", str(out)],
+        [sys.executable, os.path.join(ROOT, "benchmarks", "gpu_clip.py"), "--loss", loss,
+         "--device", "cpu", "--small", "--providers", "fastcl,eager,inf_cl", "--out", str(out)],
         capture_output=True, text=True, env=_env(), timeout=600)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
     lines = out.read_text().splitlines()
-    rows = [line for line in lines if line.startswith("clip N=") and " vs " not in line]
+    rows = [line for line in lines if line.startswith(f"{loss} N=") and " vs " not in line]
     assert len(rows) == 2 * 3, lines  # sizes x providers
     assert all(" ms" in line for line in rows if " eager " in line), lines
-    import fastcl
-
-    if hasattr(fastcl, "clip_loss"):
-        assert all(" ms" in line for line in rows if " fastcl " in line), lines
-        assert sum(" fastcl vs eager: " in line for line in lines) == 2
+    assert all(" ms" in line for line in rows if " fastcl " in line), lines
+    assert sum(" fastcl vs eager: " in line for line in lines) == 2
+    if loss == "siglip":
+        assert all("unavailable: Inf-CL has no sigmoid loss" in line
+                   for line in rows if " inf_cl " in line), lines
     assert lines[-1].startswith("gpu_clip: done in") and lines[-1].endswith("0 failed")
