@@ -61,7 +61,8 @@ from torch import Tensor
 from fastcl import engine
 
 __all__ = ["gather", "all_gather_rows", "nt_xent", "info_nce", "world", "reduce_value",
-           "check_ranks", "check_shards", "clip_rows", "clip_local_loss"]
+           "reduce_sum", "check_ranks", "check_shards", "clip_rows", "clip_local_loss",
+           "siglip", "siglip_local_loss"]
 
 
 def world() -> Tuple[int, int]:
@@ -95,7 +96,8 @@ def _all_gather_padded(x: Tensor, sizes: List[int]) -> Tensor:
 _CALLS = ("fastcl.nt_xent", "fastcl.info_nce", "fastcl.distributed.nt_xent",
           "fastcl.distributed.info_nce", "fastcl.distributed.gather",
           "fastcl.distributed.all_gather_rows", "NegativeQueue.push", "fastcl.dcl_loss",
-          "fastcl.clip_loss", "fastcl.nn.ClipLoss")
+          "fastcl.clip_loss", "fastcl.nn.ClipLoss", "fastcl.siglip_loss",
+          "fastcl.nn.SigLipLoss")
 # String arguments are sent as their index in these choices (-1: none of them).
 _CHOICES = {"reduction": ("mean", "sum", "none"), "negative_mode": ("unpaired", "paired")}
 # dtypes by name (not by torch object) so that the index does not depend on the torch version.
@@ -308,11 +310,17 @@ def reduce_value(rows: Tensor, reduction: str, dtype: Optional[torch.dtype] = No
     dtype = dtype or rows.dtype
     if reduction == "none":
         return rows.to(dtype)
+    return reduce_sum(rows.sum(), rows.numel(), reduction, dtype)
+
+
+def reduce_sum(local_sum: Tensor, count: int, reduction: str,
+               dtype: Optional[torch.dtype] = None) -> Tensor:
+    """:func:`reduce_value` from this rank's sum of ``count`` rows (``"mean"`` or ``"sum"``)."""
+    dtype = dtype or local_sum.dtype
     size, _ = world()
-    local_sum = rows.sum()
     stats = torch.stack([local_sum.detach().to(torch.float64),
-                         torch.tensor(float(rows.numel()), dtype=torch.float64,
-                                      device=rows.device)])
+                         torch.tensor(float(count), dtype=torch.float64,
+                                      device=local_sum.device)])
     dist.all_reduce(stats)
     total, count = stats[0], stats[1]
     if reduction == "mean":
@@ -389,3 +397,31 @@ def clip_local_loss(image: Tensor, text: Tensor, scale, sizes: List[int]) -> Ten
     of every rank's local loss, and the scale its own rank's term. Equal shards, as open_clip
     assumes (checked by ``fastcl.nn.ClipLoss``)."""
     return _clip_directions(image, text, scale, sizes).mean()
+
+
+def _siglip_against_all(image: Tensor, text: Tensor, scale, bias, sizes: List[int],
+                        reduce: bool) -> Tensor:
+    """This rank's images against every rank's texts (one differentiable all-gather: its
+    backward sums each shard's gradients over ranks), the positive of local image i at global
+    column start + i: per-row losses, or their sum with ``reduce``."""
+    texts, start, _ = _gather_with_offsets(text, sizes)
+    return engine.run_sigmoid(engine.SIGLIP, image, texts, scale=scale, bias=bias,
+                              pos_offset=start, reduce=reduce)
+
+
+def siglip(image: Tensor, text: Tensor, scale, bias, reduction: str, sizes: List[int]) -> Tensor:
+    """SigLIP over the global batch (arguments checked by ``fastcl.siglip_loss``): ``"mean"``
+    and ``"sum"`` the global value on every rank (the mean over every rank's pairs), DDP's
+    gradient convention; ``"none"`` this rank's rows. Shards may differ in size."""
+    if reduction == "none":
+        return _siglip_against_all(image, text, scale, bias, sizes, reduce=False)
+    return reduce_sum(_siglip_against_all(image, text, scale, bias, sizes, reduce=True),
+                      image.shape[0], reduction)
+
+
+def siglip_local_loss(image: Tensor, text: Tensor, scale, bias, sizes: List[int]) -> Tensor:
+    """open_clip's ``SigLipLoss`` on several ranks, on this rank: its images against every
+    rank's texts, summed and divided by its own number of images (open_clip's local value);
+    the gathered texts' gradients are summed over ranks (as open_clip's neighbour exchanges
+    give), the scale and bias get this rank's term."""
+    return _siglip_against_all(image, text, scale, bias, sizes, reduce=True) / image.shape[0]

@@ -18,8 +18,8 @@ scale (call argument)      a 0-dim tensor with a gradient, or a Python float   l
 ``positive_in_denominator``  the positive in the row's logsumexp or not         InfoNCE family / DCL
 ``normalize``              rows and columns L2-normalized inside (True) or     all above / CLIP
                            used as given (False: the op passes norms of ones)
-``epilogue``               ``"softmax_rows"``; ``"softmax_rows_cols"`` (both   all above; CLIP,
-                           directions in one pass); planned: ``"sigmoid"``      SigLIP
+``epilogue``               ``"softmax_rows"``; ``"softmax_rows_cols"`` (both   all above; CLIP;
+                           directions in one pass); ``"sigmoid"`` (per pair)    SigLIP
 =========================  ==================================================  ===================
 
 ``"softmax_rows_cols"`` (CLIP) reads a second tensor with the index positive (``columns=
@@ -28,6 +28,17 @@ lc_j = lse_i(s_ij) - s_jj, from one pass over the tiles; the per-row outputs (lo
 dscale) have length 2n, [rows ; columns]. Other ranks' rows are not a choice of that epilogue:
 the distributed CLIP loss runs two row passes (:data:`CLIP_ROWS`), images against texts and
 texts against images.
+
+``"sigmoid"`` (SigLIP, :data:`SIGLIP`): every pair is its own binary problem, z_ij = scale *
+r_i . c_j + bias (features as given), label +1 for the positive (column i + ``pos_offset``,
+where that column exists) and -1 elsewhere; row i's loss is sum_j softplus(-t_ij z_ij). No
+row statistic couples the pairs, so one pass gives the loss and, per row, d loss_i / d scale
+= sum_j w_ij r_i . c_j and d loss_i / d bias = sum_j w_ij (w = d loss / d z); when the loss is
+summed (``reduce=True``), the same pass forms both inputs' gradients (three products for
+forward + backward; the backward multiplies them by the upstream scalar). Per-row losses
+(``reduce=False``) get a backward that recomputes the logits. The ops are
+``fastcl.ops.sigmoid``'s. Other ranks' texts are not ``others`` here: the distributed loss
+passes every rank's texts as the columns and ``pos_offset`` = this rank's first row.
 
 Per-row statistics a softmax pass returns: the loss l_i = lse_i - s_pos_i, the lse (float64),
 and on request ``dscale`` = d l_i / d scale = sum_j (p_ij - y_ij) (rhat_i . chat_j), on the raw
@@ -78,7 +89,7 @@ class Spec:
                              "themselves: it needs columns='rows'")
         if self.exclude_self and self.columns != "rows":
             raise ValueError("Spec: exclude_self needs columns='rows'")
-        if self.columns == "rows" and not self.exclude_self and self.epilogue != "sigmoid":
+        if self.columns == "rows" and not self.exclude_self:
             raise ValueError("Spec: a softmax over the rows themselves must exclude_self")
         if not self.positive_in_denominator and self.positive == "none":
             raise ValueError("Spec: positive_in_denominator=False needs a positive")
@@ -120,6 +131,8 @@ QUEUE = Spec(columns="tensor", positive="key")
 CLIP = Spec(columns="tensor", positive="index", normalize=False, epilogue="softmax_rows_cols")
 # One direction of CLIP (its distributed form: two row passes with other ranks' columns).
 CLIP_ROWS = Spec(columns="tensor", positive="index", normalize=False)
+# SigLIP (open_clip's SigLipLoss): a sigmoid per pair, features used as given.
+SIGLIP = Spec(columns="tensor", positive="index", normalize=False, epilogue="sigmoid")
 
 
 @dataclass(frozen=True)
@@ -148,6 +161,13 @@ class Backend:
                     return f"epilogue='softmax_rows_cols' with {name}={getattr(spec, name)!r}"
             if others:
                 return "epilogue='softmax_rows_cols' with other ranks' rows as columns"
+        if spec.epilogue == "sigmoid":
+            for name, wanted in _SIGMOID_CHOICES:
+                if getattr(spec, name) != wanted:
+                    return f"epilogue='sigmoid' with {name}={getattr(spec, name)!r}"
+            if others:
+                return ("epilogue='sigmoid' with other ranks' rows as negatives-only columns "
+                        "(pass them as columns, with pos_offset)")
         if others and not self.others:
             return "other ranks' rows as columns"
         return None
@@ -155,14 +175,20 @@ class Backend:
 
 _ROWS_COLS_CHOICES = (("columns", "tensor"), ("positive", "index"), ("exclude_self", False),
                       ("positive_in_denominator", True))
+# The sigmoid epilogue's one combination: SigLIP's features used as given, the positive at
+# column i + pos_offset.
+_SIGMOID_CHOICES = (("columns", "tensor"), ("positive", "index"), ("exclude_self", False),
+                    ("positive_in_denominator", True), ("normalize", False))
 
 # The registry. "cpp", "chunked" and "triton" run the custom ops (fastcl.ops.contrastive);
 # "reference" is the dense PyTorch oracle, differentiable to any order. Every backend runs
 # normalize=False (the op layer passes norms of ones to the kernels); the both-directions
-# epilogue needs a backend's rows_cols_forward / rows_cols_grad (fastcl.kernels).
+# epilogue needs a backend's rows_cols_forward / rows_cols_grad, the sigmoid epilogue its
+# sigmoid_forward / sigmoid_grad (fastcl.kernels).
+_ALL_EPILOGUES = frozenset(EPILOGUES)
 _ROWS_COLS = frozenset(("softmax_rows", "softmax_rows_cols"))
-BACKENDS = {"reference": Backend("reference", epilogue=_ROWS_COLS),
-            "chunked": Backend("chunked", epilogue=_ROWS_COLS),
+BACKENDS = {"reference": Backend("reference", epilogue=_ALL_EPILOGUES),
+            "chunked": Backend("chunked", epilogue=_ALL_EPILOGUES),
             "cpp": Backend("cpp", epilogue=_ROWS_COLS),
             "triton": Backend("triton", epilogue=_ROWS_COLS)}
 
@@ -263,6 +289,9 @@ def run(spec: Spec, rows: Tensor, cols: Optional[Tensor] = None, key: Optional[T
     if (temperature is None) == (scale is None):
         raise TypeError("engine.run takes exactly one of temperature= and scale=")
     backend = _config.get_backend()
+    if spec.epilogue == "sigmoid":
+        require(spec, backend, others is not None)
+        raise TypeError("the sigmoid epilogue runs through engine.run_sigmoid")
     if spec.positive == "index" and cols is not None and cols.shape[0] != rows.shape[0]:
         raise ValueError(f"positive='index' pairs row i with column i: rows and columns must "
                          f"have the same count, got {rows.shape[0]} and {cols.shape[0]}")
@@ -281,3 +310,29 @@ def run(spec: Spec, rows: Tensor, cols: Optional[Tensor] = None, key: Optional[T
                      and others is None and spec.epilogue == "softmax_rows")
     return ops.contrastive.run(rows, cols, others, key, a, spec.code(), need_row_grad,
                                need_dscale, backend)[0]
+
+
+def run_sigmoid(spec: Spec, rows: Tensor, cols: Tensor, *, scale, bias=None,
+                pos_offset: int = 0, reduce: bool = False) -> Tensor:
+    """The sigmoid epilogue (SigLIP; module docstring): the per-row losses sum_j softplus(-t_ij
+    z_ij), z = ``scale`` * rows @ cols^T + ``bias``, t_ij = +1 for j = i + ``pos_offset`` and -1
+    elsewhere (float32; float64 for float64 inputs), or, with ``reduce``, their sum (a 0-dim
+    tensor whose forward also forms both inputs' gradients when they will be needed).
+    Differentiable with respect to ``rows``, ``cols`` and tensor ``scale`` / ``bias`` (floats,
+    or 0-dim tensors possibly requiring grad; ``bias`` None means 0). ``rows`` (n, D), ``cols``
+    (m, D) of one floating dtype; any m (the distributed loss passes every rank's texts)."""
+    from fastcl import _config, ops, reference
+
+    require(spec, _config.get_backend())
+    if spec.epilogue != "sigmoid":
+        raise TypeError(f"engine.run_sigmoid runs the sigmoid epilogue, got {spec.code()}")
+    backend = _config.get_backend()
+    bias = 0.0 if bias is None else bias
+    if backend == "reference":
+        rows_loss = reference.sigmoid_pairs(rows, cols, scale, bias, pos_offset)
+        return rows_loss.sum() if reduce else rows_loss
+    a, b = scale_tensor(scale, rows), scale_tensor(bias, rows)
+    need_grads = (reduce and torch.is_grad_enabled()
+                  and (rows.requires_grad or cols.requires_grad))
+    return ops.sigmoid.run(rows, cols, a, b, spec.code(), pos_offset, reduce, need_grads,
+                           backend)

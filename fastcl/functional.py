@@ -387,6 +387,92 @@ def clip_loss(image_features: Tensor, text_features: Tensor, logit_scale, logit_
     return _with_bias(loss, bias)
 
 
+def siglip_loss(image_features: Tensor, text_features: Tensor, logit_scale, logit_bias,
+                reduction: str = "mean", distributed: bool = False) -> Tensor:
+    """SigLIP's sigmoid loss (open_clip's ``SigLipLoss``), fused: one tiled pass, no (N x N)
+    logits stored, gradients for the features, the scale and the bias.
+
+    logits = logit_scale * image_features @ text_features^T + logit_bias; labels +1 on the
+    diagonal (pair i), -1 elsewhere; loss = -sum_ij log sigmoid(label_ij * logit_ij) / N.
+
+    Args:
+        image_features, text_features: (N, D), row i of each a matching pair; any floating
+            dtypes (promoted to a common one), same device. Used as given (open_clip's model
+            normalizes them).
+        logit_scale: the logits' multiplier as open_clip passes it (``logit_scale.exp()`` of
+            the model's parameter): a finite Python number, or a one-element floating tensor,
+            possibly requiring grad. Any sign (not checked on the host for a tensor).
+        logit_bias: the logits' offset (open_clip initializes it at -10): a finite number, a
+            one-element floating tensor possibly requiring grad, or None (no bias).
+        reduction: ``"mean"`` (open_clip's value: the sum over all N x N pairs divided by N),
+            ``"sum"`` (the sum), or ``"none"`` (each image's row sum, (N,)).
+        distributed: the global batch is every rank's pairs (``torch.distributed``), as
+            ``nt_xent(distributed=True)``: this rank's images are scored against every rank's
+            texts (gathered once: O(N_global D) per rank, no block matrix), ``"mean"`` and
+            ``"sum"`` give the global value on every rank (the mean divides by the global
+            number of pairs) and gradients follow DDP's averaging convention
+            (``fastcl.distributed``); ``"none"`` gives this rank's rows. Shards may differ in
+            size. (open_clip's per-rank value is :class:`fastcl.nn.SigLipLoss`'s.)
+
+    For ``"mean"`` and ``"sum"`` the forward's tile pass also forms both features' gradients,
+    and the backward only scales them by the upstream gradient (three matrix products in all,
+    as Liger-Kernel's fused cross-entropy); ``"none"`` recomputes the logits in the backward
+    (four). The loss is float32 for bfloat16, float16 and float32 inputs (float64 for
+    float64), inside and outside autocast; each gradient comes back in its input's dtype.
+    log sigmoid is computed as -softplus, finite for logits of any finite size. Memory
+    O(N D). Not twice differentiable (``create_graph=True`` raises), except on the reference
+    backend.
+    """
+    sizes = None
+    if distributed:
+        sizes = _dist().check_ranks("fastcl.siglip_loss", "image_features", image_features,
+                                    text_features=text_features, logit_scale=logit_scale,
+                                    logit_bias=logit_bias, reduction=reduction)
+    image, text, scale, bias = _check_siglip(image_features, text_features, logit_scale,
+                                             logit_bias, reduction)
+    if distributed:
+        return _dist().siglip(image, text, scale, bias, reduction, sizes)
+    if reduction == "none":
+        return engine.run_sigmoid(engine.SIGLIP, image, text, scale=scale, bias=bias)
+    total = engine.run_sigmoid(engine.SIGLIP, image, text, scale=scale, bias=bias, reduce=True)
+    return total / image.shape[0] if reduction == "mean" else total
+
+
+def _check_siglip(image_features, text_features, logit_scale, logit_bias, reduction: str):
+    """The checked arguments of siglip_loss / SigLipLoss: (image, text) promoted to one dtype,
+    the scale and the bias (None, a float or a 0-dim tensor)."""
+    _check_tensor(image_features, "image_features", 2)
+    _check_tensor(text_features, "text_features", 2)
+    _check_same(text_features, "text_features", image_features, "image_features")
+    if text_features.shape[0] != image_features.shape[0]:
+        raise ValueError(
+            f"image_features and text_features must hold the same number of pairs (row i of "
+            f"each is a matching image-text pair), got {image_features.shape[0]} and "
+            f"{text_features.shape[0]} rows")
+    scale = _check_real(logit_scale, "logit_scale")
+    bias = None if logit_bias is None else _check_real(logit_bias, "logit_bias")
+    _check_choice(reduction, "reduction", _REDUCTIONS)
+    image, text = _promote(image_features, text_features)
+    return image, text, scale, bias
+
+
+def _check_real(value, name: str):
+    """A finite real number (returned as a float) or a one-element floating tensor (a 0-dim
+    view; its value is not read)."""
+    if isinstance(value, Tensor):
+        if not value.is_floating_point() or value.numel() != 1:
+            raise TypeError(f"{name} must be a number or a one-element floating tensor, got a "
+                            f"{value.dtype} tensor of shape {tuple(value.shape)}")
+        return value.reshape(())
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a number or a one-element floating tensor, got "
+                        f"{type(value).__name__}")
+    value = float(value)
+    if not -math.inf < value < math.inf:
+        raise ValueError(f"{name} must be finite, got {value}")
+    return value
+
+
 def _check_clip(image_features, text_features, logit_scale, logit_bias, reduction: str):
     """The checked arguments of clip_loss / ClipLoss: (image, text) promoted to one dtype, the
     scale (a float or a 0-dim tensor) and the bias (None, a float or a 0-dim tensor)."""

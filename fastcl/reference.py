@@ -138,6 +138,40 @@ def clip_loss(image_features, text_features, logit_scale, logit_bias=None,
     return _reduce(loss, reduction)
 
 
+def sigmoid_labels(n: int, m: int, pos_offset: int = 0, dtype=torch.float32,
+                   device=None) -> torch.Tensor:
+    """SigLIP's (n x m) labels: +1 at (i, i + pos_offset) where that column exists, else -1."""
+    labels = -torch.ones(n, m, dtype=dtype, device=device)
+    i = torch.arange(n, device=device)
+    j = i + pos_offset
+    keep = (j >= 0) & (j < m)
+    labels[i[keep], j[keep]] = 1
+    return labels
+
+
+def sigmoid_pairs(rows, cols, scale, bias=0.0, pos_offset: int = 0) -> torch.Tensor:
+    """The per-row losses of the sigmoid epilogue, densely: sum_j -log sigmoid(t_ij z_ij),
+    z = scale * rows @ cols^T + bias (features as given), t = :func:`sigmoid_labels`. In the
+    compute dtype; differentiable to any order."""
+    dtype = _compute_dtype(rows)
+    logits = _multiply(rows.to(dtype) @ cols.to(dtype).T, scale)
+    logits = logits + (bias.to(dtype) if isinstance(bias, torch.Tensor) else bias)
+    labels = sigmoid_labels(logits.shape[0], logits.shape[1], pos_offset, dtype, logits.device)
+    return -F.logsigmoid(labels * logits).sum(dim=1)
+
+
+def siglip_loss(image_features, text_features, logit_scale, logit_bias=None,
+                reduction: str = "mean") -> torch.Tensor:
+    """open_clip's ``SigLipLoss`` (one process): -sum log sigmoid(labels * logits) / N with
+    logits = logit_scale * image @ text^T (+ logit_bias), labels +1 on the diagonal and -1
+    elsewhere; ``"sum"`` the sum, ``"none"`` each image's row sum. Compute dtype."""
+    rows = sigmoid_pairs(image_features, text_features, logit_scale,
+                         0.0 if logit_bias is None else logit_bias)
+    if reduction == "mean":
+        return rows.sum() / rows.shape[0]
+    return _reduce(rows, reduction)
+
+
 def nt_xent(
     z1: torch.Tensor, z2: torch.Tensor, temperature=0.5, reduction: str = "mean"
 ) -> torch.Tensor:

@@ -360,17 +360,20 @@ def test_every_backend_of_the_fixture_is_registered(backend):
 
 
 def test_planned_choices_are_refused_naming_the_choice(backend):
-    """``positive="labels"`` and the sigmoid epilogue are part of the contract, implemented
-    by no backend: every backend (the reference too) raises NotImplementedError naming them.
-    ``"softmax_rows_cols"`` is refused by the backends that do not declare it, and by every
-    backend outside its one combination (an index positive, no other ranks' rows)."""
+    """``positive="labels"`` is part of the contract, implemented by no backend: every backend
+    (the reference too) raises NotImplementedError naming it. ``"softmax_rows_cols"`` and
+    ``"sigmoid"`` are refused by the backends that do not declare them, and by every backend
+    outside their one combination (an index positive, no other ranks' rows; the sigmoid's
+    features as given)."""
     gen = torch.Generator().manual_seed(1)
     rows, cols = _randn(gen, (4, 5), torch.float32, backend.device), _randn(
         gen, (4, 5), torch.float32, backend.device)
-    cases = [(Spec(positive="labels"), "positive='labels'"),
-             (Spec(epilogue="sigmoid"), "epilogue='sigmoid'")]
+    cases = [(Spec(positive="labels"), "positive='labels'")]
     for name in (backend.name, "reference"):
         refused = list(cases)
+        sigmoid = "sigmoid" in engine.BACKENDS[name].epilogue
+        refused.append((Spec(epilogue="sigmoid"), "epilogue='sigmoid'" + (
+            " with normalize=True" if sigmoid else "")))
         if "softmax_rows_cols" not in engine.BACKENDS[name].epilogue:
             refused.append((engine.CLIP, "epilogue='softmax_rows_cols'"))
         else:

@@ -175,14 +175,16 @@ def test_spec_code_round_trips_and_rejects_nonsense():
 
 
 def test_planned_choices_are_refused_by_every_backend():
-    """Label positives and the sigmoid epilogue are in the contract, implemented by no backend
-    yet: asking for them raises NotImplementedError naming the choice. The both-directions
-    epilogue is refused by the backends that do not declare it."""
+    """Label positives are in the contract, implemented by no backend yet: asking for them
+    raises NotImplementedError naming the choice. The both-directions and sigmoid epilogues
+    are refused by the backends that do not declare them."""
     for backend in engine.BACKENDS:
         cases = [(engine.Spec(positive="labels"), "positive='labels'"),
                  (engine.Spec(epilogue="sigmoid"), "epilogue='sigmoid'")]
         if "softmax_rows_cols" not in engine.BACKENDS[backend].epilogue:
             cases.append((engine.CLIP, "softmax_rows_cols"))
+        if "sigmoid" not in engine.BACKENDS[backend].epilogue:
+            cases.append((engine.SIGLIP, "epilogue='sigmoid'"))
         for spec, what in cases:
             with pytest.raises(NotImplementedError, match=what):
                 engine.require(spec, backend)

@@ -331,3 +331,91 @@ def rows_cols_grad(x, y, nx, ny, lse, g, inv_temp, precision: str = "ieee"):
         dx[r_sl].addmm_(w, yh[c_sl])
         dy[c_sl].addmm_(w.T, xh[r_sl])
     return _scaled(dx, inv_temp), _scaled(dy, inv_temp)
+
+
+# --------------------------------------------------------------- sigmoid per pair (SigLIP) ----
+
+
+def _sigmoid_positives(rows: range, cols: range, pos_offset: Optional[int]):
+    """(row indices, col indices) within a tile of the positive pairs (i, i + pos_offset),
+    which exist only where i + pos_offset is a column (no wrap-around); none for None."""
+    if pos_offset is None:
+        return None
+    r = torch.arange(rows.start, rows.stop)
+    c = r + pos_offset
+    keep = (c >= cols.start) & (c < cols.stop)
+    if not bool(keep.any()):
+        return None
+    return r[keep] - rows.start, c[keep] - cols.start
+
+
+def _sigmoid_tile(xa, yb, scale, bias, pos):
+    """(raw dots d, per-pair loss, w = d loss / d z) of one tile, z = scale d + bias, the
+    positives' entries as label +1, the rest -1: loss = softplus(-t z), w = -t sigmoid(-t z),
+    from u = -t z: softplus(u) = max(u, 0) + log1p(exp(-|u|)), finite for any finite z."""
+    d = torch.mm(xa, yb.T)
+    s = scale.to(d.dtype) if isinstance(scale, torch.Tensor) else scale
+    b = bias.to(d.dtype) if isinstance(bias, torch.Tensor) else bias
+    u = d * s + b  # u = z for the negatives (t = -1)
+    if pos is not None:
+        u[pos] = -u[pos]
+    loss = u.clamp_min(0).add_(torch.log1p(torch.exp(-u.abs())))
+    w = torch.sigmoid(u)
+    if pos is not None:
+        w[pos] = -w[pos]
+    return d, loss, w
+
+
+def _sigmoid_scale(out: torch.Tensor, scale) -> torch.Tensor:
+    return out.mul_(scale.to(out.dtype) if isinstance(scale, torch.Tensor) else scale)
+
+
+def _sigmoid_pass(x, y, scale, bias, pos_offset, g, stats: bool, need_rows: bool,
+                  need_cols: bool):
+    acc = _acc_dtype(x)
+    xa, ya = x.to(acc), y.to(acc)
+    n, m = xa.shape[0], ya.shape[0]
+    loss = torch.zeros(n, dtype=torch.float64, device=x.device) if stats else None
+    dscale = torch.zeros_like(loss) if stats else None
+    dbias = torch.zeros_like(loss) if stats else None
+    # Row-major whatever the inputs' strides (zeros_like would follow a permuted input).
+    dx = xa.new_zeros(xa.shape) if need_rows else xa.new_empty(0)
+    dy = ya.new_zeros(ya.shape) if need_cols else ya.new_empty(0)
+    for rows, cols in _tiles(n, m):
+        r_sl, c_sl = slice(rows.start, rows.stop), slice(cols.start, cols.stop)
+        d, l_t, w = _sigmoid_tile(xa[r_sl], ya[c_sl], scale, bias,
+                                  _sigmoid_positives(rows, cols, pos_offset))
+        if stats:
+            # Each tile's row sums in the accumulation dtype, the tiles' sums in float64.
+            loss[r_sl] += l_t.sum(dim=1).double()
+            dscale[r_sl] += (w * d).sum(dim=1).double()
+            dbias[r_sl] += w.sum(dim=1).double()
+        if g is not None:
+            w.mul_(g[r_sl, None])
+        if need_rows:
+            dx[r_sl].addmm_(w, ya[c_sl])
+        if need_cols:
+            dy[c_sl].addmm_(w.T, xa[r_sl])
+    if need_rows:
+        _sigmoid_scale(dx, scale)
+    if need_cols:
+        _sigmoid_scale(dy, scale)
+    if not stats:
+        return dx, dy
+    return loss.to(acc), dscale.to(acc), dbias.to(acc), dx, dy
+
+
+def sigmoid_forward(x, y, scale, bias, pos_offset: Optional[int], with_grads: bool,
+                    precision: str = "ieee"):
+    """SigLIP's per-pair sigmoid loss over z = scale * x @ y^T + bias (features as given),
+    labels +1 at (i, i + pos_offset), -1 elsewhere, tile by tile: (loss, dscale, dbias) per
+    row, and with ``with_grads`` the gradients (dx, dy) of their sum (else empty); see
+    ``fastcl.kernels``."""
+    return _sigmoid_pass(x, y, scale, bias, pos_offset, None, True, with_grads, with_grads)
+
+
+def sigmoid_grad(x, y, scale, bias, pos_offset: Optional[int], g, need_rows: bool,
+                 need_cols: bool, precision: str = "ieee"):
+    """(dx, dy) of sum_i g_i loss_i of :func:`sigmoid_forward`, the logits recomputed."""
+    return _sigmoid_pass(x, y, scale, bias, pos_offset, g.to(_acc_dtype(x)), False,
+                         need_rows, need_cols)

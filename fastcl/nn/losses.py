@@ -219,3 +219,82 @@ class ClipLoss(nn.Module):
     def extra_repr(self) -> str:
         return (f"local_loss={self.local_loss}, gather_with_grad={self.gather_with_grad}, "
                 f"rank={self.rank}, world_size={self.world_size}")
+
+
+_DIST_IMPLS = (None, "bidir", "shift", "reduce", "gather")
+
+
+class SigLipLoss(nn.Module):
+    """SigLIP's sigmoid loss, a drop-in for open_clip's ``SigLipLoss(cache_labels=False,
+    rank=0, world_size=1, dist_impl=None)``: ``forward(image_features, text_features,
+    logit_scale, logit_bias=None, output_dict=False)`` gives open_clip's values and gradients
+    (features, scale and bias), computed by the fused kernels (:func:`fastcl.siglip_loss`: one
+    tiled pass, no N x N logits).
+
+    - ``logit_scale`` and ``logit_bias`` as open_clip's model returns them (the scale already
+      exponentiated): numbers or one-element tensors with gradients.
+    - ``output_dict=True`` returns ``{"contrastive_loss": loss}``.
+    - One process (``world_size=1``): open_clip's value, the sum over all pairs divided by the
+      batch size. ``cache_labels`` is accepted and has nothing to cache (no label matrix).
+    - Several ranks (an initialized ``torch.distributed`` process group whose size and rank
+      match ``world_size`` and ``rank``): each rank's value is open_clip's local value, its
+      images against every rank's texts (the other ranks' texts negatives only) divided by its
+      batch size; its text features receive the sum over ranks of their gradients, and the
+      scale and bias this rank's term, as open_clip's exchanges give. The batch on every rank
+      must be the same size, as open_clip assumes.
+    - ``dist_impl`` (open_clip's ``"bidir"`` default, ``"shift"``, ``"reduce"``, ``"gather"``:
+      four ways to move the texts, one math) is accepted and checked; fastcl does the same math
+      with one differentiable all-gather of the text features (O(N_global D) per rank, its
+      backward a sum over ranks) and a fused pass over the local images against all of them,
+      whatever the choice. A ring exchange that would keep only a neighbour's block is future
+      work.
+    """
+
+    def __init__(self, cache_labels: bool = False, rank: int = 0, world_size: int = 1,
+                 dist_impl: Optional[str] = None):
+        super().__init__()
+        for name, value in (("world_size", world_size), ("rank", rank)):
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+        if world_size < 1:
+            raise ValueError(f"world_size must be >= 1, got {world_size}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank must be in [0, world_size - 1] = [0, {world_size - 1}], "
+                             f"got {rank}")
+        if dist_impl not in _DIST_IMPLS:
+            raise ValueError(f"dist_impl must be one of {_DIST_IMPLS} (open_clip's), got "
+                             f"{dist_impl!r}")
+        self.cache_labels = bool(cache_labels)
+        self.rank = rank
+        self.world_size = world_size
+        self.dist_impl = dist_impl or "bidir"
+
+    def forward(self, image_features: Tensor, text_features: Tensor, logit_scale,
+                logit_bias=None, output_dict: bool = False):
+        if self.world_size == 1:
+            loss = FC.siglip_loss(image_features, text_features, logit_scale, logit_bias)
+        else:
+            loss = self._local_loss(image_features, text_features, logit_scale, logit_bias)
+        return {"contrastive_loss": loss} if output_dict else loss
+
+    def _local_loss(self, image_features, text_features, logit_scale, logit_bias):
+        from fastcl import distributed as D
+
+        size, rank = D.world()
+        if (size, rank) != (self.world_size, self.rank):
+            raise ValueError(f"SigLipLoss was built with world_size={self.world_size}, "
+                             f"rank={self.rank}, but the process group has world size {size} "
+                             f"and this process is rank {rank}")
+        sizes = D.check_ranks("fastcl.nn.SigLipLoss", "image_features", image_features,
+                              text_features=text_features, logit_scale=logit_scale,
+                              logit_bias=logit_bias)
+        if len(set(sizes)) != 1:
+            raise ValueError(f"SigLipLoss on several ranks needs the same batch size on every "
+                             f"rank, as open_clip assumes, got {sizes} rows per rank; for "
+                             "uneven shards use fastcl.siglip_loss(..., distributed=True)")
+        image, text, scale, bias = FC._check_siglip(image_features, text_features, logit_scale,
+                                                    logit_bias, "mean")
+        return D.siglip_local_loss(image, text, scale, bias, sizes)
+
+    def extra_repr(self) -> str:
+        return f"rank={self.rank}, world_size={self.world_size}, dist_impl={self.dist_impl!r}"

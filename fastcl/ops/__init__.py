@@ -14,3 +14,5 @@ from fastcl.ops.momentum import (  # noqa: F401, E402
     try_eager_cpu_push,
 )
 from fastcl.ops.cosine import cosine, cosine_loss, cosine_loss_backward  # noqa: F401, E402
+from fastcl.ops import sigmoid  # noqa: F401, E402
+from fastcl.ops.sigmoid import sigmoid_pairs, sigmoid_pairs_backward  # noqa: F401, E402

@@ -1,0 +1,148 @@
+"""The sigmoid-epilogue custom ops of the engine (``fastcl.engine``, ``epilogue="sigmoid"``:
+SigLIP).
+
+``fastcl::sigmoid_pairs(rows, cols, scale, bias, spec, pos_offset, reduce, need_grads, backend)
+-> (loss, dscale, dbias, d_rows, d_cols)``
+    z_ij = scale * rows_i . cols_j + bias (features as given), label t_ij = +1 for j = i +
+    ``pos_offset`` (where that column exists) and -1 elsewhere, pair loss softplus(-t_ij z_ij).
+    ``loss`` is each row's sum (n,), or with ``reduce`` the sum over all rows (a 0-dim
+    tensor). ``dscale`` and ``dbias`` (n,) are each row's d loss_i / d scale and d loss_i / d
+    bias (no gradient; saved for the backward). With ``reduce`` and ``need_grads``, ``d_rows``
+    and ``d_cols`` are the gradients of the summed loss with respect to the inputs, formed in
+    the forward's tile pass (Liger-Kernel's trick for its fused cross-entropy: the backward only
+    multiplies them by the upstream scalar; three matrix products in all); else empty.
+``fastcl::sigmoid_pairs_backward(grad_loss, rows, cols, scale, bias, spec, pos_offset,
+need_rows, need_cols, backend) -> (d_rows, d_cols)``
+    Per-row losses (``reduce=False``): the upstream gradient weights each row, so the
+    columns' gradient needs the logits again: one pass recomputes them (four products in all).
+
+Loss and statistics are float32 (float64 for float64 inputs) whatever the inputs' dtype;
+gradients come back in each input's dtype, row-major. ``scale`` and ``bias`` are 0-dim tensors
+(never floats: torch.compile would specialize them): a CPU one is read as a double, one on the
+device goes to the kernels as a tensor (never read on the host). Their gradients are
+sum_i g_i dscale_i and sum_i g_i dbias_i, in float64.
+"""
+from __future__ import annotations
+
+from typing import Tuple
+
+import torch
+from torch import Tensor
+
+from fastcl import _config, engine
+from fastcl.ops._backend import dot_precision, refuse_double_backward
+from fastcl.ops.contrastive import _acc_dtype, _impl, _no_autocast, _scale_arg
+
+
+@_no_autocast
+def _sigmoid_pairs(rows: Tensor, cols: Tensor, scale: Tensor, bias: Tensor, spec: str,
+                   pos_offset: int, reduce: bool, need_grads: bool, backend: str = ""
+                   ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    impl = _impl(engine.Spec.parse(spec), rows, None, backend)
+    with_grads = reduce and need_grads
+    loss, dscale, dbias, d_rows, d_cols = impl.sigmoid_forward(
+        rows, cols, _scale_arg(scale), _scale_arg(bias), pos_offset, with_grads,
+        dot_precision())
+    if reduce:
+        # Rows summed in float64 (n terms of up to m pairs each), returned in the loss dtype.
+        loss = loss.double().sum().to(loss.dtype)
+    if not with_grads:
+        d_rows, d_cols = rows.new_empty(0, dtype=loss.dtype), rows.new_empty(0, dtype=loss.dtype)
+    return loss, dscale, dbias, d_rows.contiguous(), d_cols.contiguous()
+
+
+sigmoid_pairs = torch.library.custom_op("fastcl::sigmoid_pairs", _sigmoid_pairs,
+                                        mutates_args=())
+
+
+@sigmoid_pairs.register_fake
+def _(rows, cols, scale, bias, spec, pos_offset, reduce, need_grads, backend=""):
+    acc = _acc_dtype(rows)
+    n = rows.shape[0]
+    with_grads = reduce and need_grads
+    return (rows.new_empty(() if reduce else (n,), dtype=acc), rows.new_empty(n, dtype=acc),
+            rows.new_empty(n, dtype=acc),
+            rows.new_empty(rows.shape if with_grads else (0,), dtype=acc),
+            rows.new_empty(cols.shape if with_grads else (0,), dtype=acc))
+
+
+@_no_autocast
+def _sigmoid_pairs_backward(grad_loss: Tensor, rows: Tensor, cols: Tensor, scale: Tensor,
+                            bias: Tensor, spec: str, pos_offset: int, need_rows: bool,
+                            need_cols: bool, backend: str = "") -> Tuple[Tensor, Tensor]:
+    impl = _impl(engine.Spec.parse(spec), rows, None, backend)
+    g = grad_loss.to(_acc_dtype(rows)).contiguous()
+    d_rows, d_cols = impl.sigmoid_grad(rows, cols, _scale_arg(scale), _scale_arg(bias),
+                                       pos_offset, g, need_rows, need_cols, dot_precision())
+    d_rows = d_rows.to(rows.dtype).contiguous() if need_rows else rows.new_empty(0)
+    d_cols = d_cols.to(cols.dtype).contiguous() if need_cols else rows.new_empty(0)
+    return d_rows, d_cols
+
+
+sigmoid_pairs_backward = torch.library.custom_op("fastcl::sigmoid_pairs_backward",
+                                                 _sigmoid_pairs_backward, mutates_args=())
+
+
+@sigmoid_pairs_backward.register_fake
+def _(grad_loss, rows, cols, scale, bias, spec, pos_offset, need_rows, need_cols, backend=""):
+    return (rows.new_empty(rows.shape) if need_rows else rows.new_empty(0),
+            cols.new_empty(cols.shape) if need_cols else rows.new_empty(0))
+
+
+def _setup(ctx, inputs, output):
+    rows, cols, scale, bias, spec, pos_offset, reduce, need_grads, backend = inputs
+    loss, dscale, dbias, d_rows, d_cols = output
+    ctx.mark_non_differentiable(dscale, dbias, d_rows, d_cols)
+    ctx.set_materialize_grads(False)
+    ctx.spec, ctx.pos_offset, ctx.reduce = spec, pos_offset, reduce
+    ctx.backend = backend or _config.get_backend()
+    ctx.dtypes = (rows.dtype, cols.dtype)
+    if reduce:
+        # The forward formed the gradients (when they were needed): the inputs are not kept.
+        ctx.save_for_backward(scale, bias, dscale, dbias, d_rows, d_cols)
+    else:
+        ctx.save_for_backward(scale, bias, dscale, dbias, rows, cols)
+
+
+def _weighted(g: Tensor, stat: Tensor, like: Tensor) -> Tensor:
+    """sum_i g_i stat_i (g a scalar or per row) in float64, as ``like`` (the scale or bias)."""
+    return (g.double() * stat.double()).sum().to(like.dtype)
+
+
+def _backward(ctx, grad_loss, *_unused):
+    refuse_double_backward(f"fastcl.siglip_loss (op fastcl::sigmoid_pairs, spec {ctx.spec})")
+    need_rows, need_cols, need_scale, need_bias = ctx.needs_input_grad[:4]
+    scale, bias, dscale, dbias, a, b = ctx.saved_tensors
+    if grad_loss is None:
+        grad_loss = torch.zeros((), dtype=dscale.dtype, device=dscale.device)
+        if not ctx.reduce:
+            grad_loss = grad_loss.expand(dscale.shape[0])
+    d_rows = d_cols = None
+    if ctx.reduce:
+        if (need_rows or need_cols) and a.numel() == 0:
+            raise RuntimeError("fastcl::sigmoid_pairs: an input requires grad but the forward "
+                               "ran with need_grads=False")
+        g = grad_loss.to(a.dtype)
+        if need_rows:
+            d_rows = (a * g).to(ctx.dtypes[0])
+        if need_cols:
+            d_cols = (b * g).to(ctx.dtypes[1])
+    elif need_rows or need_cols:
+        d_rows, d_cols = sigmoid_pairs_backward(grad_loss, a, b, scale, bias, ctx.spec,
+                                                ctx.pos_offset, bool(need_rows),
+                                                bool(need_cols), ctx.backend)
+    d_scale = _weighted(grad_loss, dscale, scale) if need_scale else None
+    d_bias = _weighted(grad_loss, dbias, bias) if need_bias else None
+    return (d_rows if need_rows else None, d_cols if need_cols else None, d_scale, d_bias,
+            None, None, None, None, None)
+
+
+sigmoid_pairs.register_autograd(_backward, setup_context=_setup)
+
+
+def run(rows: Tensor, cols: Tensor, scale: Tensor, bias: Tensor, spec: str, pos_offset: int,
+        reduce: bool, need_grads: bool, backend: str = "") -> Tensor:
+    """The loss output of ``fastcl::sigmoid_pairs`` with its autograd (per-row, or the sum
+    with ``reduce``)."""
+    return sigmoid_pairs(rows, cols, scale, bias, spec, pos_offset, reduce, need_grads,
+                         backend)[0]
