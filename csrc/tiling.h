@@ -1,5 +1,5 @@
-// The tiling machinery shared by fastcl's pairwise-similarity kernels (contrastive.cpp, and the
-// losses that will reuse it: CLIP's row + column statistics, SigLIP's sigmoid, SupCon's labels).
+// The tiling machinery shared by fastcl's pairwise-similarity kernels (contrastive.cpp, clip.cpp:
+// CLIP's row + column statistics, sigmoid.cpp: SigLIP's pairs; and SupCon's labels to come).
 //
 // Every kernel walks (tile x tile) blocks of a similarity matrix s = scale * rhat chat^T. A tile's
 // logits come from one BLAS product (ATen's matmul, single-threaded inside the parallel region)
@@ -8,10 +8,12 @@
 // of size N x N is ever allocated. Arithmetic is in float32 for float32/bfloat16/float16 inputs
 // (the Python side passes float32 norms), float64 for float64.
 //
-// Two loops: for_each_symmetric_tile (C = R: only tiles with J >= I, each feeding its rows' and
+// Three loops: for_each_symmetric_tile (C = R: only tiles with J >= I, each feeding its rows' and
 // its columns' statistics, scheduled in rounds of disjoint block pairs so that no two threads
-// ever write the same rows) and for_each_row_block (row blocks owned by one thread each, walking
-// all column tiles in order). Neither needs atomics, and each row's accumulation order is fixed
+// ever write the same rows), for_each_tile_by_diagonals (C != R, every tile feeding both its
+// rows and its columns: rounds of wrapped block diagonals, square or rectangular) and
+// for_each_row_block (row blocks owned by one thread each, walking all column tiles in order).
+// None needs atomics for its data, and each row's accumulation order is fixed
 // by the shapes alone: results are bitwise reproducible and independent of the thread count.
 //
 // Header-only (templates and inline functions) in namespace fastcl::tiling.

@@ -199,6 +199,24 @@ def test_pair_terms_elementwise_accuracy(module, label):
 
 
 @pytest.mark.parametrize("module", MODULES)
+def test_strided_inputs(module):
+    """Non-contiguous x and y (every other feature; a transposed buffer) and g: the same
+    results as their contiguous copies, contiguous outputs."""
+    x, y, g = _inputs(30, 20, 18, torch.float32, seed=11)
+    xs = torch.zeros(30, 36)
+    xs[:, ::2] = x
+    ys = y.T.contiguous().T
+    gs = torch.zeros(60)
+    gs[::2] = g
+    with tile_patch(module, 8):
+        a = _run(module, xs[:, ::2], ys, 6.0, -4.0, 0, gs[::2])
+        b = _run(module, x, y, 6.0, -4.0, 0, g)
+    for name in NAMES:
+        assert a[name].is_contiguous(), name
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("module", MODULES)
 def test_16_bit_inputs_are_widened(module):
     """bfloat16 / float16 inputs: outputs in float32, within the rule against eager float32 from
     the same rounded inputs."""
