@@ -290,7 +290,8 @@ def run(spec: Spec, rows: Tensor, cols: Optional[Tensor] = None, key: Optional[T
         raise TypeError("engine.run takes exactly one of temperature= and scale=")
     backend = _config.get_backend()
     if spec.epilogue == "sigmoid":
-        require(spec, backend, others is not None)
+        if backend in BACKENDS:  # "auto" resolves per tensor, in the ops
+            require(spec, backend, others is not None)
         raise TypeError("the sigmoid epilogue runs through engine.run_sigmoid")
     if spec.positive == "index" and cols is not None and cols.shape[0] != rows.shape[0]:
         raise ValueError(f"positive='index' pairs row i with column i: rows and columns must "
@@ -323,12 +324,12 @@ def run_sigmoid(spec: Spec, rows: Tensor, cols: Tensor, *, scale, bias=None,
     (m, D) of one floating dtype; any m (the distributed loss passes every rank's texts)."""
     from fastcl import _config, ops, reference
 
-    require(spec, _config.get_backend())
     if spec.epilogue != "sigmoid":
         raise TypeError(f"engine.run_sigmoid runs the sigmoid epilogue, got {spec.code()}")
     backend = _config.get_backend()
     bias = 0.0 if bias is None else bias
     if backend == "reference":
+        require(spec, "reference")
         rows_loss = reference.sigmoid_pairs(rows, cols, scale, bias, pos_offset)
         return rows_loss.sum() if reduce else rows_loss
     a, b = scale_tensor(scale, rows), scale_tensor(bias, rows)
