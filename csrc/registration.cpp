@@ -1,6 +1,7 @@
 // The C++ CPU kernels' operator library, "fastcl_cpu". fastcl's public custom ops ("fastcl::...",
 // fastcl/ops/) call these on CPU tensors; the schemas mirror the backend contracts in
-// fastcl/kernels/__init__.py (contrastive.cpp, clip.cpp, dense.cpp), fastcl/ops/momentum.py
+// fastcl/kernels/__init__.py (contrastive.cpp, clip.cpp, dense.cpp; sigmoid.cpp: SigLIP's, in
+// fastcl/kernels/cpp.py), fastcl/ops/momentum.py
 // (momentum.cpp) and fastcl/ops/cosine.py (cosine.cpp). Their fake (meta) implementations are
 // registered from Python (fastcl/ops/_cpp_meta.py).
 
@@ -40,6 +41,15 @@ std::tuple<at::Tensor, at::Tensor> rows_cols_grad(const at::Tensor& x, const at:
                                                   const at::Tensor& nx, const at::Tensor& ny,
                                                   const at::Tensor& lse, const at::Tensor& g,
                                                   double inv_temp, int64_t tile);
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> sigmoid_forward(
+    const at::Tensor& x, const at::Tensor& y, double scale, double bias,
+    c10::optional<int64_t> pos_offset, bool with_grads, int64_t tile);
+std::tuple<at::Tensor, at::Tensor> sigmoid_grad(const at::Tensor& x, const at::Tensor& y,
+                                                double scale, double bias,
+                                                c10::optional<int64_t> pos_offset,
+                                                const at::Tensor& g, bool need_rows,
+                                                bool need_cols, int64_t tile);
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dense_forward(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& nq, const at::Tensor& nk,
@@ -87,6 +97,15 @@ TORCH_LIBRARY(fastcl_cpu, m) {
   m.def(
       "rows_cols_grad(Tensor x, Tensor y, Tensor nx, Tensor ny, Tensor lse, Tensor g, "
       "float inv_temp, int tile) -> (Tensor, Tensor)");
+  // sigmoid.cpp: SigLIP's pairs (x images (n, D), y texts (m, D)); loss, dscale, dbias per row;
+  // dx, dy empty (shape (0,)) unless with_grads (need_rows / need_cols).
+  m.def(
+      "sigmoid_forward(Tensor x, Tensor y, float scale, float bias, int? pos_offset, "
+      "bool with_grads, int tile) -> (Tensor loss, Tensor dscale, Tensor dbias, Tensor dx, "
+      "Tensor dy)");
+  m.def(
+      "sigmoid_grad(Tensor x, Tensor y, float scale, float bias, int? pos_offset, Tensor g, "
+      "bool need_rows, bool need_cols, int tile) -> (Tensor, Tensor)");
   // dense.cpp: the materialized-logits path for small inputs (fastcl.kernels.cpp.DENSE_CAP_BYTES).
   m.def(
       "dense_forward(Tensor q, Tensor k, Tensor nq, Tensor nk, float inv_temp, int? pos_offset, "
@@ -111,6 +130,8 @@ TORCH_LIBRARY_IMPL(fastcl_cpu, CPU, m) {
   m.impl("grad_accumulate", &fastcl::grad_accumulate);
   m.impl("rows_cols_forward", &fastcl::rows_cols_forward);
   m.impl("rows_cols_grad", &fastcl::rows_cols_grad);
+  m.impl("sigmoid_forward", &fastcl::sigmoid_forward);
+  m.impl("sigmoid_grad", &fastcl::sigmoid_grad);
   m.impl("dense_forward", &fastcl::dense_forward);
   m.impl("dense_grad_cols", &fastcl::dense_grad_cols);
   m.impl("dense_backward", &fastcl::dense_backward);

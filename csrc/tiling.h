@@ -1,5 +1,5 @@
-// The tiling machinery shared by fastcl's pairwise-similarity kernels (contrastive.cpp, and the
-// losses that will reuse it: CLIP's row + column statistics, SigLIP's sigmoid, SupCon's labels).
+// The tiling machinery shared by fastcl's pairwise-similarity kernels (contrastive.cpp, clip.cpp:
+// CLIP's row + column statistics, sigmoid.cpp: SigLIP's pairs; and SupCon's labels to come).
 //
 // Every kernel walks (tile x tile) blocks of a similarity matrix s = scale * rhat chat^T. A tile's
 // logits come from one BLAS product (ATen's matmul, single-threaded inside the parallel region)
@@ -8,10 +8,12 @@
 // of size N x N is ever allocated. Arithmetic is in float32 for float32/bfloat16/float16 inputs
 // (the Python side passes float32 norms), float64 for float64.
 //
-// Two loops: for_each_symmetric_tile (C = R: only tiles with J >= I, each feeding its rows' and
+// Three loops: for_each_symmetric_tile (C = R: only tiles with J >= I, each feeding its rows' and
 // its columns' statistics, scheduled in rounds of disjoint block pairs so that no two threads
-// ever write the same rows) and for_each_row_block (row blocks owned by one thread each, walking
-// all column tiles in order). Neither needs atomics, and each row's accumulation order is fixed
+// ever write the same rows), for_each_tile_by_diagonals (C != R, every tile feeding both its
+// rows and its columns: rounds of wrapped block diagonals, square or rectangular) and
+// for_each_row_block (row blocks owned by one thread each, walking all column tiles in order).
+// None needs atomics for its data, and each row's accumulation order is fixed
 // by the shapes alone: results are bitwise reproducible and independent of the thread count.
 //
 // Header-only (templates and inline functions) in namespace fastcl::tiling.
@@ -382,30 +384,47 @@ void scale_tile(T* s, int64_t len, double inv_temp) {
   for (int64_t k = 0; k < len; ++k) s[k] *= a;
 }
 
+// The rectangular form: a (na x nb) grid of tiles, a's rows in blocks of ta and b's in blocks of
+// tb, Ba = ceil(na / ta) and Bb = ceil(nb / tb). Round r (r < max(Ba, Bb)) holds min(Ba, Bb)
+// tiles: (k, (k + r) mod Bb) for k < Ba when Ba <= Bb, else ((k + r) mod Ba, k) for k < Bb.
+// Each round still touches every block of the smaller side once and at most once every block of
+// the larger, and each row block (column block) sees the column (row) blocks in an order fixed
+// by the shapes. With na = nb and ta = tb this is the square schedule above, tile for tile.
+// inv_temp = 1 leaves the raw products (no scaling pass).
 template <typename T, typename TileFn>
-void for_each_tile_by_diagonals(const T* ap, const T* bp, int64_t n, int64_t d, double inv_temp,
-                                int64_t tile, const at::TensorOptions& opts, TileFn&& tile_fn) {
-  const int64_t blocks = (n + tile - 1) / tile;
+void for_each_tile_by_diagonals(const T* ap, int64_t na, int64_t ta, const T* bp, int64_t nb,
+                                int64_t tb, int64_t d, double inv_temp,
+                                const at::TensorOptions& opts, TileFn&& tile_fn) {
+  const int64_t ba = (na + ta - 1) / ta, bb = (nb + tb - 1) / tb;
+  const int64_t rounds = std::max(ba, bb), per_round = std::min(ba, bb);
   const int64_t threads = at::get_num_threads();
-  Scratch<T> scratch(threads, std::min(tile, n), std::min(tile, n));
-  for (int64_t r = 0; r < blocks; ++r) {
+  Scratch<T> scratch(threads, std::min(ta, na), std::min(tb, nb));
+  for (int64_t r = 0; r < rounds; ++r) {
     // A round's tiles are handed out one at a time (a shared counter) rather than in fixed
     // shares: a thread the OS preempts (a busy machine, data-loader workers) holds up the
     // round by one tile, not by its whole share. Which thread runs a tile changes nothing in
     // its result (per-thread scratch only; disjoint outputs).
     std::atomic<int64_t> next{0};
-    at::parallel_for(0, std::min(threads, blocks), 1, [&](int64_t, int64_t) {
-      for (int64_t bi; (bi = next.fetch_add(1, std::memory_order_relaxed)) < blocks;) {
-        const int64_t bj = (bi + r) % blocks;
-        const int64_t i0 = bi * tile, rows = std::min(tile, n - i0);
-        const int64_t j0 = bj * tile, cols = std::min(tile, n - j0);
+    at::parallel_for(0, std::min(threads, per_round), 1, [&](int64_t, int64_t) {
+      for (int64_t k; (k = next.fetch_add(1, std::memory_order_relaxed)) < per_round;) {
+        const int64_t bi = ba <= bb ? k : (k + r) % ba;
+        const int64_t bj = ba <= bb ? (k + r) % bb : k;
+        const int64_t i0 = bi * ta, rows = std::min(ta, na - i0);
+        const int64_t j0 = bj * tb, cols = std::min(tb, nb - j0);
         T* s = scratch.tile();
         logits_tile(ap + i0 * d, rows, bp + j0 * d, cols, d, 1.0, s, opts);
-        scale_tile(s, rows * cols, inv_temp);
+        if (inv_temp != 1.0) scale_tile(s, rows * cols, inv_temp);
         tile_fn(i0, rows, j0, cols, s, scratch);
       }
     });
   }
+}
+
+template <typename T, typename TileFn>
+void for_each_tile_by_diagonals(const T* ap, const T* bp, int64_t n, int64_t d, double inv_temp,
+                                int64_t tile, const at::TensorOptions& opts, TileFn&& tile_fn) {
+  for_each_tile_by_diagonals(ap, n, tile, bp, n, tile, d, inv_temp, opts,
+                             std::forward<TileFn>(tile_fn));
 }
 
 // The general kernels' blocks: row blocks of at most `tile` rows, small enough that a MoCo batch

@@ -23,8 +23,8 @@ import torch
 
 from fastcl import _config
 
-_SOURCES = ("contrastive.cpp", "clip.cpp", "dense.cpp", "momentum.cpp", "cosine.cpp",
-            "registration.cpp")
+_SOURCES = ("contrastive.cpp", "clip.cpp", "sigmoid.cpp", "dense.cpp", "momentum.cpp",
+            "cosine.cpp", "registration.cpp")
 _HEADERS = ("fast_exp.h", "tiling.h")
 _HOW_TO = (
     "the C++ CPU kernels need a C++ compiler (g++ or clang++, found as $CXX or c++) and ninja "

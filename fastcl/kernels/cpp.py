@@ -1,6 +1,7 @@
-"""The C++ CPU kernels (``csrc/contrastive.cpp``, ``csrc/clip.cpp``, ``csrc/dense.cpp``) behind
-the backend contract of ``fastcl.kernels``: thin calls into the ``torch.ops.fastcl_cpu``
-operators.
+"""The C++ CPU kernels (``csrc/contrastive.cpp``, ``csrc/clip.cpp``, ``csrc/sigmoid.cpp``,
+``csrc/dense.cpp``) behind the backend contract of ``fastcl.kernels`` (and SigLIP's
+``sigmoid_forward`` / ``sigmoid_grad``, the same functions as the chunked and Triton backends'):
+thin calls into the ``torch.ops.fastcl_cpu`` operators.
 
 Beyond the contract, the dense path (``dense_forward``, ``dense_grad_cols``,
 ``dense_backward``): for in-batch passes whose logits fit ``DENSE_CAP_BYTES``, the op layer
@@ -106,6 +107,38 @@ def rows_cols_grad(x, y, nx, ny, lse, g, inv_temp: float, precision: str = "ieee
     lse_r_i) + g_c_j exp(s_ij - lse_c_j) off the diagonal (the positives' terms are the op
     layer's); lse and g are [rows ; columns] (2n), lse the forward's."""
     return _ops.rows_cols_grad(x, y, nx, ny, lse, g, inv_temp, _rows_cols_tile(x.shape[1]))
+
+
+# ------------------------------------------------------------- SigLIP's pairs (csrc/sigmoid.cpp) ---
+
+
+def _acc_inputs(x, y):
+    """x and y in the kernels' arithmetic dtype: 16-bit floats widened to float32."""
+    if x.dtype in (torch.float16, torch.bfloat16):
+        x, y = x.float(), y.float()
+    return x, y
+
+
+def sigmoid_forward(x, y, scale: float, bias: float, pos_offset: Optional[int],
+                    with_grads: bool, precision: str = "ieee"):
+    """(loss, dscale, dbias, dx, dy) of SigLIP's pairs z_ij = scale * x_i . y_j + bias, label +1
+    at j = i + pos_offset (none with None or out of range), -1 elsewhere: per row the sums of
+    softplus(-t z), of its derivative w in z times x_i . y_j, and of w; with ``with_grads``
+    dx = scale W y and dy = scale W^T x (the gradients of the loss's sum), else both empty
+    (shape (0,)). All in the accumulation dtype (float32; float64 for float64 inputs). Tiles
+    as CLIP's (``_rows_cols_tile``)."""
+    x, y = _acc_inputs(x, y)
+    return _ops.sigmoid_forward(x, y, float(scale), float(bias), pos_offset, with_grads,
+                                _rows_cols_tile(x.shape[1]))
+
+
+def sigmoid_grad(x, y, scale: float, bias: float, pos_offset: Optional[int], g,
+                 need_rows: bool, need_cols: bool, precision: str = "ieee"):
+    """(dx, dy) = (scale (g o W) y, scale (g o W)^T x), W the pairs' weights recomputed as in
+    :func:`sigmoid_forward`, g per row; one not needed comes back empty (shape (0,))."""
+    x, y = _acc_inputs(x, y)
+    return _ops.sigmoid_grad(x, y, float(scale), float(bias), pos_offset, g, need_rows,
+                             need_cols, _rows_cols_tile(x.shape[1]))
 
 
 # ----------------------------------------------------------- dense path (csrc/dense.cpp) ------

@@ -5,7 +5,8 @@ them; the fakes exist so that the operators pass ``torch.library.opcheck`` on th
 be traced if called directly. Shapes only: the outputs are in the norms' dtype (float32, or
 float64 for float64 inputs), except the row lse, always float64 (see csrc/contrastive.cpp);
 dscale has one entry per row when requested, else shape (0,). CLIP's rows_cols_forward
-(csrc/clip.cpp) gives both directions' statistics: 2n entries each.
+(csrc/clip.cpp) gives both directions' statistics: 2n entries each. SigLIP's sigmoid_forward /
+sigmoid_grad (csrc/sigmoid.cpp) take x and y themselves (no norms): outputs in their dtype.
 """
 from __future__ import annotations
 
@@ -55,6 +56,18 @@ def register() -> None:
     @torch.library.register_fake("fastcl_cpu::rows_cols_grad")
     def _(x, y, nx, ny, lse, g, inv_temp, tile):
         return nx.new_empty(x.shape), nx.new_empty(y.shape)
+
+    @torch.library.register_fake("fastcl_cpu::sigmoid_forward")
+    def _(x, y, scale, bias, pos_offset, with_grads, tile):
+        n = x.shape[0]
+        return (x.new_empty(n), x.new_empty(n), x.new_empty(n),
+                x.new_empty(x.shape) if with_grads else x.new_empty(0),
+                y.new_empty(y.shape) if with_grads else y.new_empty(0))
+
+    @torch.library.register_fake("fastcl_cpu::sigmoid_grad")
+    def _(x, y, scale, bias, pos_offset, g, need_rows, need_cols, tile):
+        return (x.new_empty(x.shape) if need_rows else x.new_empty(0),
+                y.new_empty(y.shape) if need_cols else y.new_empty(0))
 
     @torch.library.register_fake("fastcl_cpu::dense_forward")
     def _(q, k, nq, nk, inv_temp, pos_offset, positive_in_denominator, with_dscale,
