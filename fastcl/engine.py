@@ -189,7 +189,7 @@ _ALL_EPILOGUES = frozenset(EPILOGUES)
 _ROWS_COLS = frozenset(("softmax_rows", "softmax_rows_cols"))
 BACKENDS = {"reference": Backend("reference", epilogue=_ALL_EPILOGUES),
             "chunked": Backend("chunked", epilogue=_ALL_EPILOGUES),
-            "cpp": Backend("cpp", epilogue=_ROWS_COLS),
+            "cpp": Backend("cpp", epilogue=_ALL_EPILOGUES),
             "triton": Backend("triton", epilogue=_ROWS_COLS)}
 
 
