@@ -65,8 +65,11 @@ def _sig_pair(z, is_pos):
     u = tl.where(is_pos, -z, z)
     e = tl.exp(-tl.abs(u))
     one_e = 1.0 + e
-    # log1p(e) (Goldberg): exact ratio correction of the rounding of 1 + e.
-    log1p_e = tl.where(one_e == 1.0, e, tl.log(one_e) * (e / (one_e - 1.0)))
+    # log1p(e) (Goldberg): log(1 + e) corrected by the exact ratio e / ((1 + e) - 1); e itself
+    # where 1 + e rounds to 1 (the other branch's denominator made nonzero there: no inf/NaN).
+    one_e_m1 = one_e - 1.0
+    ratio = e / tl.where(one_e == 1.0, 1.0, one_e_m1)
+    log1p_e = tl.where(one_e == 1.0, e, tl.log(one_e) * ratio)
     loss = tl.maximum(u, 0.0) + log1p_e
     r = 1.0 / one_e
     sig_u = tl.where(u >= 0.0, r, e * r)
