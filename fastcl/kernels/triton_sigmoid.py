@@ -36,11 +36,16 @@ float32, O(n m D / BLOCK_M) memory. So:
     sigmoid_forward, stats only: 1 product.
     sigmoid_grad: rows pass (dx) + columns pass (dy), each recomputing its logits: 4 products.
 
-Tiles and configs follow the contrastive kernels (imported, not copied): BLOCK_N fixed per
-(kind, D, dtype) by ``block_n``, BLOCK_M = 64 with 8 warps, the depth tuned among those
-``prune_configs`` keeps for the kind (a gradient pass is kind "grad": the tiling of
-``grad_meta``; the stats-only pass kind "fwd"). The autotuner's pick changes no result. Under
-the interpreter the tiles are ``INTERPRETER_TILES`` (32 x 32).
+Tiles and configs follow the contrastive kernels' backward (imported, not copied): every pass
+takes ``grad_meta``'s D tiling (so the forward and ``sigmoid_grad`` form the same logits) and
+the first config ``prune_configs(..., "grad", ...)`` keeps for its (D, dtype, precision):
+64 x 64 tiles, 8 warps, depth 2 (1 for bf16/fp16 at D > 128, where deeper pipelines spilled
+in the backward). One config, not a tuned depth: the stats-only pass at the forward's configs
+spilled 8 B on sm_80 (bf16, D = 256, depth 2) and sm_89 (TF32, D = 128, depth 3), and every
+depth kept would add its compiles to the AOT check (a CI-time budget); with one config the
+autotuner (keyed on D and the code path) never benchmarks: no host syncs on a first call.
+A GPU run may measure deeper pipelines (``SIG_CONFIGS``). Under the interpreter the tiles are
+``INTERPRETER_TILES`` (32 x 32).
 
 scale and bias are each a Python float or a 0-dim tensor on the inputs' device, loaded in the
 kernel (``_scale_args`` / ``_load_scale``): no host sync; both forms give the same bits (each
@@ -347,11 +352,10 @@ def sigmoid_grad(x, y, scale, bias, pos_offset: Optional[int], g, need_rows: boo
 # sigmoid_grad at its end, so whichever of the two modules is imported first, the other finds
 # what it needs (the @triton.jit functions above resolve these names when they compile).
 from fastcl.kernels.triton_contrastive import (
-    FWD_CONFIGS,
+    GRAD_CONFIGS,
     PARTIAL_BYTES,
     SUM_BLOCK,
     _PTR,
-    _common_meta,
     _ldot,
     _load_rows,
     _load_scale,
@@ -370,20 +374,22 @@ from fastcl.kernels.triton_contrastive import (
 # --------------------------------------------------------------------- configs, meta ----
 
 
-def _kind(with_grad: bool) -> str:
-    return "grad" if with_grad else "fwd"
+def sig_configs(d: int, dtype: torch.dtype, precision: str = "ieee") -> list:
+    """The one config of every sigmoid pass at (D, dtype, precision): the first that
+    ``prune_configs`` keeps for the contrastive backward (see the module docstring)."""
+    return prune_configs(SIG_CONFIGS, "grad", d, dtype, precision)[:1]
 
 
 def _prune(configs, named_args, **kwargs):
-    return prune_configs(configs, _kind(bool(kwargs.get("WITH_GRAD", False))),
-                         int(named_args["d"]), named_args["A"].dtype,
-                         kwargs.get("PRECISION", "ieee"))
+    return sig_configs(int(named_args["d"]), named_args["A"].dtype,
+                       kwargs.get("PRECISION", "ieee"))
 
 
 _KEY = ["d", "HAS_POS", "WITH_STATS", "WITH_GRAD", "G_ROWS", "G_COLS", "ONE_SPLIT", "CAST_W",
         "RESIDENT", "BLOCK_D", "PRECISION", "SCALE_PTR", "BIAS_PTR"]
+SIG_CONFIGS = GRAD_CONFIGS
 _sig_tuned = triton.autotune(
-    configs=FWD_CONFIGS, key=_KEY, prune_configs_by={"early_config_prune": _prune},
+    configs=SIG_CONFIGS, key=_KEY, prune_configs_by={"early_config_prune": _prune},
 )(_sig_kernel)
 
 
@@ -391,12 +397,10 @@ def sig_meta(dtype: torch.dtype, d: int, on_cuda: bool, precision: str, *, has_p
              with_stats: bool, with_grad: bool, g_rows: bool = False, g_cols: bool = False,
              one_split: bool = True, scale_ptr: bool = False, bias_ptr: bool = False) -> dict:
     """Compile-time arguments of ``_sig_kernel`` for one pass (without BLOCK_M / BLOCK_N and
-    the launch options on CUDA: the autotuner's). A gradient pass takes ``grad_meta``'s tiling
-    (its second product's accumulator), the stats-only pass the forward's (``_common_meta``)."""
-    if with_grad:
-        base = grad_meta(dtype, d, on_cuda, False, False, False, False, precision)
-    else:
-        base = _common_meta(dtype, d, on_cuda, precision)
+    the launch options on CUDA: the autotuner's). Every pass takes ``grad_meta``'s D tiling
+    (the gradient passes for their second product's accumulator, the stats-only pass so that
+    its logits are the gradient passes' floats)."""
+    base = grad_meta(dtype, d, on_cuda, False, False, False, False, precision)
     keep = ("RESIDENT", "BLOCK_D", "PRECISION", "UPCAST", "SUM_DOT", "BLOCK_M", "BLOCK_N")
     meta = {k: base[k] for k in keep if k in base}
     meta.update(CAST_W=dtype == torch.bfloat16, HAS_POS=bool(has_pos),
@@ -414,15 +418,15 @@ def aot_variants(ds=(128, 512), dtypes=(torch.float32, torch.bfloat16),
     """What can run on a GPU, in ``triton_contrastive.aot_variants``'s form (dicts: kernel,
     label, signature, constexprs, options), for tests/triton_aot.py. The heaviest form of each
     pass, which the lighter ones are subsets of (fewer loads, no splits' partial writes):
-      rows/stats       the stats-only rows pass (kind "fwd" tiling and configs), several
-                       splits, scale and bias as device pointers;
-      rows/stats+grad  the forward-with-grads rows pass (stats and dx, kind "grad"), several
-                       splits, pointers;
+      rows/stats       the stats-only rows pass, several splits, scale and bias as device
+                       pointers;
+      rows/stats+grad  the forward-with-grads rows pass (stats and dx), several splits,
+                       pointers;
       grad/g           a gradient-only pass with the upstream g (sigmoid_grad's columns pass,
                        g indexed by column; also the forward's dy pass minus the g load),
                        several splits, pointers;
-    each for every config ``prune_configs`` keeps (the first only with every_config=False);
-    plus the combine kernel."""
+    each with its one config (``sig_configs``; ``every_config`` is accepted for the interface
+    of ``triton_contrastive.aot_variants`` and changes nothing); plus the combine kernel."""
     for dtype in dtypes:
         for d in ds:
             for precision in (precisions if dtype == torch.float32 else ("ieee",)):
@@ -432,8 +436,7 @@ def aot_variants(ds=(128, 512), dtypes=(torch.float32, torch.bfloat16),
                     meta = sig_meta(dtype, d, True, precision, has_pos=True, with_stats=stats,
                                     with_grad=grad, g_cols=g_cols, one_split=False,
                                     scale_ptr=True, bias_ptr=True)
-                    cfgs = prune_configs(FWD_CONFIGS, _kind(grad), d, dtype, precision)
-                    for cfg in (cfgs if every_config else cfgs[:1]):
+                    for cfg in sig_configs(d, dtype, precision):
                         v = _variant(_sig_kernel, f"sigmoid/{name}", dtype, d, precision, meta,
                                      cfg, True, "splits=n scale_ptr=True bias_ptr=True")
                         sig = v["signature"]
