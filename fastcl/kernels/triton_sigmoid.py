@@ -1,7 +1,8 @@
 """Triton kernels of the SigLIP sigmoid epilogue (``sigmoid_forward`` / ``sigmoid_grad`` of the
-kernel contract), and their launchers. Re-exported by ``triton_contrastive`` (imported at its
-end, so that the helpers imported from it below exist); import it only after
-``TRITON_INTERPRET`` has its final value, as ``triton_contrastive``.
+kernel contract), and their launchers. ``triton_contrastive`` imports this module at its end
+and re-exports both launchers; this module imports that one's helpers after its own launchers
+are defined, so either may be imported first. Import it only after ``TRITON_INTERPRET`` has
+its final value, as ``triton_contrastive``.
 
 Math (x (n, D), y (m, D) used as given): z_ij = scale * (x_i . y_j) + bias, label t_ij = +1 at
 j == i + pos_offset (0 <= j < m), else -1 (no positive at all with pos_offset None);
@@ -54,7 +55,7 @@ under the inputs' device (``_on_device``).
 """
 from __future__ import annotations
 
-from typing import Iterator, Optional, Tuple
+from typing import Iterator, Optional
 
 import torch
 import triton
