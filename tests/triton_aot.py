@@ -21,8 +21,9 @@ triton type string such as ``"*fp32"`` or ``"i32"``; constexprs: name -> value; 
 or float parameter; for float32, both the IEEE and the TF32 variants), those are compiled;
 without ``args``, inner strides (``stride_*d``) are taken as 1 and other integers as multiples
 of 16. Otherwise the variants are built from the
-launchers' ``lse_meta`` / ``grad_meta``. The momentum kernels (EMA over an address table, queue
-push) and BYOL's cosine-loss kernels are added for each (D, dtype).
+launchers' ``lse_meta`` / ``grad_meta``. The SigLIP sigmoid epilogue's kernels
+(``triton_sigmoid.aot_variants``: the heaviest form of each pass), the momentum kernels (EMA over
+an address table, queue push) and BYOL's cosine-loss kernels are added for each (D, dtype).
 
 The matrix (documented choice, to stay near 2 minutes of CI on 2 cores): D in {64, 128, 256,
 1024} x storage dtype in {float32 (IEEE and TF32 products), bfloat16, float16} x every code
@@ -50,6 +51,7 @@ LOCAL_SIZE_BYTES once it is loaded on a device (which needs a GPU), and triton a
 these kernels it is register spilling (ptxas -v: "N bytes spill stores").
 
     python tests/triton_aot.py [--archs 80,89,90] [--dims 64,128,256,1024] [--workers 2]
+                               [--match sigmoid/]
 """
 from __future__ import annotations
 
@@ -74,6 +76,7 @@ from triton.compiler import ASTSource  # noqa: E402
 from fastcl.kernels import triton_contrastive as tc  # noqa: E402
 from fastcl.kernels import triton_cosine as tcos  # noqa: E402
 from fastcl.kernels import triton_momentum as tm  # noqa: E402
+from fastcl.kernels import triton_sigmoid as tsig  # noqa: E402
 
 F32, BF16, F16 = torch.float32, torch.bfloat16, torch.float16
 ARCHS = (80, 89, 90)
@@ -174,6 +177,27 @@ def _contrastive_variants(d, dtype, every_config=True):
             fn = fn.fn  # an Autotuner / Heuristics wrapper: the JITFunction inside
         args = dict(item[5]) if len(item) > 5 and item[5] is not None else None
         yield name, fn, dict(sig), dict(cx), dict(opts or {}), args
+
+
+def _sigmoid_variants(d, dtype, every_config=True):
+    """The SigLIP sigmoid epilogue's kernels (``triton_sigmoid.aot_variants``: the heaviest form
+    of each pass, one config each, and the split combine), in the contrastive variants' form.
+    ``full_arch_only`` names those compiled for FULL_ARCH alone (see ``build``)."""
+    for item in tsig.aot_variants(ds=(d,), dtypes=(dtype,), precisions=("ieee", "tf32"),
+                                  every_config=every_config):
+        yield (item["label"], item["kernel"], dict(item["signature"]),
+               dict(item["constexprs"]), dict(item["options"]), None)
+
+
+# Compiled for FULL_ARCH only: the sigmoid gradient-only pass, the lightest of the three
+# (sm_90: 104-178 registers, against 138-255 for the rows passes). Compiled once (Triton 3.9)
+# for every sm_80 / sm_89 group of the rotation, with the config it runs: 100-140 registers,
+# no spills; there it would add 8 compiles (~12 CPU s) to every CI run.
+FULL_ARCH_ONLY = ("sigmoid/grad/",)
+
+
+def full_arch_only(name: str) -> bool:
+    return name.startswith(FULL_ARCH_ONLY)
 
 
 def _other_variants(d, dtype):
@@ -349,8 +373,9 @@ def _compile(index):
         return {"error": msg, "s": time.perf_counter() - t0}
 
 
-def build(archs=ARCHS, dims=DIMS):
-    """[(label, job index)] and the distinct jobs, in a fixed order."""
+def build(archs=ARCHS, dims=DIMS, match=None):
+    """[(label, job index)] and the distinct jobs, in a fixed order (only the variants whose
+    label contains ``match``, when given)."""
     lines, keys = [], {}
     for i, d in enumerate(dims):
         for j, dtype in enumerate(DTYPES):
@@ -358,7 +383,8 @@ def build(archs=ARCHS, dims=DIMS):
             by_configs = {}
             for every in {arch == FULL_ARCH and d == ALL_CONFIGS_D for arch in targets}:
                 try:
-                    by_configs[every] = list(_contrastive_variants(d, dtype, every))
+                    by_configs[every] = (list(_contrastive_variants(d, dtype, every))
+                                         + list(_sigmoid_variants(d, dtype, every)))
                 except Exception as exc:  # aot_variants itself failed: one failing line
                     lines.append((f"aot_variants({d}, {_short(dtype)})",
                                   f"{type(exc).__name__}: {exc}".splitlines()[0]))
@@ -369,6 +395,10 @@ def build(archs=ARCHS, dims=DIMS):
                 variants = by_configs[arch == FULL_ARCH and d == ALL_CONFIGS_D] + others
                 for name, fn, sig, cx, opts, args in variants:
                     label = f"sm_{arch} {name} {_short(dtype)} d={d}"
+                    if match is not None and match not in label:
+                        continue
+                    if arch != FULL_ARCH and full_arch_only(name):
+                        continue
                     try:
                         spec = jit_specialization(fn, sig, cx, opts, args, d, target)
                     except Exception as exc:
@@ -404,11 +434,13 @@ def main(argv=None) -> int:
     ap.add_argument("--archs", default=",".join(map(str, ARCHS)))
     ap.add_argument("--dims", default=",".join(map(str, DIMS)))
     ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--match", default=None,
+                    help="compile only the variants whose label contains this string")
     ns = ap.parse_args(argv)
     archs = [int(a) for a in ns.archs.split(",")]
     dims = [int(d) for d in ns.dims.split(",")]
     t0 = time.perf_counter()
-    lines = build(archs, dims)
+    lines = build(archs, dims, ns.match)
     source = "aot_variants" if hasattr(tc, "aot_variants") else "lse_meta/grad_meta"
     print(f"matrix: {len(lines)} variants ({len(_JOBS)} distinct compiles), D in {dims}, "
           f"archs {['sm_%d' % a for a in archs]}, contrastive variants from {source}, "

@@ -1379,3 +1379,7 @@ def _variant(kernel, name, dtype, d, precision, meta, cfg, scale_ptr, extra):
              f"BN={cfg.kwargs['BLOCK_N']} w={cfg.num_warps} s={cfg.num_stages} {extra}")
     return dict(kernel=kernel, signature=sig, constexprs=constexprs, options=options,
                 label=label)
+
+
+# The SigLIP sigmoid epilogue (its own module; it imports this module's helpers).
+from fastcl.kernels.triton_sigmoid import sigmoid_forward, sigmoid_grad  # noqa: E402,F401
