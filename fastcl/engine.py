@@ -186,11 +186,10 @@ _SIGMOID_CHOICES = (("columns", "tensor"), ("positive", "index"), ("exclude_self
 # epilogue needs a backend's rows_cols_forward / rows_cols_grad, the sigmoid epilogue its
 # sigmoid_forward / sigmoid_grad (fastcl.kernels).
 _ALL_EPILOGUES = frozenset(EPILOGUES)
-_ROWS_COLS = frozenset(("softmax_rows", "softmax_rows_cols"))
 BACKENDS = {"reference": Backend("reference", epilogue=_ALL_EPILOGUES),
             "chunked": Backend("chunked", epilogue=_ALL_EPILOGUES),
             "cpp": Backend("cpp", epilogue=_ALL_EPILOGUES),
-            "triton": Backend("triton", epilogue=_ROWS_COLS)}
+            "triton": Backend("triton", epilogue=_ALL_EPILOGUES)}
 
 
 @functools.lru_cache(maxsize=None)

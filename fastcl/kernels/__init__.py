@@ -59,6 +59,22 @@ in the kernel). The C++ kernels are CPU-only and always get a float.
     the positives' term c_i = inv_temp (g_r_i expm1(-lr_i) + g_c_i expm1(-lc_i)) to both, then
     the normalization's backward when the spec normalizes.
 
+``sigmoid_forward(x, y, scale, bias, pos_offset, with_grads, precision) -> (loss, dscale, dbias, dx, dy)``
+    The sigmoid epilogue (SigLIP, ``engine.SIGLIP``; op layer ``fastcl.ops.sigmoid``): x (n, D)
+    and y (m, D) used as given, z_ij = scale * x_i . y_j + bias, label t_ij = +1 for j = i +
+    ``pos_offset`` where 0 <= j < m (``pos_offset`` None: no positive), else -1; pair loss
+    l_ij = softplus(-t_ij z_ij) (max(u, 0) + log1p(exp(-|u|)): finite for any finite z) and
+    weight w_ij = d l_ij / d z_ij = -t_ij sigmoid(-t_ij z_ij) (the positive's never formed as
+    sigmoid(z) - 1). Per row: loss_i = sum_j l_ij, dscale_i = sum_j w_ij x_i . y_j (raw dots),
+    dbias_i = sum_j w_ij, each summed per tile in the accumulation dtype and across tiles in
+    float64. With ``with_grads``: the gradients of sum_i loss_i, dx = scale W y and dy = scale
+    W^T x (C++ and chunked: from the same tile pass, 3 products; Triton: dy from a second pass
+    that recomputes the logits); else empty. ``scale`` and ``bias``: floats, or (Triton) 0-dim
+    device tensors read in the kernel. Everything in the accumulation dtype.
+``sigmoid_grad(x, y, scale, bias, pos_offset, g, need_rows, need_cols, precision) -> (dx, dy)``
+    dx = scale (g o W) y, dy = scale (g o W)^T x with per-row weights g, the logits recomputed
+    (the backward of per-row losses); empty where not needed.
+
 Optional, C++ only: the dense path for small in-batch passes (``dense_forward``,
 ``dense_grad_cols``, ``dense_backward``, ``dense_fits``; see ``fastcl.kernels.cpp``). While the
 (n x m) logits fit ``DENSE_CAP_BYTES`` (16 MiB) the op keeps the probabilities from the forward
