@@ -441,6 +441,16 @@ def siglip_loss(image_features: Tensor, text_features: Tensor, logit_scale, logi
 def _check_siglip(image_features, text_features, logit_scale, logit_bias, reduction: str):
     """The checked arguments of siglip_loss / SigLipLoss: (image, text) promoted to one dtype,
     the scale and the bias (None, a float or a 0-dim tensor)."""
+    _check_pairs(image_features, text_features)
+    scale = _check_real(logit_scale, "logit_scale")
+    bias = None if logit_bias is None else _check_real(logit_bias, "logit_bias")
+    _check_choice(reduction, "reduction", _REDUCTIONS)
+    image, text = _promote(image_features, text_features)
+    return image, text, scale, bias
+
+
+def _check_pairs(image_features, text_features) -> None:
+    """Two (N, D) floating tensors of matching pairs on one device (CLIP, SigLIP)."""
     _check_tensor(image_features, "image_features", 2)
     _check_tensor(text_features, "text_features", 2)
     _check_same(text_features, "text_features", image_features, "image_features")
@@ -449,11 +459,6 @@ def _check_siglip(image_features, text_features, logit_scale, logit_bias, reduct
             f"image_features and text_features must hold the same number of pairs (row i of "
             f"each is a matching image-text pair), got {image_features.shape[0]} and "
             f"{text_features.shape[0]} rows")
-    scale = _check_real(logit_scale, "logit_scale")
-    bias = None if logit_bias is None else _check_real(logit_bias, "logit_bias")
-    _check_choice(reduction, "reduction", _REDUCTIONS)
-    image, text = _promote(image_features, text_features)
-    return image, text, scale, bias
 
 
 def _check_real(value, name: str):
@@ -476,14 +481,7 @@ def _check_real(value, name: str):
 def _check_clip(image_features, text_features, logit_scale, logit_bias, reduction: str):
     """The checked arguments of clip_loss / ClipLoss: (image, text) promoted to one dtype, the
     scale (a float or a 0-dim tensor) and the bias (None, a float or a 0-dim tensor)."""
-    _check_tensor(image_features, "image_features", 2)
-    _check_tensor(text_features, "text_features", 2)
-    _check_same(text_features, "text_features", image_features, "image_features")
-    if text_features.shape[0] != image_features.shape[0]:
-        raise ValueError(
-            f"image_features and text_features must hold the same number of pairs (row i of "
-            f"each is a matching image-text pair), got {image_features.shape[0]} and "
-            f"{text_features.shape[0]} rows")
+    _check_pairs(image_features, text_features)
     scale = engine.check_temperature(logit_scale, "logit_scale")
     bias = _check_bias(logit_bias)
     _check_choice(reduction, "reduction", _REDUCTIONS)

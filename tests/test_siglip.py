@@ -11,7 +11,6 @@ per rank (``SigLipLoss(rank, world_size)``, open_clip's semantics).
 """
 from __future__ import annotations
 
-import contextlib
 import datetime
 import math
 import os
@@ -30,6 +29,8 @@ from hypothesis import strategies as st
 import fastcl
 from fastcl import engine
 from tolerances import assert_within_rule, max_err
+# The backends, the fixture that forces each (used by name), drawn tile edges, leaves: CLIP's.
+from test_clip import ALL_BACKENDS, _leaf, _tiling, any_backend  # noqa: F401
 
 F64 = torch.float64
 TIGHT = 1e-10  # float64, relative to max(1, |formula|)
@@ -67,41 +68,12 @@ def open_clip_rank_loss(images, texts, scale, bias, rank, n):
 # ------------------------------------------------------------------------ backends --------
 
 
-def _all_backends():
-    try:
-        from conftest import BACKENDS, Backend
-    except ImportError:  # a distributed worker whose sys.path finds another conftest first
-        return []
-    return BACKENDS + [Backend("reference", "cpu")]
-
-
-ALL_BACKENDS = _all_backends()
-
-
-@pytest.fixture(params=ALL_BACKENDS, ids=repr)
-def any_backend(request):
-    """Every fastcl backend (the conftest's, plus the reference), forced for the test."""
-    with fastcl.use_backend(request.param.name):
-        yield request.param
-
-
 def _declares(name: str) -> bool:
     return engine.BACKENDS[name].unsupported(engine.SIGLIP) is None
 
 
 # The full-speed CPU backends that declare the epilogue.
 FUSED_CPU = [name for name in ("cpp", "chunked") if _declares(name)]
-
-
-def _tiling(backend, data):
-    """Drawn tile edges on the tiled CPU backends, so small batches cross tile boundaries."""
-    from conftest import CPU_BACKENDS, kernel_module, tile_patch
-
-    if backend.name not in CPU_BACKENDS:
-        return contextlib.nullcontext()
-    tile = data.draw(st.sampled_from([kernel_module(backend.name)._TILE, 3, 7, 16]),
-                     label="tile")
-    return tile_patch(backend.name, tile)
 
 
 def _features(gen, n, d, kind, dtype=F64, device="cpu"):
@@ -129,11 +101,6 @@ def _draw_case(data, small):
     bias = data.draw(st.one_of(st.floats(-100.0, 100.0), st.sampled_from([-10.0, 0.0])),
                      label="bias")
     return n, d, kind, scale, bias
-
-
-def _leaf(x, dtype=None):
-    x = x.detach().clone() if dtype is None else x.detach().to(dtype)
-    return x.requires_grad_()
 
 
 # --------------------------------------------------------------- values and gradients -----

@@ -130,6 +130,41 @@ class DCLWLoss(DCLLoss):
         self.sigma = sigma
 
 
+def _check_world(world_size, rank) -> None:
+    """open_clip's rank and world_size arguments: ints, 0 <= rank < world_size."""
+    for name, value in (("world_size", world_size), ("rank", rank)):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if world_size < 1:
+        raise ValueError(f"world_size must be >= 1, got {world_size}")
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank must be in [0, world_size - 1] = [0, {world_size - 1}], "
+                         f"got {rank}")
+
+
+def _equal_shards(module, what: str, functional: str, image_features, text_features,
+                  logit_scale, logit_bias):
+    """Every rank's rows (the ranks' agreement checked) of an open_clip loss module on several
+    ranks: the process group must match the module's rank and world_size, and every rank's
+    batch must be the same size, as open_clip assumes."""
+    from fastcl import distributed as D
+
+    name = type(module).__name__
+    size, rank = D.world()
+    if (size, rank) != (module.world_size, module.rank):
+        raise ValueError(f"{name} was built with world_size={module.world_size}, "
+                         f"rank={module.rank}, but the process group has world size {size} "
+                         f"and this process is rank {rank}")
+    sizes = D.check_ranks(f"fastcl.nn.{name}", "image_features", image_features,
+                          text_features=text_features, logit_scale=logit_scale,
+                          logit_bias=logit_bias)
+    if len(set(sizes)) != 1:
+        raise ValueError(f"{what} needs the same batch size on every rank, as open_clip "
+                         f"assumes, got {sizes} rows per rank; for uneven shards use "
+                         f"{functional}(..., distributed=True)")
+    return sizes
+
+
 class ClipLoss(nn.Module):
     """CLIP's symmetric loss, a drop-in for open_clip's ``ClipLoss(local_loss=False,
     gather_with_grad=False, cache_labels=False, rank=0, world_size=1, use_horovod=False)``:
@@ -162,14 +197,7 @@ class ClipLoss(nn.Module):
                  cache_labels: bool = False, rank: int = 0, world_size: int = 1,
                  use_horovod: bool = False):
         super().__init__()
-        for name, value in (("world_size", world_size), ("rank", rank)):
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-        if world_size < 1:
-            raise ValueError(f"world_size must be >= 1, got {world_size}")
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank must be in [0, world_size - 1] = [0, {world_size - 1}], "
-                             f"got {rank}")
+        _check_world(world_size, rank)
         if use_horovod:
             raise ValueError("use_horovod=True is not supported: fastcl runs on "
                              "torch.distributed (open_clip's recent releases removed horovod)")
@@ -199,19 +227,9 @@ class ClipLoss(nn.Module):
     def _local_loss(self, image_features, text_features, logit_scale, logit_bias):
         from fastcl import distributed as D
 
-        size, rank = D.world()
-        if (size, rank) != (self.world_size, self.rank):
-            raise ValueError(f"ClipLoss was built with world_size={self.world_size}, "
-                             f"rank={self.rank}, but the process group has world size {size} "
-                             f"and this process is rank {rank}")
-        sizes = D.check_ranks("fastcl.nn.ClipLoss", "image_features", image_features,
-                              text_features=text_features, logit_scale=logit_scale,
-                              logit_bias=logit_bias)
-        if len(set(sizes)) != 1:
-            raise ValueError(f"ClipLoss(local_loss=True, gather_with_grad=True) needs the same "
-                             f"batch size on every rank, as open_clip assumes, got "
-                             f"{sizes} rows per rank; for uneven shards use "
-                             "fastcl.clip_loss(..., distributed=True)")
+        sizes = _equal_shards(self, "ClipLoss(local_loss=True, gather_with_grad=True)",
+                              "fastcl.clip_loss", image_features, text_features, logit_scale,
+                              logit_bias)
         image, text, scale, bias = FC._check_clip(image_features, text_features, logit_scale,
                                                   logit_bias, "mean")
         return FC._with_bias(D.clip_local_loss(image, text, scale, sizes), bias)
@@ -253,14 +271,7 @@ class SigLipLoss(nn.Module):
     def __init__(self, cache_labels: bool = False, rank: int = 0, world_size: int = 1,
                  dist_impl: Optional[str] = None):
         super().__init__()
-        for name, value in (("world_size", world_size), ("rank", rank)):
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-        if world_size < 1:
-            raise ValueError(f"world_size must be >= 1, got {world_size}")
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank must be in [0, world_size - 1] = [0, {world_size - 1}], "
-                             f"got {rank}")
+        _check_world(world_size, rank)
         if dist_impl not in _DIST_IMPLS:
             raise ValueError(f"dist_impl must be one of {_DIST_IMPLS} (open_clip's), got "
                              f"{dist_impl!r}")
@@ -280,18 +291,8 @@ class SigLipLoss(nn.Module):
     def _local_loss(self, image_features, text_features, logit_scale, logit_bias):
         from fastcl import distributed as D
 
-        size, rank = D.world()
-        if (size, rank) != (self.world_size, self.rank):
-            raise ValueError(f"SigLipLoss was built with world_size={self.world_size}, "
-                             f"rank={self.rank}, but the process group has world size {size} "
-                             f"and this process is rank {rank}")
-        sizes = D.check_ranks("fastcl.nn.SigLipLoss", "image_features", image_features,
-                              text_features=text_features, logit_scale=logit_scale,
-                              logit_bias=logit_bias)
-        if len(set(sizes)) != 1:
-            raise ValueError(f"SigLipLoss on several ranks needs the same batch size on every "
-                             f"rank, as open_clip assumes, got {sizes} rows per rank; for "
-                             "uneven shards use fastcl.siglip_loss(..., distributed=True)")
+        sizes = _equal_shards(self, "SigLipLoss on several ranks", "fastcl.siglip_loss",
+                              image_features, text_features, logit_scale, logit_bias)
         image, text, scale, bias = FC._check_siglip(image_features, text_features, logit_scale,
                                                     logit_bias, "mean")
         return D.siglip_local_loss(image, text, scale, bias, sizes)
