@@ -417,8 +417,11 @@ def siglip_loss(image_features: Tensor, text_features: Tensor, logit_scale, logi
     For ``"mean"`` and ``"sum"`` the forward's tile pass also forms both features' gradients,
     and the backward only scales them by the upstream gradient (three matrix products in all,
     as Liger-Kernel's fused cross-entropy); ``"none"`` recomputes the logits in the backward
-    (four). The loss is float32 for bfloat16, float16 and float32 inputs (float64 for
-    float64), inside and outside autocast; each gradient comes back in its input's dtype.
+    (four). The summed forms hand their precomputed gradients to the backward, scaled in
+    place (no second copy); a second backward through the same graph (``retain_graph=True``)
+    recomputes them. The loss
+    is float32 for bfloat16, float16 and float32 inputs (float64 for float64), inside and
+    outside autocast; each gradient comes back in its input's dtype.
     log sigmoid is computed as -softplus, finite for logits of any finite size. Memory
     O(N D). Not twice differentiable (``create_graph=True`` raises), except on the reference
     backend.

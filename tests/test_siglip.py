@@ -394,6 +394,34 @@ def test_double_backward_refused_by_the_kernels_and_run_by_the_reference():
                                             (x, y.requires_grad_(), a, b))
 
 
+@pytest.mark.parametrize("name", FUSED_CPU)
+def test_a_second_backward_through_the_summed_loss(name):
+    """The summed loss hands the gradients its forward formed to the first backward, scaled in
+    place (no second copy); a second backward through the same graph (retain_graph=True)
+    recomputes them: the same gradients (to rounding), never a rescaled buffer. The per-row
+    losses recompute every time."""
+    gen = torch.Generator().manual_seed(13)
+    img, txt = _features(gen, 9, 5, "unit"), _features(gen, 9, 5, "unit")
+    x64 = _leaf(img)
+    (want,) = torch.autograd.grad(siglip_formula(x64, txt, 10.0, -10.0), [x64])
+    with fastcl.use_backend(name):
+        for reduction in ("mean", "sum", "none"):
+            x, y = _leaf(img), _leaf(txt)
+            out = fastcl.siglip_loss(x, y, 10.0, -10.0, reduction)
+            loss = out.sum() / (9 if reduction != "mean" else 1)
+            grads = [torch.autograd.grad(loss, [x, y], retain_graph=True) for _ in range(3)]
+            torch.testing.assert_close(grads[0][0], want, rtol=1e-10, atol=1e-12)
+            for later in grads[1:]:
+                for p, q in zip(later, grads[0]):
+                    torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-14)
+        # And .backward() twice accumulates twice the gradient.
+        x = _leaf(img)
+        loss = fastcl.siglip_loss(x, txt, 10.0, -10.0)
+        loss.backward(retain_graph=True)
+        loss.backward()
+        torch.testing.assert_close(x.grad, 2 * want, rtol=1e-10, atol=1e-12)
+
+
 def test_no_grad_and_detached_inputs():
     """Under no_grad (evaluation) the value is the training value and nothing is formed for a
     backward; with detached features only the scale and bias get gradients."""
