@@ -14,7 +14,8 @@ scale (call argument)      a 0-dim tensor with a gradient, or a Python float   l
 ``exclude_self``           the diagonal left out (``columns="rows"``)          NT-Xent, DCL, SupCon
 ``positive``               ``"none"``, ``"offset"`` (i <-> i + n/2 of C = R),  -, NT-Xent, in-batch
                            ``"index"`` (column i), ``"key"`` (one explicit     InfoNCE, MoCo,
-                           key per row), ``"labels"`` (planned)                SupCon
+                           key per row), ``"labels"`` (columns of the row's    SupCon
+                           label but its own)
 ``positive_in_denominator``  the positive in the row's logsumexp or not         InfoNCE family / DCL
 ``normalize``              rows and columns L2-normalized inside (True) or     all above / CLIP
                            used as given (False: the op passes norms of ones)
@@ -87,8 +88,16 @@ class Spec:
         if self.positive == "offset" and self.columns != "rows":
             raise ValueError("Spec: positive='offset' pairs row i with row i + n/2 of the rows "
                              "themselves: it needs columns='rows'")
-        if self.exclude_self and self.columns != "rows":
-            raise ValueError("Spec: exclude_self needs columns='rows'")
+        if self.exclude_self and self.columns != "rows" and self.positive != "labels":
+            # (label positives: the rows are a block of the columns, at the call's offset)
+            raise ValueError("Spec: exclude_self needs columns='rows' (or positive='labels')")
+        if self.positive == "labels" and not self.exclude_self:
+            raise ValueError("Spec: positive='labels' excludes each row's own column: it needs "
+                             "exclude_self=True")
+        if self.positive == "labels" and (self.epilogue != "softmax_rows"
+                                          or not self.positive_in_denominator):
+            raise ValueError("Spec: positive='labels' is a softmax_rows pass with the "
+                             "positives in the denominator")
         if self.columns == "rows" and not self.exclude_self:
             raise ValueError("Spec: a softmax over the rows themselves must exclude_self")
         if not self.positive_in_denominator and self.positive == "none":
@@ -129,6 +138,12 @@ IN_BATCH = Spec(columns="tensor", positive="index")
 QUEUE = Spec(columns="tensor", positive="key")
 # CLIP (open_clip's ClipLoss): features used as given, both softmax directions in one pass.
 CLIP = Spec(columns="tensor", positive="index", normalize=False, epilogue="softmax_rows_cols")
+# SupCon (SupContrast's SupConLoss) with contrast_mode="all": every view of every sample is an
+# anchor against all the others; the positives are the other rows of the same label.
+SUPCON = Spec(columns="rows", positive="labels", exclude_self=True)
+# The same with the rows a block of the columns (at the call's offset): contrast_mode="one"
+# (view 0 against every view) and the distributed loss (local rows against every rank's).
+SUPCON_ROWS = Spec(columns="tensor", positive="labels", exclude_self=True)
 # One direction of CLIP (its distributed form: two row passes with other ranks' columns).
 CLIP_ROWS = Spec(columns="tensor", positive="index", normalize=False)
 # SigLIP (open_clip's SigLipLoss): a sigmoid per pair, features used as given.

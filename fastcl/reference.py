@@ -172,6 +172,73 @@ def siglip_loss(image_features, text_features, logit_scale, logit_bias=None,
     return _reduce(rows, reduction)
 
 
+def label_pairs(rows, cols, row_labels, col_labels, scale, offset: int = 0,
+                normalize: bool = True):
+    """The label-positive pass (SupCon; the kernels' ``labels_forward`` contract), densely:
+    (loss, lse, dscale, count) per row, in the compute dtype (lse too).
+
+    Logits s_ij = scale * rhat_i . chat_j (L2-normalized when ``normalize``); row i's own
+    column i + ``offset`` is excluded; its positives are the other columns j with
+    ``col_labels[j] == row_labels[i]`` (count_i of them); lse_i = logsumexp over every
+    column but its own; loss_i = lse_i - mean of its positive logits, 0 when it has none
+    (SupContrast's convention); dscale_i = d loss_i / d scale. Differentiable to any order."""
+    dtype = _compute_dtype(rows)
+    norm = (lambda x: F.normalize(x.to(dtype), dim=1)) if normalize else (lambda x: x.to(dtype))
+    r, c = norm(rows), norm(cols)
+    n, m = r.shape[0], c.shape[0]
+    dots = r @ c.T
+    logits = _multiply(dots, scale)
+    own = torch.zeros(n, m, dtype=torch.bool, device=r.device)
+    own[torch.arange(n, device=r.device), torch.arange(n, device=r.device) + offset] = True
+    positive = (row_labels[:, None] == col_labels[None, :]) & ~own
+    count = positive.sum(dim=1).to(dtype)
+    lse = torch.logsumexp(logits.masked_fill(own, float("-inf")), dim=1)
+    has = count > 0
+    safe = torch.where(has, count, torch.ones_like(count))
+    pos_mean = (logits * positive).sum(dim=1) / safe
+    loss = torch.where(has, lse - pos_mean, torch.zeros_like(lse))
+    p = torch.softmax(logits.masked_fill(own, float("-inf")), dim=1)
+    d_mean = (dots * positive).sum(dim=1) / safe
+    dscale = torch.where(has, (p * dots.masked_fill(own, 0)).sum(dim=1) - d_mean,
+                         torch.zeros_like(lse))
+    return loss, lse, dscale, count
+
+
+def supcon_loss(features, labels=None, temperature=0.07, base_temperature=None,
+                contrast_mode: str = "all", reduction: str = "mean") -> torch.Tensor:
+    """SupContrast's ``SupConLoss`` formula, written out densely (O((V B)^2) memory), with the
+    features L2-normalized first: (B, V, D) or (B, D) features, ``labels`` (B,) or None (the
+    other views of the same sample are the positives). Anchors: every view (``"all"``) or
+    view 0 (``"one"``), against every view of every sample but the anchor itself. Per anchor
+    -(tau / base_tau) * mean over its positives of log softmax; an anchor without a positive
+    contributes 0 and counts in the mean. ``"none"``: (B, V) for ``"all"``, (B,) for
+    ``"one"``. Compute dtype."""
+    dtype = _compute_dtype(features)
+    if features.dim() == 2:
+        features = features[:, None]
+    b, v, _ = features.shape
+    if labels is None:
+        labels = torch.arange(b, device=features.device)
+    z = F.normalize(features.to(dtype), dim=2).transpose(0, 1).reshape(v * b, -1)
+    all_labels = labels.reshape(-1).repeat(v)
+    n_anchor = b if contrast_mode == "one" else v * b
+    logits = _divide(z[:n_anchor] @ z.T, temperature)
+    own = torch.zeros_like(logits, dtype=torch.bool)
+    own[torch.arange(n_anchor), torch.arange(n_anchor)] = True
+    positive = (all_labels[:n_anchor, None] == all_labels[None, :]) & ~own
+    log_prob = logits - torch.logsumexp(logits.masked_fill(own, float("-inf")), dim=1,
+                                        keepdim=True)
+    count = positive.sum(dim=1)
+    mean_pos = (log_prob * positive).sum(dim=1) / count.clamp_min(1)
+    factor = 1.0 if base_temperature is None else temperature / base_temperature
+    if isinstance(factor, torch.Tensor):
+        factor = factor.to(dtype)
+    loss = -factor * mean_pos
+    if reduction == "none":
+        return loss if contrast_mode == "one" else loss.view(v, b).T
+    return _reduce(loss, reduction)
+
+
 def nt_xent(
     z1: torch.Tensor, z2: torch.Tensor, temperature=0.5, reduction: str = "mean"
 ) -> torch.Tensor:

@@ -75,6 +75,33 @@ in the kernel). The C++ kernels are CPU-only and always get a float.
     dx = scale (g o W) y, dy = scale (g o W)^T x with per-row weights g, the logits recomputed
     (the backward of per-row losses); empty where not needed.
 
+``labels_forward(q, k, nq, nk, lq, lk, inv_temp, offset, precision, with_dscale=False) -> (loss, lse, dscale, count)``
+    The label positives (SupCon, ``engine.SUPCON_ROWS``): q (n, D), k (m, D), s_ij as above;
+    ``lq`` (n,) and ``lk`` (m,) int64 labels; row i's own column i + ``offset`` (0 <= offset,
+    offset + n <= m: the rows are k[offset:offset + n], passed separately) is excluded from
+    everything; its positives are the other columns with lk[j] == lq[i], count_i of them
+    (returned in the accumulation dtype). lse_i (float64) = logsumexp over every column but
+    its own (-inf when there is none); loss_i = (m_i - sp_i / count_i) + log l_i with sp_i the
+    sum of the positive logits (each the very float the max and sum saw), and loss_i = 0 when
+    count_i = 0 (SupContrast's convention: no positive, no loss). With ``with_dscale``:
+    dscale_i = (t_i / l_i + (m_i - sp_i / count_i)) / inv_temp = sum_j p_ij d_ij - mean of the
+    positives' d_ij (t_i the centred moment above), 0 when count_i = 0; else empty.
+``labels_grad(a, b, na, nb, la, lb, lse_a, ga_a, gp_a, lse_b, ga_b, gp_b, inv_temp, offset, precision) -> out_a``
+    out_a = inv_temp * sum_b W_ab bhat_b over the label pass's pairs. With the statistics on
+    a's side (lse_a, ga_a, gp_a given; the b ones None): W_ab = ga_a exp(s_ab - lse_a) -
+    gp_a [la_a == lb_b], the pair (a, a + offset) excluded: the rows' gradient, (a, b) = (q,
+    k). With them on b's side: W_ab = ga_b exp(s_ab - lse_b) - gp_b [la_a == lb_b], the pair
+    (b + offset, b) excluded: the columns' gradient, (a, b) = (k, q). The op layer passes ga
+    = g and gp = g / count, both 0 where count = 0.
+``labels_sym_forward(z, nz, labels, inv_temp, precision, with_dscale=False) -> (loss, lse, dscale, count)``
+    ``labels_forward`` with q = k = z, lq = lk = ``labels``, offset 0 (SupCon's
+    ``contrast_mode="all"``, ``engine.SUPCON``): the logits are symmetric, so a backend may
+    compute each tile pair once.
+``labels_sym_grad(z, nz, labels, lse, ga, gp, inv_temp, precision) -> out``
+    d/d zhat of the symmetric pass: out = inv_temp * sum_j (W_ij + W_ji) zhat_j with W_ij =
+    ga_i exp(s_ij - lse_i) - gp_i [l_i == l_j] over i != j: one pass over the tiles on and
+    above the diagonal gives both (the positives are inside the tiles: no separate term).
+
 Optional, C++ only: the dense path for small in-batch passes (``dense_forward``,
 ``dense_grad_cols``, ``dense_backward``, ``dense_fits``; see ``fastcl.kernels.cpp``). While the
 (n x m) logits fit ``DENSE_CAP_BYTES`` (16 MiB) the op keeps the probabilities from the forward
