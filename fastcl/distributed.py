@@ -16,6 +16,9 @@ holding a (global × global) or (local × global) similarity matrix:
   the columns, the positive of local row i is its own key. (With a queue, as in MoCo v2, or
   paired negatives, each row's logits are already local: ``fastcl.info_nce(...,
   distributed=True)`` then only reduces over the global batch, with ``reduce_value``.)
+- ``supcon(features, labels, ...)`` (``fastcl.supcon_loss(..., distributed=True)``): each
+  rank's anchors against every rank's views (one differentiable all-gather), with every
+  rank's labels (gathered): positives on other ranks count as positives.
 - ``all_gather_rows(x)``: the same gather without autograd (the keys a MoCo queue enqueues).
 
 Reduction and gradients. ``"mean"`` and ``"sum"`` return, on every rank, the value over the
@@ -62,7 +65,7 @@ from fastcl import engine
 
 __all__ = ["gather", "all_gather_rows", "nt_xent", "info_nce", "world", "reduce_value",
            "reduce_sum", "check_ranks", "check_shards", "clip_rows", "clip_local_loss",
-           "siglip", "siglip_local_loss"]
+           "siglip", "siglip_local_loss", "supcon"]
 
 
 def world() -> Tuple[int, int]:
@@ -97,9 +100,10 @@ _CALLS = ("fastcl.nt_xent", "fastcl.info_nce", "fastcl.distributed.nt_xent",
           "fastcl.distributed.info_nce", "fastcl.distributed.gather",
           "fastcl.distributed.all_gather_rows", "NegativeQueue.push", "fastcl.dcl_loss",
           "fastcl.clip_loss", "fastcl.nn.ClipLoss", "fastcl.siglip_loss",
-          "fastcl.nn.SigLipLoss")
+          "fastcl.nn.SigLipLoss", "fastcl.supcon_loss")
 # String arguments are sent as their index in these choices (-1: none of them).
-_CHOICES = {"reduction": ("mean", "sum", "none"), "negative_mode": ("unpaired", "paired")}
+_CHOICES = {"reduction": ("mean", "sum", "none"), "negative_mode": ("unpaired", "paired"),
+            "contrast_mode": ("all", "one")}
 # dtypes by name (not by torch object) so that the index does not depend on the torch version.
 _DTYPE_NAMES = ("float32", "float64", "float16", "bfloat16", "float8_e4m3fn", "float8_e5m2",
                 "float8_e4m3fnuz", "float8_e5m2fnuz", "complex32", "complex64", "complex128",
@@ -425,3 +429,34 @@ def siglip_local_loss(image: Tensor, text: Tensor, scale, bias, sizes: List[int]
     the gathered texts' gradients are summed over ranks (as open_clip's neighbour exchanges
     give), the scale and bias get this rank's term."""
     return _siglip_against_all(image, text, scale, bias, sizes, reduce=True) / image.shape[0]
+
+
+def supcon(features: Tensor, labels: Optional[Tensor], tau, factor, contrast_mode: str,
+           reduction: str, sizes: List[int]) -> Tensor:
+    """SupCon over the global batch (arguments checked by ``fastcl.supcon_loss``; ``sizes``:
+    every rank's samples): this rank's anchors against every rank's views, each rank's (V b_r,
+    D) view-major block gathered in rank order (one differentiable all-gather: its backward
+    sums each shard's gradients over ranks), labels gathered alongside (without labels, each
+    sample's global index, so that only its own views are its positives). ``"mean"`` and
+    ``"sum"``: the global value on every rank, DDP's gradient convention; ``"none"``: this
+    rank's anchors, (b, V) or (b,)."""
+    from fastcl import functional
+
+    b, v, _ = features.shape
+    _, rank = world()
+    if labels is None:
+        labels = torch.arange(b, device=features.device) + sum(sizes[:rank])
+    z = functional._views_major(features)
+    block_sizes = [v * s for s in sizes]
+    full, start, _ = _gather_with_offsets(z, block_sizes)
+    all_labels = all_gather_rows(labels.repeat(v), block_sizes)
+    if contrast_mode == "all":
+        rows = engine.run_labels(engine.SUPCON_ROWS, z, full, row_labels=labels.repeat(v),
+                                 col_labels=all_labels, offset=start, temperature=tau)
+    else:
+        rows = engine.run_labels(engine.SUPCON_ROWS, features[:, 0], full, row_labels=labels,
+                                 col_labels=all_labels, offset=start, temperature=tau)
+    rows = functional._times(rows, factor)
+    if reduction == "none":
+        return rows.view(v, b).T if contrast_mode == "all" else rows
+    return reduce_value(rows, reduction)

@@ -183,6 +183,9 @@ class Backend:
             if others:
                 return ("epilogue='sigmoid' with other ranks' rows as negatives-only columns "
                         "(pass them as columns, with pos_offset)")
+        if spec.positive == "labels" and others:
+            return ("positive='labels' with other ranks' rows as negatives-only columns (pass "
+                    "every rank's rows as the columns, with the rows' offset)")
         if others and not self.others:
             return "other ranks' rows as columns"
         return None
@@ -201,8 +204,9 @@ _SIGMOID_CHOICES = (("columns", "tensor"), ("positive", "index"), ("exclude_self
 # epilogue needs a backend's rows_cols_forward / rows_cols_grad, the sigmoid epilogue its
 # sigmoid_forward / sigmoid_grad (fastcl.kernels).
 _ALL_EPILOGUES = frozenset(EPILOGUES)
-BACKENDS = {"reference": Backend("reference", epilogue=_ALL_EPILOGUES),
-            "chunked": Backend("chunked", epilogue=_ALL_EPILOGUES),
+_ALL_POSITIVES = frozenset(POSITIVES)
+BACKENDS = {"reference": Backend("reference", epilogue=_ALL_EPILOGUES, positive=_ALL_POSITIVES),
+            "chunked": Backend("chunked", epilogue=_ALL_EPILOGUES, positive=_ALL_POSITIVES),
             "cpp": Backend("cpp", epilogue=_ALL_EPILOGUES),
             "triton": Backend("triton", epilogue=_ALL_EPILOGUES)}
 
@@ -351,3 +355,40 @@ def run_sigmoid(spec: Spec, rows: Tensor, cols: Tensor, *, scale, bias=None,
                   and (rows.requires_grad or cols.requires_grad))
     return ops.sigmoid.run(rows, cols, a, b, spec.code(), pos_offset, reduce, need_grads,
                            backend)
+
+
+def run_labels(spec: Spec, rows: Tensor, cols: Optional[Tensor] = None, *, row_labels: Tensor,
+               col_labels: Optional[Tensor] = None, offset: int = 0, temperature=None,
+               scale=None) -> Tensor:
+    """The per-row losses of a label-positive pass (``positive="labels"``: SupCon): l_i =
+    lse_i - mean of row i's positive logits, 0 for a row without a positive (float32;
+    float64 for float64 inputs), differentiable with respect to ``rows``, ``cols`` and a
+    tensor temperature / scale.
+
+    ``spec.columns="rows"`` (:data:`SUPCON`): the rows are their own columns, ``row_labels``
+    (n,) int64 theirs. ``"tensor"`` (:data:`SUPCON_ROWS`): ``cols`` (m, D) with
+    ``col_labels`` (m,), the rows being ``cols[offset:offset + n]`` (row i's own column, left
+    out). The positives of row i: the other columns with its label."""
+    from fastcl import _config, ops, reference
+
+    if (temperature is None) == (scale is None):
+        raise TypeError("engine.run_labels takes exactly one of temperature= and scale=")
+    if spec.positive != "labels":
+        raise TypeError(f"engine.run_labels runs label-positive passes, got {spec.code()}")
+    n = rows.shape[0]
+    if spec.columns == "rows":
+        if cols is not None or col_labels is not None or offset != 0:
+            raise TypeError("columns='rows': no cols, col_labels or offset")
+    elif cols is None or col_labels is None or not 0 <= offset <= cols.shape[0] - n:
+        raise ValueError("columns='tensor' needs cols and col_labels, with the rows at "
+                         "cols[offset:offset + n]")
+    backend = _config.get_backend()
+    if backend == "reference":
+        require(spec, "reference")
+        a = 1.0 / temperature if scale is None else scale
+        c, lc = (rows, row_labels) if spec.columns == "rows" else (cols, col_labels)
+        return reference.label_pairs(rows, c, row_labels, lc, a, offset, spec.normalize)[0]
+    a = scale_of(temperature, rows) if scale is None else scale_tensor(scale, rows)
+    need_dscale = torch.is_grad_enabled() and a.requires_grad
+    return ops.labels.label_rows(rows, cols, row_labels, col_labels, a, spec.code(), offset,
+                                 need_dscale, backend)[0]

@@ -98,7 +98,8 @@ _LABELS_HINT = (
     "of z1 and row i of z2 are the positive pair). It looks like it was called as "
     "pytorch-metric-learning's loss(embeddings, labels): for two views whose labels are "
     "arange(N) repeated twice (SelfSupervisedLoss), call nt_xent(embeddings[:N], "
-    "embeddings[N:]); labels with several positives per anchor are not supported yet"
+    "embeddings[N:]); for labels with several positives per anchor, call "
+    "fastcl.supcon_loss(embeddings, labels)"
 )
 
 
@@ -439,6 +440,129 @@ def siglip_loss(image_features: Tensor, text_features: Tensor, logit_scale, logi
         return engine.run_sigmoid(engine.SIGLIP, image, text, scale=scale, bias=bias)
     total = engine.run_sigmoid(engine.SIGLIP, image, text, scale=scale, bias=bias, reduce=True)
     return total / image.shape[0] if reduction == "mean" else total
+
+
+_CONTRAST_MODES = ("all", "one")
+
+
+def supcon_loss(features: Tensor, labels: Optional[Tensor] = None, temperature=0.07,
+                base_temperature=None, contrast_mode: str = "all", reduction: str = "mean",
+                distributed: bool = False) -> Tensor:
+    """Supervised contrastive loss (SupCon, Khosla et al. 2020) and multi-view SimCLR, fused:
+    SupContrast's ``SupConLoss`` without its dense (V B)^2 tensors (memory O(V B D)).
+
+    Args:
+        features: (B, V, D) embeddings of V views of B samples, or (B, D) for one view (which
+            needs ``labels``: with one view and no labels no anchor has a positive). Any
+            floating dtype, any strides; L2-normalized inside (SupContrast expects unit-norm
+            inputs and does not normalize: on those the two agree, and a user's own
+            normalization upstream keeps its values and gradients).
+        labels: (B,) integer class labels (a (B, 1) column is accepted too), or ``None``: the
+            positives of an anchor are then the other views of its own sample (multi-view
+            SimCLR; with V = 2 this is :func:`nt_xent` of the two views).
+        temperature: tau > 0, a Python float or a one-element tensor that may require grad.
+        base_temperature: tau_base > 0 (a float or tensor), or ``None`` for tau itself (no
+            extra factor). SupContrast's module default is 0.07.
+        contrast_mode: ``"all"`` (every view of every sample is an anchor) or ``"one"``
+            (view 0 only), against every view of every sample.
+        reduction: ``"mean"`` over the anchors, ``"sum"``, or ``"none"``: (B, V) per anchor
+            for ``"all"``, (B,) for ``"one"``.
+        distributed: every rank's samples (and labels) form the global batch: its anchors are
+            scored against every rank's views, and positives on other ranks count as
+            positives; ``"mean"``/``"sum"`` reduce over the global batch, gradients follow
+            DDP's convention (``fastcl.distributed``). Shards may differ in size.
+
+    For anchor i: -(tau / tau_base) * mean over its positives p of log(exp(s_ip) / sum_{a != i}
+    exp(s_ia)), s = cosine similarity / tau. An anchor without a positive (a class seen once
+    in the batch, with one view) contributes 0 and still counts in the mean, as SupContrast
+    does since it stopped giving NaN for them. An arbitrary (B, B) positive mask is not
+    accepted (it would bring back the O(B^2) memory): express it as ``labels``. The loss is
+    float32 (float64 for float64 features); gradients come back in the features' dtype. Not
+    twice differentiable (``create_graph=True`` raises).
+    """
+    sizes = None
+    if distributed:
+        sizes = _dist().check_ranks("fastcl.supcon_loss", "features", features, labels=labels,
+                                    temperature=temperature, base_temperature=base_temperature,
+                                    contrast_mode=contrast_mode, reduction=reduction)
+    features, labels, tau, factor = _check_supcon(features, labels, temperature,
+                                                  base_temperature, contrast_mode, reduction)
+    if distributed:
+        return _dist().supcon(features, labels, tau, factor, contrast_mode, reduction, sizes)
+    b, v, _ = features.shape
+    if labels is None:
+        labels = torch.arange(b, device=features.device)
+    z = _views_major(features)
+    all_labels = labels.repeat(v)
+    if contrast_mode == "all":
+        rows = engine.run_labels(engine.SUPCON, z, row_labels=all_labels, temperature=tau)
+    else:
+        rows = engine.run_labels(engine.SUPCON_ROWS, features[:, 0], z, row_labels=labels,
+                                 col_labels=all_labels, temperature=tau)
+    rows = _times(rows, factor)
+    if reduction == "none":
+        return rows.view(v, b).T if contrast_mode == "all" else rows
+    return _reduce(rows, reduction)
+
+
+def _views_major(features: Tensor) -> Tensor:
+    """(B, V, D) -> (V B, D), view 0's B rows first (SupContrast's contrast_feature)."""
+    b, v, d = features.shape
+    return features[:, 0] if v == 1 else features.transpose(0, 1).reshape(v * b, d)
+
+
+def _times(rows: Tensor, factor) -> Tensor:
+    """rows * (tau / tau_base): nothing for None (tau_base = tau), else through autograd."""
+    if factor is None:
+        return rows
+    if isinstance(factor, Tensor):
+        factor = factor.to(device=rows.device, dtype=rows.dtype)
+    return rows * factor
+
+
+def _check_supcon(features, labels, temperature, base_temperature, contrast_mode: str,
+                  reduction: str):
+    """(features (B, V, D), labels (B,) int64 or None, tau, tau / tau_base or None)."""
+    if not isinstance(features, Tensor):
+        raise TypeError(f"features must be a torch.Tensor, got {type(features).__name__}")
+    if features.dim() == 2:
+        if labels is None:
+            raise ValueError(
+                "supcon_loss: features of shape (B, D) are one view, and without labels no "
+                "anchor has a positive; pass labels (B,), or features (B, V, D) with V >= 2 "
+                "views for multi-view SimCLR")
+        features = features.unsqueeze(1)
+    _check_tensor(features, "features", 3, shape="(B, V, D) (or (B, D) with labels)")
+    if features.shape[1] == 0:
+        raise ValueError(f"features has no views (shape {tuple(features.shape)}): "
+                         "(B, V, D) needs V >= 1")
+    if labels is not None:
+        labels = _check_labels(labels, features)
+    tau = _check_temperature(temperature)
+    factor = None
+    if base_temperature is not None:
+        base = engine.check_temperature(base_temperature, "base_temperature")
+        factor = tau / base
+    _check_choice(contrast_mode, "contrast_mode", _CONTRAST_MODES)
+    _check_choice(reduction, "reduction", _REDUCTIONS)
+    return features, labels, tau, factor
+
+
+def _check_labels(labels, features: Tensor) -> Tensor:
+    if not isinstance(labels, Tensor):
+        raise TypeError(f"labels must be a torch.Tensor of integer class labels, got "
+                        f"{type(labels).__name__}")
+    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+        raise TypeError(f"labels must have an integer dtype (class indices), got {labels.dtype}")
+    b = features.shape[0]
+    if labels.dim() == 2 and labels.shape[1] == 1:
+        labels = labels[:, 0]  # SupContrast's labels.view(-1, 1) column
+    if labels.dim() != 1 or labels.shape[0] != b:
+        raise ValueError(f"labels must have shape (B,) = ({b},), one label per sample of "
+                         f"features {tuple(features.shape)}, got {tuple(labels.shape)}")
+    if labels.device != features.device:
+        raise ValueError(f"labels is on {labels.device} but features is on {features.device}")
+    return labels.to(torch.int64).contiguous()
 
 
 def _check_siglip(image_features, text_features, logit_scale, logit_bias, reduction: str):

@@ -419,3 +419,153 @@ def sigmoid_grad(x, y, scale, bias, pos_offset: Optional[int], g, need_rows: boo
     """(dx, dy) of sum_i g_i loss_i of :func:`sigmoid_forward`, the logits recomputed."""
     return _sigmoid_pass(x, y, scale, bias, pos_offset, g.to(_acc_dtype(x)), False,
                          need_rows, need_cols)
+
+
+# ------------------------------------------------------------ label positives (SupCon) ----
+
+
+class _LabelSums:
+    """Per row: the sum of its positive logits (float64 across tiles) and their count."""
+
+    def __init__(self, n: int, dtype, device):
+        self.sp = torch.zeros(n, dtype=torch.float64, device=device)
+        self.count = torch.zeros(n, dtype=dtype, device=device)
+
+    def add(self, sl: slice, s: torch.Tensor, pos: torch.Tensor, dim: int) -> None:
+        """Merge the positives ``pos`` (bool) of tile s (logits, before ``_OnlineLSE.add``)."""
+        self.sp[sl] += torch.where(pos, s, torch.zeros_like(s)).sum(dim=dim, dtype=torch.float64)
+        self.count[sl] += pos.sum(dim=dim).to(self.count.dtype)
+
+    def result(self, state: _OnlineLSE, inv_temp):
+        """(loss, lse, dscale, count) of the label pass (``fastcl.kernels``): loss = (m - sp /
+        count) + log l, dscale = (t / l + (m - sp / count)) / inv_temp, both 0 without a
+        positive."""
+        has = self.count > 0
+        mean = self.sp / torch.where(has, self.count, torch.ones_like(self.count)).double()
+        zero = torch.zeros_like(state.m)
+        log_l = torch.log(state.l)
+        gap = state.m.double() - mean  # m and the mean: both ~ 1/tau, their gap exact here
+        loss = torch.where(has, (gap + log_l.double()).to(zero.dtype), zero)
+        dscale = state.m.new_empty(0)
+        if state.t is not None:
+            dscale = torch.where(has, (state.t / state.l + gap.to(zero.dtype)) / inv_temp, zero)
+        return loss, state.m.double() + log_l.double(), dscale, self.count
+
+
+def _own_in_tile(rows: range, cols: range, offset: int):
+    """(row indices, col indices) within a tile of the pairs (i, i + offset)."""
+    r = torch.arange(rows.start, rows.stop)
+    c = r + offset
+    keep = (c >= cols.start) & (c < cols.stop)
+    return r[keep] - rows.start, c[keep] - cols.start
+
+
+def labels_forward(q, k, nq, nk, lq, lk, inv_temp, offset: int, precision: str = "ieee",
+                   with_dscale: bool = False):
+    """(loss, lse, dscale, count) of the label pass over q against k (``fastcl.kernels``)."""
+    qn, kn = _normalized(q, nq), _normalized(k, nk)
+    n, m = q.shape[0], k.shape[0]
+    state = _OnlineLSE(n, qn.dtype, q.device, with_dscale)
+    sums = _LabelSums(n, qn.dtype, q.device)
+    for rows, cols in _tiles(n, m):
+        r_sl, c_sl = slice(rows.start, rows.stop), slice(cols.start, cols.stop)
+        s = _logits(qn[r_sl], kn[c_sl], inv_temp)
+        own = _own_in_tile(rows, cols, offset)
+        s[own] = _NEG_INF
+        pos = lq[r_sl, None] == lk[None, c_sl]
+        pos[own] = False
+        sums.add(r_sl, s, pos, dim=1)
+        state.add(r_sl, s, dim=1)
+    return sums.result(state, inv_temp)
+
+
+def labels_sym_forward(z, nz, labels, inv_temp, precision: str = "ieee",
+                       with_dscale: bool = False):
+    """``labels_forward(z, z, ..., offset 0)`` from the tiles on and above the diagonal: each
+    feeds its rows' and its columns' statistics (the logits and the label mask are
+    symmetric)."""
+    zh = _normalized(z, nz)
+    n = z.shape[0]
+    state = _OnlineLSE(n, zh.dtype, z.device, with_dscale)
+    sums = _LabelSums(n, zh.dtype, z.device)
+    for rows, cols in _tiles(n, n, upper=True):
+        r_sl, c_sl = slice(rows.start, rows.stop), slice(cols.start, cols.stop)
+        s = _logits(zh[r_sl], zh[c_sl], inv_temp)
+        pos = labels[r_sl, None] == labels[None, c_sl]
+        if rows.start == cols.start:
+            s.fill_diagonal_(_NEG_INF)
+            pos.fill_diagonal_(False)
+            sums.add(r_sl, s, pos, dim=1)
+            state.add(r_sl, s, dim=1)
+            continue
+        sums.add(r_sl, s, pos, dim=1)
+        sums.add(c_sl, s, pos, dim=0)
+        state.add(r_sl, s.clone(), dim=1)
+        state.add(c_sl, s, dim=0)
+    return sums.result(state, inv_temp)
+
+
+def _label_weights(s, hi, lo, ga, gp, pos):
+    """ga exp((s - hi) - lo) - gp [positive] (broadcasting), consuming s."""
+    return _weights(s, hi, lo, ga).sub_(gp * pos)
+
+
+def labels_grad(a, b, na, nb, la, lb, lse_a, ga_a, gp_a, lse_b, ga_b, gp_b, inv_temp,
+                offset: int, precision: str = "ieee"):
+    """inv_temp * W bhat over the label pass's pairs, the statistics on a's side (the rows'
+    gradient) or on b's (the columns'): see ``fastcl.kernels``."""
+    an, bn = _normalized(a, na), _normalized(b, nb)
+    acc = an.dtype
+    by_row = lse_a is not None
+    hi, lo = _split(lse_a if by_row else lse_b, acc)
+    ga = (ga_a if by_row else ga_b).to(acc)
+    gp = (gp_a if by_row else gp_b).to(acc)
+    out = torch.zeros_like(an)
+    for rows, cols in _tiles(a.shape[0], b.shape[0]):
+        r_sl, c_sl = slice(rows.start, rows.stop), slice(cols.start, cols.stop)
+        if by_row:  # the tile of labels_forward(a, b)
+            s = _logits(an[r_sl], bn[c_sl], inv_temp)
+            pos = la[r_sl, None] == lb[None, c_sl]
+            w = _label_weights(s, hi[r_sl, None], lo[r_sl, None], ga[r_sl, None],
+                               gp[r_sl, None], pos)
+            w[_own_in_tile(rows, cols, offset)] = 0.0
+        else:  # the tile of labels_forward(b, a): the very product its lse was taken from
+            s = _logits(bn[c_sl], an[r_sl], inv_temp)
+            pos = lb[c_sl, None] == la[None, r_sl]
+            w = _label_weights(s, hi[c_sl, None], lo[c_sl, None], ga[c_sl, None],
+                               gp[c_sl, None], pos)
+            w[_own_in_tile(cols, rows, offset)] = 0.0
+            w = w.T
+        out[r_sl].addmm_(w, bn[c_sl])
+    return _scaled(out, inv_temp)
+
+
+def labels_sym_grad(z, nz, labels, lse, ga, gp, inv_temp, precision: str = "ieee"):
+    """inv_temp * sum_j (W_ij + W_ji) zhat_j of the symmetric label pass, from the tiles on and
+    above the diagonal (each gives its rows' and its columns' terms)."""
+    zh = _normalized(z, nz)
+    n = z.shape[0]
+    hi, lo = _split(lse, zh.dtype)
+    ga, gp = ga.to(zh.dtype), gp.to(zh.dtype)
+    out = torch.zeros_like(zh)
+    for rows, cols in _tiles(n, n, upper=True):
+        r_sl, c_sl = slice(rows.start, rows.stop), slice(cols.start, cols.stop)
+        s = _logits(zh[r_sl], zh[c_sl], inv_temp)
+        pos = labels[r_sl, None] == labels[None, c_sl]
+        if rows.start == cols.start:
+            # Row r's weights from row r of this tile (the forward's floats; a product need
+            # not be bitwise symmetric), then W + W^T.
+            s.fill_diagonal_(_NEG_INF)
+            w = _label_weights(s, hi[r_sl, None], lo[r_sl, None], ga[r_sl, None],
+                               gp[r_sl, None], pos)
+            w.fill_diagonal_(0.0)
+            w = w + w.T
+        else:
+            w = _label_weights(s.clone(), hi[r_sl, None], lo[r_sl, None], ga[r_sl, None],
+                               gp[r_sl, None], pos)
+            w.add_(_label_weights(s, hi[None, c_sl], lo[None, c_sl], ga[None, c_sl],
+                                  gp[None, c_sl], pos))
+        out[r_sl].addmm_(w, zh[c_sl])
+        if rows.start != cols.start:
+            out[c_sl].addmm_(w.T, zh[r_sl])
+    return _scaled(out, inv_temp)

@@ -16,3 +16,5 @@ from fastcl.ops.momentum import (  # noqa: F401, E402
 from fastcl.ops.cosine import cosine, cosine_loss, cosine_loss_backward  # noqa: F401, E402
 from fastcl.ops import sigmoid  # noqa: F401, E402
 from fastcl.ops.sigmoid import sigmoid_pairs, sigmoid_pairs_backward  # noqa: F401, E402
+from fastcl.ops import labels  # noqa: F401, E402
+from fastcl.ops.labels import label_rows, label_rows_backward  # noqa: F401, E402
