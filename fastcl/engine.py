@@ -311,6 +311,10 @@ def run(spec: Spec, rows: Tensor, cols: Optional[Tensor] = None, key: Optional[T
         if backend in BACKENDS:  # "auto" resolves per tensor, in the ops
             require(spec, backend, others is not None)
         raise TypeError("the sigmoid epilogue runs through engine.run_sigmoid")
+    if spec.positive == "labels":
+        if backend in BACKENDS:
+            require(spec, backend, others is not None)
+        raise TypeError("label positives run through engine.run_labels")
     if spec.positive == "index" and cols is not None and cols.shape[0] != rows.shape[0]:
         raise ValueError(f"positive='index' pairs row i with column i: rows and columns must "
                          f"have the same count, got {rows.shape[0]} and {cols.shape[0]}")

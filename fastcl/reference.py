@@ -172,6 +172,14 @@ def siglip_loss(image_features, text_features, logit_scale, logit_bias=None,
     return _reduce(rows, reduction)
 
 
+def _without(logits: torch.Tensor, own: torch.Tensor) -> torch.Tensor:
+    """logits with each row's own entry at -inf; a row with no other entry (one row, one
+    column) all 0 instead, so that its (unused) logsumexp and softmax stay finite, and so do
+    their gradients."""
+    alone = own.all(dim=1, keepdim=True)
+    return logits.masked_fill(own & ~alone, float("-inf")).masked_fill(alone, 0.0)
+
+
 def label_pairs(rows, cols, row_labels, col_labels, scale, offset: int = 0,
                 normalize: bool = True):
     """The label-positive pass (SupCon; the kernels' ``labels_forward`` contract), densely:
@@ -192,12 +200,13 @@ def label_pairs(rows, cols, row_labels, col_labels, scale, offset: int = 0,
     own[torch.arange(n, device=r.device), torch.arange(n, device=r.device) + offset] = True
     positive = (row_labels[:, None] == col_labels[None, :]) & ~own
     count = positive.sum(dim=1).to(dtype)
-    lse = torch.logsumexp(logits.masked_fill(own, float("-inf")), dim=1)
+    masked = _without(logits, own)
+    lse = torch.logsumexp(masked, dim=1)
     has = count > 0
     safe = torch.where(has, count, torch.ones_like(count))
     pos_mean = (logits * positive).sum(dim=1) / safe
     loss = torch.where(has, lse - pos_mean, torch.zeros_like(lse))
-    p = torch.softmax(logits.masked_fill(own, float("-inf")), dim=1)
+    p = torch.softmax(masked, dim=1)
     d_mean = (dots * positive).sum(dim=1) / safe
     dscale = torch.where(has, (p * dots.masked_fill(own, 0)).sum(dim=1) - d_mean,
                          torch.zeros_like(lse))
@@ -226,10 +235,9 @@ def supcon_loss(features, labels=None, temperature=0.07, base_temperature=None,
     own = torch.zeros_like(logits, dtype=torch.bool)
     own[torch.arange(n_anchor), torch.arange(n_anchor)] = True
     positive = (all_labels[:n_anchor, None] == all_labels[None, :]) & ~own
-    log_prob = logits - torch.logsumexp(logits.masked_fill(own, float("-inf")), dim=1,
-                                        keepdim=True)
+    log_prob = logits - torch.logsumexp(_without(logits, own), dim=1, keepdim=True)
     count = positive.sum(dim=1)
-    mean_pos = (log_prob * positive).sum(dim=1) / count.clamp_min(1)
+    mean_pos = torch.where(positive, log_prob, 0).sum(dim=1) / count.clamp_min(1)
     factor = 1.0 if base_temperature is None else temperature / base_temperature
     if isinstance(factor, torch.Tensor):
         factor = factor.to(dtype)

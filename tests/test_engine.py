@@ -359,18 +359,30 @@ def test_every_backend_of_the_fixture_is_registered(backend):
         assert engine.BACKENDS["chunked"].unsupported(spec, True) is None
 
 
-def test_planned_choices_are_refused_naming_the_choice(backend):
-    """``positive="labels"`` is part of the contract, implemented by no backend: every backend
-    (the reference too) raises NotImplementedError naming it. ``"softmax_rows_cols"`` and
+def test_undeclared_choices_are_refused_naming_the_choice(backend):
+    """``positive="labels"`` is refused by a backend that does not declare it (NotImplementedError
+    naming it, from ``engine.run_labels``), and ``engine.run`` sends it to ``run_labels``
+    (TypeError) on the backends that do; with other ranks' rows as negatives-only columns,
+    every backend refuses it. ``"softmax_rows_cols"`` and
     ``"sigmoid"`` are refused by the backends that do not declare them, and by every backend
     outside their one combination (an index positive, no other ranks' rows; the sigmoid's
     features as given)."""
     gen = torch.Generator().manual_seed(1)
     rows, cols = _randn(gen, (4, 5), torch.float32, backend.device), _randn(
         gen, (4, 5), torch.float32, backend.device)
-    cases = [(Spec(positive="labels"), "positive='labels'")]
+    labels = torch.arange(4, device=backend.device) % 2
     for name in (backend.name, "reference"):
-        refused = list(cases)
+        with fastcl.use_backend(name):
+            if "labels" in engine.BACKENDS[name].positive:
+                with pytest.raises(TypeError, match="run_labels"):
+                    engine.run(engine.SUPCON, rows, temperature=0.5)
+                assert "other ranks" in engine.BACKENDS[name].unsupported(engine.SUPCON_ROWS,
+                                                                          True)
+            else:
+                assert engine.BACKENDS[name].unsupported(engine.SUPCON) == "positive='labels'"
+                with pytest.raises(NotImplementedError, match="positive='labels'"):
+                    engine.run_labels(engine.SUPCON, rows, row_labels=labels, temperature=0.5)
+        refused = []
         sigmoid = "sigmoid" in engine.BACKENDS[name].epilogue
         refused.append((Spec(epilogue="sigmoid"), "epilogue='sigmoid'" + (
             " with normalize=True" if sigmoid else "")))
@@ -396,7 +408,11 @@ def test_spec_rejects_incoherent_choices_and_round_trips():
                    dict(columns="tensor", positive="offset"),
                    dict(columns="tensor", exclude_self=True),
                    dict(columns="rows", positive="offset"),
-                   dict(positive="none", positive_in_denominator=False)]:
+                   dict(positive="none", positive_in_denominator=False),
+                   dict(positive="labels"), dict(columns="rows", positive="labels"),
+                   dict(columns="rows", positive="labels", exclude_self=True,
+                        positive_in_denominator=False),
+                   dict(positive="labels", exclude_self=True, epilogue="sigmoid")]:
         with pytest.raises(ValueError, match="Spec"):
             Spec(**kwargs)
 

@@ -6,5 +6,6 @@ from fastcl.nn.losses import (  # noqa: F401
     InfoNCELoss,
     NTXentLoss,
     SigLipLoss,
+    SupConLoss,
 )
 from fastcl.nn.momentum import MomentumEncoder, NegativeQueue  # noqa: F401

@@ -299,3 +299,48 @@ class SigLipLoss(nn.Module):
 
     def extra_repr(self) -> str:
         return f"rank={self.rank}, world_size={self.world_size}, dist_impl={self.dist_impl!r}"
+
+
+class SupConLoss(nn.Module):
+    """SupContrast's ``SupConLoss(temperature=0.07, contrast_mode='all', base_temperature=0.07)``,
+    fused: ``forward(features, labels=None)`` gives its value and gradients (features (B, V,
+    ...) flattened to (B, V, D) as it does, L2-normalized inside; see
+    :func:`fastcl.supcon_loss`) without its (V B)^2 tensors. ``temperature`` may be an
+    ``nn.Parameter`` (registered here: learnable). Beyond SupContrast: ``reduction`` and
+    ``distributed`` (every rank's samples and labels form the batch).
+
+    pytorch-metric-learning's ``SupConLoss(temperature)(embeddings, labels)`` on (M, D)
+    embeddings is ``SupConLoss(temperature, base_temperature=temperature)(embeddings,
+    labels)`` when every anchor has a positive (it leaves anchors without one out of the mean).
+    """
+
+    def __init__(self, temperature=0.07, contrast_mode: str = "all", base_temperature=0.07,
+                 reduction: str = "mean", distributed: bool = False):
+        super().__init__()
+        _set_temperature(self, temperature)
+        if base_temperature is not None:
+            FC.engine.check_temperature(base_temperature, "base_temperature")
+        FC._check_choice(contrast_mode, "contrast_mode", FC._CONTRAST_MODES)
+        FC._check_choice(reduction, "reduction", FC._REDUCTIONS)
+        self.base_temperature = base_temperature
+        self.contrast_mode = contrast_mode
+        self.reduction = reduction
+        self.distributed = bool(distributed)
+
+    def forward(self, features: Tensor, labels: Optional[Tensor] = None,
+                mask: Optional[Tensor] = None) -> Tensor:
+        if mask is not None:
+            raise ValueError(
+                "SupConLoss: an arbitrary (B, B) mask is not supported: it would bring back the "
+                "O(B^2) memory this loss avoids. Pass labels (B,) instead (the positives of "
+                "anchor i are the samples with its label); a mask that is an equivalence "
+                "relation is labels = mask.float().argmax(dim=1)")
+        if isinstance(features, Tensor) and features.dim() > 3:
+            features = features.reshape(features.shape[0], features.shape[1], -1)
+        return FC.supcon_loss(features, labels, self.temperature, self.base_temperature,
+                              self.contrast_mode, self.reduction, self.distributed)
+
+    def extra_repr(self) -> str:
+        return (f"temperature={_show(self.temperature)}, contrast_mode={self.contrast_mode!r}, "
+                f"base_temperature={_show(self.base_temperature)}, "
+                f"reduction={self.reduction!r}, distributed={self.distributed}")
