@@ -100,9 +100,11 @@ FUSED_CPU = [name for name in ("cpp", "chunked") if _declares(name)]
 
 
 def _features(gen, b, v, d, dtype=F64, unit=True):
-    x = torch.randn(b, v, d, generator=gen, dtype=F64)
-    if unit:
-        x = F.normalize(x, dim=2)
+    """(b, v, d) features, unit-norm or with norms spread over [0.5, 2] (never near 0, where
+    the normalization's backward divides any rounding by the norm)."""
+    x = F.normalize(torch.randn(b, v, d, generator=gen, dtype=F64), dim=2)
+    if not unit:
+        x = x * (0.5 + 1.5 * torch.rand(b, v, 1, generator=gen, dtype=F64))
     return x.to(dtype)
 
 
