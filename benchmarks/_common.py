@@ -23,7 +23,9 @@ Cases
     (SupContrast's; its base temperature is 0.07 too, so its factor tau / tau_base is 1);
     ``reference`` / ``peer`` and ``compile`` are SupContrast's SupConLoss formulation
     (``supcontrast_loss``: dense (V B)^2 logits and masks), eager and compiled. ``n`` is B,
-    the samples (``SUPCON_N`` = 2048 by default: 4096 anchors).
+    the samples (``SUPCON_N`` = 2048 by default: 4096 anchors). fastcl normalizes inside and
+    SupContrast does not: on these unit rows the losses agree and the feature gradients differ
+    by their radial part only (the same work either way).
 
 Providers
     ``fastcl``: ``fastcl.nt_xent`` / ``fastcl.info_nce`` on the backend ``auto`` picks, forced,
