@@ -18,6 +18,14 @@ Cases
     features, scale 10 and bias -10 (open_clip's initial values; 0-dim tensors), all requiring
     grad; ``reference`` / ``peer`` and ``compile`` are open_clip's SigLipLoss formulation
     (``open_siglip_loss``), eager and compiled.
+    ``supcon``: ``fastcl.supcon_loss(features, labels, 0.07)``: features (B, V=2, D), unit rows,
+    requiring grad, labels ``randint(0, classes)`` (100 classes by default), temperature 0.07
+    (SupContrast's; its base temperature is 0.07 too, so its factor tau / tau_base is 1);
+    ``reference`` / ``peer`` and ``compile`` are SupContrast's SupConLoss formulation
+    (``supcontrast_loss``: dense (V B)^2 logits and masks), eager and compiled. ``n`` is B,
+    the samples (``SUPCON_N`` = 2048 by default: 4096 anchors). fastcl normalizes inside and
+    SupContrast does not: on these unit rows the losses agree and the feature gradients differ
+    by their radial part only (the same work either way).
 
 Providers
     ``fastcl``: ``fastcl.nt_xent`` / ``fastcl.info_nce`` on the backend ``auto`` picks, forced,
@@ -73,12 +81,18 @@ IN_BATCH_TAU = 0.07
 PROVIDERS = ("fastcl", "chunked", "reference", "compile", "peer")
 OPTIONAL_PROVIDERS = ("inf_cl",)  # in_batch only, where inf_cl_status() says it runs
 MODES = ("full", "forward", "backward")
-CASES = ("nt_xent", "info_nce", "in_batch", "clip", "siglip")
+CASES = ("nt_xent", "info_nce", "in_batch", "clip", "siglip", "supcon")
 # CLIP: open_clip's learnable logit scale (the multiplier, exp of the parameter), its initial
 # value 1 / 0.07; features normalized (open_clip's model does it) leaves requiring grad.
 CLIP_SCALE = 1 / 0.07
 # SigLIP: open_clip's initial scale (exp of ln 10) and bias, both learnable.
 SIGLIP_SCALE, SIGLIP_BIAS = 10.0, -10.0
+# SupCon: SupContrast's temperature (and base temperature), 2 views, 100 classes, and the
+# issue's default size: 2048 samples (4096 anchors), D = 128.
+SUPCON_TAU, SUPCON_VIEWS, SUPCON_CLASSES, SUPCON_N = 0.07, 2, 100, 2048
+# Default sample counts of the entry points (interleaved.py, memory_probe.py) per case; the
+# others default to 1024 in interleaved.py and have no default in memory_probe.py.
+CASE_N = {"supcon": SUPCON_N}
 # The cases whose peer formulation stands in for the reference and compile providers.
 _PEER_FORMULAS = {}
 
@@ -124,7 +138,49 @@ def open_siglip_loss(image_features, text_features, logit_scale, logit_bias=None
     return -torch.nn.functional.logsigmoid(labels * logits).sum() / n
 
 
-_PEER_FORMULAS.update(clip=open_clip_loss, siglip=open_siglip_loss)
+def supcontrast_loss(features, labels=None, temperature=SUPCON_TAU,
+                     base_temperature=SUPCON_TAU, contrast_mode="all", reduction="mean"):
+    """SupContrast's SupConLoss.forward (one process), from its description, step by step, on
+    (B, V, D) features that are already unit-norm (it does not normalize): the (V B)^2 logits
+    of every view against every view / tau, shifted by their detached row max, a dense (V B)^2
+    positive mask (labels equal, or the sample's own other views without labels) and one that
+    takes out each anchor's own column, log-probabilities against every other column, the mean
+    over each anchor's positives (their count clamped to 1 for an anchor without any), times
+    -tau / tau_base, then the mean over the anchors. ``reduction="none"`` (not SupContrast's)
+    returns the per-anchor losses as fastcl does, (B, V) for "all", (B,) for "one"."""
+    b, v = features.shape[:2]
+    device, dtype = features.device, features.dtype
+    if labels is None:
+        mask = torch.eye(b, dtype=dtype, device=device)
+    else:
+        labels = labels.contiguous().view(-1, 1)
+        mask = torch.eq(labels, labels.T).to(dtype)
+    contrast_feature = torch.cat(torch.unbind(features, dim=1), dim=0)
+    if contrast_mode == "one":
+        anchor_feature, anchor_count = features[:, 0], 1
+    else:
+        anchor_feature, anchor_count = contrast_feature, v
+    anchor_dot_contrast = torch.matmul(anchor_feature, contrast_feature.T) / temperature
+    logits_max, _ = torch.max(anchor_dot_contrast, dim=1, keepdim=True)
+    logits = anchor_dot_contrast - logits_max.detach()
+    mask = mask.repeat(anchor_count, v)
+    logits_mask = torch.scatter(torch.ones_like(mask), 1,
+                                torch.arange(b * anchor_count, device=device).view(-1, 1), 0)
+    mask = mask * logits_mask
+    exp_logits = torch.exp(logits) * logits_mask
+    log_prob = logits - torch.log(exp_logits.sum(1, keepdim=True))
+    mask_pos_pairs = mask.sum(1)
+    mask_pos_pairs = torch.where(mask_pos_pairs < 1e-6, 1, mask_pos_pairs)
+    mean_log_prob_pos = (mask * log_prob).sum(1) / mask_pos_pairs
+    loss = -(temperature / base_temperature) * mean_log_prob_pos
+    loss = loss.view(anchor_count, b)
+    if reduction == "none":
+        return loss.T if contrast_mode == "all" else loss[0]
+    return loss.mean()
+
+
+_PEER_FORMULAS.update(clip=open_clip_loss, siglip=open_siglip_loss, supcon=supcontrast_loss)
+_FASTCL_FUNCTIONS = {"clip": "clip_loss", "siglip": "siglip_loss", "supcon": "supcon_loss"}
 
 
 def _lightly_nt_xent(z1, z2, temperature):
@@ -193,7 +249,7 @@ def loss_fn(case: str, provider: str, device: str) -> Callable:
     """A callable taking the case's inputs (see ``make_inputs``) and returning the loss."""
     if case in _PEER_FORMULAS:
         if provider in ("fastcl", "chunked"):
-            return fastcl.clip_loss if case == "clip" else fastcl.siglip_loss
+            return getattr(fastcl, _FASTCL_FUNCTIONS[case])
         if provider in ("reference", "peer"):
             return _PEER_FORMULAS[case]
     if provider in ("fastcl", "chunked"):
@@ -252,9 +308,10 @@ def matmul_precision(precision: str):
 
 def make_inputs(
     case: str, n: int, d: int = D, m: int = MOCO_M, device: str = "cpu", seed: int = 0,
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype = torch.float32, classes: int = SUPCON_CLASSES,
 ) -> Tuple[Tuple[torch.Tensor, ...], Tuple[torch.Tensor, ...]]:
-    """One input set: (arguments for the loss, the tensors gradients are taken for)."""
+    """One input set: (arguments for the loss, the tensors gradients are taken for).
+    ``m``: the queue's rows (info_nce); ``classes``: the label range (supcon)."""
     g = torch.Generator().manual_seed(seed)
 
     def leaf(*shape):
@@ -281,6 +338,11 @@ def make_inputs(
         scale, bias = (torch.tensor(v, device=device).requires_grad_(True)
                        for v in (SIGLIP_SCALE, SIGLIP_BIAS))
         return (image, text, scale, bias), (image, text, scale, bias)
+    if case == "supcon":
+        features = torch.nn.functional.normalize(torch.randn(n, SUPCON_VIEWS, d, generator=g),
+                                                 dim=2).to(device, dtype).requires_grad_(True)
+        labels = torch.randint(0, classes, (n,), generator=g).to(device)
+        return (features, labels, SUPCON_TAU), (features,)
     raise ValueError(f"unknown case {case!r}")
 
 
@@ -298,7 +360,8 @@ class Step:
     """One timed step: calls the loss (and its backward) on the next of ``N_BUFFERS`` inputs."""
 
     def __init__(self, case: str, provider: str, n: int, mode: str, device: str = "cpu",
-                 d: int = D, m: int = MOCO_M, n_buffers: int = N_BUFFERS, config: str = "fp32"):
+                 d: int = D, m: int = MOCO_M, n_buffers: int = N_BUFFERS, config: str = "fp32",
+                 classes: int = SUPCON_CLASSES):
         self.case, self.provider, self.n, self.mode, self.device = case, provider, n, mode, device
         self.fn = loss_fn(case, provider, device)
         dtype, precision = DTYPES[config]
@@ -309,7 +372,7 @@ class Step:
                 yield
 
         self.ctx = ctx
-        self.buffers = [make_inputs(case, n, d, m, device, seed=s, dtype=dtype)
+        self.buffers = [make_inputs(case, n, d, m, device, seed=s, dtype=dtype, classes=classes)
                         for s in range(n_buffers)]
         self.i = 0
         self.sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
@@ -323,12 +386,12 @@ class Step:
 
 
 def make_step(case: str, provider: str, n: int, mode: str, device: str = "cpu",
-              config: str = "fp32", d: int = D) -> "Step":
+              config: str = "fp32", d: int = D, classes: int = SUPCON_CLASSES) -> "Step":
     """A timed step of ``mode`` (full, forward, or backward: a BackwardStep) with inputs and
-    matmul precision of ``config`` (a key of DTYPES)."""
+    matmul precision of ``config`` (a key of DTYPES); ``classes``: supcon's label range."""
     if mode == "backward":
-        return BackwardStep(case, provider, n, device, d=d, config=config)
-    return Step(case, provider, n, mode, device, d=d, config=config)
+        return BackwardStep(case, provider, n, device, d=d, config=config, classes=classes)
+    return Step(case, provider, n, mode, device, d=d, config=config, classes=classes)
 
 
 class BackwardStep(Step):
@@ -336,8 +399,9 @@ class BackwardStep(Step):
     set, the call runs ``torch.autograd.grad`` of that loss."""
 
     def __init__(self, case: str, provider: str, n: int, device: str = "cpu", d: int = D,
-                 m: int = MOCO_M, n_buffers: int = N_BUFFERS, config: str = "fp32"):
-        super().__init__(case, provider, n, "full", device, d, m, n_buffers, config)
+                 m: int = MOCO_M, n_buffers: int = N_BUFFERS, config: str = "fp32",
+                 classes: int = SUPCON_CLASSES):
+        super().__init__(case, provider, n, "full", device, d, m, n_buffers, config, classes)
         self.pending = None
 
     def prepare(self):
@@ -380,11 +444,12 @@ PROBE_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "1310
 
 
 def probe_memory(case: str, provider: str, n: int, d: int = D, m: int = MOCO_M,
-                 device: str = "cpu", timeout: float = 600.0) -> Dict[str, object]:
+                 device: str = "cpu", timeout: float = 600.0,
+                 classes: int = SUPCON_CLASSES) -> Dict[str, object]:
     """Run ``memory_probe.py`` in a fresh interpreter; returns its JSON (peaks in MiB)."""
     cmd = [sys.executable, os.path.join(HERE, "memory_probe.py"), "--case", case,
            "--provider", provider, "--n", str(n), "--d", str(d), "--m", str(m),
-           "--device", device]
+           "--classes", str(classes), "--device", device]
     env = dict(os.environ, **PROBE_ENV)
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)

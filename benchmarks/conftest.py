@@ -1,7 +1,8 @@
 """pytest set-up for fastcl's benchmarks (``pytest benchmarks --benchmark-only``).
 
 - Collects ``bench_*.py`` here as test modules (pytest's default pattern is ``test_*.py``;
-  the project's ``testpaths`` is ``tests``, so ``pytest`` alone never runs these).
+  the project's ``testpaths`` is ``tests``, so ``pytest`` alone never runs these); one named
+  on the command line is pytest's own to collect (once).
 - ``--fastcl-size=large`` adds N=16384 for fastcl alone (the eager reference would need
   several (2N)^2 float32 matrices, over 4 GiB each).
 - ``--fastcl-no-memory`` skips the peak-memory subprocesses (faster; no ``peak_mem_mib``).
@@ -37,7 +38,10 @@ def pytest_addoption(parser):
 
 
 def pytest_collect_file(file_path, parent):
-    if file_path.suffix == ".py" and file_path.name.startswith("bench_"):
+    # A file named on the command line is collected by pytest's own python plugin already
+    # (any name): collecting it here too would run every case twice.
+    if (file_path.suffix == ".py" and file_path.name.startswith("bench_")
+            and not parent.session.isinitpath(file_path)):
         return pytest.Module.from_parent(parent, path=file_path)
     return None
 

@@ -15,14 +15,18 @@
 #   c   40  compile_stats.txt (registers, spills, shared memory of the Triton kernels that b
 #           compiled, rewritten after each dtype) copied into c.log; launches.txt: kernels per
 #           training step (torch.profiler) for nt_xent and the MoCo queue loss
-#   d  110  tests.log: the CUDA parametrizations of the test suite (pytest -k cuda)
-#   clip 90 clip.txt: benchmarks/gpu_clip.py, CLIP's loss forward + backward with a learnable
+#   d  105  tests.log: the CUDA parametrizations of the test suite (pytest -k cuda)
+#   clip 80 clip.txt: benchmarks/gpu_clip.py, CLIP's loss forward + backward with a learnable
 #           scale at N = 16384 and 32768, D = 512, bf16: fastcl against open_clip's formula
 #           (eager, torch.compile) and Inf-CL when installed, time and peak memory (its
 #           correctness cases are in b's matrix)
-#   siglip 75 siglip.txt: the same script with --loss siglip: SigLIP's loss with a learnable
+#   siglip 60 siglip.txt: the same script with --loss siglip: SigLIP's loss with a learnable
 #           scale and bias at N = 16384 and 32768, D = 512, bf16, against open_clip's
 #           SigLipLoss formula (eager, torch.compile); its correctness cases are in b's matrix
+#   supcon 60 supcon.txt: the same script with --loss supcon: SupCon's loss at 16384 samples x
+#           2 views, D = 128, 1000 classes, temperature 0.07, bf16, against SupContrast's
+#           SupConLoss formula (eager, torch.compile); its correctness cases (learnable
+#           temperature) are in b's matrix
 #   e  rest report-fp32/, report-bf16/, report-tf32/: python -m fastcl.bench, one folder per
 #           input configuration (report.txt, results.json, plot.png), fp32 with --large
 # summary.txt gets "SECTION x: ok|failed|timeout in N s" as each section ends.
@@ -101,14 +105,19 @@ cuda_tests() {
   return $rc
 }
 
-clip_bench() {  # clip_bench LOSS BUDGET: LOSS is clip or siglip
-  local loss=$1 budget=$2
+clip_bench() {  # clip_bench LOSS BUDGET: LOSS is clip, siglip or supcon
+  local loss=$1 budget=$2 shape
+  if [ "$loss" = supcon ]; then
+    shape="--sizes 16384 --dim 128 --classes 1000"  # samples, 2 views each
+  else
+    shape="--sizes 16384,32768 --dim 512"
+  fi
   if [ "$DEVICE" = cpu ]; then
     $PY benchmarks/gpu_clip.py --loss "$loss" --device cpu --small --providers fastcl,eager \
       --out "$OUT/$loss.txt"
   else
     # Stop starting measurements 15 s before the section's end (a compile takes ~20-40 s).
-    $PY benchmarks/gpu_clip.py --loss "$loss" --device cuda --sizes 16384,32768 --dim 512 \
+    $PY benchmarks/gpu_clip.py --loss "$loss" --device cuda $shape \
       --dtype bf16 --budget $(( budget > 30 ? budget - 15 : budget )) --out "$OUT/$loss.txt"
   fi
 }
@@ -124,9 +133,10 @@ export -f env_info check stats cuda_tests clip_bench report
 section a 15 bash -c env_info > "$OUT/env.txt" 2>&1
 section b 170 bash -c check > "$OUT/check.log" 2>&1
 section c 40 bash -c stats > "$OUT/c.log" 2>&1
-section d 110 bash -c cuda_tests > "$OUT/tests.log" 2>&1
-section clip 90 bash -c 'clip_bench clip 90' > "$OUT/clip.log" 2>&1
-section siglip 75 bash -c 'clip_bench siglip 75' > "$OUT/siglip.log" 2>&1
+section d 105 bash -c cuda_tests > "$OUT/tests.log" 2>&1
+section clip 80 bash -c 'clip_bench clip 80' > "$OUT/clip.log" 2>&1
+section siglip 60 bash -c 'clip_bench siglip 60' > "$OUT/siglip.log" 2>&1
+section supcon 60 bash -c 'clip_bench supcon 60' > "$OUT/supcon.log" 2>&1
 # The report: fp32 first (with --large on CUDA), then bf16 and tf32, sharing what is left.
 left=$(( TOTAL_BUDGET - ($(date +%s) - START) ))
 section e.fp32 $(( left * 45 / 100 )) bash -c 'report fp32 $LARGE' > "$OUT/report-fp32.log" 2>&1

@@ -11,8 +11,11 @@ Matrix (``--device cuda``): configurations fp32 (IEEE products), tf32
 ``fastcl.nt_xent``, ``fastcl.info_nce`` in-batch and with a queue (16384 keys, the queue gets a
 gradient too), ``fastcl.byol_loss``, and ``fastcl.dcl_loss``, ``fastcl.clip_loss`` (with a
 learnable scale, against open_clip's formula) and ``fastcl.siglip_loss`` (learnable scale and
-bias, against open_clip's SigLipLoss formula) where fastcl has them x D in {64, 128,
-256, 1024}; N = 256 rows per view, reduction "none" with a random cotangent. One line per case
+bias, against open_clip's SigLipLoss formula) and ``fastcl.supcon_loss`` (B = N samples x 2
+views with labels in range(N / 16), a learnable temperature and SupContrast's base temperature
+0.07, against SupContrast's SupConLoss formula on the normalized features) where fastcl has
+them x D in {64, 128, 256, 1024}; N = 256 rows per view, reduction "none" with a random
+cotangent. ``--losses`` runs a subset (names as printed, e.g. ``supcon_loss``). One line per case
 is appended to ``--out`` as soon as it is known (``ok`` / ``FAIL``, the errors and their
 bounds). Then the queue push: a float16 queue of K = 2^22 + 3 rows of D = 520 (K * D > 2^31;
 4.4 GB), ptr 10 rows before the end, 64 keys: the rows written (wrapping to the start) must be
@@ -43,7 +46,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tests"))
 import fastcl  # noqa: E402
 from fastcl import reference  # noqa: E402
 import tolerances  # noqa: E402  (tests/tolerances.py: the rule and eager baselines)
-from _common import Log, matmul_precision  # noqa: E402  (benchmarks/, the script's folder)
+from _common import Log, matmul_precision, supcontrast_loss  # noqa: E402  (benchmarks/)
 
 F64, F32, BF16, F16 = torch.float64, torch.float32, torch.bfloat16, torch.float16
 CONFIGS = {"fp32": (F32, "highest"), "tf32": (F32, "high"), "bf16": (BF16, "highest"),
@@ -112,7 +115,36 @@ def losses():
             lambda x, y, s, b: eager_siglip(*_widen([x, y, s, b])),
             lambda x, y, s, b: eager_siglip(x, y, s, b),
             lambda n, k, d: [(n, d), (n, d), (1,), (1,)], (True, True, True, True)))
+    if hasattr(fastcl, "supcon_loss"):
+        # SupCon on (N, 2, D) features with labels (_supcon_labels), a learnable temperature
+        # (0.05 + 0.05 |t|) and SupContrast's base temperature 0.07, per anchor (N, 2).
+        out.append((
+            "supcon_loss",
+            lambda x, t: fastcl.supcon_loss(x, _supcon_labels(x), _supcon_tau(t), 0.07,
+                                            reduction="none"),
+            lambda x, t: eager_supcon(*_widen([x, t])),
+            lambda x, t: eager_supcon(x, t),
+            lambda n, k, d: [(n, 2, d), (1,)], (True, True)))
     return out
+
+
+def _supcon_labels(x):
+    """Labels of the N samples, fixed by N: range(max(2, N // 16)) (16 samples per class at
+    N = 256, so 31 positives per anchor with 2 views), drawn on the CPU."""
+    n = x.shape[0]
+    gen = torch.Generator().manual_seed(n)
+    return torch.randint(0, max(2, n // 16), (n,), generator=gen).to(x.device)
+
+
+def _supcon_tau(t):
+    return 0.05 + 0.05 * t.reshape(()).to(tolerances.acc(t.dtype)).abs()
+
+
+def eager_supcon(x, t):
+    """SupContrast's SupConLoss per anchor (N, 2), on the features normalized (fastcl
+    normalizes inside; SupContrast expects unit rows), from the inputs as given."""
+    x = torch.nn.functional.normalize(x, dim=2)
+    return supcontrast_loss(x, _supcon_labels(x), _supcon_tau(t), 0.07, reduction="none")
 
 
 def _siglip_bias(b):
@@ -178,6 +210,8 @@ def correctness(args, log, stats_path):
     for config in args.configs.split(","):
         dtype, setting = CONFIGS[config]
         for name, fast, eager, oracle, shapes, needs in losses():
+            if args.losses and name not in args.losses:
+                continue
             for d in args.dims:
                 seed += 1
                 t0 = time.perf_counter()
@@ -373,10 +407,15 @@ def main(argv=None) -> int:
     ap.add_argument("--stats", default=None, help="write compile statistics here")
     ap.add_argument("--configs", default=",".join(CONFIGS))
     ap.add_argument("--dims", default=",".join(map(str, DIMS)))
+    ap.add_argument("--losses", default="", help="a comma-separated subset (default: all)")
     ap.add_argument("--launches", action="store_true",
                     help="count the kernels of one training step instead")
     args = ap.parse_args(argv)
     args.dims = [int(x) for x in args.dims.split(",")]
+    args.losses = [x for x in args.losses.split(",") if x]
+    unknown = set(args.losses) - {case[0] for case in losses()}
+    if unknown:
+        ap.error(f"--losses: unknown {', '.join(sorted(unknown))}")
     if args.device == "cuda" and not torch.cuda.is_available():
         print("gpu_check: no CUDA device (use --device cpu for a smoke test)", file=sys.stderr)
         return 2

@@ -1,15 +1,22 @@
-"""CLIP's and SigLIP's losses on a GPU: speed and memory of one training step's loss (forward +
-backward with a learnable logit scale, and SigLIP's learnable bias) at open_clip's sizes,
-fastcl against open_clip's formulation.
+"""CLIP's, SigLIP's and SupCon's losses on a GPU: speed and memory of one training step's loss
+(forward + backward with a learnable logit scale, and SigLIP's learnable bias) at open_clip's
+sizes, fastcl against open_clip's formulation; SupCon against SupContrast's.
 
-    python benchmarks/gpu_clip.py [--loss clip|siglip] [--device cuda|cpu] [--small]
-        [--sizes 16384,32768] [--dim 512] [--dtype bf16]
+    python benchmarks/gpu_clip.py [--loss clip|siglip|supcon] [--device cuda|cpu] [--small]
+        [--sizes 16384,32768] [--dim 512] [--dtype bf16] [--classes 1000]
         [--providers fastcl,eager,compile,inf_cl] [--budget S] [--out FILE]
 
 ``--loss siglip``: ``fastcl.siglip_loss(image, text, logit_scale, logit_bias)`` against
 open_clip's SigLipLoss formula (logits = scale * image @ text.T + bias, labels 2 I - 1,
 -sum log sigmoid / N), scale exp(ln 10) and bias -10 as open_clip initializes them, the bias a
 float32 parameter too; Inf-CL has no sigmoid loss (the provider is skipped).
+
+``--loss supcon``: ``fastcl.supcon_loss(features, labels, 0.07)`` on (N, 2, D) features (N
+samples x 2 views, unit rows, requiring grad; ``--sizes`` counts samples) with labels in
+``range(--classes)``, against SupContrast's SupConLoss formula (``_common.supcontrast_loss``:
+(2N)^2 logits and dense masks, temperature and base temperature 0.07, a fixed float as
+SupContrast has it), eager and compiled, under autocast for half types; Inf-CL has no label
+positives (the provider is skipped).
 
 Providers, each on the same inputs (image and text features (N, D) in ``--dtype``, unit rows
 as open_clip's model returns them, requiring grad; logit_scale = exp(p) of a float32
@@ -29,7 +36,7 @@ inputs hold (``torch.cuda.max_memory_allocated`` after a reset; on the CPU: not 
 line per measurement is appended to ``--out`` as soon as it is known, then the ratios of each
 size. A provider that runs out of memory gets an "OOM" line; a size whose first measurement
 would start after ``--budget`` seconds is skipped with a line saying so. ``--small`` (a CPU
-smoke test): N in {64, 96}, D = 32, float32.
+smoke test): N in {64, 96}, D = 32, float32 (SupCon: 10 classes).
 
 Exit status 0 unless a provider other than inf_cl fails with something else than OOM.
 """
@@ -51,7 +58,8 @@ sys.path.insert(0, os.path.dirname(HERE))
 import fastcl  # noqa: E402
 
 sys.path.insert(0, HERE)
-from _common import Log, open_clip_loss, open_siglip_loss  # noqa: E402  (open_clip's formulas)
+from _common import (  # noqa: E402  (open_clip's and SupContrast's formulas)
+    Log, open_clip_loss, open_siglip_loss, supcontrast_loss)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -79,6 +87,27 @@ def siglip_providers(names, bias):
             out[name] = ((lambda x, y, s: compiled(x, y, s, bias)), "")
         elif name == "inf_cl":
             out[name] = (None, "Inf-CL has no sigmoid loss")
+        else:
+            raise ValueError(f"unknown provider {name!r}")
+    return out
+
+
+def supcon_providers(names, temperature):
+    """SupCon's {name: (loss function of (features, labels) or None, why)}."""
+    out = {}
+    for name in names:
+        if name == "fastcl":
+            fn = getattr(fastcl, "supcon_loss", None)
+            out[name] = ((lambda x, lab: fn(x, lab, temperature)) if fn is not None else None,
+                         "fastcl has no supcon_loss in this checkout")
+        elif name == "eager":
+            out[name] = ((lambda x, lab: supcontrast_loss(x, lab, temperature, temperature)),
+                         "")
+        elif name == "compile":
+            compiled = torch.compile(supcontrast_loss, dynamic=False)
+            out[name] = ((lambda x, lab: compiled(x, lab, temperature, temperature)), "")
+        elif name == "inf_cl":
+            out[name] = (None, "Inf-CL has no label positives")
         else:
             raise ValueError(f"unknown provider {name!r}")
     return out
@@ -118,12 +147,14 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
-def measure(fn, x, y, p, device, dtype, reps):
-    """(warm-up s, median step s, peak extra MiB or None)."""
+def measure(loss_of, leaves, device, dtype, reps):
+    """(warm-up s, median step s, peak extra MiB or None) of ``loss_of()`` (under autocast for
+    half types) and its backward into ``leaves``."""
     def step():
-        x.grad = y.grad = p.grad = None
+        for t in leaves:
+            t.grad = None
         with _autocast(device, dtype):
-            loss = fn(x, y, p.exp())
+            loss = loss_of()
         loss.backward()
         return loss
 
@@ -147,7 +178,8 @@ def measure(fn, x, y, p, device, dtype, reps):
             times.append(time.perf_counter() - t)
     peak = None
     if device.type == "cuda":
-        x.grad = y.grad = p.grad = None
+        for t in leaves:
+            t.grad = None
         _sync(device)
         base = torch.cuda.memory_allocated(device)
         torch.cuda.reset_peak_memory_stats(device)
@@ -159,12 +191,13 @@ def measure(fn, x, y, p, device, dtype, reps):
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--loss", default="clip", choices=("clip", "siglip"))
+    ap.add_argument("--loss", default="clip", choices=("clip", "siglip", "supcon"))
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--small", action="store_true")
     ap.add_argument("--sizes", default="16384,32768")
     ap.add_argument("--dim", type=int, default=512)
     ap.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
+    ap.add_argument("--classes", type=int, default=1000, help="SupCon's label range")
     ap.add_argument("--providers", default="fastcl,eager,compile,inf_cl")
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--budget", type=float, default=math.inf, help="seconds")
@@ -172,6 +205,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.small:
         args.sizes, args.dim, args.dtype, args.reps = "64,96", 32, "fp32", 2
+        args.classes = 10
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         print("gpu_clip: no CUDA device (use --device cpu for a smoke test)", file=sys.stderr)
@@ -180,8 +214,10 @@ def main(argv=None) -> int:
     log = Log(args.out)
     start = time.perf_counter()
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    what = ("CLIP loss forward + backward (features and the logit scale)" if args.loss == "clip"
-            else "SigLIP loss forward + backward (features, the logit scale and bias)")
+    what = {"clip": "CLIP loss forward + backward (features and the logit scale)",
+            "siglip": "SigLIP loss forward + backward (features, the logit scale and bias)",
+            "supcon": f"SupCon loss forward + backward (N samples x 2 views, {args.classes} "
+                      f"classes, temperature 0.07)"}[args.loss]
     log(f"gpu_clip on {name}: {what}, "
         f"D={args.dim} {args.dtype}, torch {torch.__version__}, backend "
         f"{fastcl.get_backend()}; step time median of {args.reps}, peak extra memory of one "
@@ -189,10 +225,12 @@ def main(argv=None) -> int:
     if args.loss == "clip":
         provs = providers(args.providers.split(","), device, dtype)
         p0 = math.log(1 / 0.07)
-    else:
+    elif args.loss == "siglip":
         bias = torch.tensor(-10.0, device=device, requires_grad=True)
         provs = siglip_providers(args.providers.split(","), bias)
         p0 = math.log(10.0)
+    else:
+        provs = supcon_providers(args.providers.split(","), 0.07)
     failures = 0
     for n in (int(v) for v in args.sizes.split(",")):
         results = {}
@@ -205,13 +243,21 @@ def main(argv=None) -> int:
                 log(f"{label} skipped: past the {args.budget:.0f} s budget")
                 continue
             gen = torch.Generator().manual_seed(n)
-            x = F.normalize(torch.randn(n, args.dim, generator=gen), dim=1).to(dtype)
-            y = F.normalize(torch.randn(n, args.dim, generator=gen), dim=1).to(dtype)
-            x = x.to(device).requires_grad_()
-            y = y.to(device).requires_grad_()
-            p = torch.tensor(p0, device=device, requires_grad=True)
+            if args.loss == "supcon":
+                x = F.normalize(torch.randn(n, 2, args.dim, generator=gen), dim=2).to(dtype)
+                x = x.to(device).requires_grad_()
+                labels = torch.randint(0, args.classes, (n,), generator=gen).to(device)
+                loss_of, leaves = (lambda fn=fn, x=x, lab=labels: fn(x, lab)), (x,)
+            else:
+                x = F.normalize(torch.randn(n, args.dim, generator=gen), dim=1).to(dtype)
+                y = F.normalize(torch.randn(n, args.dim, generator=gen), dim=1).to(dtype)
+                x = x.to(device).requires_grad_()
+                y = y.to(device).requires_grad_()
+                p = torch.tensor(p0, device=device, requires_grad=True)
+                loss_of = lambda fn=fn, x=x, y=y, p=p: fn(x, y, p.exp())  # noqa: E731
+                leaves = (x, y, p) if args.loss == "clip" else (x, y, p, bias)
             try:
-                warm, med, peak = measure(fn, x, y, p, device, dtype, args.reps)
+                warm, med, peak = measure(loss_of, leaves, device, dtype, args.reps)
             except torch.cuda.OutOfMemoryError:
                 log(f"{label} OOM")
                 continue

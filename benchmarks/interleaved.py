@@ -8,6 +8,9 @@ and torch.compile, interleaved in one process (the figure of issue 13).
 Other cases (``_common.CASES``) run the same way; CLIP's figure (issue 14) is
 ``--case clip --n 4096 --d 512 --providers fastcl,reference,compile``: ``fastcl.clip_loss``
 with a learnable scale against open_clip's ClipLoss formulation, eager and compiled.
+SupCon's (issue 16) is ``--case supcon --providers fastcl,reference,compile``: ``--n`` samples
+(2048 by default) x 2 views, ``--classes`` labels (100 by default), D=128, temperature 0.07,
+against SupContrast's SupConLoss formulation, eager and compiled.
 
 Providers: ``fastcl`` (the C++ kernels, the automatic choice: the dense path within
 ``fastcl.kernels.cpp.DENSE_CAP_BYTES``), ``tiled`` (the C++ kernels with the dense path off:
@@ -17,6 +20,9 @@ the cap set to 0), ``reference`` (eager: F.normalize, q @ k.T / tau, cross_entro
 (``_common.Step``) and prints the medians and the ratios eager/fastcl, compile/fastcl and
 tiled/fastcl (> 1: fastcl faster); the last line gives each ratio's median and range over the
 repeats, which is what to quote on a shared machine (with the load average printed beside it).
+Without ``fastcl`` among the providers (e.g. ``--providers reference,compile``: the baselines
+alone), each repeat prints the medians and the last line each provider's median time over the
+repeats.
 """
 from __future__ import annotations
 
@@ -66,7 +72,10 @@ class _Tiled:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--case", default="in_batch", choices=_common.CASES)
-    p.add_argument("--n", type=int, default=1024)
+    p.add_argument("--n", type=int, default=None,
+                   help="rows per view (supcon: samples); default 1024, supcon 2048")
+    p.add_argument("--classes", type=int, default=_common.SUPCON_CLASSES,
+                   help="label range (supcon)")
     p.add_argument("--d", type=int, default=_common.D)
     p.add_argument("--mode", default="full", choices=_common.MODES)
     p.add_argument("--rounds", type=int, default=15)
@@ -78,18 +87,34 @@ def main(argv=None) -> int:
                         "less sensitive to other processes on a loaded machine; meaningful with "
                         "--threads 1 (with more, idle worker threads may spin)")
     a = p.parse_args(argv)
+    if a.n is None:
+        a.n = _common.CASE_N.get(a.case, 1024)
     if a.threads:
         torch.set_num_threads(a.threads)
     names = [x for x in a.providers.split(",") if x]
-    _common.print_header(f"interleaved {a.case} N={a.n} D={a.d} fp32 {a.mode}, "
+    what = (f"B={a.n} x {_common.SUPCON_VIEWS} views, {a.classes} classes"
+            if a.case == "supcon" else f"N={a.n}")
+    _common.print_header(f"interleaved {a.case} {what} D={a.d} fp32 {a.mode}, "
                          f"{a.clock} clock")
     print("# command: python benchmarks/interleaved.py " +
           " ".join(sys.argv[1:] if argv is None else argv))
     steps = {}
     for name in names:
         provider = "fastcl" if name == "tiled" else name
-        step = _common.make_step(a.case, provider, a.n, a.mode, d=a.d)
+        step = _common.make_step(a.case, provider, a.n, a.mode, d=a.d, classes=a.classes)
         steps[name] = _Tiled(step) if name == "tiled" else step
+    if "fastcl" not in names:  # the baselines alone: their times, no ratios
+        times = {x: [] for x in names}
+        for rep in range(a.repeats):
+            med, _ = _common.interleaved(steps, a.rounds, a.clock)
+            for x in names:
+                times[x].append(med[x])
+            print(f"repeat {rep}: " + "  ".join(f"{x} {_common.fmt_time(med[x])}" for x in names)
+                  + f"  | load {_common.loadavg()}", flush=True)
+        print("medians over repeats (median [min, max]): " + "  ".join(
+            f"{x} {_common.fmt_time(_common.median(t))} [{_common.fmt_time(min(t))}, "
+            f"{_common.fmt_time(max(t))}]" for x, t in times.items()))
+        return 0
     others = [x for x in names if x != "fastcl"]
     ratios = {x: [] for x in others}
     for rep in range(a.repeats):

@@ -4,6 +4,11 @@
 
 prints one JSON line: ``forward_mib`` and ``full_mib`` (forward + backward), in MiB.
 
+    python benchmarks/memory_probe.py --case supcon --provider reference [--n 2048] [--classes 100]
+
+SupCon (issue 16): ``--n`` samples (2048 by default) x 2 views, D=128, labels in
+``range(--classes)``; ``reference`` / ``compile`` are SupContrast's formulation.
+
 Method (CPU)
     1. Import torch and fastcl, then run a full step (forward + backward) of the same provider
        at two tiny sizes. This pays one-off costs outside the measurement: library
@@ -80,29 +85,39 @@ def main(argv=None) -> dict:
     p.add_argument("--case", default="nt_xent", choices=_common.CASES)
     p.add_argument("--provider", required=True,
                    choices=_common.PROVIDERS + _common.OPTIONAL_PROVIDERS)
-    p.add_argument("--n", type=int, required=True)
+    p.add_argument("--n", type=int, default=None,
+                   help="rows per view (supcon: samples, 2048 by default); required otherwise")
     p.add_argument("--d", type=int, default=_common.D)
     p.add_argument("--m", type=int, default=_common.MOCO_M, help="queue rows (info_nce)")
+    p.add_argument("--classes", type=int, default=_common.SUPCON_CLASSES,
+                   help="label range (supcon)")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     p.add_argument("--warmup", choices=("tiny", "target"), default=None,
                    help="warm-up sizes (default: target for compile, tiny otherwise)")
     a = p.parse_args(argv)
+    if a.n is None:
+        if a.case not in _common.CASE_N:
+            p.error(f"--n is required for --case {a.case}")
+        a.n = _common.CASE_N[a.case]
 
     fn = _common.loss_fn(a.case, a.provider, a.device)
     ctx = lambda: _common.backend_context(a.provider, a.device)  # noqa: E731
     warmup = a.warmup or ("target" if a.provider == "compile" else "tiny")
     warm_sizes = WARM_SIZES if warmup == "tiny" else ((a.n, a.m),)
     for n_warm, m_warm in warm_sizes:
-        args, wrt = _common.make_inputs(a.case, n_warm, a.d, m_warm, a.device, seed=1)
+        args, wrt = _common.make_inputs(a.case, n_warm, a.d, m_warm, a.device, seed=1,
+                                        classes=a.classes)
         _common.step_once(fn, args, wrt, "full", ctx)
         del args, wrt
     graphs = _unique_graphs()
 
-    args, wrt = _common.make_inputs(a.case, a.n, a.d, a.m, a.device)
+    args, wrt = _common.make_inputs(a.case, a.n, a.d, a.m, a.device, classes=a.classes)
     result = {"case": a.case, "provider": a.provider, "n": a.n, "d": a.d, "device": a.device,
               "warmup": warmup}
     if a.case == "info_nce":
         result["m"] = a.m
+    if a.case == "supcon":
+        result.update(views=_common.SUPCON_VIEWS, classes=a.classes)
 
     for mode in ("forward", "full"):
         gc.collect()

@@ -232,3 +232,73 @@ def test_accuracy_report_prints_every_backend_case_and_temperature():
     for r in rows:
         errs = [float(x) for x in r[-4:]]
         assert all(e == e and e < float("inf") for e in errs), r
+
+
+def test_supcon_case_times_supcontrasts_loss():
+    """The supcon case: (B, 2, D) unit features requiring grad, labels in range(classes),
+    tau 0.07; its reference provider (SupContrast's formulation written out in _common) and
+    fastcl's (on the chunked path, which has label positives) compute the same loss, which
+    reference.supcon_loss gives too, and the same feature gradients up to their radial part;
+    "none" is per anchor (B, 2)."""
+    import torch
+
+    import fastcl
+    from fastcl import reference
+
+    sys.path.insert(0, BENCH)
+    import _common
+
+    assert "supcon" in _common.CASES and _common.CASE_N["supcon"] == 2048
+    args, wrt = _common.make_inputs("supcon", 24, d=16, classes=5)
+    features, labels, tau = args
+    assert features.shape == (24, 2, 16) and wrt == (features,) and tau == 0.07
+    torch.testing.assert_close(features.norm(dim=2), torch.ones(24, 2))
+    assert labels.dtype == torch.int64 and 0 <= labels.min() and labels.max() < 5
+    assert len(labels.unique()) > 1  # positives from the labels, not only the other view
+    eager = _common.loss_fn("supcon", "reference", "cpu")(*args)
+    g_eager = torch.autograd.grad(eager, features)[0]
+    with _common.backend_context("chunked", "cpu"):
+        fast = _common.loss_fn("supcon", "chunked", "cpu")(*args)
+        g_fast = torch.autograd.grad(fast, features)[0]
+    torch.testing.assert_close(fast, eager, rtol=1e-5, atol=1e-5)
+    # fastcl normalizes inside, SupContrast does not: on unit rows their feature gradients
+    # differ by the radial part alone (what a normalization upstream takes out).
+    def tangent(g):
+        return g - (g * features).sum(dim=2, keepdim=True) * features
+
+    torch.testing.assert_close(tangent(g_fast), tangent(g_eager), rtol=1e-4, atol=1e-6)
+    assert (g_fast - g_eager).abs().max() > 1e-3  # (so the projection is what makes them agree)
+    torch.testing.assert_close(eager, reference.supcon_loss(features, labels, tau),
+                               rtol=1e-5, atol=1e-5)
+    per_anchor = _common.supcontrast_loss(features, labels, reduction="none")
+    assert per_anchor.shape == (24, 2)
+    torch.testing.assert_close(per_anchor.mean(), eager)
+    with fastcl.use_backend("chunked"):
+        torch.testing.assert_close(fastcl.supcon_loss(features, labels, tau, reduction="none"),
+                                   per_anchor, rtol=1e-5, atol=1e-5)
+
+
+def test_supcon_entry_points_run(tmp_path):
+    """interleaved.py and memory_probe.py take --case supcon (B samples x 2 views, --classes),
+    B = 2048 by default; interleaved.py without fastcl prints the baselines' times alone."""
+    env = dict(os.environ, PYTHONPATH=os.path.dirname(BENCH))
+    proc = subprocess.run([sys.executable, os.path.join(BENCH, "interleaved.py"), "--case",
+                           "supcon", "--n", "32", "--classes", "4", "--rounds", "2",
+                           "--repeats", "1", "--providers", "chunked,reference"],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "interleaved supcon B=32 x 2 views, 4 classes D=128" in proc.stdout
+    assert proc.stdout.splitlines()[-1].startswith("medians over repeats")
+    assert " chunked " in proc.stdout.splitlines()[-1]
+    proc = subprocess.run([sys.executable, os.path.join(BENCH, "memory_probe.py"), "--case",
+                           "supcon", "--provider", "reference", "--n", "64", "--classes", "7"],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(proc.stdout.splitlines()[-1])
+    assert (result["case"], result["n"], result["views"], result["classes"]) == (
+        "supcon", 64, 2, 7)
+    assert isinstance(result["full_mib"], float) and result["method"].startswith("VmHWM")
+    proc = subprocess.run([sys.executable, os.path.join(BENCH, "memory_probe.py"), "--case",
+                           "clip", "--provider", "reference"],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 2 and "--n is required for --case clip" in proc.stderr
