@@ -7,7 +7,7 @@ triton_contrastive) through the kernel contract directly (no op layer):
 - the gradients against a dense float64 W = ga P - gp Y written here from the contract, the
   rows pass, the columns pass (W^T) and the symmetric pass (W + W^T), within the same rule
   (the baseline: the dense formula in float32);
-- offsets > 0 with n < m, n = m = 1 (no column at all: lse = -inf, loss 0, zero gradients, never
+- offsets > 0 with n < m, tau = 0.07 and 1e-3, n = m = 1 (no column at all: lse = -inf, loss 0, zero gradients, never
   NaN), n = 1 with columns, rows without a positive (count 0), all labels equal, labels of any
   int64 value, several column splits (forced, ending inside a tile) and the plan's, 16-wide
   tiles, D resident and chunked, bfloat16 and float16 rows, the scale as a 0-dim tensor;
@@ -136,6 +136,7 @@ CASES = [
     (1, 1, 0, 8, 10.0, F32, 3, None, False),         # no column at all
     (1, 3, 2, 8, 10.0, F32, 1, None, False),         # n = 1, the last column's row
     (33, 40, 4, 24, 1 / 0.07, F32, 1, 16, True),     # all labels equal
+    (40, 64, 10, 24, 1e3, F32, 4, 32, False),       # tau = 1e-3: logits of 1000
     (37, 70, 20, 40, 1 / 0.07, BF16, 5, 20, False),
     (30, 40, 7, 80, 1 / 0.2, F16, 4, 32, True),
 ]
@@ -302,3 +303,21 @@ def test_aot_variants_cover_the_kernels():
         for kind in ("fwd", "grad"):
             (cfg,) = tl_.labels_configs(kind, 128, dtype)
             assert (cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"], cfg.num_warps) == (64, 64, 8)
+
+
+def test_exp2_path(tc, monkeypatch):
+    """With ``EXP2`` (log2(e) folded into the scale, exp2; off by measurement, kept for a GPU
+    to measure) the label forward's base-2 state converts back: loss, lse, dscale and the
+    gradients within the rule at tau = 0.07, through the combine (several splits)."""
+    monkeypatch.setattr(tc, "EXP2", True)
+    monkeypatch.setattr(tc, "SPLIT_COLUMNS", 20)
+    z, _, labels, _ = _inputs(17, 33, 33, 0, 24, F32, 5)
+    nz = _norms(z)
+    out = tc.labels_sym_forward(z, nz, labels, 1 / 0.07, with_dscale=True)
+    oracle = _check_forward(out, z, z, labels, labels, 1 / 0.07, 0, F32)
+    ga, gp = _weights(oracle[3], 5)
+    o_rows, o_cols = grads(z, z, labels, labels, 1 / 0.07, 0, ga, gp, F64)
+    b_rows, b_cols = grads(z, z, labels, labels, 1 / 0.07, 0, ga, gp, F32)
+    got = tc.labels_sym_grad(z, nz, labels, out[1], ga.float().to(DEV), gp.float().to(DEV),
+                             1 / 0.07)
+    _check_grad(got, o_rows + o_cols, b_rows + b_cols, F32, "symmetric gradient")
