@@ -7,11 +7,13 @@ triton_contrastive) through the kernel contract directly (no op layer):
 - the gradients against a dense float64 W = ga P - gp Y written here from the contract, the
   rows pass, the columns pass (W^T) and the symmetric pass (W + W^T), within the same rule
   (the baseline: the dense formula in float32);
-- offsets > 0 with n < m, tau = 0.07 and 1e-3, n = m = 1 (no column at all: lse = -inf, loss 0, zero gradients, never
-  NaN), n = 1 with columns, rows without a positive (count 0), all labels equal, labels of any
-  int64 value, several column splits (forced, ending inside a tile) and the plan's, 16-wide
-  tiles, D resident and chunked, bfloat16 and float16 rows, the scale as a 0-dim tensor;
-- bitwise determinism, the split count changing only the summation order, the AOT list.
+- offsets > 0 with n < m, tau = 0.07 and 1e-3, n = m = 1 (no column at all: lse = -inf, loss
+  0, zero gradients, never NaN), n = 1 with columns, rows without a positive (count 0), all
+  labels equal, labels of any int64 value, several column splits (forced, ending inside a
+  tile) and the plan's, 16-wide tiles, D resident and chunked, bfloat16 and float16 rows, the
+  scale as a 0-dim tensor;
+- bitwise determinism, the split count changing only the summation order, the EXP2 path, the
+  AOT list.
 
 Without CUDA they run under the interpreter (conftest sets TRITON_INTERPRET=1 before fastcl
 is imported): small shapes (tiles 32 x 32, D resident up to 64, chunks of 32 above).

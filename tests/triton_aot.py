@@ -23,7 +23,9 @@ without ``args``, inner strides (``stride_*d``) are taken as 1 and other integer
 of 16. Otherwise the variants are built from the
 launchers' ``lse_meta`` / ``grad_meta``. The SigLIP sigmoid epilogue's kernels
 (``triton_sigmoid.aot_variants``: the heaviest form of each pass), the momentum kernels (EMA over
-an address table, queue push) and BYOL's cosine-loss kernels are added for each (D, dtype).
+an address table, queue push) and BYOL's cosine-loss kernels are added for each (D, dtype);
+SupCon's label passes (``triton_labels.aot_variants``, HAS_LABELS forms of the contrastive
+kernels) for sm_90 at D = 128 only (``LABELS_DIMS``: 11 compiles).
 
 The matrix (documented choice, to stay near 2 minutes of CI on 2 cores): D in {64, 128, 256,
 1024} x storage dtype in {float32 (IEEE and TF32 products), bfloat16, float16} x every code

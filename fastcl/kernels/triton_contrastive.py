@@ -109,6 +109,16 @@ passes (row-owned dx, column-owned dy; see ``rows_cols_grad`` for why not one), 
 bf16/fp16 at 128 < D <= 512 keep 32-row tiles and their accumulators resident
 (``rows_cols_grad_meta``) instead of streaming D through global memory.
 
+SupCon's label positives (``labels_*``; launchers in ``triton_labels``, re-exported here) are
+the HAS_LABELS form of ``_lse_fwd_kernel`` / ``_combine_kernel`` / ``_grad_kernel``: int64
+labels loaded with the row block and with each column tile and compared inside the tile, row
+i's own column i + offset excluded (no modulo: the columns' pass gives a negative offset), the
+positives' logit sum (float64 across tiles) and count added to the row state and to the split
+partials (a count plane after t), finished by ``_finish_labels``; in the backward W gets
+- gp [same label] inside the tile, and an lse of -inf (a row without any column) weighs 0. The
+forms without labels compile exactly as before (the flag is a constexpr; the new pointer
+arguments are unused dummies there).
+
 Offsets that multiply a row index by a stride, and partial-state offsets, are int64.
 Launches run under ``torch.cuda.device(tensor.device)``.
 """
