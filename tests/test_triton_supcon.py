@@ -323,3 +323,19 @@ def test_exp2_path(tc, monkeypatch):
     got = tc.labels_sym_grad(z, nz, labels, out[1], ga.float().to(DEV), gp.float().to(DEV),
                              1 / 0.07)
     _check_grad(got, o_rows + o_cols, b_rows + b_cols, F32, "symmetric gradient")
+
+
+def test_gpu_form_of_the_positive_sums(tc, monkeypatch):
+    """On the GPU with matrix-unit dots (SUM_DOT off, bf16 here) the positives' sum and count
+    are one paired tl.reduce; the interpreter runs that form here (its logits then from
+    tl.dot): within the rule, with several splits."""
+    common = tc._common_meta
+
+    def gpu_form(*args, **kwargs):
+        return dict(common(*args, **kwargs), SUM_DOT=False)
+
+    monkeypatch.setattr(tc, "_common_meta", gpu_form)
+    monkeypatch.setattr(tc, "SPLIT_COLUMNS", 16)
+    q, k, lq, lk = _inputs(23, 12, 40, 5, 24, BF16, 3)
+    out = tc.labels_forward(q, k, _norms(q), _norms(k), lq, lk, 1 / 0.07, 5, with_dscale=True)
+    _check_forward(out, q, k, lq, lk, 1 / 0.07, 5, BF16)

@@ -253,6 +253,11 @@ def _logit_tile(
 
 
 @triton.jit
+def _add_pair(a1, b1, a2, b2):
+    return a1 + a2, b1 + b2
+
+
+@triton.jit
 def _merge(m, l, t, m2, l2, t2, EXP2: tl.constexpr):
     """Merge two online states (m, l, t) of the same rows; an empty state is (-inf, 0, 0).
     t is centred on m: t = sum exp(s - m) (s - m)."""
@@ -439,8 +444,22 @@ def _lse_fwd_kernel(
             valid = valid & (cols[None, :] != rows[:, None] + pos_offset)
             lk = tl.load(LK + cols, mask=col_ok, other=0)
             is_lab = valid & (lq[:, None] == lk[None, :])
-            s_pos += tl.sum(tl.where(is_lab, s, 0.0), 1).to(tl.float64)
-            cnt += tl.sum(is_lab.to(tl.float32), 1)
+            if SUM_DOT or PRECISION == "ieee":
+                # The interpreter (its tl.reduce with a combine function is slow) and the
+                # float32 FMA dot: two sums.
+                sp_t = tl.sum(tl.where(is_lab, s, 0.0), 1)
+                cnt_t = tl.sum(is_lab.to(tl.float32), 1)
+            else:
+                # Matrix-unit dots: one reduction for the positives' sum and count. As two,
+                # the count (independent of the logits) was scheduled apart and held the label
+                # tiles across the product (ptxas, sm_90, D = 128: 169 registers for bf16
+                # instead of 112, 180 for TF32 instead of 128). The FMA dot keeps two sums:
+                # paired, ptxas capped its one-split form at 128 registers and spilled 8 B
+                # (two sums: 194-196 registers, no spill).
+                sp_t, cnt_t = tl.reduce((tl.where(is_lab, s, 0.0), is_lab.to(tl.float32)), 1,
+                                        _add_pair)
+            s_pos += sp_t.to(tl.float64)
+            cnt += cnt_t
         if POS_IN_COLUMNS:
             is_pos = (cols[None, :] == pos_col[:, None]) & col_ok[None, :]
             s_pos += tl.sum(tl.where(is_pos, s, 0.0), 1)
