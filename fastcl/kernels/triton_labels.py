@@ -40,9 +40,20 @@ for lse = -inf (so a row without columns weighs exactly 0, never -inf - -inf).
   would need per-row-block partial column gradients (O(N^2 D / BLOCK_M) memory).
 
 Configs: one per pass, the first the contrastive pruning keeps (64 x 64 tiles, 8 warps; depth
-2 at D = 128): the autotuner never benchmarks (no host syncs on a first call), and the AOT
-check compiles exactly what runs. The interpreter takes ``INTERPRETER_TILES`` (32 x 32).
-Accumulation dtype float32 (the Triton kernels take float32, bfloat16 and float16 rows).
+2 at D = 128, 3 for the TF32 forward): the autotuner never benchmarks (no host syncs on a first
+call), and the AOT check compiles exactly what runs. The interpreter takes
+``INTERPRETER_TILES`` (32 x 32). Accumulation dtype float32 (the Triton kernels take float32,
+bfloat16 and float16 rows).
+
+Resources (ptxas, sm_90, D = 128, Triton 3.9; tests/triton_aot.py; no spills anywhere):
+    pass                      float32 IEEE   TF32        bf16        (the NT-Xent form)
+    forward, splits + dscale  194            128         112         124 / 116 / 87
+    forward, one split        196            116         105         118 / 110 / 70
+    grad, rows                215            -           178         201 / 123 / 162 (dq)
+    grad, symmetric           215            182         201         207 / 143 / 201
+    combine                   32
+The forward's extra registers are the int64 label tiles and the positives' sum and count;
+where the products run on matrix units the two are one paired reduction (see the kernel).
 """
 from __future__ import annotations
 
