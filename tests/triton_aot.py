@@ -23,7 +23,9 @@ without ``args``, inner strides (``stride_*d``) are taken as 1 and other integer
 of 16. Otherwise the variants are built from the
 launchers' ``lse_meta`` / ``grad_meta``. The SigLIP sigmoid epilogue's kernels
 (``triton_sigmoid.aot_variants``: the heaviest form of each pass), the momentum kernels (EMA over
-an address table, queue push) and BYOL's cosine-loss kernels are added for each (D, dtype).
+an address table, queue push) and BYOL's cosine-loss kernels are added for each (D, dtype);
+SupCon's label passes (``triton_labels.aot_variants``, HAS_LABELS forms of the contrastive
+kernels) for sm_90 at D = 128 only (``LABELS_DIMS``: 11 compiles).
 
 The matrix (documented choice, to stay near 2 minutes of CI on 2 cores): D in {64, 128, 256,
 1024} x storage dtype in {float32 (IEEE and TF32 products), bfloat16, float16} x every code
@@ -75,6 +77,7 @@ from triton.compiler import ASTSource  # noqa: E402
 
 from fastcl.kernels import triton_contrastive as tc  # noqa: E402
 from fastcl.kernels import triton_cosine as tcos  # noqa: E402
+from fastcl.kernels import triton_labels as tlab  # noqa: E402
 from fastcl.kernels import triton_momentum as tm  # noqa: E402
 from fastcl.kernels import triton_sigmoid as tsig  # noqa: E402
 
@@ -189,11 +192,31 @@ def _sigmoid_variants(d, dtype, every_config=True):
                dict(item["constexprs"]), dict(item["options"]), None)
 
 
+# The label positives (SupCon; ``triton_labels.aot_variants``: HAS_LABELS forms of the
+# contrastive kernels, one config per pass): compiled for FULL_ARCH at these D only (the
+# benchmarks' width; the label code adds a few registers to tilings every D of which the
+# contrastive variants compile), for float32 IEEE and bfloat16 every form, for TF32 the two
+# heaviest (the split forward with dscale, the symmetric gradient): 11 compiles in all.
+LABELS_DIMS = (128,)
+LABELS_TF32 = ("labels/fwd/splits", "labels/grad/sym")
+
+
+def _labels_variants(d, dtype, every_config=True):
+    if d not in LABELS_DIMS or dtype not in (F32, BF16):
+        return
+    for item in tlab.aot_variants(ds=(d,), dtypes=(dtype,), precisions=("ieee", "tf32"),
+                                  every_config=every_config):
+        if " tf32 " in item["label"] and not item["label"].startswith(LABELS_TF32):
+            continue
+        yield (item["label"], item["kernel"], dict(item["signature"]),
+               dict(item["constexprs"]), dict(item["options"]), None)
+
+
 # Compiled for FULL_ARCH only: the sigmoid gradient-only pass, the lightest of the three
 # (sm_90: 104-178 registers, against 138-255 for the rows passes). Compiled once (Triton 3.9)
 # for every sm_80 / sm_89 group of the rotation, with the config it runs: 100-140 registers,
 # no spills; there it would add 8 compiles (~12 CPU s) to every CI run.
-FULL_ARCH_ONLY = ("sigmoid/grad/",)
+FULL_ARCH_ONLY = ("sigmoid/grad/", "labels/")
 
 
 def full_arch_only(name: str) -> bool:
@@ -384,7 +407,8 @@ def build(archs=ARCHS, dims=DIMS, match=None):
             for every in {arch == FULL_ARCH and d == ALL_CONFIGS_D for arch in targets}:
                 try:
                     by_configs[every] = (list(_contrastive_variants(d, dtype, every))
-                                         + list(_sigmoid_variants(d, dtype, every)))
+                                         + list(_sigmoid_variants(d, dtype, every))
+                                         + list(_labels_variants(d, dtype, every)))
                 except Exception as exc:  # aot_variants itself failed: one failing line
                     lines.append((f"aot_variants({d}, {_short(dtype)})",
                                   f"{type(exc).__name__}: {exc}".splitlines()[0]))

@@ -109,6 +109,16 @@ passes (row-owned dx, column-owned dy; see ``rows_cols_grad`` for why not one), 
 bf16/fp16 at 128 < D <= 512 keep 32-row tiles and their accumulators resident
 (``rows_cols_grad_meta``) instead of streaming D through global memory.
 
+SupCon's label positives (``labels_*``; launchers in ``triton_labels``, re-exported here) are
+the HAS_LABELS form of ``_lse_fwd_kernel`` / ``_combine_kernel`` / ``_grad_kernel``: int64
+labels loaded with the row block and with each column tile and compared inside the tile, row
+i's own column i + offset excluded (no modulo: the columns' pass gives a negative offset), the
+positives' logit sum (float64 across tiles) and count added to the row state and to the split
+partials (a count plane after t), finished by ``_finish_labels``; in the backward W gets
+- gp [same label] inside the tile, and an lse of -inf (a row without any column) weighs 0. The
+forms without labels compile exactly as before (the flag is a constexpr; the new pointer
+arguments are unused dummies there).
+
 Offsets that multiply a row index by a stride, and partial-state offsets, are int64.
 Launches run under ``torch.cuda.device(tensor.device)``.
 """
@@ -243,6 +253,11 @@ def _logit_tile(
 
 
 @triton.jit
+def _add_pair(a1, b1, a2, b2):
+    return a1 + a2, b1 + b2
+
+
+@triton.jit
 def _merge(m, l, t, m2, l2, t2, EXP2: tl.constexpr):
     """Merge two online states (m, l, t) of the same rows; an empty state is (-inf, 0, 0).
     t is centred on m: t = sum exp(s - m) (s - m)."""
@@ -281,12 +296,44 @@ def _finish(m, l, t, s_pos, inv_temp, rows, row_ok, LOSS, LSE, DSCALE,
         tl.store(DSCALE + rows, ds / inv_temp, mask=row_ok)
 
 
+@triton.jit
+def _finish_labels(m, l, t, sp, cnt, inv_temp, rows, row_ok, LOSS, LSE, DSCALE, COUNT,
+                   WITH_DSCALE: tl.constexpr, EXP2: tl.constexpr, BLOCK: tl.constexpr):
+    """The label positives' finish (``labels_forward``): with the mean positive logit sp / cnt
+    (sp the sum of the positive logits, each the very float the max and sum saw),
+    loss = (m - sp / cnt) + log l, lse = m + log l (float64; -inf for a row without any
+    column), dscale = (t / l + (m - sp / cnt)) / inv_temp; loss = dscale = 0 where cnt = 0.
+    m - sp / cnt is formed in float64 (exact 0 when the one positive is the max)."""
+    has = cnt > 0.0
+    # Padding rows and rows without any column (m = -inf, so lse = -inf below): no log(0).
+    l = tl.where(row_ok & (l > 0.0), l, 1.0)
+    gap = (m.to(tl.float64) - sp.to(tl.float64) / tl.where(has, cnt, 1.0).to(tl.float64))
+    gap = gap.to(tl.float32)
+    if EXP2:
+        log_l = tl.log2(l)
+        loss = (gap + log_l) * 0.6931471805599453
+        ln2 = tl.full([BLOCK], 0.6931471805599453, tl.float64)
+        lse = (m.to(tl.float64) + log_l.to(tl.float64)) * ln2
+    else:
+        log_l = tl.log(l)
+        loss = gap + log_l
+        lse = m.to(tl.float64) + log_l.to(tl.float64)
+    tl.store(LOSS + rows, tl.where(has, loss, 0.0), mask=row_ok)
+    tl.store(LSE + rows, lse, mask=row_ok)
+    tl.store(COUNT + rows, cnt, mask=row_ok)
+    if WITH_DSCALE:
+        ds = t / l + gap  # a row without a positive: 0 below
+        if EXP2:
+            ds = ds * 0.6931471805599453
+        tl.store(DSCALE + rows, tl.where(has, ds / inv_temp, 0.0), mask=row_ok)
+
+
 # ----------------------------------------------------------------------------- forward ----
 
 
 @triton.jit
 def _lse_fwd_kernel(
-    Q, K, NQ, NK, KP, NP, SCALE, PART, LOSS, LSE, DSCALE,
+    Q, K, NQ, NK, KP, NP, SCALE, PART, LOSS, LSE, DSCALE, LQ, LK, COUNT,
     n_q, n_k, d, pos_offset, cols_per_split, n_splits,
     stride_qm, stride_qd, stride_km, stride_kd, stride_pm, stride_pd,
     scale_val,
@@ -295,6 +342,7 @@ def _lse_fwd_kernel(
     EXCLUDE_DIAG: tl.constexpr,
     POS_IN_COLUMNS: tl.constexpr,
     POS_IN_DENOM: tl.constexpr,
+    HAS_LABELS: tl.constexpr,
     WITH_DSCALE: tl.constexpr,
     ONE_SPLIT: tl.constexpr,
     RESIDENT: tl.constexpr,
@@ -324,7 +372,15 @@ def _lse_fwd_kernel(
     m = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l = tl.zeros([BLOCK_M], tl.float32)
     t = tl.zeros([BLOCK_M], tl.float32)
-    s_pos = tl.zeros([BLOCK_M], tl.float32)  # stays 0 without a positive: loss = lse
+    if HAS_LABELS:
+        # Label positives (SupCon): row i's own column i + pos_offset is excluded; s_pos sums
+        # the logits of the columns with the row's label (float64 across tiles), cnt counts
+        # them (exact below 2^24).
+        lq = tl.load(LQ + rows, mask=row_ok, other=0)
+        s_pos = tl.zeros([BLOCK_M], tl.float64)
+        cnt = tl.zeros([BLOCK_M], tl.float32)
+    else:
+        s_pos = tl.zeros([BLOCK_M], tl.float32)  # stays 0 without a positive: loss = lse
     if RESIDENT:  # the row tile, loaded and normalized once
         q_tile = _load_rows(Q, rows64, row_ok, offs_d, d, stride_qm, stride_qd, nq, NORM_TILES)
     if POS_ROWS:
@@ -384,6 +440,26 @@ def _lse_fwd_kernel(
         valid = col_ok[None, :]
         if EXCLUDE_DIAG:
             valid = valid & (rows[:, None] != cols[None, :])
+        if HAS_LABELS:
+            valid = valid & (cols[None, :] != rows[:, None] + pos_offset)
+            lk = tl.load(LK + cols, mask=col_ok, other=0)
+            is_lab = valid & (lq[:, None] == lk[None, :])
+            if SUM_DOT or PRECISION == "ieee":
+                # The interpreter (its tl.reduce with a combine function is slow) and the
+                # float32 FMA dot: two sums.
+                sp_t = tl.sum(tl.where(is_lab, s, 0.0), 1)
+                cnt_t = tl.sum(is_lab.to(tl.float32), 1)
+            else:
+                # Matrix-unit dots: one reduction for the positives' sum and count. As two,
+                # the count (independent of the logits) was scheduled apart and held the label
+                # tiles across the product (ptxas, sm_90, D = 128: 169 registers for bf16
+                # instead of 112, 180 for TF32 instead of 128). The FMA dot keeps two sums:
+                # paired, ptxas capped its one-split form at 128 registers and spilled 8 B
+                # (two sums: 194-196 registers, no spill).
+                sp_t, cnt_t = tl.reduce((tl.where(is_lab, s, 0.0), is_lab.to(tl.float32)), 1,
+                                        _add_pair)
+            s_pos += sp_t.to(tl.float64)
+            cnt += cnt_t
         if POS_IN_COLUMNS:
             is_pos = (cols[None, :] == pos_col[:, None]) & col_ok[None, :]
             s_pos += tl.sum(tl.where(is_pos, s, 0.0), 1)
@@ -408,17 +484,26 @@ def _lse_fwd_kernel(
             tl.debug_barrier()
             s_pos = tl.load(pos_slot, mask=row_ok, other=0.0)
     if ONE_SPLIT:
-        _finish(m, l, t, s_pos, inv_temp, rows, row_ok, LOSS, LSE, DSCALE,
-                WITH_DSCALE, EXP2, BLOCK_M)
+        if HAS_LABELS:
+            _finish_labels(m, l, t, s_pos, cnt, inv_temp, rows, row_ok, LOSS, LSE, DSCALE,
+                           COUNT, WITH_DSCALE, EXP2, BLOCK_M)
+        else:
+            _finish(m, l, t, s_pos, inv_temp, rows, row_ok, LOSS, LSE, DSCALE,
+                    WITH_DSCALE, EXP2, BLOCK_M)
     else:
         plane = tl.full([], n_splits, tl.int64) * n_q
         off = tl.full([], pid_s, tl.int64) * n_q + rows64
         tl.store(PART + off, m, mask=row_ok)
         tl.store(PART + plane + off, l, mask=row_ok)
         if POS_IN_COLUMNS or not POS_ROWS:  # else it is there already
-            tl.store(PART + 2 * plane + off, s_pos, mask=row_ok)
+            tl.store(PART + 2 * plane + off, s_pos.to(tl.float32), mask=row_ok)
         if WITH_DSCALE:
             tl.store(PART + 3 * plane + off, t, mask=row_ok)
+        if HAS_LABELS:  # the count's plane follows: 3, or 4 with dscale
+            if WITH_DSCALE:
+                tl.store(PART + 4 * plane + off, cnt, mask=row_ok)
+            else:
+                tl.store(PART + 3 * plane + off, cnt, mask=row_ok)
 
 
 @triton.jit
@@ -448,19 +533,33 @@ def _merge_partials(PART, n_parts, n, idx64, ok, HAS_POS: tl.constexpr, T_PLANE:
 
 @triton.jit
 def _combine_kernel(
-    PART, SCALE, LOSS, LSE, DSCALE, n_q, n_splits, scale_val,
-    SCALE_PTR: tl.constexpr, WITH_DSCALE: tl.constexpr, EXP2: tl.constexpr,
-    BLOCK: tl.constexpr,
+    PART, SCALE, LOSS, LSE, DSCALE, COUNT, n_q, n_splits, scale_val,
+    SCALE_PTR: tl.constexpr, WITH_DSCALE: tl.constexpr, HAS_LABELS: tl.constexpr,
+    EXP2: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    """Merge each row's partial states in split order (deterministic) and finish the row."""
+    """Merge each row's partial states in split order (deterministic) and finish the row
+    (HAS_LABELS: with the label positives' sum and count, the count summed in split order)."""
     rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     row_ok = rows < n_q
     rows64 = rows.to(tl.int64)
     inv_temp, _scale = _load_scale(SCALE, scale_val, SCALE_PTR, EXP2)
     m, l, t, s_pos = _merge_partials(PART, n_splits, n_q, rows64, row_ok, True, 3, WITH_DSCALE,
                                      EXP2, BLOCK)
-    _finish(m, l, t, s_pos, inv_temp, rows, row_ok, LOSS, LSE, DSCALE, WITH_DSCALE, EXP2,
-            BLOCK)
+    if HAS_LABELS:
+        plane = tl.full([], n_splits, tl.int64) * n_q
+        if WITH_DSCALE:
+            cnt_part = PART + 4 * plane
+        else:
+            cnt_part = PART + 3 * plane
+        cnt = tl.zeros([BLOCK], tl.float32)
+        for p in range(0, n_splits):
+            cnt += tl.load(cnt_part + tl.full([], p, tl.int64) * n_q + rows64, mask=row_ok,
+                           other=0.0)
+        _finish_labels(m, l, t, s_pos, cnt, inv_temp, rows, row_ok, LOSS, LSE, DSCALE, COUNT,
+                       WITH_DSCALE, EXP2, BLOCK)
+    else:
+        _finish(m, l, t, s_pos, inv_temp, rows, row_ok, LOSS, LSE, DSCALE, WITH_DSCALE, EXP2,
+                BLOCK)
 
 
 # ------------------------------------------------------- rows and columns (CLIP) forward ----
@@ -631,8 +730,15 @@ def _split_lse(lse, EXP2: tl.constexpr, BLOCK: tl.constexpr):
 
 
 @triton.jit
+def _split_lse_safe(lse, EXP2: tl.constexpr, BLOCK: tl.constexpr):
+    """``_split_lse`` with (0, 0) for lse = -inf (a row without any column: all its logits are
+    masked to -inf, so exp(-inf - 0) = 0 there, never exp(-inf - -inf) = NaN)."""
+    return _split_lse(tl.where(lse == float("-inf"), 0.0, lse), EXP2, BLOCK)
+
+
+@triton.jit
 def _grad_kernel(
-    A, B, NA, NB, LSE_A, G_A, LSE_B, G_B, SCALE, OUT,
+    A, B, NA, NB, LSE_A, G_A, LSE_B, G_B, LA, LB, GP_A, GP_B, SCALE, OUT,
     n_a, n_b, d, pos_offset, cols_per_split,
     stride_am, stride_ad, stride_bm, stride_bd, stride_om,
     scale_val,
@@ -641,6 +747,7 @@ def _grad_kernel(
     USE_B: tl.constexpr,
     EXCLUDE_DIAG: tl.constexpr,
     POS_IN_COLUMNS: tl.constexpr,
+    HAS_LABELS: tl.constexpr,
     CAST_W: tl.constexpr,
     RESIDENT: tl.constexpr,
     EXP2: tl.constexpr,
@@ -654,7 +761,10 @@ def _grad_kernel(
 ):
     """OUT[s, a, :] = inv_temp * sum_b W_ab * bhat_b over all of D, b in column split s; grid
     (row blocks, column splits). With one split OUT is the result; with several, the launcher
-    sums the splits' partial rows in split order (``_sum_splits_kernel``)."""
+    sums the splits' partial rows in split order (``_sum_splits_kernel``).
+    HAS_LABELS (``labels_grad``): the pair (a, a + pos_offset) is excluded (no modulo; the
+    offset may be negative) and W_ab gets - gp [la_a == lb_b] from each side whose statistics
+    are given (GP_A by row, GP_B by column); an lse of -inf weighs 0."""
     pid_m = tl.program_id(0)
     pid_s = tl.program_id(1)
     col_start = pid_s * cols_per_split
@@ -670,7 +780,14 @@ def _grad_kernel(
     na = tl.load(NA + rows, mask=row_ok, other=1.0)
     if POS_IN_COLUMNS:
         pos_col = (rows + pos_offset) % n_b
-    if USE_A:
+    if HAS_LABELS:
+        la = tl.load(LA + rows, mask=row_ok, other=0)
+        if USE_A:
+            hi_a, lo_a = _split_lse_safe(tl.load(LSE_A + rows, mask=row_ok, other=0.0), EXP2,
+                                         BLOCK_M)
+            g_a = tl.load(G_A + rows, mask=row_ok, other=0.0)
+            gp_a = tl.load(GP_A + rows, mask=row_ok, other=0.0)
+    elif USE_A:
         hi_a, lo_a = _split_lse(tl.load(LSE_A + rows, mask=row_ok, other=0.0), EXP2, BLOCK_M)
         g_a = tl.load(G_A + rows, mask=row_ok, other=0.0)
 
@@ -706,6 +823,10 @@ def _grad_kernel(
             valid = valid & (rows[:, None] != cols[None, :])
         if POS_IN_COLUMNS:
             valid = valid & (cols[None, :] != pos_col[:, None])
+        if HAS_LABELS:
+            valid = valid & (cols[None, :] != rows[:, None] + pos_offset)
+            lb = tl.load(LB + cols, mask=col_ok, other=0)
+            same = valid & (la[:, None] == lb[None, :])
         # Skipped entries get exp(-inf) = 0 (an excluded diagonal logit can exceed its row's
         # lse by ~2/tau, so exponentiating it first would overflow).
         s = tl.where(valid, s, float("-inf"))
@@ -714,10 +835,20 @@ def _grad_kernel(
         if USE_A:
             w += g_a[:, None] * _exp((s - hi_a[:, None]) - lo_a[:, None], EXP2)
         if USE_B:
-            hi_b, lo_b = _split_lse(tl.load(LSE_B + cols, mask=col_ok, other=0.0), EXP2,
-                                    BLOCK_N)
+            if HAS_LABELS:
+                hi_b, lo_b = _split_lse_safe(tl.load(LSE_B + cols, mask=col_ok, other=0.0),
+                                             EXP2, BLOCK_N)
+            else:
+                hi_b, lo_b = _split_lse(tl.load(LSE_B + cols, mask=col_ok, other=0.0), EXP2,
+                                        BLOCK_N)
             g_b = tl.load(G_B + cols, mask=col_ok, other=0.0)
             w += g_b[None, :] * _exp((s - hi_b[None, :]) - lo_b[None, :], EXP2)
+        if HAS_LABELS:  # the positives' term, - gp [same label], inside the tile
+            if USE_A:
+                w -= tl.where(same, gp_a[:, None], 0.0)
+            if USE_B:
+                w -= tl.where(same, tl.load(GP_B + cols, mask=col_ok, other=0.0)[None, :],
+                              0.0)
         w = w * inv_temp
         if not NORM_TILES:  # the raw column rows are the second product's operand
             w = w / nb[None, :]
@@ -894,6 +1025,24 @@ _grad_rc_tuned = triton.autotune(
     configs=RC_GRAD_CONFIGS, key=_KEY_GRAD,
     prune_configs_by={"early_config_prune": _early_prune("rc_grad", "A")},
 )(_grad_kernel)
+# The label positives' passes (triton_labels): one config each, the first the pruning keeps
+# (the autotuner never benchmarks: no host syncs on a first call; the AOT check compiles it).
+def _first_kept(kind, input_name):
+    prune = _early_prune(kind, input_name)
+
+    def first(configs, named_args, **kwargs):
+        return prune(configs, named_args, **kwargs)[:1]
+    return first
+
+
+_lse_labels_tuned = triton.autotune(
+    configs=FWD_CONFIGS, key=_KEY_FWD,
+    prune_configs_by={"early_config_prune": _first_kept("fwd", "Q")},
+)(_lse_fwd_kernel)
+_grad_labels_tuned = triton.autotune(
+    configs=GRAD_CONFIGS, key=_KEY_GRAD,
+    prune_configs_by={"early_config_prune": _first_kept("grad", "A")},
+)(_grad_kernel)
 _KEY_RC = ["d", "WITH_DSCALE", "RESIDENT", "BLOCK_D", "PRECISION", "NORM_TILES", "SCALE_PTR"]
 _rows_cols_tuned = triton.autotune(
     configs=FWD_CONFIGS, key=_KEY_RC,
@@ -917,14 +1066,16 @@ def _common_meta(dtype: torch.dtype, d: int, on_cuda: bool, precision: str) -> d
 
 def lse_meta(dtype, d, on_cuda, positive_rows, exclude_diag, pos_in_columns, precision,
              positive_in_denominator=True, with_dscale=False, one_split=True,
-             scale_ptr=False) -> dict:
+             scale_ptr=False, has_labels=False) -> dict:
     """Compile-time arguments of ``_lse_fwd_kernel`` for one call (without BLOCK_M/BLOCK_N and
-    launch options on CUDA: those come from the autotuner)."""
+    launch options on CUDA: those come from the autotuner). ``has_labels``: the label
+    positives' pass (give no other positive and no diagonal exclusion with it)."""
     meta = _common_meta(dtype, d, on_cuda, precision)
     meta.update(POS_ROWS=bool(positive_rows), EXCLUDE_DIAG=bool(exclude_diag),
                 POS_IN_COLUMNS=bool(pos_in_columns),
-                POS_IN_DENOM=bool(positive_in_denominator), WITH_DSCALE=bool(with_dscale),
-                ONE_SPLIT=bool(one_split), SCALE_PTR=bool(scale_ptr))
+                POS_IN_DENOM=bool(positive_in_denominator), HAS_LABELS=bool(has_labels),
+                WITH_DSCALE=bool(with_dscale), ONE_SPLIT=bool(one_split),
+                SCALE_PTR=bool(scale_ptr))
     return meta
 
 
@@ -964,15 +1115,15 @@ def rows_cols_grad_meta(dtype, d, on_cuda, precision, scale_ptr=False) -> dict:
 
 
 def grad_meta(dtype, d, on_cuda, use_a, use_b, exclude_diag, pos_in_columns, precision,
-              scale_ptr=False) -> dict:
+              scale_ptr=False, has_labels=False) -> dict:
     """Compile-time arguments of ``_grad_kernel`` for one call (see ``lse_meta``)."""
     meta = _common_meta(dtype, d, on_cuda, precision)
     if on_cuda and dtype == torch.float32 and d > TF32_GRAD_RESIDENT_MAX_D:
         # The same BLOCK_D (so the same logits) as the forward; the rows stream (spills).
         meta["RESIDENT"] = False
     meta.update(USE_A=bool(use_a), USE_B=bool(use_b), EXCLUDE_DIAG=bool(exclude_diag),
-                POS_IN_COLUMNS=bool(pos_in_columns), CAST_W=dtype == torch.bfloat16,
-                SCALE_PTR=bool(scale_ptr))
+                POS_IN_COLUMNS=bool(pos_in_columns), HAS_LABELS=bool(has_labels),
+                CAST_W=dtype == torch.bfloat16, SCALE_PTR=bool(scale_ptr))
     return meta
 
 
@@ -1055,58 +1206,78 @@ def _on_device(t: torch.Tensor):
 
 
 def _lse(q, k, nq, nk, positive, inv_temp, exclude_diag, pos_offset, precision,
-         positive_in_denominator=True, with_dscale=False):
+         positive_in_denominator=True, with_dscale=False, labels=None, own_offset=0):
+    """The forward pass. ``labels`` = (lq, lk) int64: the label positives' pass (row i's own
+    column i + ``own_offset`` excluded; ``positive``, ``pos_offset`` and ``exclude_diag``
+    unused): returns (loss, lse, dscale, count), else (loss, lse, dscale)."""
     n_q, d = q.shape
     n_k = k.shape[0]
     dev = q.device
     on_cuda = q.is_cuda
+    has_labels = labels is not None
+    if has_labels:
+        positive, pos_offset, exclude_diag = None, None, False
     scale_t, scale_val, scale_ptr = _scale_args(inv_temp, dev, nq)
     n_splits, cps = split_plan(n_q, n_k, dev)
     meta = lse_meta(q.dtype, d, on_cuda, positive is not None, exclude_diag,
                     pos_offset is not None, precision, positive_in_denominator, with_dscale,
-                    n_splits == 1, scale_ptr)
+                    n_splits == 1, scale_ptr, has_labels)
     loss = torch.empty(n_q, dtype=torch.float32, device=dev)
     lse = torch.empty(n_q, dtype=torch.float64, device=dev)
     dscale = torch.empty(n_q if with_dscale else 0, dtype=torch.float32, device=dev)
+    count = torch.empty(n_q if has_labels else 0, dtype=torch.float32, device=dev)
     if n_q == 0:
-        return loss, lse, dscale
-    part = (torch.empty((4 if with_dscale else 3) * n_splits * n_q, dtype=torch.float32,
-                        device=dev) if n_splits > 1 else loss)
+        return (loss, lse, dscale, count) if has_labels else (loss, lse, dscale)
+    planes = 3 + bool(with_dscale) + has_labels
+    part = (torch.empty(planes * n_splits * n_q, dtype=torch.float32, device=dev)
+            if n_splits > 1 else loss)
     kp, n_p = positive if positive is not None else (q, nq)
+    lq, lk = labels if has_labels else (nq, nk)  # dummies without labels
     args = (q, k, nq, nk, kp, n_p, scale_t, part, loss, lse,
-            dscale if with_dscale else loss,
-            n_q, n_k, d, pos_offset or 0, cps, n_splits,
+            dscale if with_dscale else loss, lq, lk, count if has_labels else loss,
+            n_q, n_k, d, own_offset if has_labels else (pos_offset or 0), cps, n_splits,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), kp.stride(0), kp.stride(1),
             scale_val)
     with _on_device(q):
         if on_cuda:
             grid = lambda META: (triton.cdiv(n_q, META["BLOCK_M"]), n_splits)  # noqa: E731
-            _lse_fwd_tuned[grid](*args, **meta)
+            (_lse_labels_tuned if has_labels else _lse_fwd_tuned)[grid](*args, **meta)
         else:
             _lse_fwd_kernel[(triton.cdiv(n_q, meta["BLOCK_M"]), n_splits)](*args, **meta)
         if n_splits > 1:
             block = COMBINE_BLOCK if on_cuda else 32
             _combine_kernel[(triton.cdiv(n_q, block),)](
-                part, scale_t, loss, lse, dscale if with_dscale else loss, n_q, n_splits,
-                scale_val, SCALE_PTR=scale_ptr, WITH_DSCALE=bool(with_dscale), EXP2=EXP2,
-                BLOCK=block,
+                part, scale_t, loss, lse, dscale if with_dscale else loss,
+                count if has_labels else loss, n_q, n_splits, scale_val, SCALE_PTR=scale_ptr,
+                WITH_DSCALE=bool(with_dscale), HAS_LABELS=has_labels, EXP2=EXP2, BLOCK=block,
             )
-    return loss, lse, dscale
+    return (loss, lse, dscale, count) if has_labels else (loss, lse, dscale)
 
 
 def _grad(a, b, na, nb, lse_a, g_a, lse_b, g_b, inv_temp, exclude_diag, pos_offset, precision,
-          rows_cols=False):
+          rows_cols=False, labels=None, own_offset=0):
+    """The gradient pass. ``labels`` = (la, lb, gp_a, gp_b) (int64 labels; gp_a / gp_b the
+    positives' weights of the side whose statistics are given, else None): the label
+    positives' pass, the pair (a, a + ``own_offset``) excluded (``exclude_diag`` and
+    ``pos_offset`` unused)."""
     n_a, d = a.shape
     n_b = b.shape[0]
     on_cuda = a.is_cuda
+    has_labels = labels is not None
+    if has_labels:
+        exclude_diag, pos_offset = False, None
     scale_t, scale_val, scale_ptr = _scale_args(inv_temp, a.device, na)
     if rows_cols:  # CLIP's passes: both weights, the diagonal skipped (offset 0)
         meta = rows_cols_grad_meta(a.dtype, d, on_cuda, precision, scale_ptr)
     else:
         meta = grad_meta(a.dtype, d, on_cuda, lse_a is not None, lse_b is not None,
-                         exclude_diag, pos_offset is not None, precision, scale_ptr)
-    tuned = (_grad_rc_tuned if rows_cols and rc_grad_resident(a.dtype, d, on_cuda)
-             else _grad_tuned)
+                         exclude_diag, pos_offset is not None, precision, scale_ptr,
+                         has_labels)
+    if has_labels:
+        tuned = _grad_labels_tuned
+    else:
+        tuned = (_grad_rc_tuned if rows_cols and rc_grad_resident(a.dtype, d, on_cuda)
+                 else _grad_tuned)
     out = torch.empty(n_a, d, dtype=torch.float32, device=a.device)
     if n_a == 0 or d == 0:
         return out.zero_()
@@ -1118,11 +1289,13 @@ def _grad(a, b, na, nb, lse_a, g_a, lse_b, g_b, inv_temp, exclude_diag, pos_offs
     dummy = na
     lse_a = lse_a.to(torch.float64).contiguous() if lse_a is not None else dummy
     lse_b = lse_b.to(torch.float64).contiguous() if lse_b is not None else dummy
+    la, lb, gp_a, gp_b = labels if has_labels else (dummy, dummy, None, None)
     args = (a, b, na, nb,
             lse_a, g_a if g_a is not None else dummy,
             lse_b, g_b if g_b is not None else dummy,
+            la, lb, gp_a if gp_a is not None else dummy, gp_b if gp_b is not None else dummy,
             scale_t, part,
-            n_a, n_b, d, pos_offset or 0, cps,
+            n_a, n_b, d, own_offset if has_labels else (pos_offset or 0), cps,
             a.stride(0), a.stride(1), b.stride(0), b.stride(1), d,
             scale_val)
     with _on_device(a):
@@ -1285,6 +1458,8 @@ def _signature(kernel, dtype, constexprs, scale_dtype):
             sig[arg] = _PTR[dtype]
         elif arg in ("LSE", "LSE_A", "LSE_B"):  # the row lse is float64
             sig[arg] = "*fp64"
+        elif arg in ("LQ", "LK", "LA", "LB"):  # int64 labels (without them: a float dummy)
+            sig[arg] = "*i64" if constexprs.get("HAS_LABELS") else "*fp32"
         elif arg == "SCALE":
             sig[arg] = scale_dtype
         elif arg.isupper():
@@ -1356,8 +1531,8 @@ def aot_variants(ds=(128, 512), dtypes=(torch.float32, torch.bfloat16),
                options=dict(num_warps=4, num_stages=1), label="sum_splits")
     for with_dscale in (False, True):
         for sptr in (False, True):
-            constexprs = dict(SCALE_PTR=sptr, WITH_DSCALE=with_dscale, EXP2=EXP2,
-                              BLOCK=COMBINE_BLOCK)
+            constexprs = dict(SCALE_PTR=sptr, WITH_DSCALE=with_dscale, HAS_LABELS=False,
+                              EXP2=EXP2, BLOCK=COMBINE_BLOCK)
             sig = _signature(_combine_kernel, torch.float32, constexprs,
                              "*fp32" if sptr else "*fp32")
             yield dict(kernel=_combine_kernel, signature=sig, constexprs=constexprs,
@@ -1365,6 +1540,8 @@ def aot_variants(ds=(128, 512), dtypes=(torch.float32, torch.bfloat16),
                        label=f"combine dscale={with_dscale} scale_ptr={sptr}")
             if sptr != with_dscale:  # the rows+columns combine: its two launch forms
                 continue
+            constexprs = dict(constexprs)
+            del constexprs["HAS_LABELS"]
             sig = _signature(_combine_rows_cols_kernel, torch.float32, constexprs, "*fp32")
             yield dict(kernel=_combine_rows_cols_kernel, signature=sig, constexprs=constexprs,
                        options=dict(num_warps=4, num_stages=1),
@@ -1383,3 +1560,9 @@ def _variant(kernel, name, dtype, d, precision, meta, cfg, scale_ptr, extra):
 
 # The SigLIP sigmoid epilogue (its own module; it imports this module's helpers).
 from fastcl.kernels.triton_sigmoid import sigmoid_forward, sigmoid_grad  # noqa: E402,F401
+from fastcl.kernels.triton_labels import (  # noqa: E402,F401
+    labels_forward,
+    labels_grad,
+    labels_sym_forward,
+    labels_sym_grad,
+)
