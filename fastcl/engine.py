@@ -208,7 +208,7 @@ _ALL_POSITIVES = frozenset(POSITIVES)
 BACKENDS = {"reference": Backend("reference", epilogue=_ALL_EPILOGUES, positive=_ALL_POSITIVES),
             "chunked": Backend("chunked", epilogue=_ALL_EPILOGUES, positive=_ALL_POSITIVES),
             "cpp": Backend("cpp", epilogue=_ALL_EPILOGUES),
-            "triton": Backend("triton", epilogue=_ALL_EPILOGUES)}
+            "triton": Backend("triton", epilogue=_ALL_EPILOGUES, positive=_ALL_POSITIVES)}
 
 
 @functools.lru_cache(maxsize=None)
