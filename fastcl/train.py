@@ -385,8 +385,8 @@ def parse_args(argv: Optional[Sequence[str]] = None):
     method = f"moco {args.moco_version}" if args.method == "moco" else args.method
     unused = {  # option: (the methods that ignore it, why)
         "temperature": (("byol",), "BYOL's loss has no temperature"),
-        "momentum": (("simclr", "supcon"), ("SupCon" if method == "supcon" else "SimCLR")
-                                  + " has no momentum network"),
+        "momentum": (("simclr", "supcon"),
+                     f"{'SupCon' if method == 'supcon' else 'SimCLR'} has no momentum network"),
         "queue_size": (("simclr", "byol", "moco v3", "supcon"), "only MoCo v2 keeps a queue"),
         "moco_version": (("simclr", "byol", "supcon"), "it picks MoCo's version"),
         "hidden_dim": (("simclr", "supcon"),
