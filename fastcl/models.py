@@ -1,10 +1,10 @@
-"""SimCLR, MoCo (v2, v3) and BYOL around any backbone, on fastcl's fused ops.
+"""SimCLR, MoCo (v2, v3), BYOL and SupCon around any backbone, on fastcl's fused ops.
 
 Each model takes a ``backbone``: an ``nn.Module`` mapping a batch of inputs to (B, F) features,
 and ``feature_dim`` = F. Its ``forward(x1, x2)`` takes two augmented views of the same B
 samples and returns the scalar training loss; ``step_end(step, total_steps)`` updates the
-momentum networks after ``optimizer.step()`` (a no-op for SimCLR, so that one loop trains all
-three)::
+momentum networks after ``optimizer.step()`` (a no-op for SimCLR and SupCon, so that one loop
+trains them all; SupCon's forward also takes the batch's class labels)::
 
     model = fastcl.models.MoCo(backbone, feature_dim=512)
     opt = torch.optim.SGD(model.parameters(), lr=0.03, momentum=0.9)  # frozen targets get no grad
@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from fastcl import functional as F
 from fastcl.nn.momentum import MomentumEncoder, NegativeQueue
 
-__all__ = ["SimCLR", "MoCo", "BYOL", "mlp", "byol_loss"]
+__all__ = ["SimCLR", "MoCo", "BYOL", "SupCon", "mlp", "byol_loss"]
 
 
 def mlp(in_dim: int, hidden_dim: int, out_dim: int, num_layers: int = 2,
@@ -286,3 +286,47 @@ class BYOL(nn.Module):
             _check_total(total_steps)
         step = self.target.step if step is None else step
         self.target.update(momentum=self.momentum_at(step, total_steps))
+
+
+class SupCon(nn.Module):
+    """Supervised contrastive pre-training (SupCon, Khosla et al., 2020): SimCLR's model with
+    the batch's class labels, every sample of an anchor's class a positive.
+
+    Args:
+        backbone, feature_dim, projection_dim, hidden_dim, distributed: as in ``SimCLR`` (the
+            same head: Linear → BN → ReLU → Linear, ``hidden_dim`` default ``feature_dim``).
+        temperature: τ. Default 0.1 (the paper's value; SupContrast's code defaults to 0.07).
+        base_temperature: τ_base, the loss is scaled by τ / τ_base; default ``None``: τ itself
+            (no scaling). SupContrast's code sets 0.07 whatever τ is.
+
+    ``forward(x1, x2, labels)``: two views of the same B samples and their (B,) integer
+    labels. The two views run through the backbone as one batch (as in ``SimCLR``); the loss is
+    ``fastcl.supcon_loss`` on the (B, 2, projection_dim) projections with ``labels``,
+    ``contrast_mode="all"`` (fused, no (2B)² tensor). ``step_end`` does nothing.
+    """
+
+    def __init__(self, backbone: nn.Module, feature_dim: int, projection_dim: int = 128,
+                 hidden_dim: Optional[int] = None, temperature: float = 0.1,
+                 base_temperature: Optional[float] = None, distributed: bool = False):
+        super().__init__()
+        _check_backbone(backbone, feature_dim)
+        self.temperature = F._check_temperature(temperature)
+        self.base_temperature = (None if base_temperature is None
+                                 else F._check_temperature(base_temperature))
+        self.distributed = bool(distributed)
+        self.encoder = backbone
+        self.projector = mlp(feature_dim, hidden_dim or feature_dim, projection_dim, 2)
+
+    def forward(self, x1: Tensor, x2: Tensor, labels: Tensor) -> Tensor:
+        _check_views(x1, x2)
+        if not isinstance(labels, Tensor):
+            raise TypeError(f"labels must be a tensor of the batch's (B,) class labels, got "
+                            f"{type(labels).__name__}")
+        z1, z2 = self.projector(self.encoder(torch.cat([x1, x2]))).chunk(2)
+        return F.supcon_loss(torch.stack([z1, z2], dim=1), labels,
+                             temperature=self.temperature,
+                             base_temperature=self.base_temperature,
+                             distributed=self.distributed)
+
+    def step_end(self, step=None, total_steps: Optional[int] = None) -> None:
+        """Nothing to update (kept so that one training loop drives every model)."""

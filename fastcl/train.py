@@ -3,6 +3,7 @@
     python -m fastcl.train                       # SimCLR on scikit-learn's digits, ~1 min
                                                  # on 2 CPU cores
     python -m fastcl.train --method moco         # MoCo v2 (--moco-version v3 for v3), or byol
+    python -m fastcl.train --method supcon       # supervised contrastive: the reference line
     python -m fastcl.train --data x.npy --labels y.npy --device cuda
 
 The default data set is scikit-learn's handwritten digits (1,797 8×8 grey images, shipped
@@ -25,12 +26,18 @@ at its random initialization, and the raw pixels. It writes to ``--out``:
 to do. ``--labels PATH.npy`` ((N,) integers) sets a held-out split aside and probes on it;
 without labels every sample trains and the probes are skipped (and said so).
 
+``--method supcon`` (SupCon, Khosla et al. 2020) is the supervised reference line for the
+self-supervised methods: SimCLR's model and views, with the loss's positives set by the class
+labels of the training split, and only those (the held-out split's labels only score the
+probes). It needs labels: the digits', or ``--labels`` with ``--data``.
+
 Bad input ends the run with a one-line message naming the option: a missing file (``--data:
 no such file: x.npy``, exit 2, like every argument error), a file that is not a .npy or not an
 image array (exit 1). An option the chosen method would ignore is an error rather than silence:
-``--temperature`` with byol, ``--momentum`` with simclr, ``--queue-size`` with simclr, byol or
-MoCo v3, ``--moco-version`` without ``--method moco``, ``--hidden-dim`` with simclr (its head
-is as wide as the encoder's features), ``--test-fraction`` with ``--data`` but no ``--labels``.
+``--temperature`` with byol, ``--momentum`` with simclr or supcon, ``--queue-size`` with simclr,
+byol, MoCo v3 or supcon, ``--moco-version`` without ``--method moco``, ``--hidden-dim`` with
+simclr or supcon (their head is as wide as the encoder's features), ``--test-fraction`` with
+``--data`` but no ``--labels``; and ``--method supcon`` with ``--data`` but no ``--labels``.
 A ``--batch-size`` larger than the training set is lowered to it, with a note.
 """
 from __future__ import annotations
@@ -47,7 +54,7 @@ import torch
 import torch.nn.functional as TF
 from torch import Tensor, nn
 
-METHODS = ("simclr", "moco", "byol")
+METHODS = ("simclr", "moco", "byol", "supcon")
 
 # Each method's defaults on the digits (2-core CPU, ≤ 3 min a run), chosen so that the trained
 # encoder beats the same encoder at its random initialization on the few-label probe and kNN
@@ -58,6 +65,7 @@ DEFAULTS = {
                     queue_size=256),
     "moco v3": dict(epochs=100, batch_size=256, lr=1e-3, temperature=0.2, momentum=0.99),
     "byol": dict(epochs=120, batch_size=128, lr=1e-3, momentum=0.996),
+    "supcon": dict(epochs=60, batch_size=256, lr=2e-3, temperature=0.1),
 }
 
 
@@ -220,6 +228,9 @@ class SmallCNN(nn.Module):
 def build_model(method: str, encoder: nn.Module, feature_dim: int, args) -> nn.Module:
     from fastcl import models
 
+    if method == "supcon":
+        return models.SupCon(encoder, feature_dim, projection_dim=args.dim,
+                             temperature=args.temperature)
     if method == "simclr":
         return models.SimCLR(encoder, feature_dim, projection_dim=args.dim,
                              temperature=args.temperature)
@@ -295,8 +306,9 @@ def probe(train_x: Tensor, train_y: Tensor, test_x: Tensor, test_y: Tensor,
 def parse_args(argv: Optional[Sequence[str]] = None):
     p = argparse.ArgumentParser(
         prog="python -m fastcl.train",
-        description="Self-supervised pre-training with fastcl's models, then linear-probe and "
-                    "kNN accuracy on a held-out split.")
+        description="Self-supervised pre-training with fastcl's models (or supervised "
+                    "contrastive, --method supcon), then linear-probe and kNN accuracy on a "
+                    "held-out split.")
     p.add_argument("--method", choices=METHODS, default="simclr")
     p.add_argument("--moco-version", choices=("v2", "v3"), default="v2")
     p.add_argument("--epochs", type=int, default=None, help="default: the method's (below)")
@@ -337,9 +349,12 @@ def parse_args(argv: Optional[Sequence[str]] = None):
     p.epilog = ("Defaults per method: " + "; ".join(
         f"{m}: " + ", ".join(f"{k.replace('_', '-')} {v}" for k, v in d.items())
         for m, d in DEFAULTS.items()) + ". "
+        "supcon is the supervised reference line: it trains on the class labels of the "
+        "training split only (digits, or --data with --labels; the held-out split's labels "
+        "only score the probes). "
         "An option the chosen method ignores is an error: --temperature with byol, "
-        "--momentum with simclr, --queue-size with simclr, byol or moco v3, "
-        "--moco-version without --method moco, --hidden-dim with simclr, "
+        "--momentum with simclr or supcon, --queue-size with simclr, byol, moco v3 or "
+        "supcon, --moco-version without --method moco, --hidden-dim with simclr or supcon, "
         "--test-fraction with --data but no --labels.")
     args = p.parse_args(argv)
     for name, value in DEFAULTS[method_key(args.method, args.moco_version)].items():
@@ -357,6 +372,9 @@ def parse_args(argv: Optional[Sequence[str]] = None):
         p.error("--test-fraction must be in (0, 1)")
     if args.labels is not None and args.data is None:
         p.error("--labels goes with --data")
+    if args.method == "supcon" and args.data is not None and args.labels is None:
+        p.error("--method supcon needs --labels with --data (it trains on the training "
+                "split's class labels)")
     for flag, file in (("--data", args.data), ("--labels", args.labels)):
         if file is not None and not os.path.isfile(file):
             p.error(f"{flag}: no such file: {file}")
@@ -367,10 +385,12 @@ def parse_args(argv: Optional[Sequence[str]] = None):
     method = f"moco {args.moco_version}" if args.method == "moco" else args.method
     unused = {  # option: (the methods that ignore it, why)
         "temperature": (("byol",), "BYOL's loss has no temperature"),
-        "momentum": (("simclr",), "SimCLR has no momentum network"),
-        "queue_size": (("simclr", "byol", "moco v3"), "only MoCo v2 keeps a queue"),
-        "moco_version": (("simclr", "byol"), "it picks MoCo's version"),
-        "hidden_dim": (("simclr",), "its head's hidden width is the encoder's feature width"),
+        "momentum": (("simclr", "supcon"),
+                     f"{'SupCon' if method == 'supcon' else 'SimCLR'} has no momentum network"),
+        "queue_size": (("simclr", "byol", "moco v3", "supcon"), "only MoCo v2 keeps a queue"),
+        "moco_version": (("simclr", "byol", "supcon"), "it picks MoCo's version"),
+        "hidden_dim": (("simclr", "supcon"),
+                       "its head's hidden width is the encoder's feature width"),
     }
     for name, (methods, why) in unused.items():
         if name in given and method in methods:
@@ -404,6 +424,8 @@ def train(args) -> Dict:
     if args.subset is not None:
         train_idx = train_idx[:args.subset]
     x_train = x[train_idx].to(device)
+    # SupCon's labels: the training split's only (the held-out ones score the probes).
+    y_train = y[train_idx].to(device) if args.method == "supcon" else None
     n = len(x_train)
     if n < 2:
         why = f" (--subset {args.subset})" if args.subset is not None else ""
@@ -436,8 +458,12 @@ def train(args) -> Dict:
         total_loss = torch.zeros((), device=device)
         e0 = time.perf_counter()
         for i in range(steps_per_epoch):
-            xb = x_train[perm[i * batch:(i + 1) * batch]]
-            loss = step_fn(aug(xb, g), aug(xb, g))
+            idx = perm[i * batch:(i + 1) * batch]
+            xb = x_train[idx]
+            if y_train is None:
+                loss = step_fn(aug(xb, g), aug(xb, g))
+            else:
+                loss = step_fn(aug(xb, g), aug(xb, g), y_train[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

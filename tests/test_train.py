@@ -17,15 +17,16 @@ SHORT = ["--epochs", "2", "--subset", "96", "--batch-size", "32", "--width", "8"
          "--no-progress"]
 
 
-@pytest.mark.parametrize("method", ["simclr", "moco", "byol"])
+@pytest.mark.parametrize("method", ["simclr", "moco", "byol", "supcon"])
 def test_short_run_writes_its_outputs(method, tmp_path, capsys):
     extra = {"simclr": [], "moco": ["--queue-size", "40", "--hidden-dim", "32"],
-             "byol": ["--hidden-dim", "32"]}[method]
+             "byol": ["--hidden-dim", "32"], "supcon": []}[method]
     assert train.main(["--method", method, "--out", str(tmp_path), *SHORT, *extra]) == 0
     printed = capsys.readouterr().out
     for row in ("trained encoder", "random-init encoder", "raw pixels"):
         assert row in printed
     metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["method"] == {"moco": "moco-v2"}.get(method, method)
     assert metrics["train_samples"] == 96 and metrics["steps"] == 2 * 3
     assert len(metrics["loss_per_epoch"]) == 2
     assert all(np.isfinite(metrics["loss_per_epoch"]))
@@ -47,6 +48,8 @@ def test_short_run_writes_its_outputs(method, tmp_path, capsys):
     if method == "moco":
         assert isinstance(fresh, models.MoCo)
         assert int(fresh.queue.ptr) == (6 * 32) % 40
+    if method == "supcon":
+        assert isinstance(fresh, models.SupCon) and fresh.temperature == 0.1
 
 
 def test_few_label_probe_uses_10_fixed_images_per_class():
@@ -258,15 +261,35 @@ def test_one_training_sample_is_named(tmp_path):
     (["--data", "__DATA__", "--test-fraction", "0.2"],
      "--test-fraction does not apply without --labels",
      ["--test-fraction", "0.2"]),
+    (["--method", "supcon", "--momentum", "0.99"],
+     "--momentum does not apply to --method supcon (SupCon has no momentum network)",
+     ["--method", "supcon", "--temperature", "0.2"]),
+    (["--method", "supcon", "--queue-size", "64"],
+     "--queue-size does not apply to --method supcon (only MoCo v2 keeps a queue)",
+     ["--method", "supcon", "--dim", "64"]),
+    (["--method", "supcon", "--moco-version", "v3"],
+     "--moco-version does not apply to --method supcon",
+     ["--method", "supcon", "--epochs", "3"]),
+    (["--method", "supcon", "--hidden-dim", "32"],
+     "--hidden-dim does not apply to --method supcon (its head's hidden width is the "
+     "encoder's feature width)",
+     ["--method", "supcon", "--width", "16"]),
+    # SupCon trains on labels: --data alone has none
+    (["--method", "supcon", "--data", "__DATA__"],
+     "--method supcon needs --labels with --data (it trains on the training split's class "
+     "labels)",
+     ["--method", "supcon", "--data", "__DATA__", "--labels", "__LABELS__"]),
 ])
 def test_an_option_the_method_ignores_is_an_error(argv, message, accepted, tmp_path, capsys):
     np.save(tmp_path / "x.npy", GOOD_X)
-    argv = [str(tmp_path / "x.npy") if a == "__DATA__" else a for a in argv]
+    np.save(tmp_path / "y.npy", np.zeros(len(GOOD_X), dtype=np.int64))
+    files = {"__DATA__": str(tmp_path / "x.npy"), "__LABELS__": str(tmp_path / "y.npy")}
+    argv = [files.get(a, a) for a in argv]
     with pytest.raises(SystemExit) as e:
         train.parse_args(argv)
     assert e.value.code == 2
     assert message in capsys.readouterr().err
-    train.parse_args(accepted)
+    train.parse_args([files.get(a, a) for a in accepted])
 
 
 def test_entry_points():
@@ -275,6 +298,12 @@ def test_entry_points():
     r = subprocess.run([sys.executable, "-m", "fastcl.train", "--help"], capture_output=True,
                        text=True, timeout=120)
     assert r.returncode == 0 and "--method" in r.stdout
+    text = " ".join(r.stdout.split())  # argparse wraps lines
+    assert "{simclr,moco,byol,supcon}" in text
+    assert "supcon: epochs 60, batch-size 256, lr 0.002, temperature 0.1" in text
+    assert ("supcon is the supervised reference line: it trains on the class labels of the "
+            "training split only") in text
+    assert "--momentum with simclr or supcon" in text
     script = Path(sys.executable).parent / "fastcl-train"
     assert script.exists(), f"{script} missing: reinstall with pip install -e '.[test,train]'"
     r = subprocess.run([str(script), "--help"], capture_output=True, text=True, timeout=120)
@@ -291,7 +320,8 @@ def test_compiled_run(tmp_path):
 
 @pytest.mark.parametrize("argv, key", [([], "simclr"), (["--method", "moco"], "moco v2"),
                                        (["--method", "moco", "--moco-version", "v3"], "moco v3"),
-                                       (["--method", "byol"], "byol")])
+                                       (["--method", "byol"], "byol"),
+                                       (["--method", "supcon"], "supcon")])
 def test_each_method_gets_its_own_defaults(argv, key):
     """Unset options take the method's DEFAULTS (the tuned settings the README's table used);
     a given option wins; --help lists them."""
@@ -300,3 +330,78 @@ def test_each_method_gets_its_own_defaults(argv, key):
         assert getattr(args, name) == value, name
     assert train.parse_args(argv + ["--epochs", "3", "--lr", "0.01"]).epochs == 3
     assert train.method_key(args.method, args.moco_version) == key
+
+
+# ------------------------------------------------------------------------- SupCon -----------
+
+
+def test_supcon_model_is_supcon_loss_of_its_projections():
+    """models.SupCon: fastcl.supcon_loss (checked against reference's dense formula) of the
+    two views' projections stacked (B, 2, D), with the batch's labels; τ_base = τ."""
+    from fastcl import reference
+
+    torch.manual_seed(0)
+    enc = train.SmallCNN(1, 4)
+    model = models.SupCon(enc, enc.feature_dim, projection_dim=16, temperature=0.2)
+    x1, x2 = torch.rand(12, 1, 8, 8), torch.rand(12, 1, 8, 8)
+    y = torch.tensor([0, 1, 2] * 4)
+    loss = model(x1, x2, y)
+    z1, z2 = model.projector(model.encoder(torch.cat([x1, x2]))).chunk(2)
+    want = reference.supcon_loss(torch.stack([z1, z2], 1).double(), y, 0.2)
+    torch.testing.assert_close(loss.double(), want, rtol=1e-5, atol=1e-6)
+    # The labels matter: with every sample its own class it is multi-view SimCLR.
+    other = reference.supcon_loss(torch.stack([z1, z2], 1).double(), torch.arange(12), 0.2)
+    assert abs(other.item() - want.item()) > 1e-3
+    loss.backward()
+    assert all(p.grad is not None for p in model.parameters())
+    with pytest.raises(TypeError, match="labels must be a tensor"):
+        model(x1, x2, None)
+
+
+def test_supcon_trains_on_the_training_labels_only(tmp_path, monkeypatch):
+    """Every image the SupCon loss sees is a training-split image, with its own label, and
+    the loss gets those labels: no held-out image or label ever reaches training. By
+    construction: image i is the constant i / 100 and the augmentation is the identity, so
+    each batch's images name their samples. And the loss falls as it trains."""
+    from fastcl import functional
+
+    n = 60
+    y = np.repeat(np.arange(3), [10, 20, 30])  # held out: 3, 6, 9 of each class
+    x = np.broadcast_to((np.arange(n) / 100).astype(np.float32)[:, None, None, None],
+                        (n, 1, 6, 6)).copy()
+    np.save(tmp_path / "x.npy", x)
+    np.save(tmp_path / "y.npy", y)
+    seen = []  # (sample indices of the batch, labels given to the model, labels of the loss)
+    forward = models.SupCon.forward
+    loss_fn = functional.supcon_loss
+
+    def spy_forward(self, x1, x2, labels):
+        seen.append([(x1[:, 0, 0, 0] * 100).round().long().cpu(), labels.cpu(), None])
+        return forward(self, x1, x2, labels)
+
+    def spy_loss(features, labels=None, *a, **k):
+        seen[-1][2] = labels.cpu()
+        return loss_fn(features, labels, *a, **k)
+
+    monkeypatch.setattr(models.SupCon, "forward", spy_forward)
+    monkeypatch.setattr(functional, "supcon_loss", spy_loss)
+    monkeypatch.setattr(train.Augment, "__call__", lambda self, xb, g: xb.clone())
+    out = tmp_path / "out"
+    assert train.main(["--method", "supcon", "--data", str(tmp_path / "x.npy"), "--labels",
+                       str(tmp_path / "y.npy"), "--out", str(out), "--epochs", "4",
+                       "--batch-size", "14", "--width", "4", "--no-progress"]) == 0
+    train_idx, test_idx = train.split(n, torch.from_numpy(y), 0.3, 0)
+    assert len(train_idx) == 42 and len(test_idx) == 18
+    assert len(seen) == 4 * 3  # 42 // 14 steps an epoch
+    for idx, labels, loss_labels in seen:
+        assert set(idx.tolist()) <= set(train_idx.tolist())
+        assert torch.equal(labels, torch.from_numpy(y)[idx])
+        assert torch.equal(loss_labels, labels)
+    for epoch in range(4):  # every training sample, once an epoch
+        idx = torch.cat([s[0] for s in seen[3 * epoch:3 * epoch + 3]])
+        assert torch.equal(idx.sort().values, train_idx)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["method"] == "supcon" and metrics["held_out_samples"] == 18
+    losses = metrics["loss_per_epoch"]
+    assert all(np.isfinite(losses)) and losses[-1] < 0.9 * losses[0], losses
+
