@@ -1,8 +1,9 @@
 // The C++ CPU kernels' operator library, "fastcl_cpu". fastcl's public custom ops ("fastcl::...",
 // fastcl/ops/) call these on CPU tensors; the schemas mirror the backend contracts in
 // fastcl/kernels/__init__.py (contrastive.cpp, clip.cpp, labels.cpp: SupCon's, dense.cpp;
-// sigmoid.cpp: SigLIP's, in fastcl/kernels/cpp.py), fastcl/ops/momentum.py (momentum.cpp) and fastcl/ops/cosine.py (cosine.cpp). Their fake (meta) implementations are
-// registered from Python (fastcl/ops/_cpp_meta.py).
+// sigmoid.cpp: SigLIP's, in fastcl/kernels/cpp.py), fastcl/ops/momentum.py (momentum.cpp) and
+// fastcl/ops/cosine.py (cosine.cpp). Their fake (meta) implementations are registered from
+// Python (fastcl/ops/_cpp_meta.py).
 
 #include <ATen/ATen.h>
 #include <torch/library.h>
