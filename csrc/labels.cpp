@@ -209,17 +209,9 @@ at::Tensor labels_sym_grad_impl(const at::Tensor& z, const at::Tensor& nz,
 
   auto tile_fn = [&](bool diagonal, int64_t i0, int64_t rows, int64_t j0, int64_t cols, T* w,
                      Scratch<T>& scratch) {
-    // ga_r P_rc + ga_c P_cr, then the positives' - (gp_r + gp_c) [l_r == l_c]: inside the tile.
-    symmetric_weights_tile(diagonal, i0, rows, j0, cols, w, scratch, lse, lo, ga, fast);
-    const int32_t* lc = lab + j0;
-    const T* gpc = gp + j0;
-    for (int64_t r = 0; r < rows; ++r) {
-      T* wr = w + r * cols;
-      const int32_t lr = lab[i0 + r];
-      const T gr = gp[i0 + r];
-#pragma omp simd
-      for (int64_t c = 0; c < cols; ++c) wr[c] -= lc[c] == lr ? gr + gpc[c] : T(0);
-    }
+    // ga_r P_rc + ga_c P_cr - (gp_r + gp_c) [l_r == l_c]: the positives inside the tile.
+    symmetric_weights_tile<T, true>(diagonal, i0, rows, j0, cols, w, scratch, lse, lo, ga, fast,
+                                    lab, gp);
     // Self-pairs: none (also where a lone row's lse = -inf made its masked weight NaN).
     if (diagonal) {
       for (int64_t r = 0; r < rows; ++r) w[r * cols + r] = 0;

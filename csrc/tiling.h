@@ -564,18 +564,31 @@ void symmetric_lse_tile(bool diagonal, int64_t i0, int64_t rows, int64_t j0, int
 // wherever the row's lse is finite), then W = E + E^T; off it, S is symmetric, so both come from
 // this tile: fast (one_exp) with one exp a logit, P_cr = P_rc exp(lse_r - ref) exp(ref - lse_c),
 // the products staying below 1 before g multiplies them (g may be large: loss scaling).
-// NT-Xent's backward (contrastive.cpp) and SupCon's (labels.cpp).
-template <typename T>
+// kLabels (SupCon's label positives): also - (gp_r + gp_c) [lab_r == lab_c] in the same loops
+// (on the diagonal E_rc - gp_r [lab_r == lab_c] before W = E + E^T; E_rr = -gp_r then: the
+// caller zeroes the self-pairs). NT-Xent's backward (contrastive.cpp, kLabels false: lab and gp
+// unused) and SupCon's (labels.cpp).
+template <typename T, bool kLabels = false>
 void symmetric_weights_tile(bool diagonal, int64_t i0, int64_t rows, int64_t j0, int64_t cols,
                             T* w, Scratch<T>& scratch, const T* lse, const T* lo, const T* g,
-                            bool fast) {
+                            bool fast, const int32_t* lab = nullptr, const T* gp = nullptr) {
+  const int32_t* lc = kLabels ? lab + j0 : nullptr;
+  const T* gpc = kLabels ? gp + j0 : nullptr;
   if (diagonal) {
     for (int64_t r = 0; r < rows; ++r) {
       T* wr = w + r * cols;
       wr[r] = neg_inf<T>();  // self-similarity: excluded, and exp must not overflow
       const T shift = lse[i0 + r], lo_r = lo[i0 + r], gr = g[i0 + r];
+      if constexpr (kLabels) {
+        const int32_t lr = lab[i0 + r];
+        const T pr = gp[i0 + r];
 #pragma omp simd
-      for (int64_t c = 0; c < cols; ++c) wr[c] = gr * exp_f((wr[c] - shift) - lo_r);
+        for (int64_t c = 0; c < cols; ++c)
+          wr[c] = gr * exp_f((wr[c] - shift) - lo_r) - (lc[c] == lr ? pr : T(0));
+      } else {
+#pragma omp simd
+        for (int64_t c = 0; c < cols; ++c) wr[c] = gr * exp_f((wr[c] - shift) - lo_r);
+      }
     }
     for (int64_t r = 0; r < rows; ++r)
       for (int64_t c = r + 1; c < cols; ++c) {
@@ -599,10 +612,20 @@ void symmetric_weights_tile(bool diagonal, int64_t i0, int64_t rows, int64_t j0,
     for (int64_t r = 0; r < rows; ++r) {
       T* wr = w + r * cols;
       const T shift = lse[i0 + r], lo_r = lo[i0 + r], gr = g[i0 + r], a = row_a[r];
+      if constexpr (kLabels) {
+        const int32_t lr = lab[i0 + r];
+        const T pr = gp[i0 + r];
 #pragma omp simd
-      for (int64_t c = 0; c < cols; ++c) {
-        const T e = exp_f((wr[c] - shift) - lo_r);
-        wr[c] = gr * e + ((e * a) * col_b[c]) * gj[c];
+        for (int64_t c = 0; c < cols; ++c) {
+          const T e = exp_f((wr[c] - shift) - lo_r);
+          wr[c] = (gr * e + ((e * a) * col_b[c]) * gj[c]) - (lc[c] == lr ? pr + gpc[c] : T(0));
+        }
+      } else {
+#pragma omp simd
+        for (int64_t c = 0; c < cols; ++c) {
+          const T e = exp_f((wr[c] - shift) - lo_r);
+          wr[c] = gr * e + ((e * a) * col_b[c]) * gj[c];
+        }
       }
     }
     return;
@@ -610,10 +633,21 @@ void symmetric_weights_tile(bool diagonal, int64_t i0, int64_t rows, int64_t j0,
   for (int64_t r = 0; r < rows; ++r) {
     T* wr = w + r * cols;
     const T shift = lse[i0 + r], lo_r = lo[i0 + r], gr = g[i0 + r];
+    if constexpr (kLabels) {
+      const int32_t lr = lab[i0 + r];
+      const T pr = gp[i0 + r];
 #pragma omp simd
-    for (int64_t c = 0; c < cols; ++c) {
-      const T s = wr[c];
-      wr[c] = gr * exp_f((s - shift) - lo_r) + gj[c] * exp_f((s - lj[c]) - loj[c]);
+      for (int64_t c = 0; c < cols; ++c) {
+        const T s = wr[c];
+        wr[c] = (gr * exp_f((s - shift) - lo_r) + gj[c] * exp_f((s - lj[c]) - loj[c])) -
+                (lc[c] == lr ? pr + gpc[c] : T(0));
+      }
+    } else {
+#pragma omp simd
+      for (int64_t c = 0; c < cols; ++c) {
+        const T s = wr[c];
+        wr[c] = gr * exp_f((s - shift) - lo_r) + gj[c] * exp_f((s - lj[c]) - loj[c]);
+      }
     }
   }
 }
