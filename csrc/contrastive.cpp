@@ -69,79 +69,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> nt_xent_forward_impl(
         if (c >= 0 && c < cols) s[r * cols + c] = neg_inf<T>();
       }
     }
-    if (diagonal) {
-      for (int64_t r = 0; r < rows; ++r) s[r * cols + r] = neg_inf<T>();  // no self-pairs
-      for (int64_t r = 0; r < rows; ++r) {
-        const T* sr = s + r * cols;
-        const T new_m = std::max(st.m[i0 + r], row_max(sr, cols));
-        if constexpr (kScaleGrad) {
-          T ts;
-          const T sum = row_exp_sum(sr, cols, shift_of(new_m), ts);
-          st.merge(i0 + r, new_m, sum, ts);
-        } else {
-          st.merge(i0 + r, new_m, row_exp_sum(sr, cols, shift_of(new_m)));
-        }
-      }
-      return;
-    }
-    T* row_m = scratch.vec(0);
-    T* col_m = scratch.vec(1);
-    T* col_sum = scratch.vec(2);
-    T* row_a = scratch.vec(3);
-    T* col_t = scratch.vec(4);  // the columns' centred sums (kScaleGrad only)
-    tile_maxima(s, rows, cols, st.m + i0, st.m + j0, row_m, col_m, col_sum,
-                kScaleGrad ? col_t : nullptr);
-    // Both maxima are known before the sums: the rows' and the columns' centred terms are taken
-    // about them directly (s - row_m, s - col_m), and merge() rescales the running sums.
-    if (fast) {
-      // col_sum_c = exp(ref - m_c) * sum_r exp(m_r - ref) * exp(s_rc - m_r): one exp a logit.
-      T ref = neg_inf<T>();
-      for (int64_t r = 0; r < rows; ++r) ref = std::max(ref, row_m[r]);
-      ref = shift_of(ref);
-      for (int64_t r = 0; r < rows; ++r) row_a[r] = exp_f(row_m[r] - ref);
-      for (int64_t r = 0; r < rows; ++r) {
-        const T* sr = s + r * cols;
-        const T shift = shift_of(row_m[r]), a = row_a[r];
-        T sum = 0;
-        if constexpr (kScaleGrad) {
-          T ts = 0;
-#pragma omp simd reduction(+ : sum, ts)
-          for (int64_t c = 0; c < cols; ++c) {
-            const T x = sr[c] - shift;
-            const T e = exp_f(x);
-            sum += e;
-            ts += centred(sr[c], e, x);
-            // a * e exactly as the plain loop forms it (one use: a contracted multiply-add
-            // there), so that loss and lse stay bitwise those of with_dscale=False.
-            col_sum[c] += a * e;
-            col_t[c] += a * centred(sr[c], e, sr[c] - col_m[c]);
-          }
-          st.merge(i0 + r, row_m[r], sum, ts);
-        } else {
-#pragma omp simd reduction(+ : sum)
-          for (int64_t c = 0; c < cols; ++c) {
-            const T e = exp_f(sr[c] - shift);
-            sum += e;
-            col_sum[c] += a * e;
-          }
-          st.merge(i0 + r, row_m[r], sum);
-        }
-      }
-      for (int64_t c = 0; c < cols; ++c) {
-        // A column with nothing finite yet (DCL: its one logit here was its masked positive)
-        // adds nothing; exp(ref - 0) could overflow and make 0 * inf.
-        const T f = col_m[c] == neg_inf<T>() ? T(0) : exp_f(ref - col_m[c]);
-        if constexpr (kScaleGrad) {
-          st.merge(j0 + c, col_m[c], f * col_sum[c], f * col_t[c]);
-        } else {
-          st.merge(j0 + c, col_m[c], f * col_sum[c]);
-        }
-      }
-      return;
-    }
-    // row_a as the columns' shifts
-    tile_rows_cols<T, kScaleGrad>(s, rows, cols, row_m, col_m, row_a, col_sum, col_t, st, i0, st,
-                                  j0);
+    symmetric_lse_tile<T, kScaleGrad>(diagonal, i0, rows, j0, cols, s, scratch, st, fast);
   };
   for_each_symmetric_tile(zp, n, d, inv_temp, tile, opts, tile_fn);
   auto [loss, lse] = finish<T>(m, l, s_pos);
@@ -167,57 +95,7 @@ at::Tensor nt_xent_grad_impl(const at::Tensor& z, const at::Tensor& nz, const at
 
   auto tile_fn = [&](bool diagonal, int64_t i0, int64_t rows, int64_t j0, int64_t cols, T* w,
                      Scratch<T>& scratch) {
-    if (diagonal) {
-      // E_rc = g_r exp(s_rc - lse_r) from row r's own floats, then W = E + E^T.
-      for (int64_t r = 0; r < rows; ++r) {
-        T* wr = w + r * cols;
-        wr[r] = neg_inf<T>();  // self-similarity: excluded, and exp must not overflow
-        const T shift = lse[i0 + r], lo_r = lo[i0 + r], gr = g[i0 + r];
-#pragma omp simd
-        for (int64_t c = 0; c < cols; ++c) wr[c] = gr * exp_f((wr[c] - shift) - lo_r);
-      }
-      for (int64_t r = 0; r < rows; ++r)
-        for (int64_t c = r + 1; c < cols; ++c) {
-          const T t = w[r * cols + c] + w[c * cols + r];
-          w[r * cols + c] = t;
-          w[c * cols + r] = t;
-        }
-    } else {
-      // W_rc = g_i P_ij + g_j P_ji: S is symmetric, so both come from this tile.
-      const T* lj = lse + j0;
-      const T* loj = lo + j0;
-      const T* gj = g + j0;
-      if (fast) {
-        // P_ji = P_ij * exp(lse_i - ref) * exp(ref - lse_j): one exp a logit, and the products
-        // stay below 1 before g multiplies them (g may be large: loss scaling).
-        T* row_a = scratch.vec(0);
-        T* col_b = scratch.vec(1);
-        T ref = neg_inf<T>();
-        for (int64_t r = 0; r < rows; ++r) ref = std::max(ref, lse[i0 + r]);
-        for (int64_t c = 0; c < cols; ++c) ref = std::max(ref, lj[c]);
-        for (int64_t r = 0; r < rows; ++r) row_a[r] = exp_f((lse[i0 + r] - ref) + lo[i0 + r]);
-        for (int64_t c = 0; c < cols; ++c) col_b[c] = exp_f((ref - lj[c]) - loj[c]);
-        for (int64_t r = 0; r < rows; ++r) {
-          T* wr = w + r * cols;
-          const T shift = lse[i0 + r], lo_r = lo[i0 + r], gr = g[i0 + r], a = row_a[r];
-#pragma omp simd
-          for (int64_t c = 0; c < cols; ++c) {
-            const T e = exp_f((wr[c] - shift) - lo_r);
-            wr[c] = gr * e + ((e * a) * col_b[c]) * gj[c];
-          }
-        }
-      } else {
-        for (int64_t r = 0; r < rows; ++r) {
-          T* wr = w + r * cols;
-          const T shift = lse[i0 + r], lo_r = lo[i0 + r], gr = g[i0 + r];
-#pragma omp simd
-          for (int64_t c = 0; c < cols; ++c) {
-            const T s = wr[c];
-            wr[c] = gr * exp_f((s - shift) - lo_r) + gj[c] * exp_f((s - lj[c]) - loj[c]);
-          }
-        }
-      }
-    }
+    symmetric_weights_tile(diagonal, i0, rows, j0, cols, w, scratch, lse, lo, g, fast);
     // Positive pairs: their weight is added by the caller, from the exact loss.
     for (int64_t r = 0; r < rows; ++r) {
       const int64_t c = (i0 + r + half) % n - j0;

@@ -1,9 +1,9 @@
 // The C++ CPU kernels' operator library, "fastcl_cpu". fastcl's public custom ops ("fastcl::...",
 // fastcl/ops/) call these on CPU tensors; the schemas mirror the backend contracts in
-// fastcl/kernels/__init__.py (contrastive.cpp, clip.cpp, dense.cpp; sigmoid.cpp: SigLIP's, in
-// fastcl/kernels/cpp.py), fastcl/ops/momentum.py
-// (momentum.cpp) and fastcl/ops/cosine.py (cosine.cpp). Their fake (meta) implementations are
-// registered from Python (fastcl/ops/_cpp_meta.py).
+// fastcl/kernels/__init__.py (contrastive.cpp, clip.cpp, labels.cpp: SupCon's, dense.cpp;
+// sigmoid.cpp: SigLIP's, in fastcl/kernels/cpp.py), fastcl/ops/momentum.py (momentum.cpp) and
+// fastcl/ops/cosine.py (cosine.cpp). Their fake (meta) implementations are registered from
+// Python (fastcl/ops/_cpp_meta.py).
 
 #include <ATen/ATen.h>
 #include <torch/library.h>
@@ -41,6 +41,26 @@ std::tuple<at::Tensor, at::Tensor> rows_cols_grad(const at::Tensor& x, const at:
                                                   const at::Tensor& nx, const at::Tensor& ny,
                                                   const at::Tensor& lse, const at::Tensor& g,
                                                   double inv_temp, int64_t tile);
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> labels_forward(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& nq, const at::Tensor& nk,
+    const at::Tensor& lq, const at::Tensor& lk, double inv_temp, int64_t offset, int64_t tile,
+    bool with_dscale);
+at::Tensor labels_grad(const at::Tensor& a, const at::Tensor& b, const at::Tensor& na,
+                       const at::Tensor& nb, const at::Tensor& la, const at::Tensor& lb,
+                       const c10::optional<at::Tensor>& lse_a,
+                       const c10::optional<at::Tensor>& ga_a,
+                       const c10::optional<at::Tensor>& gp_a,
+                       const c10::optional<at::Tensor>& lse_b,
+                       const c10::optional<at::Tensor>& ga_b,
+                       const c10::optional<at::Tensor>& gp_b, double inv_temp, int64_t offset,
+                       int64_t tile);
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> labels_sym_forward(
+    const at::Tensor& z, const at::Tensor& nz, const at::Tensor& labels, double inv_temp,
+    int64_t tile, bool with_dscale);
+at::Tensor labels_sym_grad(const at::Tensor& z, const at::Tensor& nz, const at::Tensor& labels,
+                           const at::Tensor& lse, const at::Tensor& ga, const at::Tensor& gp,
+                           double inv_temp, int64_t tile);
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> sigmoid_forward(
     const at::Tensor& x, const at::Tensor& y, double scale, double bias,
@@ -97,6 +117,22 @@ TORCH_LIBRARY(fastcl_cpu, m) {
   m.def(
       "rows_cols_grad(Tensor x, Tensor y, Tensor nx, Tensor ny, Tensor lse, Tensor g, "
       "float inv_temp, int tile) -> (Tensor, Tensor)");
+  // labels.cpp: SupCon's label positives (int64 labels; row i's own column i + offset
+  // excluded); loss, lse (float64), dscale (empty unless with_dscale), count per row.
+  m.def(
+      "labels_forward(Tensor q, Tensor k, Tensor nq, Tensor nk, Tensor lq, Tensor lk, "
+      "float inv_temp, int offset, int tile, bool with_dscale=False) "
+      "-> (Tensor loss, Tensor lse, Tensor dscale, Tensor count)");
+  m.def(
+      "labels_grad(Tensor a, Tensor b, Tensor na, Tensor nb, Tensor la, Tensor lb, "
+      "Tensor? lse_a, Tensor? ga_a, Tensor? gp_a, Tensor? lse_b, Tensor? ga_b, Tensor? gp_b, "
+      "float inv_temp, int offset, int tile) -> Tensor");
+  m.def(
+      "labels_sym_forward(Tensor z, Tensor nz, Tensor labels, float inv_temp, int tile, "
+      "bool with_dscale=False) -> (Tensor loss, Tensor lse, Tensor dscale, Tensor count)");
+  m.def(
+      "labels_sym_grad(Tensor z, Tensor nz, Tensor labels, Tensor lse, Tensor ga, Tensor gp, "
+      "float inv_temp, int tile) -> Tensor");
   // sigmoid.cpp: SigLIP's pairs (x images (n, D), y texts (m, D)); loss, dscale, dbias per row;
   // dx, dy empty (shape (0,)) unless with_grads (need_rows / need_cols).
   m.def(
@@ -130,6 +166,10 @@ TORCH_LIBRARY_IMPL(fastcl_cpu, CPU, m) {
   m.impl("grad_accumulate", &fastcl::grad_accumulate);
   m.impl("rows_cols_forward", &fastcl::rows_cols_forward);
   m.impl("rows_cols_grad", &fastcl::rows_cols_grad);
+  m.impl("labels_forward", &fastcl::labels_forward);
+  m.impl("labels_grad", &fastcl::labels_grad);
+  m.impl("labels_sym_forward", &fastcl::labels_sym_forward);
+  m.impl("labels_sym_grad", &fastcl::labels_sym_grad);
   m.impl("sigmoid_forward", &fastcl::sigmoid_forward);
   m.impl("sigmoid_grad", &fastcl::sigmoid_grad);
   m.impl("dense_forward", &fastcl::dense_forward);

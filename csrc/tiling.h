@@ -62,6 +62,14 @@ inline bool one_exp(double inv_temp, int64_t n) {
          kExpRange<T>;
 }
 
+// The bound on |s_ij| = |scale| |xhat_i . xhat_j| <= |scale| max_i |xhat_i|^2 (Cauchy-Schwarz)
+// of a symmetric pass's logits, for one_exp: |scale| for unit rows (NT-Xent's), but rows used as
+// given (norms of ones) may be longer or shorter. 0 for no rows.
+inline double symmetric_logit_bound(const at::Tensor& xh, double scale) {
+  if (xh.size(0) == 0) return 0.0;
+  return std::abs(scale) * (xh * xh).sum(1).max().item<double>();
+}
+
 // ------------------------------------------------------------------------------ helpers ---
 
 // Rows divided by their clamped norms, as F.normalize does, contiguous, in the norms' dtype.
@@ -462,6 +470,186 @@ void for_each_row_block(const T* ap, int64_t nr, const T* bp, int64_t nc, int64_
       block_end(i0, rows);
     }
   });
+}
+
+// ------------------------------------------------------- symmetric tiles' common work ---
+
+// The symmetric pass's statistics for one tile (I, J >= I) of logits s (for_each_symmetric_tile):
+// on the diagonal (I == J) the self-pairs are masked (-inf) here and the tile feeds its rows;
+// off it, both its rows' and its columns' (rows j0..) online statistics in st. fast
+// (one_exp): one exp a logit, the columns' sums rescaled by exp(m_r - ref) exp(ref - m_c); else
+// two (tile_rows_cols). Logits already -inf (masked by the caller) add nothing. s is read only
+// (but for the self-pairs). NT-Xent's forward (contrastive.cpp) and SupCon's (labels.cpp).
+template <typename T, bool kScaleGrad>
+void symmetric_lse_tile(bool diagonal, int64_t i0, int64_t rows, int64_t j0, int64_t cols, T* s,
+                        Scratch<T>& scratch, OnlineLSE<T>& st, bool fast) {
+  if (diagonal) {
+    for (int64_t r = 0; r < rows; ++r) s[r * cols + r] = neg_inf<T>();  // no self-pairs
+    for (int64_t r = 0; r < rows; ++r) {
+      const T* sr = s + r * cols;
+      const T new_m = std::max(st.m[i0 + r], row_max(sr, cols));
+      if constexpr (kScaleGrad) {
+        T ts;
+        const T sum = row_exp_sum(sr, cols, shift_of(new_m), ts);
+        st.merge(i0 + r, new_m, sum, ts);
+      } else {
+        st.merge(i0 + r, new_m, row_exp_sum(sr, cols, shift_of(new_m)));
+      }
+    }
+    return;
+  }
+  T* row_m = scratch.vec(0);
+  T* col_m = scratch.vec(1);
+  T* col_sum = scratch.vec(2);
+  T* row_a = scratch.vec(3);
+  T* col_t = scratch.vec(4);  // the columns' centred sums (kScaleGrad only)
+  tile_maxima(s, rows, cols, st.m + i0, st.m + j0, row_m, col_m, col_sum,
+              kScaleGrad ? col_t : nullptr);
+  // Both maxima are known before the sums: the rows' and the columns' centred terms are taken
+  // about them directly (s - row_m, s - col_m), and merge() rescales the running sums.
+  if (fast) {
+    // col_sum_c = exp(ref - m_c) * sum_r exp(m_r - ref) * exp(s_rc - m_r): one exp a logit.
+    T ref = neg_inf<T>();
+    for (int64_t r = 0; r < rows; ++r) ref = std::max(ref, row_m[r]);
+    ref = shift_of(ref);
+    for (int64_t r = 0; r < rows; ++r) row_a[r] = exp_f(row_m[r] - ref);
+    for (int64_t r = 0; r < rows; ++r) {
+      const T* sr = s + r * cols;
+      const T shift = shift_of(row_m[r]), a = row_a[r];
+      T sum = 0;
+      if constexpr (kScaleGrad) {
+        T ts = 0;
+#pragma omp simd reduction(+ : sum, ts)
+        for (int64_t c = 0; c < cols; ++c) {
+          const T x = sr[c] - shift;
+          const T e = exp_f(x);
+          sum += e;
+          ts += centred(sr[c], e, x);
+          // a * e exactly as the plain loop forms it (one use: a contracted multiply-add
+          // there), so that loss and lse stay bitwise those of with_dscale=False.
+          col_sum[c] += a * e;
+          col_t[c] += a * centred(sr[c], e, sr[c] - col_m[c]);
+        }
+        st.merge(i0 + r, row_m[r], sum, ts);
+      } else {
+#pragma omp simd reduction(+ : sum)
+        for (int64_t c = 0; c < cols; ++c) {
+          const T e = exp_f(sr[c] - shift);
+          sum += e;
+          col_sum[c] += a * e;
+        }
+        st.merge(i0 + r, row_m[r], sum);
+      }
+    }
+    for (int64_t c = 0; c < cols; ++c) {
+      // A column with nothing finite yet (DCL: its one logit here was its masked positive)
+      // adds nothing; exp(ref - 0) could overflow and make 0 * inf.
+      const T f = col_m[c] == neg_inf<T>() ? T(0) : exp_f(ref - col_m[c]);
+      if constexpr (kScaleGrad) {
+        st.merge(j0 + c, col_m[c], f * col_sum[c], f * col_t[c]);
+      } else {
+        st.merge(j0 + c, col_m[c], f * col_sum[c]);
+      }
+    }
+    return;
+  }
+  // row_a as the columns' shifts
+  tile_rows_cols<T, kScaleGrad>(s, rows, cols, row_m, col_m, row_a, col_sum, col_t, st, i0, st,
+                                j0);
+}
+
+// The symmetric backward's softmax weights for one tile (I, J >= I), in place of its logits w:
+// W_rc = g_r P_rc + g_c P_cr with P_ij = exp((s_ij - hi_i) - lo_i) (lse = hi + lo, split_lse).
+// On the diagonal, E_rc = g_r P_rc from row r's own floats (self-pairs masked first: E_rr = 0
+// wherever the row's lse is finite), then W = E + E^T; off it, S is symmetric, so both come from
+// this tile: fast (one_exp) with one exp a logit, P_cr = P_rc exp(lse_r - ref) exp(ref - lse_c),
+// the products staying below 1 before g multiplies them (g may be large: loss scaling).
+// kLabels (SupCon's label positives): also - (gp_r + gp_c) [lab_r == lab_c] in the same loops
+// (on the diagonal E_rc - gp_r [lab_r == lab_c] before W = E + E^T; E_rr = -gp_r then: the
+// caller zeroes the self-pairs). NT-Xent's backward (contrastive.cpp, kLabels false: lab and gp
+// unused) and SupCon's (labels.cpp).
+template <typename T, bool kLabels = false>
+void symmetric_weights_tile(bool diagonal, int64_t i0, int64_t rows, int64_t j0, int64_t cols,
+                            T* w, Scratch<T>& scratch, const T* lse, const T* lo, const T* g,
+                            bool fast, const int32_t* lab = nullptr, const T* gp = nullptr) {
+  const int32_t* lc = kLabels ? lab + j0 : nullptr;
+  const T* gpc = kLabels ? gp + j0 : nullptr;
+  if (diagonal) {
+    for (int64_t r = 0; r < rows; ++r) {
+      T* wr = w + r * cols;
+      wr[r] = neg_inf<T>();  // self-similarity: excluded, and exp must not overflow
+      const T shift = lse[i0 + r], lo_r = lo[i0 + r], gr = g[i0 + r];
+      if constexpr (kLabels) {
+        const int32_t lr = lab[i0 + r];
+        const T pr = gp[i0 + r];
+#pragma omp simd
+        for (int64_t c = 0; c < cols; ++c)
+          wr[c] = gr * exp_f((wr[c] - shift) - lo_r) - (lc[c] == lr ? pr : T(0));
+      } else {
+#pragma omp simd
+        for (int64_t c = 0; c < cols; ++c) wr[c] = gr * exp_f((wr[c] - shift) - lo_r);
+      }
+    }
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t c = r + 1; c < cols; ++c) {
+        const T t = w[r * cols + c] + w[c * cols + r];
+        w[r * cols + c] = t;
+        w[c * cols + r] = t;
+      }
+    return;
+  }
+  const T* lj = lse + j0;
+  const T* loj = lo + j0;
+  const T* gj = g + j0;
+  if (fast) {
+    T* row_a = scratch.vec(0);
+    T* col_b = scratch.vec(1);
+    T ref = neg_inf<T>();
+    for (int64_t r = 0; r < rows; ++r) ref = std::max(ref, lse[i0 + r]);
+    for (int64_t c = 0; c < cols; ++c) ref = std::max(ref, lj[c]);
+    for (int64_t r = 0; r < rows; ++r) row_a[r] = exp_f((lse[i0 + r] - ref) + lo[i0 + r]);
+    for (int64_t c = 0; c < cols; ++c) col_b[c] = exp_f((ref - lj[c]) - loj[c]);
+    for (int64_t r = 0; r < rows; ++r) {
+      T* wr = w + r * cols;
+      const T shift = lse[i0 + r], lo_r = lo[i0 + r], gr = g[i0 + r], a = row_a[r];
+      if constexpr (kLabels) {
+        const int32_t lr = lab[i0 + r];
+        const T pr = gp[i0 + r];
+#pragma omp simd
+        for (int64_t c = 0; c < cols; ++c) {
+          const T e = exp_f((wr[c] - shift) - lo_r);
+          wr[c] = (gr * e + ((e * a) * col_b[c]) * gj[c]) - (lc[c] == lr ? pr + gpc[c] : T(0));
+        }
+      } else {
+#pragma omp simd
+        for (int64_t c = 0; c < cols; ++c) {
+          const T e = exp_f((wr[c] - shift) - lo_r);
+          wr[c] = gr * e + ((e * a) * col_b[c]) * gj[c];
+        }
+      }
+    }
+    return;
+  }
+  for (int64_t r = 0; r < rows; ++r) {
+    T* wr = w + r * cols;
+    const T shift = lse[i0 + r], lo_r = lo[i0 + r], gr = g[i0 + r];
+    if constexpr (kLabels) {
+      const int32_t lr = lab[i0 + r];
+      const T pr = gp[i0 + r];
+#pragma omp simd
+      for (int64_t c = 0; c < cols; ++c) {
+        const T s = wr[c];
+        wr[c] = (gr * exp_f((s - shift) - lo_r) + gj[c] * exp_f((s - lj[c]) - loj[c])) -
+                (lc[c] == lr ? pr + gpc[c] : T(0));
+      }
+    } else {
+#pragma omp simd
+      for (int64_t c = 0; c < cols; ++c) {
+        const T s = wr[c];
+        wr[c] = gr * exp_f((s - shift) - lo_r) + gj[c] * exp_f((s - lj[c]) - loj[c]);
+      }
+    }
+  }
 }
 
 // ----------------------------------------------------------------- dtype dispatch ---------

@@ -23,7 +23,7 @@ import torch
 
 from fastcl import _config
 
-_SOURCES = ("contrastive.cpp", "clip.cpp", "sigmoid.cpp", "dense.cpp", "momentum.cpp",
+_SOURCES = ("contrastive.cpp", "clip.cpp", "labels.cpp", "sigmoid.cpp", "dense.cpp", "momentum.cpp",
             "cosine.cpp", "registration.cpp")
 _HEADERS = ("fast_exp.h", "tiling.h")
 _HOW_TO = (

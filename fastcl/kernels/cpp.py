@@ -1,7 +1,7 @@
-"""The C++ CPU kernels (``csrc/contrastive.cpp``, ``csrc/clip.cpp``, ``csrc/sigmoid.cpp``,
-``csrc/dense.cpp``) behind the backend contract of ``fastcl.kernels`` (and SigLIP's
-``sigmoid_forward`` / ``sigmoid_grad``, the same functions as the chunked and Triton backends'):
-thin calls into the ``torch.ops.fastcl_cpu`` operators.
+"""The C++ CPU kernels (``csrc/contrastive.cpp``, ``csrc/clip.cpp``, ``csrc/labels.cpp``,
+``csrc/sigmoid.cpp``, ``csrc/dense.cpp``) behind the backend contract of ``fastcl.kernels``
+(and SigLIP's ``sigmoid_forward`` / ``sigmoid_grad``, the same functions as the chunked and
+Triton backends'): thin calls into the ``torch.ops.fastcl_cpu`` operators.
 
 Beyond the contract, the dense path (``dense_forward``, ``dense_grad_cols``,
 ``dense_backward``): for in-batch passes whose logits fit ``DENSE_CAP_BYTES``, the op layer
@@ -75,6 +75,40 @@ def grad_accumulate(a, b, na, nb, lse_a, g_a, lse_b, g_b, inv_temp: float,
                     pos_offset: Optional[int], precision: str = "ieee") -> torch.Tensor:
     return _ops.grad_accumulate(a, b, na, nb, lse_a, g_a, lse_b, g_b, inv_temp, pos_offset,
                                 _TILE)
+
+
+# ----------------------------------------------- SupCon's label positives (csrc/labels.cpp) ---
+
+
+def labels_forward(q, k, nq, nk, lq, lk, inv_temp: float, offset: int, precision: str = "ieee",
+                   with_dscale: bool = False):
+    """(loss, lse, dscale, count) of the label pass: rows q against columns k, row i's own
+    column i + offset excluded, its positives the other columns with its label (int64 ``lq``,
+    ``lk``); dscale is empty (shape (0,)) unless with_dscale."""
+    return _ops.labels_forward(q, k, nq, nk, lq, lk, float(inv_temp), int(offset), _TILE,
+                               with_dscale)
+
+
+def labels_grad(a, b, na, nb, la, lb, lse_a, ga_a, gp_a, lse_b, ga_b, gp_b, inv_temp: float,
+                offset: int, precision: str = "ieee") -> torch.Tensor:
+    """inv_temp * W bhat over the label pass's pairs, the statistics (lse, ga, gp) on exactly
+    one side: a's (the rows' gradient, the tiles of labels_forward(a, b)) or b's (the
+    columns', the tiles of labels_forward(b, a))."""
+    return _ops.labels_grad(a, b, na, nb, la, lb, lse_a, ga_a, gp_a, lse_b, ga_b, gp_b,
+                            float(inv_temp), int(offset), _TILE)
+
+
+def labels_sym_forward(z, nz, labels, inv_temp: float, precision: str = "ieee",
+                       with_dscale: bool = False):
+    """``labels_forward(z, z, nz, nz, labels, labels, inv_temp, 0)`` from the tiles on and
+    above the diagonal, each feeding its rows' and its columns' statistics."""
+    return _ops.labels_sym_forward(z, nz, labels, float(inv_temp), _TILE, with_dscale)
+
+
+def labels_sym_grad(z, nz, labels, lse, ga, gp, inv_temp: float, precision: str = "ieee"):
+    """inv_temp * (W + W^T) zhat, W_ij = ga_i exp(s_ij - lse_i) - gp_i [l_i == l_j] off the
+    diagonal, from the tiles on and above it."""
+    return _ops.labels_sym_grad(z, nz, labels, lse, ga, gp, float(inv_temp), _TILE)
 
 
 # ------------------------------------------------------- CLIP's rows + columns (csrc/clip.cpp) ---

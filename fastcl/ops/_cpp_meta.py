@@ -4,7 +4,8 @@ fastcl's public ops call these from inside their own implementations, so tracing
 them; the fakes exist so that the operators pass ``torch.library.opcheck`` on their own and can
 be traced if called directly. Shapes only: the outputs are in the norms' dtype (float32, or
 float64 for float64 inputs), except the row lse, always float64 (see csrc/contrastive.cpp);
-dscale has one entry per row when requested, else shape (0,). CLIP's rows_cols_forward
+dscale has one entry per row when requested, else shape (0,). SupCon's labels_* (csrc/labels.cpp)
+also give the positives' count per row, in the norms' dtype. CLIP's rows_cols_forward
 (csrc/clip.cpp) gives both directions' statistics: 2n entries each. SigLIP's sigmoid_forward /
 sigmoid_grad (csrc/sigmoid.cpp) take x and y themselves (no norms): outputs in their dtype.
 """
@@ -46,6 +47,22 @@ def register() -> None:
           positive_in_denominator=True, with_dscale=False):
         v = nq.new_empty(q.shape) if with_grad else nq.new_empty(0)
         return _rows(q, nq), _lse(q, nq), v, _dscale(q, nq, with_dscale)
+
+    @torch.library.register_fake("fastcl_cpu::labels_forward")
+    def _(q, k, nq, nk, lq, lk, inv_temp, offset, tile, with_dscale=False):
+        return _rows(q, nq), _lse(q, nq), _dscale(q, nq, with_dscale), _rows(q, nq)
+
+    @torch.library.register_fake("fastcl_cpu::labels_grad")
+    def _(a, b, na, nb, la, lb, lse_a, ga_a, gp_a, lse_b, ga_b, gp_b, inv_temp, offset, tile):
+        return na.new_empty(a.shape)
+
+    @torch.library.register_fake("fastcl_cpu::labels_sym_forward")
+    def _(z, nz, labels, inv_temp, tile, with_dscale=False):
+        return _rows(z, nz), _lse(z, nz), _dscale(z, nz, with_dscale), _rows(z, nz)
+
+    @torch.library.register_fake("fastcl_cpu::labels_sym_grad")
+    def _(z, nz, labels, lse, ga, gp, inv_temp, tile):
+        return nz.new_empty(z.shape)
 
     @torch.library.register_fake("fastcl_cpu::rows_cols_forward")
     def _(x, y, nx, ny, inv_temp, tile, with_dscale=False):
