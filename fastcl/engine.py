@@ -207,7 +207,7 @@ _ALL_EPILOGUES = frozenset(EPILOGUES)
 _ALL_POSITIVES = frozenset(POSITIVES)
 BACKENDS = {"reference": Backend("reference", epilogue=_ALL_EPILOGUES, positive=_ALL_POSITIVES),
             "chunked": Backend("chunked", epilogue=_ALL_EPILOGUES, positive=_ALL_POSITIVES),
-            "cpp": Backend("cpp", epilogue=_ALL_EPILOGUES),
+            "cpp": Backend("cpp", epilogue=_ALL_EPILOGUES, positive=_ALL_POSITIVES),
             "triton": Backend("triton", epilogue=_ALL_EPILOGUES, positive=_ALL_POSITIVES)}
 
 

@@ -202,6 +202,7 @@ def label_pairs(rows, cols, row_labels, col_labels, scale, offset: int = 0,
     count = positive.sum(dim=1).to(dtype)
     masked = _without(logits, own)
     lse = torch.logsumexp(masked, dim=1)
+    lse = torch.where(own.all(dim=1), float("-inf"), lse)  # no column but its own
     has = count > 0
     safe = torch.where(has, count, torch.ones_like(count))
     pos_mean = (logits * positive).sum(dim=1) / safe
