@@ -174,13 +174,17 @@ def test_spec_code_round_trips_and_rejects_nonsense():
         engine.Spec(columns="rows", positive="offset")
 
 
-def test_planned_choices_are_refused_by_every_backend():
-    """Label positives are in the contract, implemented by no backend yet: asking for them
-    raises NotImplementedError naming the choice. The both-directions and sigmoid epilogues
-    are refused by the backends that do not declare them."""
+def test_undeclared_choices_are_refused_by_every_backend():
+    """A choice a backend does not declare raises NotImplementedError naming it: label
+    positives with other ranks' rows as negatives-only columns (every backend: the distributed
+    SupCon passes every rank's rows as the columns), the sigmoid epilogue outside its one
+    combination, and the both-directions and sigmoid epilogues on the backends that do not
+    declare them."""
     for backend in engine.BACKENDS:
-        cases = [(engine.Spec(positive="labels"), "positive='labels'"),
-                 (engine.Spec(epilogue="sigmoid"), "epilogue='sigmoid'")]
+        assert engine.BACKENDS[backend].unsupported(engine.SUPCON) is None
+        with pytest.raises(NotImplementedError, match="positive='labels' with other ranks"):
+            engine.require(engine.SUPCON_ROWS, backend, others=True)
+        cases = [(engine.Spec(epilogue="sigmoid"), "epilogue='sigmoid'")]
         if "softmax_rows_cols" not in engine.BACKENDS[backend].epilogue:
             cases.append((engine.CLIP, "softmax_rows_cols"))
         if "sigmoid" not in engine.BACKENDS[backend].epilogue:
