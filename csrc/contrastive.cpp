@@ -272,43 +272,19 @@ at::Tensor grad_accumulate_impl(const at::Tensor& a, const at::Tensor& b, const 
     return out.mul_(inv_temp);
   }
 
-  // The lse belongs to b's rows (dk, dneg): the logits must be the very floats that
-  // lse_forward(b, a) exponentiated, and a BLAS product's rounding may depend on its shape and
-  // on which operand comes first (thin edge tiles go through other kernels). So the tiles here
-  // are that forward's own products, b's row blocks against a's column tiles, transposed when
-  // accumulated. Threads share out a's column tiles: each owns its rows of out. Several row
-  // blocks (up to kGroupRows rows) are stacked before each accumulation, so that its inner
-  // dimension is not just one (possibly 16-row) block.
-  constexpr int64_t kGroupRows = 256;
-  const int64_t rb = row_block(nc, tile), cw = kColumnTiles * tile;
-  const int64_t group = std::max<int64_t>(1, kGroupRows / rb) * rb;
-  const int64_t chunks = (nr + cw - 1) / cw;
-  Scratch<T> scratch(at::get_num_threads(), group, cw);
-  at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
-    T* w = scratch.tile();
-    for (int64_t ch = c0; ch < c1; ++ch) {
-      const int64_t j0 = ch * cw, cols = std::min(cw, nr - j0);
-      for (int64_t g0 = 0; g0 < nc; g0 += group) {
-        const int64_t g_rows = std::min(group, nc - g0);
-        for (int64_t i0 = g0; i0 < g0 + g_rows; i0 += rb) {
-          const int64_t rows = std::min(rb, nc - i0);
-          // Row-major rows x cols at row i0 - g0 of the stack: the forward's own call and layout.
-          logits_tile(bp + i0 * d, rows, ap + j0 * d, cols, d, inv_temp, w + (i0 - g0) * cols,
-                      opts);
-        }
-        for (int64_t r = 0; r < g_rows; ++r) {
-          T* wr = w + r * cols;
-          const T shift = lse[g0 + r], lo_r = lo[g0 + r], gr = g[g0 + r];
+  // The lse belongs to b's rows (dk, dneg): the tiles of lse_forward(b, a) (tiling.h).
+  for_each_column_stack(ap, nr, bp, nc, d, inv_temp, tile, opts, op,
+                        [&](T* w, int64_t g0, int64_t g_rows, int64_t j0, int64_t cols) {
+    for (int64_t r = 0; r < g_rows; ++r) {
+      T* wr = w + r * cols;
+      const T shift = lse[g0 + r], lo_r = lo[g0 + r], gr = g[g0 + r];
 #pragma omp simd
-          for (int64_t c = 0; c < cols; ++c) wr[c] = gr * exp_f((wr[c] - shift) - lo_r);
-        }
-        if (pos_offset.has_value()) {
-          for (int64_t c = 0; c < cols; ++c) {
-            const int64_t r = (j0 + c + *pos_offset) % nc - g0;
-            if (r >= 0 && r < g_rows) w[r * cols + c] = 0;  // the positive: added by the caller
-          }
-        }
-        accumulate_tile(op + j0 * d, w, cols, g_rows, true, bp + g0 * d, d, opts);
+      for (int64_t c = 0; c < cols; ++c) wr[c] = gr * exp_f((wr[c] - shift) - lo_r);
+    }
+    if (pos_offset.has_value()) {
+      for (int64_t c = 0; c < cols; ++c) {
+        const int64_t r = (j0 + c + *pos_offset) % nc - g0;
+        if (r >= 0 && r < g_rows) w[r * cols + c] = 0;  // the positive: added by the caller
       }
     }
   });

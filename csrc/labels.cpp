@@ -315,59 +315,33 @@ at::Tensor labels_grad_impl(const at::Tensor& a, const at::Tensor& b, const at::
   const T* bp = bh.data_ptr<T>();
   T* op = out.data_ptr<T>();
 
+  // Statistics' rows s0.. (rows x cols logits, row-major) against the other side's rows j0..
+  // into weights, in place: ga exp((s - hi) - lo) - gp [same label], the own pair (s, s +
+  // offset) 0.
+  auto weigh = [&](T* w, int64_t s0, int64_t rows, int64_t j0, int64_t cols) {
+    const int32_t* lc = olab + j0;
+    for (int64_t r = 0; r < rows; ++r) {
+      T* wr = w + r * cols;
+      const T shift = lse[s0 + r], lo_r = lo[s0 + r], gr = ga[s0 + r], pr = gp[s0 + r];
+      const int32_t lr = slab[s0 + r];
+#pragma omp simd
+      for (int64_t c = 0; c < cols; ++c)
+        wr[c] = gr * exp_f((wr[c] - shift) - lo_r) - (lc[c] == lr ? pr : T(0));
+      const int64_t own = s0 + r + offset - j0;
+      if (own >= 0 && own < cols) wr[own] = 0;
+    }
+  };
   if (by_row) {
     auto tile_fn = [&](int64_t i0, int64_t rows, int64_t j0, int64_t cols, T* w) {
-      const int32_t* lc = olab + j0;
-      for (int64_t r = 0; r < rows; ++r) {
-        T* wr = w + r * cols;
-        const T shift = lse[i0 + r], lo_r = lo[i0 + r], gr = ga[i0 + r], pr = gp[i0 + r];
-        const int32_t lr = slab[i0 + r];
-#pragma omp simd
-        for (int64_t c = 0; c < cols; ++c)
-          wr[c] = gr * exp_f((wr[c] - shift) - lo_r) - (lc[c] == lr ? pr : T(0));
-        const int64_t own = i0 + r + offset - j0;
-        if (own >= 0 && own < cols) wr[own] = 0;
-      }
+      weigh(w, i0, rows, j0, cols);
       accumulate_tile(op + i0 * d, w, rows, cols, false, bp + j0 * d, d, opts);
     };
     for_each_row_block(ap, nr, bp, nc, d, inv_temp, tile, opts, tile_fn,
                        [](int64_t, int64_t) {});
-    return out.mul_(inv_temp);
+  } else {
+    // On b's side: the tiles of labels_forward(b, a), as grad_accumulate's columns' pass.
+    for_each_column_stack(ap, nr, bp, nc, d, inv_temp, tile, opts, op, weigh);
   }
-
-  // As grad_accumulate's columns' pass (contrastive.cpp): threads share out a's column tiles,
-  // each owning its rows of out; up to kGroupRows of b's rows stacked per accumulation.
-  constexpr int64_t kGroupRows = 256;
-  const int64_t rb = row_block(nc, tile), cw = kColumnTiles * tile;
-  const int64_t group = std::max<int64_t>(1, kGroupRows / rb) * rb;
-  const int64_t chunks = (nr + cw - 1) / cw;
-  Scratch<T> scratch(at::get_num_threads(), group, cw);
-  at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
-    T* w = scratch.tile();
-    for (int64_t ch = c0; ch < c1; ++ch) {
-      const int64_t j0 = ch * cw, cols = std::min(cw, nr - j0);
-      const int32_t* lc = olab + j0;
-      for (int64_t g0 = 0; g0 < nc; g0 += group) {
-        const int64_t g_rows = std::min(group, nc - g0);
-        for (int64_t i0 = g0; i0 < g0 + g_rows; i0 += rb) {
-          const int64_t rows = std::min(rb, nc - i0);
-          logits_tile(bp + i0 * d, rows, ap + j0 * d, cols, d, inv_temp, w + (i0 - g0) * cols,
-                      opts);
-        }
-        for (int64_t r = 0; r < g_rows; ++r) {
-          T* wr = w + r * cols;
-          const T shift = lse[g0 + r], lo_r = lo[g0 + r], gr = ga[g0 + r], pr = gp[g0 + r];
-          const int32_t lr = slab[g0 + r];
-#pragma omp simd
-          for (int64_t c = 0; c < cols; ++c)
-            wr[c] = gr * exp_f((wr[c] - shift) - lo_r) - (lc[c] == lr ? pr : T(0));
-          const int64_t own = g0 + r + offset - j0;
-          if (own >= 0 && own < cols) wr[own] = 0;
-        }
-        accumulate_tile(op + j0 * d, w, cols, g_rows, true, bp + g0 * d, d, opts);
-      }
-    }
-  });
   return out.mul_(inv_temp);
 }
 

@@ -472,6 +472,44 @@ void for_each_row_block(const T* ap, int64_t nr, const T* bp, int64_t nc, int64_
   });
 }
 
+// The columns' side of a gradient pass whose statistics belong to b's rows (grad_accumulate's
+// dk / dneg, labels_grad's columns' gradient): out_a (op, nr x d) += W^T bhat with each logit
+// the very float that the forward over (b, a) exponentiated, and a BLAS product's rounding may
+// depend on its shape and on which operand comes first (thin edge tiles go through other
+// kernels). So the tiles are that forward's own products (for_each_row_block's over b against
+// a: b's row blocks against a's column tiles), transposed when accumulated. Threads share out
+// a's column tiles: each owns its rows of out. Several row blocks (up to kGroupRows rows) are
+// stacked before each accumulation, so that its inner dimension is not just one (possibly
+// 16-row) block. weigh(w, g0, g_rows, j0, cols) turns the stacked logits (g_rows x cols,
+// row-major: b's rows g0.. against a's rows j0..) into the weights W in place.
+template <typename T, typename WeighFn>
+void for_each_column_stack(const T* ap, int64_t nr, const T* bp, int64_t nc, int64_t d,
+                           double inv_temp, int64_t tile, const at::TensorOptions& opts, T* op,
+                           WeighFn&& weigh) {
+  constexpr int64_t kGroupRows = 256;
+  const int64_t rb = row_block(nc, tile), cw = kColumnTiles * tile;
+  const int64_t group = std::max<int64_t>(1, kGroupRows / rb) * rb;
+  const int64_t chunks = (nr + cw - 1) / cw;
+  Scratch<T> scratch(at::get_num_threads(), group, cw);
+  at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+    T* w = scratch.tile();
+    for (int64_t ch = c0; ch < c1; ++ch) {
+      const int64_t j0 = ch * cw, cols = std::min(cw, nr - j0);
+      for (int64_t g0 = 0; g0 < nc; g0 += group) {
+        const int64_t g_rows = std::min(group, nc - g0);
+        for (int64_t i0 = g0; i0 < g0 + g_rows; i0 += rb) {
+          const int64_t rows = std::min(rb, nc - i0);
+          // Row-major rows x cols at row i0 - g0 of the stack: the forward's own call and layout.
+          logits_tile(bp + i0 * d, rows, ap + j0 * d, cols, d, inv_temp, w + (i0 - g0) * cols,
+                      opts);
+        }
+        weigh(w, g0, g_rows, j0, cols);
+        accumulate_tile(op + j0 * d, w, cols, g_rows, true, bp + g0 * d, d, opts);
+      }
+    }
+  });
+}
+
 // ------------------------------------------------------- symmetric tiles' common work ---
 
 // The symmetric pass's statistics for one tile (I, J >= I) of logits s (for_each_symmetric_tile):
