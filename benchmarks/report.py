@@ -86,7 +86,7 @@ def _gemm_rate(device: str, config: str = "fp32") -> float:
 
 def _loss_flops(case: str, n: int) -> float:
     """3 products (eager forward + backward) over the case's logits, D = 128."""
-    rows, cols = {"nt_xent": (2 * n, 2 * n), "in_batch": (n, n)}.get(
+    rows, cols = {"nt_xent": (2 * n, 2 * n), "in_batch": (n, n), "supcon": (2 * n, 2 * n)}.get(
         case, (n, _common.MOCO_M + 1))
     return 3 * 2 * rows * cols * _common.D
 
@@ -169,6 +169,8 @@ CASES = {  # panel title, row label, what N means (line panels: x axis; bars: th
     "nt_xent": ("NT-Xent", "NT-Xent (SimCLR)\n2N x 2N logits", "N, samples per view"),
     "info_nce": ("MoCo", "MoCo InfoNCE\nN x (1 + queue) logits", "N={n} queries, queue {m}"),
     "in_batch": ("in-batch", "in-batch InfoNCE (CLIP)\nN x N logits", "N={n} pairs"),
+    "supcon": ("SupCon", "SupCon (labels)\n2B x 2B logits",
+               f"B={{n}} samples x 2 views, {_common.SUPCON_CLASSES} classes"),
 }
 MODES = {"forward": "forward", "backward": "backward", "full": "forward + backward"}
 DTYPE_NAMES = {"fp32": "fp32 inputs, IEEE fp32 matmul", "tf32": "fp32 inputs, TF32 matmul",
@@ -567,7 +569,8 @@ def main(argv=None) -> int:
                                                           else argv)}
     gemm = {c: _gemm_rate(a.device, c) for c in configs}
     work = [("nt_xent", n) for n in sizes] + [("info_nce", _common.MOCO_N if not a.quick
-                                               else 64), ("in_batch", 1024 if not a.quick else 64)]
+                                               else 64), ("in_batch", 1024 if not a.quick else 64),
+                                              ("supcon", _common.SUPCON_N if not a.quick else 64)]
     rows = _time_losses(work, a.device, rounds, memory, configs)
     extra = None if a.quick else _time_ema_queue(a.device, rounds * 3)
     report = format_report(info, rows, extra, gemm)

@@ -30,7 +30,8 @@ def test_report_quick_run_writes_table_json_and_png(tmp_path):
     results = json.loads((tmp_path / "results.json").read_text())
     losses = results["losses"]
     assert {(r["dtype"], r["case"], r["mode"]) for r in losses} == {
-        (dt, c, m) for dt in ("fp32", "bf16") for c in ("nt_xent", "info_nce", "in_batch")
+        (dt, c, m) for dt in ("fp32", "bf16")
+        for c in ("nt_xent", "info_nce", "in_batch", "supcon")
         for m in ("forward", "backward", "full")}
     for r in losses:  # every provider timed, none silently missing
         assert set(r["median_s"]) == {"fastcl", "chunked", "reference", "compile", "peer"}, r
@@ -39,10 +40,11 @@ def test_report_quick_run_writes_table_json_and_png(tmp_path):
             assert r["status"]["inf_cl"].startswith("skipped: Inf-CL's kernels need CUDA")
     assert "skipped" in report
     # a PNG per input configuration, named in the caption; --quick has no memory columns:
-    # 3 time panels (forward, backward, full) of 3.4 in, 1.7 in of margins, at 100 dpi
+    # 3 time panels (forward, backward, full) of 3.4 in, 1.7 in of margins, at 100 dpi; a row
+    # of panels per loss case (4)
     for name in ("plot.png", "plot_bf16.png"):
         width, height = _png_size((tmp_path / name).read_bytes())
-        assert width == 1190 and 900 < height < 1600, (name, width, height)
+        assert width == 1190 and 1200 < height < 2000, (name, width, height)
         assert name in report and name in results["plot"]
     assert not (tmp_path / "plot_fp32.png").exists()
 
