@@ -452,8 +452,8 @@ def supcon_loss(features: Tensor, labels: Optional[Tensor] = None, temperature=0
     SupContrast's ``SupConLoss`` without its dense (V B)^2 tensors (memory O(V B D)).
 
     Args:
-        features: (B, V, D) embeddings of V views of B samples, or (B, D) for one view (which
-            needs ``labels``: with one view and no labels no anchor has a positive). Any
+        features: (B, V, D) embeddings of V views of B samples, or (B, D) for one view (one
+            view needs ``labels``: without them no anchor has a positive, a ValueError). Any
             floating dtype, any strides; L2-normalized inside (SupContrast expects unit-norm
             inputs and does not normalize: on those the two agree, and a user's own
             normalization upstream keeps its values and gradients).
@@ -536,6 +536,10 @@ def _check_supcon(features, labels, temperature, base_temperature, contrast_mode
     if features.shape[1] == 0:
         raise ValueError(f"features has no views (shape {tuple(features.shape)}): "
                          "(B, V, D) needs V >= 1")
+    if features.shape[1] == 1 and labels is None:
+        raise ValueError(
+            f"supcon_loss: features {tuple(features.shape)} have one view, and without labels "
+            "no anchor has a positive; pass labels (B,), or V >= 2 views for multi-view SimCLR")
     if labels is not None:
         labels = _check_labels(labels, features)
     tau = _check_temperature(temperature)

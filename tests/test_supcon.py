@@ -319,6 +319,8 @@ def test_bad_arguments_name_themselves():
          "labels must have shape"),
         (lambda: fastcl.supcon_loss(torch.randn(4, 0, 3)), ValueError, "no views"),
         (lambda: fastcl.supcon_loss(torch.randn(4, 3)), ValueError, "no anchor has a positive"),
+        (lambda: fastcl.supcon_loss(torch.randn(4, 1, 3)), ValueError,
+         "no anchor has a positive"),
         (lambda: fastcl.supcon_loss(x, temperature=0.0), ValueError, "temperature"),
         (lambda: fastcl.supcon_loss(x, temperature=-0.1), ValueError, "temperature"),
         (lambda: fastcl.supcon_loss(x, base_temperature=0.0), ValueError, "base_temperature"),
