@@ -352,10 +352,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> labels_forward(
     const at::Tensor& lq, const at::Tensor& lk, double inv_temp, int64_t offset, int64_t tile,
     bool with_dscale) {
   check_tile(tile);
-  check_rows(q, nq, "q");
-  check_rows(k, nk, "k");
-  TORCH_CHECK(q.size(1) == k.size(1), "fastcl_cpu: q and k must have the same width");
-  TORCH_CHECK(nq.scalar_type() == nk.scalar_type(), "fastcl_cpu: nq and nk must share a dtype");
+  check_pair(q, nq, "q", k, nk, "k");
   check_labels(lq, q.size(0), "lq");
   check_labels(lk, k.size(0), "lk");
   TORCH_CHECK(offset >= 0 && offset + q.size(0) <= k.size(0), "fastcl_cpu: offset must satisfy "
@@ -379,10 +376,7 @@ at::Tensor labels_grad(const at::Tensor& a, const at::Tensor& b, const at::Tenso
                        const c10::optional<at::Tensor>& gp_b, double inv_temp, int64_t offset,
                        int64_t tile) {
   check_tile(tile);
-  check_rows(a, na, "a");
-  check_rows(b, nb, "b");
-  TORCH_CHECK(a.size(1) == b.size(1), "fastcl_cpu: a and b must have the same width");
-  TORCH_CHECK(na.scalar_type() == nb.scalar_type(), "fastcl_cpu: na and nb must share a dtype");
+  check_pair(a, na, "a", b, nb, "b");
   check_labels(la, a.size(0), "la");
   check_labels(lb, b.size(0), "lb");
   TORCH_CHECK(lse_a.has_value() == ga_a.has_value() && lse_a.has_value() == gp_a.has_value() &&

@@ -92,6 +92,18 @@ inline void check_rows(const at::Tensor& x, const at::Tensor& norm, const char* 
               "fastcl_cpu: norms must be float32 or float64");
 }
 
+// Two row sets that one pass pairs (rows against columns): each checked by check_rows, of
+// the same width, their norms of one dtype.
+inline void check_pair(const at::Tensor& a, const at::Tensor& na, const char* a_name,
+                       const at::Tensor& b, const at::Tensor& nb, const char* b_name) {
+  check_rows(a, na, a_name);
+  check_rows(b, nb, b_name);
+  TORCH_CHECK(a.size(1) == b.size(1), "fastcl_cpu: ", a_name, " and ", b_name,
+              " must have the same width");
+  TORCH_CHECK(na.scalar_type() == nb.scalar_type(), "fastcl_cpu: the norms of ", a_name,
+              " and ", b_name, " must share a dtype");
+}
+
 inline at::Tensor row_vector(const at::Tensor& v, const at::Tensor& like_norm, int64_t n,
                       const char* name) {
   TORCH_CHECK(v.dim() == 1 && v.size(0) == n, "fastcl_cpu: ", name, " must have shape (", n,
