@@ -449,9 +449,10 @@ def supcon(features: Tensor, labels: Optional[Tensor], tau, factor, contrast_mod
     z = functional._views_major(features)
     block_sizes = [v * s for s in sizes]
     full, start, _ = _gather_with_offsets(z, block_sizes)
-    all_labels = all_gather_rows(labels.repeat(v), block_sizes)
+    z_labels = labels.repeat(v)  # z's rows' labels, view-major as z
+    all_labels = all_gather_rows(z_labels, block_sizes)
     if contrast_mode == "all":
-        rows = engine.run_labels(engine.SUPCON_ROWS, z, full, row_labels=labels.repeat(v),
+        rows = engine.run_labels(engine.SUPCON_ROWS, z, full, row_labels=z_labels,
                                  col_labels=all_labels, offset=start, temperature=tau)
     else:
         rows = engine.run_labels(engine.SUPCON_ROWS, features[:, 0], full, row_labels=labels,
