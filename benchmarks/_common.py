@@ -290,9 +290,11 @@ def backend_name(case: str, provider: str, device: str) -> str:
 # -------------------------------------------------------------------------- inputs --------
 
 
-# Input configurations: name -> (input dtype, torch.get_float32_matmul_precision during the step)
+# Input configurations: name -> (input dtype, torch.get_float32_matmul_precision during the step).
+# "mixed": bf16 activations beside a float32 MoCo queue (what autocast gives a MoCo model whose
+# queue buffer stays float32); other cases take it as bf16.
 DTYPES = {"fp32": (torch.float32, "highest"), "tf32": (torch.float32, "high"),
-          "bf16": (torch.bfloat16, "highest")}
+          "bf16": (torch.bfloat16, "highest"), "mixed": (torch.bfloat16, "highest")}
 
 
 @contextlib.contextmanager
@@ -309,9 +311,11 @@ def matmul_precision(precision: str):
 def make_inputs(
     case: str, n: int, d: int = D, m: int = MOCO_M, device: str = "cpu", seed: int = 0,
     dtype: torch.dtype = torch.float32, classes: int = SUPCON_CLASSES,
+    queue_dtype: Optional[torch.dtype] = None,
 ) -> Tuple[Tuple[torch.Tensor, ...], Tuple[torch.Tensor, ...]]:
     """One input set: (arguments for the loss, the tensors gradients are taken for).
-    ``m``: the queue's rows (info_nce); ``classes``: the label range (supcon)."""
+    ``m``: the queue's rows (info_nce), in ``queue_dtype`` (default: ``dtype``); ``classes``:
+    the label range (supcon)."""
     g = torch.Generator().manual_seed(seed)
 
     def leaf(*shape):
@@ -323,7 +327,7 @@ def make_inputs(
     if case == "info_nce":
         q, k = leaf(n, d), leaf(n, d)
         queue = torch.nn.functional.normalize(torch.randn(m, d, generator=g), dim=1)
-        return (q, k, queue.to(device, dtype), MOCO_TAU), (q, k)
+        return (q, k, queue.to(device, queue_dtype or dtype), MOCO_TAU), (q, k)
     if case == "in_batch":
         q, k = leaf(n, d), leaf(n, d)
         return (q, k, None, IN_BATCH_TAU), (q, k)
@@ -372,7 +376,9 @@ class Step:
                 yield
 
         self.ctx = ctx
-        self.buffers = [make_inputs(case, n, d, m, device, seed=s, dtype=dtype, classes=classes)
+        queue_dtype = torch.float32 if config == "mixed" else None
+        self.buffers = [make_inputs(case, n, d, m, device, seed=s, dtype=dtype, classes=classes,
+                                    queue_dtype=queue_dtype)
                         for s in range(n_buffers)]
         self.i = 0
         self.sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
@@ -386,12 +392,14 @@ class Step:
 
 
 def make_step(case: str, provider: str, n: int, mode: str, device: str = "cpu",
-              config: str = "fp32", d: int = D, classes: int = SUPCON_CLASSES) -> "Step":
+              config: str = "fp32", d: int = D, classes: int = SUPCON_CLASSES,
+              m: int = MOCO_M) -> "Step":
     """A timed step of ``mode`` (full, forward, or backward: a BackwardStep) with inputs and
-    matmul precision of ``config`` (a key of DTYPES); ``classes``: supcon's label range."""
+    matmul precision of ``config`` (a key of DTYPES); ``classes``: supcon's label range;
+    ``m``: the queue's rows (info_nce)."""
     if mode == "backward":
-        return BackwardStep(case, provider, n, device, d=d, config=config, classes=classes)
-    return Step(case, provider, n, mode, device, d=d, config=config, classes=classes)
+        return BackwardStep(case, provider, n, device, d=d, m=m, config=config, classes=classes)
+    return Step(case, provider, n, mode, device, d=d, m=m, config=config, classes=classes)
 
 
 class BackwardStep(Step):

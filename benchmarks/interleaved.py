@@ -77,6 +77,10 @@ def main(argv=None) -> int:
     p.add_argument("--classes", type=int, default=_common.SUPCON_CLASSES,
                    help="label range (supcon)")
     p.add_argument("--d", type=int, default=_common.D)
+    p.add_argument("--m", type=int, default=_common.MOCO_M, help="queue rows (info_nce)")
+    p.add_argument("--config", default="fp32", choices=tuple(_common.DTYPES),
+                   help="inputs (_common.DTYPES): fp32, tf32 (TF32 products), bf16, or mixed "
+                        "(bf16 activations beside a float32 queue)")
     p.add_argument("--mode", default="full", choices=_common.MODES)
     p.add_argument("--rounds", type=int, default=15)
     p.add_argument("--repeats", type=int, default=3)
@@ -93,15 +97,16 @@ def main(argv=None) -> int:
         torch.set_num_threads(a.threads)
     names = [x for x in a.providers.split(",") if x]
     what = (f"B={a.n} x {_common.SUPCON_VIEWS} views, {a.classes} classes"
-            if a.case == "supcon" else f"N={a.n}")
-    _common.print_header(f"interleaved {a.case} {what} D={a.d} fp32 {a.mode}, "
+            if a.case == "supcon" else f"N={a.n}" + (f" M={a.m}" if a.case == "info_nce" else ""))
+    _common.print_header(f"interleaved {a.case} {what} D={a.d} {a.config} {a.mode}, "
                          f"{a.clock} clock")
     print("# command: python benchmarks/interleaved.py " +
           " ".join(sys.argv[1:] if argv is None else argv))
     steps = {}
     for name in names:
         provider = "fastcl" if name == "tiled" else name
-        step = _common.make_step(a.case, provider, a.n, a.mode, d=a.d, classes=a.classes)
+        step = _common.make_step(a.case, provider, a.n, a.mode, d=a.d, classes=a.classes,
+                                 config=a.config, m=a.m)
         steps[name] = _Tiled(step) if name == "tiled" else step
     if "fastcl" not in names:  # the baselines alone: their times, no ratios
         times = {x: [] for x in names}

@@ -45,10 +45,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rows_cols_forward_impl(const at::
                                                                       const at::Tensor& ny,
                                                                       double inv_temp,
                                                                       int64_t tile) {
-  const auto xh = normalized(x, nx);
-  const auto yh = normalized(y, ny);
-  const int64_t n = xh.size(0), d = xh.size(1);
-  const auto opts = xh.options();
+  const bool low = low_products(x, y, nx.scalar_type());
+  const Rows<T> xr(x, nx, low), yr(y, ny, low);
+  const int64_t n = xr.n;
+  const at::TensorOptions opts = xr.opts;
   // [rows ; columns]: the row statistics in the first n entries, the columns' in the last n.
   at::Tensor m = at::full({2 * n}, neg_inf<T>(), opts);
   auto l = at::zeros({2 * n}, opts.dtype(at::kDouble));
@@ -75,8 +75,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rows_cols_forward_impl(const at::
     tile_rows_cols<T, kScaleGrad>(s, rows, cols, row_m, col_m, col_shift, col_sum, col_t, rs, i0,
                                   cs, j0);
   };
-  for_each_tile_by_diagonals(xh.data_ptr<T>(), yh.data_ptr<T>(), n, d, inv_temp, tile, opts,
-                             tile_fn);
+  for_each_tile_by_diagonals(xr, yr, inv_temp, tile, tile_fn);
   // Row i's positive is s_ii, column j's is s_jj: the same n floats for both halves.
   const auto s_pos2 = s_pos.repeat({2});
   auto [loss, lse] = finish<T>(m, l, s_pos2);
@@ -90,10 +89,10 @@ std::tuple<at::Tensor, at::Tensor> rows_cols_grad_impl(const at::Tensor& x, cons
                                                        const at::Tensor& lse_in,
                                                        const at::Tensor& g_in, double inv_temp,
                                                        int64_t tile) {
-  const auto xh = normalized(x, nx);
-  const auto yh = normalized(y, ny);
-  const int64_t n = xh.size(0), d = xh.size(1);
-  const auto opts = xh.options();
+  const bool low = low_products(x, y, nx.scalar_type());
+  const Rows<T> xr(x, nx, low), yr(y, ny, low);
+  const int64_t n = xr.n, d = xr.d;
+  const at::TensorOptions opts = xr.opts;
   // lse = [rows ; columns] as hi + lo (split_lse): the weights are exp((s - hi) - lo).
   const auto [hi_t, lo_t] = split_lse(lse_in, nx, 2 * n, "lse");
   const auto g_t = row_vector(g_in, nx, 2 * n, "g");
@@ -105,8 +104,6 @@ std::tuple<at::Tensor, at::Tensor> rows_cols_grad_impl(const at::Tensor& x, cons
   const T* g_c = g_r + n;
   auto dx = at::zeros({n, d}, opts);
   auto dy = at::zeros({n, d}, opts);
-  const T* xp = xh.data_ptr<T>();
-  const T* yp = yh.data_ptr<T>();
   T* dxp = dx.data_ptr<T>();
   T* dyp = dy.data_ptr<T>();
 
@@ -126,10 +123,10 @@ std::tuple<at::Tensor, at::Tensor> rows_cols_grad_impl(const at::Tensor& x, cons
     if (i0 == j0) {
       for (int64_t k = 0; k < rows; ++k) w[k * cols + k] = 0;  // the positives: the op layer's
     }
-    accumulate_tile(dxp + i0 * d, w, rows, cols, false, yp + j0 * d, d, opts);
-    accumulate_tile(dyp + j0 * d, w, cols, rows, true, xp + i0 * d, d, opts);
+    accumulate_tile(dxp + i0 * d, w, rows, cols, false, yr, j0);
+    accumulate_tile(dyp + j0 * d, w, cols, rows, true, xr, i0);
   };
-  for_each_tile_by_diagonals(xp, yp, n, d, inv_temp, tile, opts, tile_fn);
+  for_each_tile_by_diagonals(xr, yr, inv_temp, tile, tile_fn);
   dx.mul_(inv_temp);
   dy.mul_(inv_temp);
   return {dx, dy};

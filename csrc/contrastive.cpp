@@ -36,14 +36,13 @@ template <typename T, bool kScaleGrad>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> nt_xent_forward_impl(
     const at::Tensor& z, const at::Tensor& nz, double inv_temp, int64_t tile,
     bool positive_in_denominator) {
-  const auto zh = normalized(z, nz);
-  const int64_t n = zh.size(0), d = zh.size(1), half = n / 2;
-  const auto opts = zh.options();
+  const Rows<T> zr(z, nz, low_products(z, z, nz.scalar_type()));
+  const int64_t n = zr.n, half = n / 2;
+  const at::TensorOptions opts = zr.opts;
   at::Tensor m = at::full({n}, neg_inf<T>(), opts);
   auto l = at::zeros({n}, opts.dtype(at::kDouble));
   auto t = at::zeros({kScaleGrad ? n : 0}, opts.dtype(at::kDouble));
   auto s_pos = at::empty({n}, opts);
-  const T* zp = zh.data_ptr<T>();
   OnlineLSE<T> st{m.data_ptr<T>(), l.data_ptr<double>(),
                   kScaleGrad ? t.data_ptr<double>() : nullptr};
   T* sp = s_pos.data_ptr<T>();
@@ -71,7 +70,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> nt_xent_forward_impl(
     }
     symmetric_lse_tile<T, kScaleGrad>(diagonal, i0, rows, j0, cols, s, scratch, st, fast);
   };
-  for_each_symmetric_tile(zp, n, d, inv_temp, tile, opts, tile_fn);
+  for_each_symmetric_tile(zr, inv_temp, tile, tile_fn);
   auto [loss, lse] = finish<T>(m, l, s_pos);
   auto dscale = kScaleGrad ? scale_grad(m, l, t, s_pos, inv_temp) : at::empty({0}, opts);
   return {loss, lse, dscale};
@@ -80,16 +79,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> nt_xent_forward_impl(
 template <typename T>
 at::Tensor nt_xent_grad_impl(const at::Tensor& z, const at::Tensor& nz, const at::Tensor& lse_in,
                              const at::Tensor& g_in, double inv_temp, int64_t tile) {
-  const auto zh = normalized(z, nz);
-  const int64_t n = zh.size(0), d = zh.size(1), half = n / 2;
-  const auto opts = zh.options();
+  const Rows<T> zr(z, nz, low_products(z, z, nz.scalar_type()));
+  const int64_t n = zr.n, d = zr.d, half = n / 2;
+  const at::TensorOptions opts = zr.opts;
   const auto [lse_t, lo_t] = split_lse(lse_in, nz, n, "lse");
   const auto g_t = row_vector(g_in, nz, n, "g");
   const T* lse = lse_t.data_ptr<T>();
   const T* lo = lo_t.data_ptr<T>();
   const T* g = g_t.data_ptr<T>();
   auto out = at::zeros({n, d}, opts);
-  const T* zp = zh.data_ptr<T>();
   T* op = out.data_ptr<T>();
   const bool fast = one_exp<T>(inv_temp, n);
 
@@ -107,10 +105,10 @@ at::Tensor nt_xent_grad_impl(const at::Tensor& z, const at::Tensor& nz, const at
         if (c >= 0 && c < cols) w[c * cols + r] = 0;
       }
     }
-    accumulate_tile(op + i0 * d, w, rows, cols, false, zp + j0 * d, d, opts);
-    if (!diagonal) accumulate_tile(op + j0 * d, w, cols, rows, true, zp + i0 * d, d, opts);
+    accumulate_tile(op + i0 * d, w, rows, cols, false, zr, j0);
+    if (!diagonal) accumulate_tile(op + j0 * d, w, cols, rows, true, zr, i0);
   };
-  for_each_symmetric_tile(zp, n, d, inv_temp, tile, opts, tile_fn);
+  for_each_symmetric_tile(zr, inv_temp, tile, tile_fn);
   return out.mul_(inv_temp);
 }
 
@@ -130,10 +128,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lse_forward_impl(
     const c10::optional<at::Tensor>& k_pos, const c10::optional<at::Tensor>& n_pos,
     double inv_temp, c10::optional<int64_t> pos_offset, bool with_grad, int64_t tile,
     bool positive_in_denominator) {
-  const auto qh = normalized(q, nq);
-  const auto kh = normalized(k, nk);
-  const int64_t nr = qh.size(0), nc = kh.size(0), d = qh.size(1);
-  const auto opts = qh.options();
+  const bool low = low_products(q, k, nq.scalar_type());
+  const Rows<T> qr(q, nq, low), kr(k, nk, low);
+  const int64_t nr = qr.n, nc = kr.n, d = qr.d;
+  const at::TensorOptions opts = qr.opts;
   at::Tensor m = at::full({nr}, neg_inf<T>(), opts);
   auto l = at::zeros({nr}, opts.dtype(at::kDouble));
   auto t = at::zeros({kScaleGrad ? nr : 0}, opts.dtype(at::kDouble));
@@ -142,7 +140,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lse_forward_impl(
   if (k_pos.has_value()) {
     // The extra positive logit q_i . kpos_i, scaled exactly as the columns are.
     const auto ph = normalized(*k_pos, *n_pos);
-    s_pos = (qh * ph).sum(1).mul_(inv_temp).contiguous();
+    s_pos = ((low ? normalized(q, nq) : qr.keep_hat) * ph).sum(1).mul_(inv_temp).contiguous();
     if (positive_in_denominator) {
       m.copy_(s_pos);  // t starts at 0: exp(0) * 0
       l.fill_(1.0);
@@ -150,8 +148,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lse_forward_impl(
   } else {
     s_pos = at::zeros({nr}, opts);  // stays 0 without a positive: loss = lse
   }
-  const T* qp = qh.data_ptr<T>();
-  const T* kp = kh.data_ptr<T>();
   OnlineLSE<T> st{m.data_ptr<T>(), l.data_ptr<double>(),
                   kScaleGrad ? t.data_ptr<double>() : nullptr};
   T* sp = s_pos.data_ptr<T>();
@@ -212,7 +208,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lse_forward_impl(
         st.merge(i0 + r, new_m, sum);
       }
     }
-    if (with_grad) accumulate_tile(vp + i0 * d, s, rows, cols, false, kp + j0 * d, d, opts);
+    if (with_grad) accumulate_tile(vp + i0 * d, s, rows, cols, false, kr, j0);
   };
   auto block_end = [&](int64_t i0, int64_t rows) {
     if (!with_grad) return;
@@ -223,7 +219,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lse_forward_impl(
       for (int64_t c = 0; c < d; ++c) vr[c] *= scale;
     }
   };
-  for_each_row_block(qp, nr, kp, nc, d, inv_temp, tile, opts, tile_fn, block_end);
+  for_each_row_block(qr, kr, inv_temp, tile, tile_fn, block_end);
   auto [loss, lse] = finish<T>(m, l, s_pos);
   auto dscale = kScaleGrad ? scale_grad(m, l, t, s_pos, inv_temp) : at::empty({0}, opts);
   return {loss, lse, v, dscale};
@@ -236,10 +232,10 @@ at::Tensor grad_accumulate_impl(const at::Tensor& a, const at::Tensor& b, const 
                                 const c10::optional<at::Tensor>& lse_b,
                                 const c10::optional<at::Tensor>& g_b, double inv_temp,
                                 c10::optional<int64_t> pos_offset, int64_t tile) {
-  const auto ah = normalized(a, na);
-  const auto bh = normalized(b, nb);
-  const int64_t nr = ah.size(0), nc = bh.size(0), d = ah.size(1);
-  const auto opts = ah.options();
+  const bool low = low_products(a, b, na.scalar_type());
+  const Rows<T> ar(a, na, low), br(b, nb, low);
+  const int64_t nr = ar.n, nc = br.n, d = ar.d;
+  const at::TensorOptions opts = ar.opts;
   const bool by_row = lse_a.has_value();
   const auto [lse_t, lo_t] =
       by_row ? split_lse(*lse_a, na, nr, "lse_a") : split_lse(*lse_b, na, nc, "lse_b");
@@ -248,8 +244,6 @@ at::Tensor grad_accumulate_impl(const at::Tensor& a, const at::Tensor& b, const 
   const T* lo = lo_t.data_ptr<T>();
   const T* g = g_t.data_ptr<T>();
   auto out = at::zeros({nr, d}, opts);
-  const T* ap = ah.data_ptr<T>();
-  const T* bp = bh.data_ptr<T>();
   T* op = out.data_ptr<T>();
 
   if (by_row) {
@@ -265,15 +259,15 @@ at::Tensor grad_accumulate_impl(const at::Tensor& a, const at::Tensor& b, const 
           if (c >= 0 && c < cols) wr[c] = 0;  // the positive: added by the caller
         }
       }
-      accumulate_tile(op + i0 * d, w, rows, cols, false, bp + j0 * d, d, opts);
+      accumulate_tile(op + i0 * d, w, rows, cols, false, br, j0);
     };
-    for_each_row_block(ap, nr, bp, nc, d, inv_temp, tile, opts, tile_fn,
+    for_each_row_block(ar, br, inv_temp, tile, tile_fn,
                        [](int64_t, int64_t) {});
     return out.mul_(inv_temp);
   }
 
   // The lse belongs to b's rows (dk, dneg): the tiles of lse_forward(b, a) (tiling.h).
-  for_each_column_stack(ap, nr, bp, nc, d, inv_temp, tile, opts, op,
+  for_each_column_stack(ar, br, inv_temp, tile, op,
                         [&](T* w, int64_t g0, int64_t g_rows, int64_t j0, int64_t cols) {
     for (int64_t r = 0; r < g_rows; ++r) {
       T* wr = w + r * cols;

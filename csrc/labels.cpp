@@ -157,22 +157,21 @@ template <typename T, bool kScaleGrad>
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> labels_sym_forward_impl(
     const at::Tensor& z, const at::Tensor& nz, const at::Tensor& labels, double inv_temp,
     int64_t tile) {
-  const auto zh = normalized(z, nz);
-  const int64_t n = zh.size(0), d = zh.size(1);
-  const auto opts = zh.options();
+  const Rows<T> zr(z, nz, low_products(z, z, nz.scalar_type()));
+  const int64_t n = zr.n;
+  const at::TensorOptions opts = zr.opts;
   const auto ids = label_ids(labels, labels);
   auto count = positive_counts(ids, 0, opts);
   at::Tensor m = at::full({n}, neg_inf<T>(), opts);
   auto l = at::zeros({n}, opts.dtype(at::kDouble));
   auto t = at::zeros({kScaleGrad ? n : 0}, opts.dtype(at::kDouble));
   auto sp = at::zeros({n}, opts.dtype(at::kDouble));
-  const T* zp = zh.data_ptr<T>();
   OnlineLSE<T> st{m.data_ptr<T>(), l.data_ptr<double>(),
                   kScaleGrad ? t.data_ptr<double>() : nullptr};
   double* spp = sp.data_ptr<double>();
   const int32_t* lab = ids.rows.data();
   // the one-exp tiles only where every exponent stays in range (norms of ones: any length)
-  const bool fast = one_exp<T>(symmetric_logit_bound(zh, inv_temp), n);
+  const bool fast = one_exp<T>(symmetric_logit_bound(zr, inv_temp), n);
 
   auto tile_fn = [&](bool diagonal, int64_t i0, int64_t rows, int64_t j0, int64_t cols, T* s,
                      Scratch<T>& scratch) {
@@ -180,7 +179,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> labels_sym_forward_im
     symmetric_positive_sums(diagonal, i0, rows, j0, cols, s, lab, spp, scratch.vec(5));
     symmetric_lse_tile<T, kScaleGrad>(diagonal, i0, rows, j0, cols, s, scratch, st, fast);
   };
-  for_each_symmetric_tile(zp, n, d, inv_temp, tile, opts, tile_fn);
+  for_each_symmetric_tile(zr, inv_temp, tile, tile_fn);
   return finish_labels<T>(m, l, t, sp, count, inv_temp, kScaleGrad);
 }
 
@@ -189,9 +188,9 @@ at::Tensor labels_sym_grad_impl(const at::Tensor& z, const at::Tensor& nz,
                                 const at::Tensor& labels, const at::Tensor& lse_in,
                                 const at::Tensor& ga_in, const at::Tensor& gp_in,
                                 double inv_temp, int64_t tile) {
-  const auto zh = normalized(z, nz);
-  const int64_t n = zh.size(0), d = zh.size(1);
-  const auto opts = zh.options();
+  const Rows<T> zr(z, nz, low_products(z, z, nz.scalar_type()));
+  const int64_t n = zr.n, d = zr.d;
+  const at::TensorOptions opts = zr.opts;
   const auto ids = label_ids(labels, labels);
   const auto [lse_t, lo_t] = split_lse(lse_in, nz, n, "lse");
   const auto ga_t = row_vector(ga_in, nz, n, "ga");
@@ -202,10 +201,9 @@ at::Tensor labels_sym_grad_impl(const at::Tensor& z, const at::Tensor& nz,
   const T* gp = gp_t.data_ptr<T>();
   const int32_t* lab = ids.rows.data();
   auto out = at::zeros({n, d}, opts);
-  const T* zp = zh.data_ptr<T>();
   T* op = out.data_ptr<T>();
   // the one-exp tiles only where every exponent stays in range (norms of ones: any length)
-  const bool fast = one_exp<T>(symmetric_logit_bound(zh, inv_temp), n);
+  const bool fast = one_exp<T>(symmetric_logit_bound(zr, inv_temp), n);
 
   auto tile_fn = [&](bool diagonal, int64_t i0, int64_t rows, int64_t j0, int64_t cols, T* w,
                      Scratch<T>& scratch) {
@@ -216,10 +214,10 @@ at::Tensor labels_sym_grad_impl(const at::Tensor& z, const at::Tensor& nz,
     if (diagonal) {
       for (int64_t r = 0; r < rows; ++r) w[r * cols + r] = 0;
     }
-    accumulate_tile(op + i0 * d, w, rows, cols, false, zp + j0 * d, d, opts);
-    if (!diagonal) accumulate_tile(op + j0 * d, w, cols, rows, true, zp + i0 * d, d, opts);
+    accumulate_tile(op + i0 * d, w, rows, cols, false, zr, j0);
+    if (!diagonal) accumulate_tile(op + j0 * d, w, cols, rows, true, zr, i0);
   };
-  for_each_symmetric_tile(zp, n, d, inv_temp, tile, opts, tile_fn);
+  for_each_symmetric_tile(zr, inv_temp, tile, tile_fn);
   return out.mul_(inv_temp);
 }
 
@@ -232,18 +230,16 @@ template <typename T, bool kScaleGrad>
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> labels_forward_impl(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& nq, const at::Tensor& nk,
     const at::Tensor& lq, const at::Tensor& lk, double inv_temp, int64_t offset, int64_t tile) {
-  const auto qh = normalized(q, nq);
-  const auto kh = normalized(k, nk);
-  const int64_t nr = qh.size(0), nc = kh.size(0), d = qh.size(1);
-  const auto opts = qh.options();
+  const bool low = low_products(q, k, nq.scalar_type());
+  const Rows<T> qr(q, nq, low), kr(k, nk, low);
+  const int64_t nr = qr.n;
+  const at::TensorOptions opts = qr.opts;
   const auto ids = label_ids(lq, lk);
   auto count = positive_counts(ids, offset, opts);
   at::Tensor m = at::full({nr}, neg_inf<T>(), opts);
   auto l = at::zeros({nr}, opts.dtype(at::kDouble));
   auto t = at::zeros({kScaleGrad ? nr : 0}, opts.dtype(at::kDouble));
   auto sp = at::zeros({nr}, opts.dtype(at::kDouble));
-  const T* qp = qh.data_ptr<T>();
-  const T* kp = kh.data_ptr<T>();
   OnlineLSE<T> st{m.data_ptr<T>(), l.data_ptr<double>(),
                   kScaleGrad ? t.data_ptr<double>() : nullptr};
   double* spp = sp.data_ptr<double>();
@@ -272,7 +268,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> labels_forward_impl(
       }
     }
   };
-  for_each_row_block(qp, nr, kp, nc, d, inv_temp, tile, opts, tile_fn, [](int64_t, int64_t) {});
+  for_each_row_block(qr, kr, inv_temp, tile, tile_fn, [](int64_t, int64_t) {});
   return finish_labels<T>(m, l, t, sp, count, inv_temp, kScaleGrad);
 }
 
@@ -292,10 +288,10 @@ at::Tensor labels_grad_impl(const at::Tensor& a, const at::Tensor& b, const at::
                             const c10::optional<at::Tensor>& ga_b,
                             const c10::optional<at::Tensor>& gp_b, double inv_temp,
                             int64_t offset, int64_t tile) {
-  const auto ah = normalized(a, na);
-  const auto bh = normalized(b, nb);
-  const int64_t nr = ah.size(0), nc = bh.size(0), d = ah.size(1);
-  const auto opts = ah.options();
+  const bool low = low_products(a, b, na.scalar_type());
+  const Rows<T> ar(a, na, low), br(b, nb, low);
+  const int64_t nr = ar.n, nc = br.n, d = ar.d;
+  const at::TensorOptions opts = ar.opts;
   const bool by_row = lse_a.has_value();
   const int64_t ns = by_row ? nr : nc;  // the rows that hold the statistics
   const auto [lse_t, lo_t] =
@@ -311,8 +307,6 @@ at::Tensor labels_grad_impl(const at::Tensor& a, const at::Tensor& b, const at::
   const int32_t* slab = ids.rows.data();  // the statistics' side
   const int32_t* olab = ids.cols.data();  // the other side
   auto out = at::zeros({nr, d}, opts);
-  const T* ap = ah.data_ptr<T>();
-  const T* bp = bh.data_ptr<T>();
   T* op = out.data_ptr<T>();
 
   // Statistics' rows s0.. (rows x cols logits, row-major) against the other side's rows j0..
@@ -334,13 +328,13 @@ at::Tensor labels_grad_impl(const at::Tensor& a, const at::Tensor& b, const at::
   if (by_row) {
     auto tile_fn = [&](int64_t i0, int64_t rows, int64_t j0, int64_t cols, T* w) {
       weigh(w, i0, rows, j0, cols);
-      accumulate_tile(op + i0 * d, w, rows, cols, false, bp + j0 * d, d, opts);
+      accumulate_tile(op + i0 * d, w, rows, cols, false, br, j0);
     };
-    for_each_row_block(ap, nr, bp, nc, d, inv_temp, tile, opts, tile_fn,
+    for_each_row_block(ar, br, inv_temp, tile, tile_fn,
                        [](int64_t, int64_t) {});
   } else {
     // On b's side: the tiles of labels_forward(b, a), as grad_accumulate's columns' pass.
-    for_each_column_stack(ap, nr, bp, nc, d, inv_temp, tile, opts, op, weigh);
+    for_each_column_stack(ar, br, inv_temp, tile, op, weigh);
   }
   return out.mul_(inv_temp);
 }

@@ -9,6 +9,7 @@
 #include <torch/library.h>
 
 #include <tuple>
+#include "bf16.h"
 
 namespace fastcl {
 
@@ -157,6 +158,13 @@ TORCH_LIBRARY(fastcl_cpu, m) {
   m.def("queue_push_eager_(Tensor(a!) queue, Tensor(b!) ptr, Tensor keys) -> bool");
   m.def("cosine_forward(Tensor p, Tensor z) -> (Tensor, Tensor)");
   m.def("cosine_backward(Tensor g, Tensor p, Tensor z, Tensor stats) -> Tensor");
+  // Whether bf16 rows are multiplied as bf16 (csrc/bf16.h): built in, and the switch on;
+  // `enable` sets the switch first (it cannot turn on what the build lacks).
+  m.def("row_norms(Tensor x, float eps) -> Tensor");
+  m.def("bf16_products(bool? enable=None) -> bool", [](c10::optional<bool> enable) {
+    if (enable.has_value()) fastcl::bf16::switch_on().store(*enable);
+    return fastcl::bf16::enabled();
+  });
 }
 
 TORCH_LIBRARY_IMPL(fastcl_cpu, CPU, m) {
@@ -179,6 +187,7 @@ TORCH_LIBRARY_IMPL(fastcl_cpu, CPU, m) {
   m.impl("queue_push_", &fastcl::queue_push_);
   m.impl("cosine_forward", &fastcl::cosine_forward);
   m.impl("cosine_backward", &fastcl::cosine_backward);
+  m.impl("row_norms", &fastcl::bf16::row_norms);
 }
 
 // Every backend, and the autograd keys too (no boxed autograd fallback on the way, which with

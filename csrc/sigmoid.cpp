@@ -119,6 +119,11 @@ struct Positives {
   int64_t offset;
 };
 
+// The kernels' arithmetic: float64 for float64 features, float32 for float32 and bfloat16 ones.
+at::ScalarType arith_type(const at::Tensor& x) {
+  return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
 Positives positives(c10::optional<int64_t> pos_offset, int64_t n, int64_t m) {
   if (!pos_offset.has_value()) return {false, 0};
   const int64_t off = *pos_offset;
@@ -137,18 +142,16 @@ template <typename T>
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> sigmoid_forward_impl(
     const at::Tensor& x_in, const at::Tensor& y_in, double scale_d, double bias_d,
     c10::optional<int64_t> pos_offset, bool with_grads, int64_t tile) {
-  const auto x = x_in.contiguous();
-  const auto y = y_in.contiguous();
-  const int64_t n = x.size(0), m = y.size(0), d = x.size(1);
-  const auto opts = x.options();
+  const bool low = low_products(x_in, y_in, arith_type(x_in));
+  const Rows<T> xr(x_in, at::Tensor(), low), yr(y_in, at::Tensor(), low);
+  const int64_t n = xr.n, m = yr.n, d = xr.d;
+  const at::TensorOptions opts = xr.opts;
   const auto dopts = opts.dtype(at::kDouble);
   auto loss = at::zeros({n}, dopts);
   auto dscale = at::zeros({n}, dopts);
   auto dbias = at::zeros({n}, dopts);
   auto dx = with_grads ? at::zeros({n, d}, opts) : at::empty({0}, opts);
   auto dy = with_grads ? at::zeros({m, d}, opts) : at::empty({0}, opts);
-  const T* xp = x.data_ptr<T>();
-  const T* yp = y.data_ptr<T>();
   T* dxp = with_grads ? dx.data_ptr<T>() : nullptr;
   T* dyp = with_grads ? dy.data_ptr<T>() : nullptr;
   double* lp = loss.data_ptr<double>();
@@ -162,20 +165,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> sigmoid_f
     if (with_grads) {
       sigmoid_tile<T, true, true>(s, rows, cols, pos.any, pos0, scale, bias, nullptr, lp + i0,
                                   sp + i0, bp + i0);
-      accumulate_tile(dxp + i0 * d, s, rows, cols, false, yp + j0 * d, d, opts);
-      accumulate_tile(dyp + j0 * d, s, cols, rows, true, xp + i0 * d, d, opts);
+      accumulate_tile(dxp + i0 * d, s, rows, cols, false, yr, j0);
+      accumulate_tile(dyp + j0 * d, s, cols, rows, true, xr, i0);
     } else {
       sigmoid_tile<T, true, false>(s, rows, cols, pos.any, pos0, scale, bias, nullptr, lp + i0,
                                    sp + i0, bp + i0);
     }
   };
-  for_each_tile_by_diagonals(xp, n, block_edge(n, tile), yp, m, block_edge(m, tile), d, 1.0, opts,
-                             tile_fn);
+  for_each_tile_by_diagonals(xr, block_edge(n, tile), yr, block_edge(m, tile), 1.0, tile_fn);
   if (with_grads) {
     dx.mul_(scale_d);
     dy.mul_(scale_d);
   }
-  const auto acc = x.scalar_type();
+  const auto acc = opts.dtype().toScalarType();
   return {loss.to(acc), dscale.to(acc), dbias.to(acc), dx, dy};
 }
 
@@ -186,17 +188,15 @@ std::tuple<at::Tensor, at::Tensor> sigmoid_grad_impl(const at::Tensor& x_in,
                                                      c10::optional<int64_t> pos_offset,
                                                      const at::Tensor& g_in, bool need_rows,
                                                      bool need_cols, int64_t tile) {
-  const auto x = x_in.contiguous();
-  const auto y = y_in.contiguous();
-  const int64_t n = x.size(0), m = y.size(0), d = x.size(1);
-  const auto opts = x.options();
+  const bool low = low_products(x_in, y_in, arith_type(x_in));
+  const Rows<T> xr(x_in, at::Tensor(), low), yr(y_in, at::Tensor(), low);
+  const int64_t n = xr.n, m = yr.n, d = xr.d;
+  const at::TensorOptions opts = xr.opts;
   auto dx = need_rows ? at::zeros({n, d}, opts) : at::empty({0}, opts);
   auto dy = need_cols ? at::zeros({m, d}, opts) : at::empty({0}, opts);
   if (!need_rows && !need_cols) return {dx, dy};
-  const auto g = g_in.to(x.scalar_type()).contiguous();
+  const auto g = g_in.to(opts.dtype()).contiguous();
   const T* gp = g.data_ptr<T>();
-  const T* xp = x.data_ptr<T>();
-  const T* yp = y.data_ptr<T>();
   T* dxp = need_rows ? dx.data_ptr<T>() : nullptr;
   T* dyp = need_cols ? dy.data_ptr<T>() : nullptr;
   const auto pos = positives(pos_offset, n, m);
@@ -205,11 +205,10 @@ std::tuple<at::Tensor, at::Tensor> sigmoid_grad_impl(const at::Tensor& x_in,
   auto tile_fn = [&](int64_t i0, int64_t rows, int64_t j0, int64_t cols, T* s, Scratch<T>&) {
     sigmoid_tile<T, false, true>(s, rows, cols, pos.any, i0 + pos.offset - j0, scale, bias,
                                  gp + i0, nullptr, nullptr, nullptr);
-    if (need_rows) accumulate_tile(dxp + i0 * d, s, rows, cols, false, yp + j0 * d, d, opts);
-    if (need_cols) accumulate_tile(dyp + j0 * d, s, cols, rows, true, xp + i0 * d, d, opts);
+    if (need_rows) accumulate_tile(dxp + i0 * d, s, rows, cols, false, yr, j0);
+    if (need_cols) accumulate_tile(dyp + j0 * d, s, cols, rows, true, xr, i0);
   };
-  for_each_tile_by_diagonals(xp, n, block_edge(n, tile), yp, m, block_edge(m, tile), d, 1.0, opts,
-                             tile_fn);
+  for_each_tile_by_diagonals(xr, block_edge(n, tile), yr, block_edge(m, tile), 1.0, tile_fn);
   if (need_rows) dx.mul_(scale_d);
   if (need_cols) dy.mul_(scale_d);
   return {dx, dy};
@@ -223,8 +222,9 @@ void check_pair(const at::Tensor& x, const at::Tensor& y) {
   TORCH_CHECK(x.size(1) == y.size(1), "fastcl_cpu: x and y must have the same feature size, got ",
               x.sizes(), " and ", y.sizes());
   TORCH_CHECK(x.scalar_type() == y.scalar_type(), "fastcl_cpu: x and y must have the same dtype");
-  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
-              "fastcl_cpu: x and y must be float32 or float64");
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble ||
+                  x.scalar_type() == at::kBFloat16,
+              "fastcl_cpu: x and y must be float32 or float64 (or bfloat16)");
 }
 
 }  // namespace
@@ -234,7 +234,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> sigmoid_f
     c10::optional<int64_t> pos_offset, bool with_grads, int64_t tile) {
   check_tile(tile);
   check_pair(x, y);
-  if (x.scalar_type() == at::kDouble) {
+  if (arith_type(x) == at::kDouble) {
     return sigmoid_forward_impl<double>(x, y, scale, bias, pos_offset, with_grads, tile);
   }
   return sigmoid_forward_impl<float>(x, y, scale, bias, pos_offset, with_grads, tile);
@@ -249,7 +249,7 @@ std::tuple<at::Tensor, at::Tensor> sigmoid_grad(const at::Tensor& x, const at::T
   check_pair(x, y);
   TORCH_CHECK(g.dim() == 1 && g.size(0) == x.size(0), "fastcl_cpu: g must have shape (",
               x.size(0), ",)");
-  if (x.scalar_type() == at::kDouble) {
+  if (arith_type(x) == at::kDouble) {
     return sigmoid_grad_impl<double>(x, y, scale, bias, pos_offset, g, need_rows, need_cols,
                                      tile);
   }

@@ -27,9 +27,11 @@
 #include <cmath>
 #include <limits>
 #include <tuple>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
+#include "bf16.h"
 #include "fast_exp.h"
 
 namespace fastcl {
@@ -65,10 +67,10 @@ inline bool one_exp(double inv_temp, int64_t n) {
 // The bound on |s_ij| = |scale| |xhat_i . xhat_j| <= |scale| max_i |xhat_i|^2 (Cauchy-Schwarz)
 // of a symmetric pass's logits, for one_exp: |scale| for unit rows (NT-Xent's), but rows used as
 // given (norms of ones) may be longer or shorter. 0 for no rows.
-inline double symmetric_logit_bound(const at::Tensor& xh, double scale) {
-  if (xh.size(0) == 0) return 0.0;
-  return std::abs(scale) * (xh * xh).sum(1).max().item<double>();
-}
+template <typename T>
+struct Rows;
+template <typename T>
+double symmetric_logit_bound(const Rows<T>& z, double scale);
 
 // ------------------------------------------------------------------------------ helpers ---
 
@@ -140,30 +142,136 @@ struct Scratch {
   std::vector<std::vector<T>> tiles, vecs;
 };
 
-// A (rows x len) view of contiguous rows of x starting at `start`, without a copy.
+// A set of rows as the tiles' products see them: xhat_i = x_i / norm_i (F.normalize's rows), or
+// x_i as given (no norms: SigLIP's features).
+//   widened (float32, float64, float16 rows; bf16 rows when bf16::enabled() is false): hat,
+//     the rows divided by their norms, contiguous, in T (the norms' dtype);
+//   low (bf16 rows and a build with bf16 products, csrc/bf16.h): the rows as given (raw), their
+//     transpose (raw_t, for the right side of a logits product) and the inverse norms (inv;
+//     null without norms). Products take the raw rows and scale afterwards: logits
+//     alpha * inv_i inv_j (x_i . y_j), the weights of a gradient product W_ij inv_j rounded to
+//     bf16 (as FlashAttention rounds P), every product summed in float32. No float32 copy of
+//     the rows is made (a MoCo queue of 65536 x 128 would be 32 MiB, written on every call).
 template <typename T>
-at::Tensor rows_view(const T* base, int64_t start, int64_t rows, int64_t len,
-                     const at::TensorOptions& opts) {
-  return at::from_blob(const_cast<T*>(base) + start * len, {rows, len}, opts);
+struct Rows {
+  int64_t n = 0, d = 0;
+  bool low = false;
+  const T* hat = nullptr;
+  const at::BFloat16* raw = nullptr;
+  const at::BFloat16* raw_t = nullptr;
+  const float* inv = nullptr;
+  at::TensorOptions opts;  // T's
+  at::Tensor keep_hat, keep_raw, keep_t, keep_inv;
+
+  // x (n x d); norm (n,) in T's dtype, or undefined for rows used as given. low: take the
+  // bf16 products (the caller checks low_products for both sides of a pass).
+  Rows(const at::Tensor& x, const at::Tensor& norm, bool low_path)
+      : n(x.size(0)), d(x.size(1)), low(low_path) {
+    const auto dtype = norm.defined()                     ? norm.scalar_type()
+                       : x.scalar_type() == at::kDouble ? at::kDouble
+                                                        : at::kFloat;
+    opts = x.options().dtype(low ? at::kFloat : dtype);
+    if (!low) {
+      keep_hat = norm.defined() ? normalized(x, norm) : x.to(dtype).contiguous();
+      hat = keep_hat.data_ptr<T>();
+      return;
+    }
+    keep_raw = x.contiguous();
+    raw = keep_raw.data_ptr<at::BFloat16>();
+    keep_t = bf16::transposed(keep_raw);
+    raw_t = keep_t.data_ptr<at::BFloat16>();
+    if (norm.defined()) {
+      keep_inv = norm.to(at::kFloat).reciprocal().contiguous();
+      inv = keep_inv.data_ptr<float>();
+    }
+  }
+};
+
+template <typename T>
+double symmetric_logit_bound(const Rows<T>& z, double scale) {
+  if (z.n == 0) return 0.0;
+  if (!z.low) return std::abs(scale) * (z.keep_hat * z.keep_hat).sum(1).max().template item<double>();
+  auto len = at::linalg_vector_norm(z.keep_raw, 2, 1, false, at::kFloat);
+  if (z.inv) len = len * z.keep_inv;
+  return std::abs(scale) * (len * len).max().template item<double>();
 }
 
-// c (m x n, contiguous) = alpha * a @ b^T, a (m x d) and b (n x d) row-major.
-template <typename T>
-void logits_tile(const T* a, int64_t m, const T* b, int64_t n, int64_t d, double alpha, T* c,
-                 const at::TensorOptions& opts) {
-  auto out = at::from_blob(c, {m, n}, opts);
-  at::addmm_out(out, out, at::from_blob(const_cast<T*>(a), {m, d}, opts),
-                at::from_blob(const_cast<T*>(b), {n, d}, opts).t(), /*beta=*/0, alpha);
+// Whether a pass over rows a against rows b takes the bf16 products: both bf16, float32
+// arithmetic, and a build and switch that allow them (bf16.h).
+inline bool low_products(const at::Tensor& a, const at::Tensor& b, at::ScalarType arith) {
+  return bf16::enabled() && arith == at::kFloat && a.scalar_type() == at::kBFloat16 &&
+         b.scalar_type() == at::kBFloat16;
 }
 
-// out (m x d, contiguous rows) += w (m x n, contiguous; transposed when trans) @ b (n x d).
+// c (m x n, contiguous) = alpha * ahat_I bhat_J^T, I = a's rows i0.., J = b's rows j0...
 template <typename T>
-void accumulate_tile(T* out, const T* w, int64_t m, int64_t n, bool trans, const T* b, int64_t d,
-                     const at::TensorOptions& opts) {
-  auto o = at::from_blob(out, {m, d}, opts);
-  auto wt = trans ? at::from_blob(const_cast<T*>(w), {n, m}, opts).t()
-                  : at::from_blob(const_cast<T*>(w), {m, n}, opts);
-  at::addmm_out(o, o, wt, at::from_blob(const_cast<T*>(b), {n, d}, opts));
+void logits_tile(const Rows<T>& a, int64_t i0, int64_t m, const Rows<T>& b, int64_t j0, int64_t n,
+                 double alpha, T* c) {
+  const int64_t d = a.d;
+#if FASTCL_BF16_PRODUCTS
+  if constexpr (std::is_same_v<T, float>) {
+    if (a.low) {
+      bf16::gemm(m, n, d, a.raw + i0 * d, d, b.raw_t + j0, b.n, c, n, false);
+      const float* ib = b.inv ? b.inv + j0 : nullptr;
+      for (int64_t r = 0; r < m; ++r) {
+        const float fr = static_cast<float>(alpha * (a.inv ? a.inv[i0 + r] : 1.0f));
+        float* cr = c + r * n;
+        if (ib) {
+#pragma omp simd
+          for (int64_t k = 0; k < n; ++k) cr[k] = (cr[k] * fr) * ib[k];
+        } else {
+#pragma omp simd
+          for (int64_t k = 0; k < n; ++k) cr[k] *= fr;
+        }
+      }
+      return;
+    }
+  }
+#endif
+  auto out = at::from_blob(c, {m, n}, a.opts);
+  at::addmm_out(out, out, at::from_blob(const_cast<T*>(a.hat + i0 * d), {m, d}, a.opts),
+                at::from_blob(const_cast<T*>(b.hat + j0 * d), {n, d}, a.opts).t(), /*beta=*/0,
+                alpha);
+}
+
+// out (m x d, contiguous rows) += W bhat_J, J = b's rows j0..j0 + n, W (m x n) the weights w
+// (m x n, contiguous), or their transpose when trans (w then n x m).
+template <typename T>
+void accumulate_tile(T* out, const T* w, int64_t m, int64_t n, bool trans, const Rows<T>& b,
+                     int64_t j0) {
+  const int64_t d = b.d;
+#if FASTCL_BF16_PRODUCTS
+  if constexpr (std::is_same_v<T, float>) {
+    if (b.low) {
+      // W o inv_J as hi + lo in bf16 (16 significant bits: split_to_bf16), row-major
+      // (m x n); transposed through two more buffers. Two products, summed in float32.
+      at::BFloat16* hi = bf16::scratch(m * n, 0);
+      at::BFloat16* lo = bf16::scratch(m * n, 1);
+      const float* ib = b.inv ? b.inv + j0 : nullptr;
+      if (!trans) {
+        for (int64_t r = 0; r < m; ++r)
+          bf16::split_to_bf16(w + r * n, ib, 1.0f, n, hi + r * n, lo + r * n);
+      } else {
+        at::BFloat16* hi_t = bf16::scratch(m * n, 2);
+        at::BFloat16* lo_t = bf16::scratch(m * n, 3);
+        for (int64_t k = 0; k < n; ++k)
+          bf16::split_to_bf16(w + k * m, nullptr, ib ? ib[k] : 1.0f, m, hi_t + k * m,
+                              lo_t + k * m);
+        bf16::transpose16(reinterpret_cast<const uint16_t*>(hi_t), n, m, m,
+                          reinterpret_cast<uint16_t*>(hi), n);
+        bf16::transpose16(reinterpret_cast<const uint16_t*>(lo_t), n, m, m,
+                          reinterpret_cast<uint16_t*>(lo), n);
+      }
+      bf16::gemm(m, d, n, lo, n, b.raw + j0 * d, d, out, d, true);
+      bf16::gemm(m, d, n, hi, n, b.raw + j0 * d, d, out, d, true);
+      return;
+    }
+  }
+#endif
+  auto o = at::from_blob(out, {m, d}, b.opts);
+  auto wt = trans ? at::from_blob(const_cast<T*>(w), {n, m}, b.opts).t()
+                  : at::from_blob(const_cast<T*>(w), {m, n}, b.opts);
+  at::addmm_out(o, o, wt, at::from_blob(const_cast<T*>(b.hat + j0 * d), {n, d}, b.opts));
 }
 
 template <typename T>
@@ -372,15 +480,15 @@ void run_rounds(const std::vector<std::vector<std::pair<int64_t, int64_t>>>& rou
 // tile_fn(diagonal, i0, rows, j0, cols, s, scratch) gets s = inv_temp * zhat_I zhat_J^T
 // (rows x cols, in per-thread scratch it may overwrite).
 template <typename T, typename TileFn>
-void for_each_symmetric_tile(const T* zp, int64_t n, int64_t d, double inv_temp, int64_t tile,
-                             const at::TensorOptions& opts, TileFn&& tile_fn) {
+void for_each_symmetric_tile(const Rows<T>& z, double inv_temp, int64_t tile, TileFn&& tile_fn) {
+  const int64_t n = z.n;
   const int64_t blocks = (n + tile - 1) / tile;
   Scratch<T> scratch(at::get_num_threads(), tile, tile);
   run_rounds(symmetric_rounds(blocks), [&](int64_t bi, int64_t bj) {
     const int64_t i0 = bi * tile, rows = std::min(tile, n - i0);
     const int64_t j0 = bj * tile, cols = std::min(tile, n - j0);
     T* s = scratch.tile();
-    logits_tile(zp + i0 * d, rows, zp + j0 * d, cols, d, inv_temp, s, opts);
+    logits_tile(z, i0, rows, z, j0, cols, inv_temp, s);
     tile_fn(bi == bj, i0, rows, j0, cols, s, scratch);
   });
 }
@@ -412,9 +520,9 @@ void scale_tile(T* s, int64_t len, double inv_temp) {
 // by the shapes. With na = nb and ta = tb this is the square schedule above, tile for tile.
 // inv_temp = 1 leaves the raw products (no scaling pass).
 template <typename T, typename TileFn>
-void for_each_tile_by_diagonals(const T* ap, int64_t na, int64_t ta, const T* bp, int64_t nb,
-                                int64_t tb, int64_t d, double inv_temp,
-                                const at::TensorOptions& opts, TileFn&& tile_fn) {
+void for_each_tile_by_diagonals(const Rows<T>& a, int64_t ta, const Rows<T>& b, int64_t tb,
+                                double inv_temp, TileFn&& tile_fn) {
+  const int64_t na = a.n, nb = b.n;
   const int64_t ba = (na + ta - 1) / ta, bb = (nb + tb - 1) / tb;
   const int64_t rounds = std::max(ba, bb), per_round = std::min(ba, bb);
   const int64_t threads = at::get_num_threads();
@@ -432,8 +540,12 @@ void for_each_tile_by_diagonals(const T* ap, int64_t na, int64_t ta, const T* bp
         const int64_t i0 = bi * ta, rows = std::min(ta, na - i0);
         const int64_t j0 = bj * tb, cols = std::min(tb, nb - j0);
         T* s = scratch.tile();
-        logits_tile(ap + i0 * d, rows, bp + j0 * d, cols, d, 1.0, s, opts);
-        if (inv_temp != 1.0) scale_tile(s, rows * cols, inv_temp);
+        if (a.low) {
+          logits_tile(a, i0, rows, b, j0, cols, inv_temp, s);  // scaled after the product
+        } else {
+          logits_tile(a, i0, rows, b, j0, cols, 1.0, s);
+          if (inv_temp != 1.0) scale_tile(s, rows * cols, inv_temp);
+        }
         tile_fn(i0, rows, j0, cols, s, scratch);
       }
     });
@@ -441,10 +553,9 @@ void for_each_tile_by_diagonals(const T* ap, int64_t na, int64_t ta, const T* bp
 }
 
 template <typename T, typename TileFn>
-void for_each_tile_by_diagonals(const T* ap, const T* bp, int64_t n, int64_t d, double inv_temp,
-                                int64_t tile, const at::TensorOptions& opts, TileFn&& tile_fn) {
-  for_each_tile_by_diagonals(ap, n, tile, bp, n, tile, d, inv_temp, opts,
-                             std::forward<TileFn>(tile_fn));
+void for_each_tile_by_diagonals(const Rows<T>& a, const Rows<T>& b, double inv_temp,
+                                int64_t tile, TileFn&& tile_fn) {
+  for_each_tile_by_diagonals(a, tile, b, tile, inv_temp, std::forward<TileFn>(tile_fn));
 }
 
 // The general kernels' blocks: row blocks of at most `tile` rows, small enough that a MoCo batch
@@ -464,19 +575,19 @@ constexpr int64_t kColumnTiles = 4;
 // cols, in per-thread scratch it may overwrite); block_end(i0, rows) runs after a block's last
 // tile. Each row block is owned by one thread: its outputs need no synchronization.
 template <typename T, typename TileFn, typename EndFn>
-void for_each_row_block(const T* ap, int64_t nr, const T* bp, int64_t nc, int64_t d,
-                        double inv_temp, int64_t tile, const at::TensorOptions& opts,
+void for_each_row_block(const Rows<T>& a, const Rows<T>& b, double inv_temp, int64_t tile,
                         TileFn&& tile_fn, EndFn&& block_end) {
+  const int64_t nr = a.n, nc = b.n;
   const int64_t rb = row_block(nr, tile), blocks = (nr + rb - 1) / rb;
   const int64_t cw = kColumnTiles * tile;
   Scratch<T> scratch(at::get_num_threads(), rb, cw);
-  at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+  at::parallel_for(0, blocks, 1, [&](int64_t k0, int64_t k1) {
     T* s = scratch.tile();
-    for (int64_t b = b0; b < b1; ++b) {
-      const int64_t i0 = b * rb, rows = std::min(rb, nr - i0);
+    for (int64_t blk = k0; blk < k1; ++blk) {
+      const int64_t i0 = blk * rb, rows = std::min(rb, nr - i0);
       for (int64_t j0 = 0; j0 < nc; j0 += cw) {
         const int64_t cols = std::min(cw, nc - j0);
-        logits_tile(ap + i0 * d, rows, bp + j0 * d, cols, d, inv_temp, s, opts);
+        logits_tile(a, i0, rows, b, j0, cols, inv_temp, s);
         tile_fn(i0, rows, j0, cols, s);
       }
       block_end(i0, rows);
@@ -495,9 +606,9 @@ void for_each_row_block(const T* ap, int64_t nr, const T* bp, int64_t nc, int64_
 // 16-row) block. weigh(w, g0, g_rows, j0, cols) turns the stacked logits (g_rows x cols,
 // row-major: b's rows g0.. against a's rows j0..) into the weights W in place.
 template <typename T, typename WeighFn>
-void for_each_column_stack(const T* ap, int64_t nr, const T* bp, int64_t nc, int64_t d,
-                           double inv_temp, int64_t tile, const at::TensorOptions& opts, T* op,
-                           WeighFn&& weigh) {
+void for_each_column_stack(const Rows<T>& a, const Rows<T>& b, double inv_temp, int64_t tile,
+                           T* op, WeighFn&& weigh) {
+  const int64_t nr = a.n, nc = b.n, d = a.d;
   constexpr int64_t kGroupRows = 256;
   const int64_t rb = row_block(nc, tile), cw = kColumnTiles * tile;
   const int64_t group = std::max<int64_t>(1, kGroupRows / rb) * rb;
@@ -512,11 +623,10 @@ void for_each_column_stack(const T* ap, int64_t nr, const T* bp, int64_t nc, int
         for (int64_t i0 = g0; i0 < g0 + g_rows; i0 += rb) {
           const int64_t rows = std::min(rb, nc - i0);
           // Row-major rows x cols at row i0 - g0 of the stack: the forward's own call and layout.
-          logits_tile(bp + i0 * d, rows, ap + j0 * d, cols, d, inv_temp, w + (i0 - g0) * cols,
-                      opts);
+          logits_tile(b, i0, rows, a, j0, cols, inv_temp, w + (i0 - g0) * cols);
         }
         weigh(w, g0, g_rows, j0, cols);
-        accumulate_tile(op + j0 * d, w, cols, g_rows, true, bp + g0 * d, d, opts);
+        accumulate_tile(op + j0 * d, w, cols, g_rows, true, b, g0);
       }
     }
   });

@@ -25,7 +25,7 @@ from fastcl import _config
 
 _SOURCES = ("contrastive.cpp", "clip.cpp", "labels.cpp", "sigmoid.cpp", "dense.cpp", "momentum.cpp",
             "cosine.cpp", "registration.cpp")
-_HEADERS = ("fast_exp.h", "tiling.h")
+_HEADERS = ("bf16.h", "fast_exp.h", "tiling.h")
 _HOW_TO = (
     "the C++ CPU kernels need a C++ compiler (g++ or clang++, found as $CXX or c++) and ninja "
     "(`pip install ninja`)"
@@ -61,9 +61,15 @@ def _cpu_fingerprint() -> str:
 
 
 def _cflags() -> List[str]:
+    """-O3 -march=native (the build targets the machine it runs on). ``FASTCL_CPU_BF16=0``
+    leaves out the 16-bit dot-product instructions (AVX512-BF16, AMX-BF16): the build then
+    widens bfloat16 rows to float32, as on a CPU without them (csrc/bf16.h)."""
     flags = ["-O3", "-fopenmp", "-DNDEBUG"]
-    if platform.machine().lower() in ("x86_64", "amd64", "aarch64", "arm64"):
+    machine = platform.machine().lower()
+    if machine in ("x86_64", "amd64", "aarch64", "arm64"):
         flags.append("-march=native")
+        if os.environ.get("FASTCL_CPU_BF16", "1") == "0" and machine in ("x86_64", "amd64"):
+            flags += ["-mno-avx512bf16", "-mno-amx-bf16"]
     return flags
 
 
@@ -108,6 +114,11 @@ def _build(src: Path, name: str, directory: Path, cflags: List[str]) -> Path:
         verbose=False,
     )
     return _library_file(directory, name)
+
+
+def loaded() -> bool:
+    """Whether the C++ kernels are loaded in this process (no build is started)."""
+    return _loaded is not None
 
 
 def load() -> Path:

@@ -64,3 +64,57 @@ def assert_within_rule(actual, oracle, baseline, dtype, what="value", floor=0.0)
         f"{what}: fastcl error {err:.3g} exceeds 2 x eager {dtype} error {base:.3g} "
         f"+ atol {ATOL[dtype]:.1g}" + (f" + floor {floor:.2g}" if floor else "")
     )
+
+
+# The C++ kernels' bf16 products (csrc/bf16.h, where the build has them): each gradient
+# product's weights are split into two bfloat16 (16 significant bits, a relative rounding of at
+# most 2^-17 where float32 has 2^-24), the logits are exact products summed in float32.
+# Kernel-level float32 outputs from bf16 inputs may carry that much more error than eager
+# float32's: a floor of 2^-14 of the output's size (the sums' growth over the tiles included).
+BF16_PRODUCTS_FLOOR = 2.0 ** -14
+
+
+def products_floor(module: str, dtype: torch.dtype, oracle: torch.Tensor) -> float:
+    """The extra absolute error allowed a kernel-level output of ``module`` for ``dtype``
+    inputs: the bf16 products' (above) for bf16 inputs to the C++ kernels with bf16 products
+    on, else 0."""
+    if module != "cpp" or dtype != torch.bfloat16:
+        return 0.0
+    from fastcl.kernels import cpp
+
+    if not cpp.bf16_products():
+        return 0.0
+    return BF16_PRODUCTS_FLOOR * max(1.0, oracle.detach().double().abs().max().item())
+
+
+def bf16_product_settings(module: str, dtype: torch.dtype):
+    """The settings of the C++ kernels' bf16 products a kernel-level test of ``module`` with
+    ``dtype`` inputs runs under: both (on, then off: the widening path of CPUs without them)
+    for bf16 inputs to a build that has them, else just the build's own (None)."""
+    if module != "cpp" or dtype != torch.bfloat16:
+        return [None]
+    from fastcl.kernels import cpp
+
+    return [True, False] if cpp.bf16_products() else [None]
+
+
+class bf16_products:
+    """Context manager: the C++ kernels' bf16 products switched to ``enabled`` (None: left as
+    they are), restored on exit."""
+
+    def __init__(self, enabled):
+        self.enabled = enabled
+
+    def __enter__(self):
+        if self.enabled is not None:
+            from fastcl.kernels import cpp
+
+            self.before = cpp.bf16_products()
+            cpp.bf16_products(self.enabled)
+        return self
+
+    def __exit__(self, *exc):
+        if self.enabled is not None:
+            from fastcl.kernels import cpp
+
+            cpp.bf16_products(self.before)

@@ -27,6 +27,14 @@ _ops = torch.ops.fastcl_cpu
 _TILE = 128
 
 
+def bf16_products(enable: Optional[bool] = None) -> bool:
+    """Whether the kernels multiply bfloat16 rows as bfloat16 (float32 sums; ``csrc/bf16.h``):
+    the build targets a CPU with 16-bit dot products (AVX512-BF16) and the switch is on.
+    ``enable`` sets that process-wide switch first (off: bfloat16 rows are widened to float32,
+    as on a CPU without them); it cannot turn on what the build lacks."""
+    return bool(_ops.bf16_products(enable))
+
+
 def nt_xent_forward(z, nz, inv_temp: float, precision: str = "ieee",
                     positive_in_denominator: bool = True, with_dscale: bool = False):
     """(loss, lse, dscale); dscale is empty (shape (0,)) unless with_dscale."""
@@ -147,8 +155,9 @@ def rows_cols_grad(x, y, nx, ny, lse, g, inv_temp: float, precision: str = "ieee
 
 
 def _acc_inputs(x, y):
-    """x and y in the kernels' arithmetic dtype: 16-bit floats widened to float32."""
-    if x.dtype in (torch.float16, torch.bfloat16):
+    """x and y as the kernels take them: float16 widened to float32; bfloat16 passed as is (the
+    kernels multiply it as bf16 where the build has bf16 products, else widen it)."""
+    if x.dtype == torch.float16:
         x, y = x.float(), y.float()
     return x, y
 

@@ -1,0 +1,177 @@
+// bfloat16 tile products for the CPU kernels (tiling.h): bf16 operands, float32 results.
+//
+// Built in when the compiler targets a CPU with 16-bit dot products (-march=native defines
+// __AVX512BF16__ on AVX512-BF16 / AMX machines: Zen 4 and later, Cooper Lake, Sapphire Rapids
+// and later); without them the kernels widen bf16 rows to float32 as they do float16
+// (FASTCL_BF16_PRODUCTS 0). The products are ATen's exported batch-reduce GEMM
+// (at::native::cpublas::brgemm) in its plain layout (is_vnni = false: A and B row-major), which
+// runs oneDNN's bf16 x bf16 -> f32 GEMM, single-threaded inside the kernels' parallel regions.
+//
+// Conversions float -> bf16 round to nearest even (vcvtneps2bf16, which also flushes float32
+// subnormals to zero: weights below 1e-38 are zero either way).
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#if defined(__AVX512BF16__) && defined(__AVX512F__) && defined(__AVX512BW__) && \
+    (defined(__x86_64__) || defined(_M_X64))
+#define FASTCL_BF16_PRODUCTS 1
+#include <ATen/native/CPUBlas.h>
+#include <immintrin.h>
+#else
+#define FASTCL_BF16_PRODUCTS 0
+#endif
+
+namespace fastcl {
+namespace bf16 {
+
+// Whether this build multiplies bf16 rows as bf16, and a process-wide switch (on by default;
+// tests and A/B benchmarks turn it off to run the widening path on the same build).
+inline std::atomic<bool>& switch_on() {
+  static std::atomic<bool> on{true};
+  return on;
+}
+
+inline bool available() { return FASTCL_BF16_PRODUCTS != 0; }
+
+inline bool enabled() { return available() && switch_on().load(std::memory_order_relaxed); }
+
+// dst (cols x rows, leading dimension ld_dst) = src^T, src (rows x cols, leading dimension
+// ld_src): 16-bit elements, in square blocks so that both sides stay in cache lines.
+inline void transpose16(const uint16_t* src, int64_t rows, int64_t cols, int64_t ld_src,
+                        uint16_t* dst, int64_t ld_dst) {
+  constexpr int64_t kB = 32;
+  for (int64_t r0 = 0; r0 < rows; r0 += kB) {
+    const int64_t r1 = std::min(rows, r0 + kB);
+    for (int64_t c0 = 0; c0 < cols; c0 += kB) {
+      const int64_t c1 = std::min(cols, c0 + kB);
+      for (int64_t c = c0; c < c1; ++c) {
+        uint16_t* out = dst + c * ld_dst;
+        for (int64_t r = r0; r < r1; ++r) out[r] = src[r * ld_src + c];
+      }
+    }
+  }
+}
+
+// The transpose of a contiguous (n x d) bf16 matrix, as a new contiguous (d x n) tensor; row
+// bands in parallel.
+inline at::Tensor transposed(const at::Tensor& x) {
+  const int64_t n = x.size(0), d = x.size(1);
+  auto out = at::empty({d, n}, x.options());
+  const auto* src = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>());
+  auto* dst = reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>());
+  at::parallel_for(0, (n + 255) / 256, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t r0 = b * 256, rows = std::min<int64_t>(256, n - r0);
+      transpose16(src + r0 * d, rows, d, d, dst + r0, n);
+    }
+  });
+  return out;
+}
+
+// Row norms of a bf16 matrix (n x d) in float32, clamped at eps as F.normalize clamps them:
+// each element widened in registers (a bf16 is the high half of a float32), no float32 copy of
+// the rows (torch.linalg.vector_norm(x, dtype=float32) makes one: 32 MiB for a 65536 x 128
+// queue, most of the norms' time).
+inline at::Tensor row_norms(const at::Tensor& x_in, double eps) {
+  TORCH_CHECK(x_in.scalar_type() == at::kBFloat16 && x_in.dim() == 2 && x_in.device().is_cpu(),
+              "fastcl_cpu: row_norms takes a 2-D bfloat16 CPU tensor");
+  const auto x = x_in.contiguous();
+  const int64_t n = x.size(0), d = x.size(1);
+  auto out = at::empty({n}, x.options().dtype(at::kFloat));
+  const auto* xp = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>());
+  float* op = out.data_ptr<float>();
+  const float lo = static_cast<float>(eps);
+  at::parallel_for(0, n, 256, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const uint16_t* xr = xp + r * d;
+      float ss = 0;
+#pragma omp simd reduction(+ : ss)
+      for (int64_t k = 0; k < d; ++k) {
+        const uint32_t bits = static_cast<uint32_t>(xr[k]) << 16;
+        float v;
+        std::memcpy(&v, &bits, sizeof v);
+        ss += v * v;
+      }
+      const float len = std::sqrt(ss);
+      op[r] = len < lo ? lo : len;  // NaN stays NaN
+    }
+  });
+  return out;
+}
+
+#if FASTCL_BF16_PRODUCTS
+
+// out[k] = bf16(x[k] * f[k]) (f null: bf16(x[k] * f0)), k < len.
+inline void scale_to_bf16(const float* x, const float* f, float f0, int64_t len,
+                          at::BFloat16* out) {
+  int64_t k = 0;
+  const __m512 v0 = _mm512_set1_ps(f0);
+  for (; k + 16 <= len; k += 16) {
+    const __m512 v = _mm512_mul_ps(_mm512_loadu_ps(x + k), f ? _mm512_loadu_ps(f + k) : v0);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + k),
+                        (__m256i)_mm512_cvtneps_pbh(v));
+  }
+  if (k < len) {
+    const __mmask16 mask = static_cast<__mmask16>((1u << (len - k)) - 1);
+    const __m512 v = _mm512_mul_ps(_mm512_maskz_loadu_ps(mask, x + k),
+                                   f ? _mm512_maskz_loadu_ps(mask, f + k) : v0);
+    _mm256_mask_storeu_epi16(out + k, mask, (__m256i)_mm512_cvtneps_pbh(v));
+  }
+}
+
+// x[k] * f[k] (f null: x[k] * f0) as hi[k] + lo[k], both bf16: hi the nearest bf16, lo the
+// nearest to the rest (x f - hi is exact in float32): 16 significant bits, relative error
+// below 2^-16, where hi alone has 2^-9. k < len.
+inline void split_to_bf16(const float* x, const float* f, float f0, int64_t len,
+                          at::BFloat16* hi, at::BFloat16* lo) {
+  int64_t k = 0;
+  const __m512 v0 = _mm512_set1_ps(f0);
+  auto one = [&](__mmask16 mask, int64_t at) {
+    const __m512 v = _mm512_mul_ps(_mm512_maskz_loadu_ps(mask, x + at),
+                                   f ? _mm512_maskz_loadu_ps(mask, f + at) : v0);
+    const __m256bh h = _mm512_cvtneps_pbh(v);
+    // bf16 -> float32: the 16 bits shifted into the high half
+    const __m512 hf = _mm512_castsi512_ps(
+        _mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)h), 16));
+    const __m256bh l = _mm512_cvtneps_pbh(_mm512_sub_ps(v, hf));
+    _mm256_mask_storeu_epi16(hi + at, mask, (__m256i)h);
+    _mm256_mask_storeu_epi16(lo + at, mask, (__m256i)l);
+  };
+  for (; k + 16 <= len; k += 16) one(static_cast<__mmask16>(0xFFFF), k);
+  if (k < len) one(static_cast<__mmask16>((1u << (len - k)) - 1), k);
+}
+
+// c (m x n, leading dimension ldc) = a (m x k, row-major, lda) @ b (k x n, row-major, ldb),
+// bf16 operands, float32 products and sums; accumulated into c when add.
+inline void gemm(int64_t m, int64_t n, int64_t k, const at::BFloat16* a, int64_t lda,
+                 const at::BFloat16* b, int64_t ldb, float* c, int64_t ldc, bool add) {
+  if (m == 0 || n == 0) return;
+  if (k == 0) {
+    if (!add)
+      for (int64_t r = 0; r < m; ++r) std::fill(c + r * ldc, c + r * ldc + n, 0.0f);
+    return;
+  }
+  at::native::cpublas::brgemm(m, n, k, lda, ldb, ldc, add, a, b, c, /*is_vnni=*/false);
+}
+
+// Per-thread bf16 scratch of at least len elements (a tile's weights before their product).
+inline at::BFloat16* scratch(int64_t len, int slot = 0) {
+  thread_local std::vector<at::BFloat16> bufs[4];
+  auto& buf = bufs[slot];
+  if (static_cast<int64_t>(buf.size()) < len) buf.resize(len);
+  return buf.data();
+}
+
+#endif  // FASTCL_BF16_PRODUCTS
+
+}  // namespace bf16
+}  // namespace fastcl
