@@ -14,7 +14,8 @@ pytest-benchmark (``cd <repo> && python -m pytest benchmarks --benchmark-only``)
     saying why, where the ``inf_cl`` package is not installed: an optional peer, not a
     dependency).
     On CUDA every case runs for fp32, tf32 (``set_float32_matmul_precision("high")``) and bf16
-    inputs; on CPU for fp32.
+    inputs; on CPU for fp32 and bf16 (and MoCo for "mixed": bf16 queries beside a float32
+    queue, what autocast gives).
     Cases are grouped per (case, mode, device, N, dtype), so each pytest-benchmark table
     compares the providers on the same work. ``extra_info`` holds ``peak_mem_mib`` (for the
     case's mode), both peaks, the backend that ran, and the probe's method; see
@@ -54,9 +55,13 @@ def _rounds(n: int) -> int:
     return ROUNDS.get(n, 3 if n < 16384 else 2)
 
 
-def _configs(device):
-    """Input configurations (``_common.DTYPES``): fp32 on CPU; fp32, tf32 and bf16 on CUDA."""
-    return tuple(_common.DTYPES) if device == "cuda" else ("fp32",)
+def _configs(device, case):
+    """Input configurations (``_common.DTYPES``): fp32 and bf16 on CPU (the C++ kernels' bf16
+    products where the CPU has them), plus, for MoCo, "mixed" (bf16 queries and keys beside a
+    float32 queue, as under autocast); fp32, tf32 and bf16 on CUDA."""
+    if device == "cuda":
+        return ("fp32", "tf32", "bf16")
+    return ("fp32", "bf16", "mixed") if case == "info_nce" else ("fp32", "bf16")
 
 
 def _params(config, case):
@@ -66,7 +71,7 @@ def _params(config, case):
              "info_nce": (_common.MOCO_N,)}[case]
     params = []
     for device in _common.devices():
-        for dt in _configs(device):
+        for dt in _configs(device, case):
             for mode in _common.MODES:
                 for n in tuple(sizes) + (tuple(_common.LARGE_SIZES) if large else ()):
                     providers = _common.PROVIDERS if n in sizes else ("fastcl",)

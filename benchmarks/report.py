@@ -11,8 +11,10 @@ Cases (the same as ``pytest benchmarks --benchmark-only``):
     GiBs), modes forward / backward / full, providers fastcl (C++ on CPU, Triton on CUDA),
     chunked (the fallback), reference (eager), compile (``torch.compile(reference)``) and peer
     (lightly's NT-Xent / info-nce-pytorch's formulation). Input configurations (``--dtypes``,
-    default fp32 on CPU, fp32,tf32,bf16 on CUDA): fp32 inputs with IEEE products, fp32 with
-    TF32 products (``torch.set_float32_matmul_precision("high")``), bf16 inputs. MoCo InfoNCE
+    default fp32,bf16 on CPU, fp32,tf32,bf16 on CUDA): fp32 inputs with IEEE products, fp32 with
+    TF32 products (``torch.set_float32_matmul_precision("high")``), bf16 inputs (on CPU, the
+    C++ kernels' bf16 products where the CPU has AVX512-BF16), mixed (bf16 inputs beside a
+    float32 MoCo queue). MoCo InfoNCE
     (N=256, queue 16384).
     EMA over ResNet-50's 161 parameter tensors (bench_ema.py) and the queue push (bench_queue.py).
 
@@ -536,15 +538,15 @@ def main(argv=None) -> int:
                    help="folder for report.txt, results.json, plot.png (plot_<dtype>.png)")
     p.add_argument("--quick", action="store_true", help="tiny smoke run; not for quoting")
     p.add_argument("--dtypes", default=None,
-                   help="input configurations among fp32,tf32,bf16 (default: fp32 on CPU, all "
-                        "three on CUDA)")
+                   help="input configurations among fp32,tf32,bf16,mixed (default: fp32,bf16 "
+                        "on CPU, fp32,tf32,bf16 on CUDA)")
     p.add_argument("--replot", metavar="RESULTS_JSON", default=None,
                    help="redraw the plot(s) from a results.json (no benchmark runs), next to it "
                         "or in --out")
     a = p.parse_args(argv)
     if a.replot:
         return replot(a.replot, a.out)
-    configs = (a.dtypes or ("fp32,tf32,bf16" if a.device == "cuda" else "fp32")).split(",")
+    configs = (a.dtypes or ("fp32,tf32,bf16" if a.device == "cuda" else "fp32,bf16")).split(",")
     for c in configs:
         if c not in _common.DTYPES:
             p.error(f"--dtypes: unknown {c!r}; choose among {', '.join(_common.DTYPES)}")

@@ -161,6 +161,11 @@ TORCH_LIBRARY(fastcl_cpu, m) {
   // Whether bf16 rows are multiplied as bf16 (csrc/bf16.h): built in, and the switch on;
   // `enable` sets the switch first (it cannot turn on what the build lacks).
   m.def("row_norms(Tensor x, float eps) -> Tensor");
+  // Whether the bf16 products take AMX's VNNI layout (bf16.h); `enable` sets its switch first.
+  m.def("bf16_amx(bool? enable=None) -> bool", [](c10::optional<bool> enable) {
+    if (enable.has_value()) fastcl::bf16::amx_switch().store(*enable);
+    return fastcl::bf16::enabled() && fastcl::bf16::amx();
+  });
   m.def("bf16_products(bool? enable=None) -> bool", [](c10::optional<bool> enable) {
     if (enable.has_value()) fastcl::bf16::switch_on().store(*enable);
     return fastcl::bf16::enabled();

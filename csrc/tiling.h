@@ -156,12 +156,14 @@ template <typename T>
 struct Rows {
   int64_t n = 0, d = 0;
   bool low = false;
+  bool vnni = false;  // low with AMX (bf16::amx()) and an even d: raw_t and raw_v in VNNI layout
   const T* hat = nullptr;
   const at::BFloat16* raw = nullptr;
   const at::BFloat16* raw_t = nullptr;
+  const at::BFloat16* raw_v = nullptr;
   const float* inv = nullptr;
   at::TensorOptions opts;  // T's
-  at::Tensor keep_hat, keep_raw, keep_t, keep_inv;
+  at::Tensor keep_hat, keep_raw, keep_t, keep_v, keep_inv;
 
   // x (n x d); norm (n,) in T's dtype, or undefined for rows used as given. low: take the
   // bf16 products (the caller checks low_products for both sides of a pass).
@@ -178,7 +180,16 @@ struct Rows {
     }
     keep_raw = x.contiguous();
     raw = keep_raw.data_ptr<at::BFloat16>();
-    keep_t = bf16::transposed(keep_raw);
+#if FASTCL_BF16_PRODUCTS
+    vnni = bf16::amx() && d % 2 == 0;
+    if (vnni) {
+      keep_t = bf16::vnni_transposed(keep_raw);
+      keep_v = bf16::vnni_rows(keep_raw);
+      raw_v = keep_v.data_ptr<at::BFloat16>();
+    } else {
+      keep_t = bf16::transposed(keep_raw);
+    }
+#endif
     raw_t = keep_t.data_ptr<at::BFloat16>();
     if (norm.defined()) {
       keep_inv = norm.to(at::kFloat).reciprocal().contiguous();
@@ -211,7 +222,11 @@ void logits_tile(const Rows<T>& a, int64_t i0, int64_t m, const Rows<T>& b, int6
 #if FASTCL_BF16_PRODUCTS
   if constexpr (std::is_same_v<T, float>) {
     if (a.low) {
-      bf16::gemm(m, n, d, a.raw + i0 * d, d, b.raw_t + j0, b.n, c, n, false);
+      if (b.vnni) {
+        bf16::gemm_vnni(m, n, d, a.raw + i0 * d, d, b.raw_t + j0 * 2, b.n, c, n, false);
+      } else {
+        bf16::gemm(m, n, d, a.raw + i0 * d, d, b.raw_t + j0, b.n, c, n, false);
+      }
       const float* ib = b.inv ? b.inv + j0 : nullptr;
       for (int64_t r = 0; r < m; ++r) {
         const float fr = static_cast<float>(alpha * (a.inv ? a.inv[i0 + r] : 1.0f));
@@ -244,13 +259,17 @@ void accumulate_tile(T* out, const T* w, int64_t m, int64_t n, bool trans, const
   if constexpr (std::is_same_v<T, float>) {
     if (b.low) {
       // W o inv_J as hi + lo in bf16 (16 significant bits: split_to_bf16), row-major
-      // (m x n); transposed through two more buffers. Two products, summed in float32.
-      at::BFloat16* hi = bf16::scratch(m * n, 0);
-      at::BFloat16* lo = bf16::scratch(m * n, 1);
+      // (m x kk); transposed through two more buffers. Two products, summed in float32. In
+      // the VNNI layout (rows paired from an even j0) kk = n rounded up to even, the pad column
+      // of W zero (it meets b's next row, or the layout's zero row).
+      const bool vnni = b.vnni && j0 % 2 == 0;
+      const int64_t kk = vnni ? n + (n & 1) : n;
+      at::BFloat16* hi = bf16::scratch(m * kk, 0);
+      at::BFloat16* lo = bf16::scratch(m * kk, 1);
       const float* ib = b.inv ? b.inv + j0 : nullptr;
       if (!trans) {
         for (int64_t r = 0; r < m; ++r)
-          bf16::split_to_bf16(w + r * n, ib, 1.0f, n, hi + r * n, lo + r * n);
+          bf16::split_to_bf16(w + r * n, ib, 1.0f, n, hi + r * kk, lo + r * kk);
       } else {
         at::BFloat16* hi_t = bf16::scratch(m * n, 2);
         at::BFloat16* lo_t = bf16::scratch(m * n, 3);
@@ -258,12 +277,21 @@ void accumulate_tile(T* out, const T* w, int64_t m, int64_t n, bool trans, const
           bf16::split_to_bf16(w + k * m, nullptr, ib ? ib[k] : 1.0f, m, hi_t + k * m,
                               lo_t + k * m);
         bf16::transpose16(reinterpret_cast<const uint16_t*>(hi_t), n, m, m,
-                          reinterpret_cast<uint16_t*>(hi), n);
+                          reinterpret_cast<uint16_t*>(hi), kk);
         bf16::transpose16(reinterpret_cast<const uint16_t*>(lo_t), n, m, m,
-                          reinterpret_cast<uint16_t*>(lo), n);
+                          reinterpret_cast<uint16_t*>(lo), kk);
       }
-      bf16::gemm(m, d, n, lo, n, b.raw + j0 * d, d, out, d, true);
-      bf16::gemm(m, d, n, hi, n, b.raw + j0 * d, d, out, d, true);
+      if (vnni) {
+        if (kk != n) {
+          for (int64_t r = 0; r < m; ++r) hi[r * kk + n] = lo[r * kk + n] = at::BFloat16(0.0f);
+        }
+        const at::BFloat16* bv = b.raw_v + (j0 / 2) * d * 2;
+        bf16::gemm_vnni(m, d, kk, lo, kk, bv, d, out, d, true);
+        bf16::gemm_vnni(m, d, kk, hi, kk, bv, d, out, d, true);
+      } else {
+        bf16::gemm(m, d, n, lo, n, b.raw + j0 * d, d, out, d, true);
+        bf16::gemm(m, d, n, hi, n, b.raw + j0 * d, d, out, d, true);
+      }
       return;
     }
   }
@@ -471,6 +499,7 @@ template <typename F>
 void run_rounds(const std::vector<std::vector<std::pair<int64_t, int64_t>>>& rounds, F&& tile) {
   for (const auto& round : rounds) {
     at::parallel_for(0, static_cast<int64_t>(round.size()), 1, [&](int64_t b, int64_t e) {
+      const bf16::TileRelease release(true);
       for (int64_t p = b; p < e; ++p) tile(round[p].first, round[p].second);
     });
   }
@@ -534,6 +563,7 @@ void for_each_tile_by_diagonals(const Rows<T>& a, int64_t ta, const Rows<T>& b, 
     // its result (per-thread scratch only; disjoint outputs).
     std::atomic<int64_t> next{0};
     at::parallel_for(0, std::min(threads, per_round), 1, [&](int64_t, int64_t) {
+      const bf16::TileRelease release(a.low);
       for (int64_t k; (k = next.fetch_add(1, std::memory_order_relaxed)) < per_round;) {
         const int64_t bi = ba <= bb ? k : (k + r) % ba;
         const int64_t bj = ba <= bb ? (k + r) % bb : k;
@@ -582,6 +612,7 @@ void for_each_row_block(const Rows<T>& a, const Rows<T>& b, double inv_temp, int
   const int64_t cw = kColumnTiles * tile;
   Scratch<T> scratch(at::get_num_threads(), rb, cw);
   at::parallel_for(0, blocks, 1, [&](int64_t k0, int64_t k1) {
+    const bf16::TileRelease release(a.low);
     T* s = scratch.tile();
     for (int64_t blk = k0; blk < k1; ++blk) {
       const int64_t i0 = blk * rb, rows = std::min(rb, nr - i0);
@@ -615,6 +646,7 @@ void for_each_column_stack(const Rows<T>& a, const Rows<T>& b, double inv_temp, 
   const int64_t chunks = (nr + cw - 1) / cw;
   Scratch<T> scratch(at::get_num_threads(), group, cw);
   at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+    const bf16::TileRelease release(a.low);
     T* w = scratch.tile();
     for (int64_t ch = c0; ch < c1; ++ch) {
       const int64_t j0 = ch * cw, cols = std::min(cw, nr - j0);

@@ -57,9 +57,19 @@ def _norms(x):
 
 
 def _both(fn):
-    """fn() with the bf16 products on and off (the widening path)."""
+    """fn() with the bf16 products on and off (the widening path). Where the products run on
+    AMX, also with AMX off (the plain layout of CPUs without it), compared with the AMX run
+    (bitwise equality is not expected: the two sum their products in different orders)."""
     with bf16_products(True):
         on = fn()
+        if cpp.bf16_amx():
+            before = cpp.bf16_amx()
+            try:
+                cpp.bf16_amx(False)
+                plain = fn()
+            finally:
+                cpp.bf16_amx(before)
+            _assert_agree(on, plain, "AMX against the plain layout", exact_forward=range(4))
     with bf16_products(False):
         off = fn()
     return on, off
@@ -239,3 +249,22 @@ def test_the_build_flags_follow_fastcl_cpu_bf16(monkeypatch):
         assert "-mno-avx512bf16" in off and "-mno-avx512bf16" not in on
     assert _cpp._build_name(_cpp.source_dir(), off) != _cpp._build_name(_cpp.source_dir(), on) \
         or off == on
+
+
+@needs_products
+def test_results_do_not_change_after_torch_runs_its_own_bf16_matmuls():
+    """AMX's tile configuration belongs to whoever set it last: torch's own bf16 matmuls between
+    two fastcl calls (oneDNN, AMX where available) must not change fastcl's results."""
+    q, queue = _rows(64, 32, 20), _rows(700, 32, 21)
+    nq, nqueue = _norms(q), _norms(queue)
+
+    def step():
+        return cpp.lse_forward_with_grad(q, queue, nq, nqueue, None, 14.0, None)
+
+    first = step()
+    for _ in range(3):
+        torch.mm(queue[:256], queue[:256].t())  # bf16 GEMM on this thread
+        torch.nn.functional.linear(q, queue[:96])
+        again = step()
+        for a, b in zip(first, again):
+            assert torch.equal(a, b)

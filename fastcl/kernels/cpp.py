@@ -35,6 +35,13 @@ def bf16_products(enable: Optional[bool] = None) -> bool:
     return bool(_ops.bf16_products(enable))
 
 
+def bf16_amx(enable: Optional[bool] = None) -> bool:
+    """Whether the bf16 products run on AMX (Sapphire Rapids and later: B in the VNNI layout)
+    rather than the plain layout (oneDNN's bf16 GEMM: AVX512-BF16). ``enable`` sets that
+    switch first (off: the plain layout, as on a CPU without AMX)."""
+    return bool(_ops.bf16_amx(enable))
+
+
 def nt_xent_forward(z, nz, inv_temp: float, precision: str = "ieee",
                     positive_in_denominator: bool = True, with_dscale: bool = False):
     """(loss, lse, dscale); dscale is empty (shape (0,)) unless with_dscale."""
