@@ -12,6 +12,10 @@ SupCon's (issue 16) is ``--case supcon --providers fastcl,reference,compile``: `
 (2048 by default) x 2 views, ``--classes`` labels (100 by default), D=128, temperature 0.07,
 against SupContrast's SupConLoss formulation, eager and compiled.
 
+``--config`` picks the inputs (``_common.DTYPES``: fp32, tf32, bf16, mixed = bf16 queries and
+keys beside a float32 MoCo queue); a provider written ``name@config`` runs on another one, e.g.
+``--case info_nce --n 256 --m 65536 --config mixed --providers fastcl,fastcl@fp32``.
+
 Providers: ``fastcl`` (the C++ kernels, the automatic choice: the dense path within
 ``fastcl.kernels.cpp.DENSE_CAP_BYTES``), ``tiled`` (the C++ kernels with the dense path off:
 the cap set to 0), ``reference`` (eager: F.normalize, q @ k.T / tau, cross_entropy) and
@@ -104,9 +108,12 @@ def main(argv=None) -> int:
           " ".join(sys.argv[1:] if argv is None else argv))
     steps = {}
     for name in names:
-        provider = "fastcl" if name == "tiled" else name
+        # "provider@config": that provider on another input configuration (e.g. fastcl@fp32
+        # beside fastcl on --config mixed: the mixed case against the float32 path)
+        provider, _, config = name.partition("@")
+        provider = "fastcl" if provider == "tiled" else provider
         step = _common.make_step(a.case, provider, a.n, a.mode, d=a.d, classes=a.classes,
-                                 config=a.config, m=a.m)
+                                 config=config or a.config, m=a.m)
         steps[name] = _Tiled(step) if name == "tiled" else step
     if "fastcl" not in names:  # the baselines alone: their times, no ratios
         times = {x: [] for x in names}

@@ -9,7 +9,9 @@ Beyond the contract, the dense path (``dense_forward``, ``dense_grad_cols``,
 products in all instead of the tiled kernels' 4.
 
 ``precision`` is accepted for the contract's sake: the tiles' products are ATen matmuls, which
-follow torch's own float32 matmul settings on the CPU, as eager PyTorch does.
+follow torch's own float32 matmul settings on the CPU, as eager PyTorch does. bfloat16 rows are
+multiplied as bf16 (float32 sums; ``csrc/bf16.h``) where the build has 16-bit dot products:
+``bf16_products()`` says whether, ``bf16_amx()`` whether on AMX.
 """
 from __future__ import annotations
 
