@@ -259,7 +259,7 @@ void accumulate_tile(T* out, const T* w, int64_t m, int64_t n, bool trans, const
   if constexpr (std::is_same_v<T, float>) {
     if (b.low) {
       // W o inv_J as hi + lo in bf16 (16 significant bits: split_to_bf16), row-major
-      // (m x kk); transposed through two more buffers. Two products, summed in float32. In
+      // (m x kk; w transposed first in float32 when trans). Two products, summed in float32. In
       // the VNNI layout (rows paired from an even j0) kk = n rounded up to even, the pad column
       // of W zero (it meets b's next row, or the layout's zero row).
       const bool vnni = b.vnni && j0 % 2 == 0;
@@ -267,20 +267,14 @@ void accumulate_tile(T* out, const T* w, int64_t m, int64_t n, bool trans, const
       at::BFloat16* hi = bf16::scratch(m * kk, 0);
       at::BFloat16* lo = bf16::scratch(m * kk, 1);
       const float* ib = b.inv ? b.inv + j0 : nullptr;
-      if (!trans) {
-        for (int64_t r = 0; r < m; ++r)
-          bf16::split_to_bf16(w + r * n, ib, 1.0f, n, hi + r * kk, lo + r * kk);
-      } else {
-        at::BFloat16* hi_t = bf16::scratch(m * n, 2);
-        at::BFloat16* lo_t = bf16::scratch(m * n, 3);
-        for (int64_t k = 0; k < n; ++k)
-          bf16::split_to_bf16(w + k * m, nullptr, ib ? ib[k] : 1.0f, m, hi_t + k * m,
-                              lo_t + k * m);
-        bf16::transpose16(reinterpret_cast<const uint16_t*>(hi_t), n, m, m,
-                          reinterpret_cast<uint16_t*>(hi), kk);
-        bf16::transpose16(reinterpret_cast<const uint16_t*>(lo_t), n, m, m,
-                          reinterpret_cast<uint16_t*>(lo), kk);
+      const float* wr = w;  // W, row-major (m x n)
+      if (trans) {
+        float* wt = bf16::float_scratch(m * n);
+        bf16::transpose32(w, n, m, m, wt, n);
+        wr = wt;
       }
+      for (int64_t r = 0; r < m; ++r)
+        bf16::split_to_bf16(wr + r * n, ib, 1.0f, n, hi + r * kk, lo + r * kk);
       if (vnni) {
         if (kk != n) {
           for (int64_t r = 0; r < m; ++r) hi[r * kk + n] = lo[r * kk + n] = at::BFloat16(0.0f);
