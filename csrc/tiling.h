@@ -1,12 +1,13 @@
 // The tiling machinery shared by fastcl's pairwise-similarity kernels (contrastive.cpp, clip.cpp:
-// CLIP's row + column statistics, sigmoid.cpp: SigLIP's pairs; and SupCon's labels to come).
+// CLIP's row + column statistics, sigmoid.cpp: SigLIP's pairs; labels.cpp: SupCon's labels).
 //
 // Every kernel walks (tile x tile) blocks of a similarity matrix s = scale * rhat chat^T. A tile's
-// logits come from one BLAS product (ATen's matmul, single-threaded inside the parallel region)
-// into a per-thread scratch buffer that stays in the core's L2 cache; the max / exp / sum work on
-// it runs in vectorized loops (fast_exp.h); at::parallel_for spreads tiles over the cores. Nothing
-// of size N x N is ever allocated. Arithmetic is in float32 for float32/bfloat16/float16 inputs
-// (the Python side passes float32 norms), float64 for float64.
+// logits come from one BLAS product (ATen's matmul, single-threaded inside the parallel region;
+// for bf16 rows on CPUs with 16-bit dot products, a bf16 product with float32 sums: Rows and
+// bf16.h) into a per-thread scratch buffer that stays in the core's L2 cache; the max / exp / sum
+// work on it runs in vectorized loops (fast_exp.h); at::parallel_for spreads tiles over the
+// cores. Nothing of size N x N is ever allocated. Arithmetic is in float32 for
+// float32/bfloat16/float16 inputs (the Python side passes float32 norms), float64 for float64.
 //
 // Three loops: for_each_symmetric_tile (C = R: only tiles with J >= I, each feeding its rows' and
 // its columns' statistics, scheduled in rounds of disjoint block pairs so that no two threads

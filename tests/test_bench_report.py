@@ -304,3 +304,28 @@ def test_supcon_entry_points_run(tmp_path):
                            "clip", "--provider", "reference"],
                           capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 2 and "--n is required for --case clip" in proc.stderr
+
+
+def test_the_report_text_names_each_queue_rotation():
+    """The EMA / queue lines of report.txt: a rotation's label ("moco_slice (clone)") is not a
+    provider's name; each line takes the peer that ran in it (a KeyError here once lost a whole
+    CPU report at its last step)."""
+    sys.path.insert(0, BENCH)
+    import report
+
+    rows = [{"case": "info_nce", "n": 256, "mode": "full", "dtype": "fp32",
+             "median_s": {"fastcl": 1e-3, "reference": 2e-3}, "status": {},
+             "mem_mib": {}}]
+    extra = {"ema": {"params": 10, "median_s": {"fastcl": 1e-3, "lerp": 2e-3},
+                     "gb_s": {"fastcl": 1.0, "lerp": 0.5}},
+             "queue": {"K": 4, "D": 2, "B": 1, "fastcl_gb_s": 1.0,
+                       "pairs": {"moco_slice": {"fastcl": 1e-6, "moco_slice": 2e-6},
+                                 "lightly_clone": {"fastcl": 1e-6, "lightly_clone": 4e-6},
+                                 "moco_slice (clone)": {"fastcl": 1e-6, "moco_slice": 3e-6}}}}
+    info = {"date": "2026-01-01 00:00 UTC", "device": "cpu", "cpu": "x86_64 / Test",
+            "torch_threads": 2, "torch": "2.x"}
+    text = report.format_report(info, rows, extra, {"fp32": 1e11})
+    lines = [x for x in text.splitlines() if x.strip().startswith("fastcl ") and " vs " in x]
+    assert len(lines) == 3
+    assert "moco_slice (clone)" in lines[2] and "moco_slice/fastcl 3.00x" in lines[2]
+    assert "lightly_clone/fastcl 4.00x" in lines[1]
