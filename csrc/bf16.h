@@ -159,34 +159,15 @@ inline float* float_scratch(int64_t len) {
   return buf.data();
 }
 
-// out[k] = bf16(x[k] * f[k]) (f null: bf16(x[k] * f0)), k < len.
-inline void scale_to_bf16(const float* x, const float* f, float f0, int64_t len,
-                          at::BFloat16* out) {
+// x[k] * f[k] (f null: x[k]) as hi[k] + lo[k], both bf16: hi the nearest bf16, lo the nearest
+// to the rest (x f - hi is exact in float32): 16 significant bits, relative error below 2^-16,
+// where hi alone has 2^-9. k < len.
+inline void split_to_bf16(const float* x, const float* f, int64_t len, at::BFloat16* hi,
+                          at::BFloat16* lo) {
   int64_t k = 0;
-  const __m512 v0 = _mm512_set1_ps(f0);
-  for (; k + 16 <= len; k += 16) {
-    const __m512 v = _mm512_mul_ps(_mm512_loadu_ps(x + k), f ? _mm512_loadu_ps(f + k) : v0);
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + k),
-                        (__m256i)_mm512_cvtneps_pbh(v));
-  }
-  if (k < len) {
-    const __mmask16 mask = static_cast<__mmask16>((1u << (len - k)) - 1);
-    const __m512 v = _mm512_mul_ps(_mm512_maskz_loadu_ps(mask, x + k),
-                                   f ? _mm512_maskz_loadu_ps(mask, f + k) : v0);
-    _mm256_mask_storeu_epi16(out + k, mask, (__m256i)_mm512_cvtneps_pbh(v));
-  }
-}
-
-// x[k] * f[k] (f null: x[k] * f0) as hi[k] + lo[k], both bf16: hi the nearest bf16, lo the
-// nearest to the rest (x f - hi is exact in float32): 16 significant bits, relative error
-// below 2^-16, where hi alone has 2^-9. k < len.
-inline void split_to_bf16(const float* x, const float* f, float f0, int64_t len,
-                          at::BFloat16* hi, at::BFloat16* lo) {
-  int64_t k = 0;
-  const __m512 v0 = _mm512_set1_ps(f0);
   auto one = [&](__mmask16 mask, int64_t at) {
-    const __m512 v = _mm512_mul_ps(_mm512_maskz_loadu_ps(mask, x + at),
-                                   f ? _mm512_maskz_loadu_ps(mask, f + at) : v0);
+    const __m512 xv = _mm512_maskz_loadu_ps(mask, x + at);
+    const __m512 v = f ? _mm512_mul_ps(xv, _mm512_maskz_loadu_ps(mask, f + at)) : xv;
     const __m256bh h = _mm512_cvtneps_pbh(v);
     // bf16 -> float32: the 16 bits shifted into the high half
     const __m512 hf = _mm512_castsi512_ps(

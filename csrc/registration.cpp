@@ -158,14 +158,15 @@ TORCH_LIBRARY(fastcl_cpu, m) {
   m.def("queue_push_eager_(Tensor(a!) queue, Tensor(b!) ptr, Tensor keys) -> bool");
   m.def("cosine_forward(Tensor p, Tensor z) -> (Tensor, Tensor)");
   m.def("cosine_backward(Tensor g, Tensor p, Tensor z, Tensor stats) -> Tensor");
-  // Whether bf16 rows are multiplied as bf16 (csrc/bf16.h): built in, and the switch on;
-  // `enable` sets the switch first (it cannot turn on what the build lacks).
+  // Row norms of bf16 rows without a float32 copy (bf16.h).
   m.def("row_norms(Tensor x, float eps) -> Tensor");
   // Whether the bf16 products take AMX's VNNI layout (bf16.h); `enable` sets its switch first.
   m.def("bf16_amx(bool? enable=None) -> bool", [](c10::optional<bool> enable) {
     if (enable.has_value()) fastcl::bf16::amx_switch().store(*enable);
     return fastcl::bf16::enabled() && fastcl::bf16::amx();
   });
+  // Whether bf16 rows are multiplied as bf16 (csrc/bf16.h): built in, and the switch on;
+  // `enable` sets the switch first (it cannot turn on what the build lacks).
   m.def("bf16_products(bool? enable=None) -> bool", [](c10::optional<bool> enable) {
     if (enable.has_value()) fastcl::bf16::switch_on().store(*enable);
     return fastcl::bf16::enabled();

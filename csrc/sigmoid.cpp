@@ -119,11 +119,6 @@ struct Positives {
   int64_t offset;
 };
 
-// The kernels' arithmetic: float64 for float64 features, float32 for float32 and bfloat16 ones.
-at::ScalarType arith_type(const at::Tensor& x) {
-  return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-}
-
 Positives positives(c10::optional<int64_t> pos_offset, int64_t n, int64_t m) {
   if (!pos_offset.has_value()) return {false, 0};
   const int64_t off = *pos_offset;

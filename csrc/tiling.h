@@ -65,15 +65,13 @@ inline bool one_exp(double inv_temp, int64_t n) {
          kExpRange<T>;
 }
 
-// The bound on |s_ij| = |scale| |xhat_i . xhat_j| <= |scale| max_i |xhat_i|^2 (Cauchy-Schwarz)
-// of a symmetric pass's logits, for one_exp: |scale| for unit rows (NT-Xent's), but rows used as
-// given (norms of ones) may be longer or shorter. 0 for no rows.
-template <typename T>
-struct Rows;
-template <typename T>
-double symmetric_logit_bound(const Rows<T>& z, double scale);
-
 // ------------------------------------------------------------------------------ helpers ---
+
+// The kernels' arithmetic for rows of x's dtype: float64 for float64, float32 for float32,
+// bfloat16 and float16.
+inline at::ScalarType arith_type(const at::Tensor& x) {
+  return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
 
 // Rows divided by their clamped norms, as F.normalize does, contiguous, in the norms' dtype.
 inline at::Tensor normalized(const at::Tensor& x, const at::Tensor& norm) {
@@ -170,9 +168,7 @@ struct Rows {
   // bf16 products (the caller checks low_products for both sides of a pass).
   Rows(const at::Tensor& x, const at::Tensor& norm, bool low_path)
       : n(x.size(0)), d(x.size(1)), low(low_path) {
-    const auto dtype = norm.defined()                     ? norm.scalar_type()
-                       : x.scalar_type() == at::kDouble ? at::kDouble
-                                                        : at::kFloat;
+    const auto dtype = norm.defined() ? norm.scalar_type() : arith_type(x);
     opts = x.options().dtype(low ? at::kFloat : dtype);
     if (!low) {
       keep_hat = norm.defined() ? normalized(x, norm) : x.to(dtype).contiguous();
@@ -199,6 +195,9 @@ struct Rows {
   }
 };
 
+// The bound on |s_ij| = |scale| |xhat_i . xhat_j| <= |scale| max_i |xhat_i|^2 (Cauchy-Schwarz)
+// of a symmetric pass's logits, for one_exp: |scale| for unit rows (NT-Xent's), but rows used as
+// given (norms of ones) may be longer or shorter. 0 for no rows.
 template <typename T>
 double symmetric_logit_bound(const Rows<T>& z, double scale) {
   if (z.n == 0) return 0.0;
@@ -275,7 +274,7 @@ void accumulate_tile(T* out, const T* w, int64_t m, int64_t n, bool trans, const
         wr = wt;
       }
       for (int64_t r = 0; r < m; ++r)
-        bf16::split_to_bf16(wr + r * n, ib, 1.0f, n, hi + r * kk, lo + r * kk);
+        bf16::split_to_bf16(wr + r * n, ib, n, hi + r * kk, lo + r * kk);
       if (vnni) {
         if (kk != n) {
           for (int64_t r = 0; r < m; ++r) hi[r * kk + n] = lo[r * kk + n] = at::BFloat16(0.0f);
