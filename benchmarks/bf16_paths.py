@@ -5,16 +5,15 @@ CPU without 16-bit dot products, and fastcl before issue 18).
 
     python benchmarks/bf16_paths.py [--case info_nce] [--n 256] [--m 65536] [--rounds 9]
 
-Forward + backward of the public loss (``_common.Step``, config bf16); medians and the ratios
-plain/amx and widen/amx (> 1: AMX faster). Without AMX only plain and widen run.
+Forward + backward of the public loss (``_common.Step``, config bf16), round-robin with the
+start rotated (``_common.interleaved``); medians and the ratios plain/amx and widen/amx (> 1:
+AMX faster). Without AMX only plain and widen run.
 """
 from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -38,24 +37,24 @@ def main(argv=None) -> int:
     _common.print_header(f"bf16 paths, {a.case} N={a.n}" + (f" M={a.m}" if a.case == "info_nce"
                                                              else ""))
 
-    def run(mode):
-        cpp.bf16_products(mode != "widen")
-        cpp.bf16_amx(mode == "amx")
-        t = time.perf_counter()
-        step()
-        return time.perf_counter() - t
+    class Path:
+        """The step on one path: its switches set in ``prepare`` (untimed, before each call)."""
 
-    times = {m: [] for m in modes}
+        def __init__(self, mode):
+            self.mode = mode
+
+        def prepare(self):
+            cpp.bf16_products(self.mode != "widen")
+            cpp.bf16_amx(self.mode == "amx")
+
+        def __call__(self):
+            return step()
+
     try:
-        for m in modes:
-            run(m), run(m)
-        for r in range(a.rounds):
-            for m in (modes if r % 2 == 0 else modes[::-1]):
-                times[m].append(run(m))
+        med, _ = _common.interleaved({m: Path(m) for m in modes}, a.rounds)
     finally:
         cpp.bf16_products(True)
         cpp.bf16_amx(True)
-    med = {m: statistics.median(t) for m, t in times.items()}
     base = modes[0]
     print("  ".join(f"{m} {_common.fmt_time(med[m])}" for m in modes) + "  |  " +
           "  ".join(f"{m}/{base} {med[m] / med[base]:.2f}x" for m in modes[1:]))
